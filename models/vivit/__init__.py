@@ -1,0 +1,1 @@
+"""ViViT models built on vivit_kernels."""

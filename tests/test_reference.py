@@ -1,0 +1,71 @@
+"""The reference ops against independent oracles: masked dense attention, and F.conv3d."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import MODES, masked_attention, packed_qkv, relative_error
+
+from vivit_kernels import reference
+
+# Every (T, S) pair at every mode; heads, head dims and batch cycle through the cases so each
+# value is covered without the full cross product.
+GRIDS = list(itertools.product((1, 3, 5), (1, 7, 35, 196)))
+HEADS, HEAD_DIMS, BATCHES = (2, 6), (24, 40, 64), (1, 3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", range(len(GRIDS)))
+def test_attention_matches_masked_oracle(mode, case, generator):
+    T, S = GRIDS[case]
+    H, Dh, B = HEADS[case % 2], HEAD_DIMS[case % 3], BATCHES[(case // 2) % 2]
+    q, k, v, qkv = packed_qkv(B, H, T * S, Dh, generator=generator)
+    grad_out = torch.randn(B, H, T * S, Dh, dtype=torch.float64, generator=generator)
+
+    out = reference.factorised_attention(q, k, v, T, mode)
+    (grads,) = torch.autograd.grad(out, qkv, grad_out)
+    expected = masked_attention(q, k, v, T, mode)
+    (expected_grads,) = torch.autograd.grad(expected, qkv, grad_out)
+
+    assert relative_error(out, expected) < 1e-12
+    assert relative_error(grads, expected_grads) < 1e-12
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_gradcheck(mode, generator):
+    q, k, v, _ = packed_qkv(1, 2, 3 * 4, 5, generator=generator)
+    assert torch.autograd.gradcheck(lambda q, k, v: reference.factorised_attention(q, k, v, 3, mode, 0.7), (q, k, v))
+
+
+def test_attention_scale_is_used(generator):
+    q, k, v, _ = packed_qkv(1, 2, 6, 8, generator=generator, requires_grad=False)
+    out = reference.factorised_attention(q, k, v, 2, "joint", scale=0.3)
+    assert relative_error(out, masked_attention(q, k, v, 2, "joint", scale=0.3)) < 1e-12
+    assert relative_error(out, reference.factorised_attention(q, k, v, 2, "joint")) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "clip, tubelet",
+    [((4, 8, 8), (2, 4, 4)), ((7, 11, 16), (3, 5, 7)), ((3, 17, 9), (1, 8, 8)), ((2, 4, 4), (2, 4, 4))],
+)
+@pytest.mark.parametrize("channels", (1, 3))
+def test_tubelet_matches_conv3d(clip, tubelet, channels, generator):
+    B, D = 2, 6
+    video = torch.randn(B, channels, *clip, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(D, channels, *tubelet, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(D, dtype=torch.float64, generator=generator, requires_grad=True)
+    nt, nh, nw = (c // t for c, t in zip(clip, tubelet))
+    pos_embed = torch.randn(1, nt * nh * nw, D, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    tokens = reference.tubelet_embedding(video, weight, bias, pos_embed)
+    conv = F.conv3d(video, weight, bias, stride=tubelet)  # (B, D, nt, nh, nw)
+    expected = conv.flatten(3).permute(0, 2, 3, 1) + pos_embed.reshape(nt, nh * nw, D)
+    assert tokens.shape == (B, nt, nh * nw, D)
+    assert relative_error(tokens, expected) < 1e-12
+
+    grad_out = torch.randn_like(tokens)
+    grads = torch.autograd.grad(tokens, (video, weight, bias, pos_embed), grad_out)
+    expected_grads = torch.autograd.grad(expected, (video, weight, bias, pos_embed), grad_out)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert relative_error(grad, expected_grad) < 1e-12
