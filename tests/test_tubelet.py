@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 from conftest import relative_error
 
-from vivit_kernels import TubeletEmbedding, tubelet_embedding
+from vivit_kernels import (
+    TubeletEmbedding,
+    UniformFrameEmbedding,
+    central_frame,
+    inflate,
+    tubelet_embedding,
+    uniform_frame_indices,
+)
 
 
 def test_module_is_conv3d_as_tokens(generator):
@@ -52,3 +59,46 @@ def test_bad_tubelet_input_raises_clear_error(make_args, error, message):
 def test_bad_module_tubelet_raises():
     with pytest.raises(ValueError, match=r"tubelet must be a positive int or a \(t, h, w\) triple, got \(2, 16\)"):
         TubeletEmbedding(3, 16, tubelet=(2, 16))
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4])
+def test_inflate_on_a_static_clip_is_the_2d_patch_embedding(t, generator):
+    frame = torch.randn(2, 3, 16, 12, dtype=torch.float64, generator=generator)
+    weight_2d = torch.randn(8, 3, 4, 4, dtype=torch.float64, generator=generator)
+    bias = torch.randn(8, dtype=torch.float64, generator=generator)
+    clip = frame.unsqueeze(2).expand(-1, -1, 2 * t, -1, -1)
+    tokens = tubelet_embedding(clip, inflate(weight_2d, t), bias)
+    patches = F.conv2d(frame, weight_2d, bias, stride=4).flatten(2).transpose(1, 2)  # (B, S, D)
+    for nt in range(2):
+        assert relative_error(tokens[:, nt], patches) < 1e-12
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4])
+def test_central_frame_sees_only_the_centre_frame(t, generator):
+    clip = torch.randn(1, 3, t, 8, 8, dtype=torch.float64, generator=generator)
+    weight_2d = torch.randn(5, 3, 4, 4, dtype=torch.float64, generator=generator)
+    tokens = tubelet_embedding(clip, central_frame(weight_2d, t))
+    centre = F.conv2d(clip[:, :, t // 2], weight_2d, stride=4).flatten(2).transpose(1, 2)
+    assert relative_error(tokens[:, 0], centre) < 1e-12
+
+
+def test_uniform_frame_indices():
+    assert uniform_frame_indices(32, 8).tolist() == [2, 6, 10, 14, 18, 22, 26, 30]
+    assert uniform_frame_indices(5, 5).tolist() == [0, 1, 2, 3, 4]
+    assert uniform_frame_indices(3, 6).tolist() == [0, 0, 1, 1, 2, 2]  # short clips repeat frames
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        jittered = uniform_frame_indices(32, 8, jitter=True, generator=g)
+        assert ((jittered // 4) == torch.arange(8)).all()  # one frame inside each segment of 4
+    assert len({tuple(uniform_frame_indices(32, 8, jitter=True, generator=g).tolist()) for _ in range(10)}) > 1
+    with pytest.raises(ValueError, match=r"num_frames must be a positive int, got 0"):
+        uniform_frame_indices(32, 0)
+
+
+def test_uniform_frame_embedding_samples_then_embeds(generator):
+    embed = UniformFrameEmbedding(3, 16, patch_size=4, num_frames=4).eval()
+    video = torch.randn(2, 3, 12, 8, 8, generator=generator)
+    tokens = embed(video)
+    assert tokens.shape == (2, 4, 4, 16) and embed.grid(12, 8, 8) == (4, 2, 2)
+    sampled = video[:, :, uniform_frame_indices(12, 4)]
+    torch.testing.assert_close(tokens, tubelet_embedding(sampled, embed.proj.weight, embed.proj.bias))

@@ -80,3 +80,89 @@ class TubeletEmbedding(nn.Module):
     def forward(self, video: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
         """video: (B, C, T, H, W) -> tokens (B, nt, nh * nw, D), `pos_embed` added if given."""
         return tubelet_embedding(video, self.proj.weight, self.proj.bias, pos_embed, backend=self.backend)
+
+
+def inflate(weight_2d: torch.Tensor, frames: int) -> torch.Tensor:
+    """A tubelet filter from a 2D patch filter, repeated over t and divided by t (ViViT eq. 8).
+
+    (D, C, h, w) -> (D, C, t, h, w). On a static clip the tubelet embedding then equals the
+    2D patch embedding of the frame.
+    """
+    _check_2d_filter(weight_2d, frames)
+    return weight_2d.unsqueeze(2).repeat(1, 1, frames, 1, 1) / frames
+
+
+def central_frame(weight_2d: torch.Tensor, frames: int) -> torch.Tensor:
+    """A tubelet filter that sees only the centre frame floor(t / 2) of each tube (ViViT eq. 9).
+
+    (D, C, h, w) -> (D, C, t, h, w), zeros at every other frame.
+    """
+    _check_2d_filter(weight_2d, frames)
+    weight = weight_2d.new_zeros(weight_2d.shape[:2] + (frames,) + weight_2d.shape[2:])
+    weight[:, :, frames // 2] = weight_2d
+    return weight
+
+
+def _check_2d_filter(weight_2d, frames) -> None:
+    if not isinstance(weight_2d, torch.Tensor) or weight_2d.dim() != 4:
+        got = tuple(weight_2d.shape) if isinstance(weight_2d, torch.Tensor) else type(weight_2d).__name__
+        raise ValueError(f"expected a 2D patch filter (D, C, h, w), got {got}")
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"tubelet length t must be a positive int, got {frames!r}")
+
+
+def uniform_frame_indices(
+    clip_frames: int, num_frames: int, *, jitter: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Indices of `num_frames` frames sampled uniformly from a clip of `clip_frames` frames.
+
+    The clip is cut into `num_frames` equal segments; evaluation takes each segment's centre
+    (deterministic), training (`jitter=True`) a uniformly random frame inside each segment.
+    A clip shorter than `num_frames` repeats frames. Returns a sorted int64 tensor.
+    """
+    for name, value in (("clip_frames", clip_frames), ("num_frames", num_frames)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"uniform_frame_indices: {name} must be a positive int, got {value!r}")
+    segment = clip_frames / num_frames
+    offsets = torch.rand(num_frames, generator=generator, dtype=torch.float64) if jitter else torch.full((num_frames,), 0.5)
+    positions = (torch.arange(num_frames, dtype=torch.float64) + offsets) * segment
+    return positions.floor().long().clamp(0, clip_frames - 1)
+
+
+class UniformFrameEmbedding(TubeletEmbedding):
+    """Uniform frame sampling (ViViT section 3.3): `num_frames` frames sampled from the clip,
+    each embedded with ViT's 2D patches (a tubelet embedding with t = 1).
+
+    Args:
+        in_chans: channels C of the clip.
+        dim: token width D.
+        patch_size: (h, w) patch, or one int for both.
+        num_frames: n_t, frames sampled from each clip: centred in eval, jittered in training.
+        bias: learn a bias.
+        backend: backend for the op.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        dim: int = 768,
+        patch_size: int | tuple[int, int] = 16,
+        num_frames: int = 8,
+        bias: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        patch = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        super().__init__(in_chans, dim, (1, *patch), bias=bias, backend=backend)
+        self.num_frames = num_frames
+
+    def grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        _, nh, nw = super().grid(frames, height, width)
+        return self.num_frames, nh, nw
+
+    def forward(self, video: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """video: (B, C, T, H, W) with any T -> tokens (B, num_frames, nh * nw, D)."""
+        if not isinstance(video, torch.Tensor) or video.dim() != 5:
+            got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ValueError(f"UniformFrameEmbedding: video must be 5-D (B, C, T, H, W), got {got}")
+        indices = uniform_frame_indices(video.shape[2], self.num_frames, jitter=self.training)
+        return super().forward(video.index_select(2, indices.to(video.device)), pos_embed)
