@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -31,3 +33,21 @@ def check_device(*tensors: torch.Tensor) -> None:
     device = tensors[0].device
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         raise ValueError(f"Triton kernels need CUDA tensors (CPU only with TRITON_INTERPRET=1), got {device}")
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """One kernel instance to compile ahead of time for a GPU target (see `inspect.py`).
+
+    Every kernel module in this package exposes `compile_specs() -> list[CompileSpec]`, one per
+    (autotune config, dtype, static variant), so the inspection compiles what the autotuner may run.
+    """
+
+    name: str  # e.g. "attention_fwd[fp16, BLOCK_M=128, BLOCK_N=64, HEAD_DIM=64]"
+    fn: Any  # the @triton.jit function (not the autotuner wrapping it)
+    signature: dict[str, str]  # argument name -> Triton type ("*fp16", "i32", "fp32", "constexpr")
+    constexprs: dict[str, Any]  # values of the constexpr arguments (block sizes, switches)
+    num_warps: int = 4
+    num_stages: int = 2
+    dtype: str = "fp32"  # the input dtype this instance serves: fp32, fp16 or bf16
+    autotune_candidate: bool = True  # may the autotuner pick it? (such configs must not spill)
