@@ -1,6 +1,7 @@
 """Backend dispatch. Importing a backend's module registers it; "auto" tries them in this order."""
 
 from . import reference  # noqa: F401  (registers "reference", the fallback)
+from . import triton  # noqa: F401  (first fused backend "auto" tries)
 from .registry import Backend, BackendUnsupportedError, OpSupport, Request, get, names, register, select
 
 __all__ = ["Backend", "BackendUnsupportedError", "OpSupport", "Request", "get", "names", "register", "select"]

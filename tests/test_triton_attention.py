@@ -1,0 +1,219 @@
+"""The Triton fused attention (`vivit_kernels/triton/attention.py`) and its backend registration.
+
+Without a GPU these run under the Triton interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1); on a GPU the same tests run compiled, on CUDA tensors.
+bf16 under the interpreter feeds tl.dot fp32 operands (the interpreter's bf16 dot is wrong,
+triton-lang/triton#11584); loads, conversions and stores stay bf16, and the real bf16 dot is
+checked by the sm_80/sm_90 compile inspection (tests/test_triton_inspect.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import MODES, masked_attention, packed_qkv, relative_error
+
+from vivit_kernels import factorised_attention, reference
+from vivit_kernels.backends import BackendUnsupportedError, Request, get, select
+from vivit_kernels.memory import saved_bytes
+
+triton_attention = pytest.importorskip("vivit_kernels.triton.attention", reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(B, H, T, S, Dh, layout, generator, dtype=torch.float32, magnitude=1.0):
+    """q, k, v (B, H, N, Dh) leaves-or-views with grad, and a random upstream gradient."""
+    q, k, v, qkv = packed_qkv(B, H, T * S, Dh, dtype=torch.float32, generator=generator, requires_grad=False)
+    dout = torch.randn(B, H, T * S, Dh, generator=generator).to(DEVICE, dtype)
+    if layout == "packed":
+        qkv = (qkv * magnitude).to(DEVICE, dtype).requires_grad_()
+        return (*qkv.permute(2, 0, 3, 1, 4).unbind(0), dout)
+    return (*((x * magnitude).to(DEVICE, dtype).contiguous().requires_grad_() for x in (q, k, v)), dout)
+
+
+def _out_and_grads(fn, q, k, v, dout, dtype):
+    """fn's output and d(q, k, v) for upstream gradient dout, with inputs cast to dtype."""
+    xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    out = fn(*xs)
+    out.backward(dout.to(dtype))
+    return [out.detach()] + [x.grad for x in xs]
+
+
+def _error(actual, expected):
+    # A softmax over one key has zero gradient wrt q and k (T = 1 temporal): measure against
+    # the gradient scale of v instead of a zero denominator.
+    return relative_error(actual, expected) if expected.abs().max() > 0 else actual.double().abs().max().item()
+
+
+def _triton(T, mode, scale=None):
+    return lambda q, k, v: factorised_attention(q, k, v, T, mode, scale, backend="triton")
+
+
+# (B, H, T, S, Dh): T in {1, 3, 5}, S in {7, 35, 50}, head dims {24, 40, 64}, heads {2, 4},
+# batch {1, 2}; token counts are never a multiple of the blocks. Layouts alternate so that
+# every mode sees both the packed-qkv views and separate contiguous tensors.
+SHAPES = [
+    ((1, 2, 3, 7, 24), "packed"),
+    ((2, 2, 5, 35, 40), "separate"),
+    ((1, 4, 1, 50, 64), "packed"),
+    ((1, 2, 5, 50, 64), "separate"),
+    ((2, 4, 3, 7, 40), "separate"),
+    ((1, 2, 5, 7, 24), "packed"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape, layout", SHAPES, ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x)
+def test_fp32_forward_and_gradients_match_float64(mode, shape, layout, generator):
+    B, H, T, S, Dh = shape
+    q, k, v, dout = _inputs(B, H, T, S, Dh, layout, generator)
+    expected = _out_and_grads(lambda *x: masked_attention(*x, T, mode), q, k, v, dout, torch.float64)
+    actual = _out_and_grads(_triton(T, mode), q, k, v, dout, torch.float32)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert _error(a, e) < 1e-5, f"{name}: error {_error(a, e):.2e}"
+
+
+@pytest.mark.parametrize("Dh", [16, 128])
+def test_head_dim_limits(Dh, generator):
+    q, k, v, dout = _inputs(1, 2, 3, 10, Dh, "packed", generator)
+    actual = _out_and_grads(_triton(3, "split", scale=0.3), q, k, v, dout, torch.float32)
+    expected = _out_and_grads(lambda *x: masked_attention(*x, 3, "split", 0.3), q, k, v, dout, torch.float64)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert relative_error(a, e) < 1e-5, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["joint", "temporal", "split"])
+def test_low_precision_within_twice_the_reference_error(dtype, mode, generator):
+    """FlashAttention's yardstick: error vs float64 at most 2x that of the plain reference run in dtype."""
+    B, H, T, S, Dh = 1, 2, 3, 35, 64
+    q, k, v, dout = _inputs(B, H, T, S, Dh, "packed", generator, dtype=dtype)
+    truth = _out_and_grads(lambda *x: masked_attention(*x, T, mode), q, k, v, dout, torch.float64)
+    plain = _out_and_grads(lambda *x: reference.factorised_attention(*x, T, mode), q, k, v, dout, dtype)
+    ours = _out_and_grads(_triton(T, mode), q, k, v, dout, dtype)
+    for name, o, p, t in zip(("out", "dq", "dk", "dv"), ours, plain, truth):
+        assert o.dtype == dtype
+        assert relative_error(o, t) <= 2 * relative_error(p, t), f"{name}: {relative_error(o, t):.2e} vs plain {relative_error(p, t):.2e}"
+
+
+@pytest.fixture
+def poisoned_buffers(monkeypatch):
+    """Every buffer the kernels write (out, lse, delta, dq, dk, dv) starts as NaN."""
+    monkeypatch.setattr(
+        triton_attention, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kernels_write_every_output_element(mode, poisoned_buffers, generator):
+    B, H, T, S, Dh = 1, 2, 5, 7, 40  # 35 tokens, 40 of 64 head-dim lanes: ragged everywhere
+    q, k, v, dout = _inputs(B, H, T, S, Dh, "packed", generator)
+    actual = _out_and_grads(_triton(T, mode), q, k, v, dout, torch.float32)
+    expected = _out_and_grads(lambda *x: masked_attention(*x, T, mode), q, k, v, dout, torch.float64)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert not a.isnan().any(), f"{name} has unwritten (NaN) elements"
+        assert relative_error(a, e) < 1e-5, name
+
+
+@pytest.mark.parametrize("mode", ["joint", "spatial", "temporal"])
+def test_large_logits_do_not_overflow(mode, generator):
+    """Inputs scaled by 30: logits in the hundreds; the running max keeps exp2 finite."""
+    B, H, T, S, Dh = 1, 2, 3, 35, 64
+    q, k, v, dout = _inputs(B, H, T, S, Dh, "packed", generator, magnitude=30.0)
+    expected = _out_and_grads(lambda *x: masked_attention(*x, T, mode), q, k, v, dout, torch.float64)
+    actual = _out_and_grads(_triton(T, mode), q, k, v, dout, torch.float32)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert a.isfinite().all(), name
+        # fp32 logits of size ~1e3 carry ~1e-4 absolute rounding, which the exponent turns into relative error.
+        assert relative_error(a, e) < 1e-3, f"{name}: {relative_error(a, e):.2e}"
+
+
+def test_output_is_a_view_of_the_projection_layout(generator):
+    q, k, v, _ = _inputs(2, 4, 3, 7, 24, "packed", generator)
+    out = factorised_attention(q, k, v, 3, "split", backend="triton")
+    B, H, N, Dh = out.shape
+    assert out.transpose(1, 2).is_contiguous()  # (B, N, H, Dh) buffer: reshape to (B, N, D) is free
+
+
+def test_saves_only_inputs_output_and_lse(generator):
+    B, H, T, S, Dh = 1, 2, 5, 35, 32
+    q, k, v, _ = _inputs(B, H, T, S, Dh, "packed", generator)
+    N = T * S
+    ours = saved_bytes(factorised_attention, q, k, v, T, "joint", backend="triton")
+    naive = saved_bytes(factorised_attention, q, k, v, T, "joint", backend="reference")
+    qkv_bytes = q.untyped_storage().nbytes()  # one packed storage for q, k, v
+    out_bytes = B * H * N * Dh * q.element_size()
+    lse_bytes = B * H * N * 4
+    assert ours <= qkv_bytes + out_bytes + lse_bytes
+    assert ours < naive
+
+
+def test_flop_counter_counts_the_stated_formula(generator):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B, H, T, S, Dh = 1, 2, 3, 7, 24
+    q, k, v, _ = _inputs(B, H, T, S, Dh, "packed", generator)
+    with FlopCounterMode(display=False) as counter:
+        factorised_attention(q, k, v, T, "split", backend="triton").sum().backward()
+    forward = 4 * B * T * S * Dh * (H // 2 * S + H // 2 * T)
+    assert counter.get_total_flops() == forward + 2.5 * forward
+
+
+def test_torch_compile_fullgraph_matches_eager(generator):
+    q, k, v, dout = _inputs(1, 2, 3, 7, 24, "packed", generator)
+
+    def layer(q, k, v):
+        return factorised_attention(q, k, v, 3, "split", backend="triton") * 2.0
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    eager = _out_and_grads(layer, q, k, v, dout, torch.float32)
+    traced = _out_and_grads(compiled, q, k, v, dout, torch.float32)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), traced, eager):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, msg=name)
+
+
+def test_backend_declares_its_limits():
+    triton_backend = get("triton")
+    request = Request("attention", torch.device(DEVICE), torch.float32, head_dim=64)
+    assert triton_backend.not_supported_reasons(request) == []
+    for changed, reason in [
+        (dict(dtype=torch.float64), "dtype float64 not supported"),
+        (dict(head_dim=8), "head dim 8 not supported (supports 16 to 128)"),
+        (dict(head_dim=256), "head dim 256 not supported"),
+        (dict(dropout_p=0.1), "attention dropout not supported"),
+    ]:
+        bad = Request(**{**request.__dict__, **changed})
+        assert any(reason in r for r in triton_backend.not_supported_reasons(bad)), reason
+        with pytest.raises(BackendUnsupportedError, match="backend 'triton' cannot run this input"):
+            select(bad, "triton")
+
+
+def test_backend_reasons_without_triton_or_interpreter(monkeypatch):
+    from vivit_kernels.backends import triton as triton_backend
+
+    cpu = Request("attention", torch.device("cpu"), torch.float32, head_dim=64)
+    monkeypatch.setattr(triton_backend, "_INTERPRETING", False)
+    assert get("triton").not_supported_reasons(cpu) == [
+        "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)"
+    ]
+    monkeypatch.setattr(triton_backend, "_INSTALLED", False)
+    assert get("triton").not_supported_reasons(cpu) == ["triton is not installed"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's CPU path")
+def test_auto_never_picks_the_interpreter():
+    """Interpreted Triton on CPU tensors only runs when asked for by name: as a default it would be unusably slow."""
+    cpu = Request("attention", torch.device("cpu"), torch.float32, head_dim=64)
+    assert select(cpu, "triton") is get("triton").ops["attention"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reference fallback warns when no CPU backend is built
+        assert select(cpu, "auto") is not get("triton").ops["attention"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_auto_picks_triton_for_cuda_tensors():
+    cuda = Request("attention", torch.device("cuda"), torch.float16, head_dim=64)
+    assert select(cuda, "auto") is get("triton").ops["attention"]

@@ -1,0 +1,503 @@
+"""Fused factorised attention in Triton: one flash-attention kernel family for every mode.
+
+A head's N = T * S tokens split into G attention groups of L tokens each; member i of group g
+is token g * GROUP_STRIDE + i * MEMBER_STRIDE:
+
+    mode      G   L   GROUP_STRIDE  MEMBER_STRIDE
+    joint     1   N   0             1
+    spatial   T   S   S             1      (the S tokens of frame g)
+    temporal  S   T   1             S      (the T frames of spatial index g)
+
+"split" runs heads [0, H/2) with the spatial map and [H/2, H) with the temporal map in the same
+launch. Every kernel walks the tokens of a head in group-major order ("rows": row r is member
+r % L of group r // L). When groups are shorter than the block, P = BLOCK // L whole groups
+share one block (a "pack") and a block-diagonal mask keeps them apart, so short temporal groups
+still fill the tensor-core tiles; when groups are longer, a group spans several blocks and a pack
+is one group. The grid is flat: (programs of every head, B), programs of the first-map heads
+first, so no program exits early whatever the mode (see NOTES.md).
+
+Forward: online softmax in base 2 (the scale carries log2(e) so exp2 is used), saves the
+natural-log log-sum-exp in float32. Backward (FlashAttention-2): delta = rowsum(dO * O), then a
+dK/dV kernel that loops over the queries of its pack and a dQ kernel that loops over the keys:
+every gradient element is written by one program, so no atomics and the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import CompileSpec, autotune_configs, check_device, upcast_dot_operands
+
+LOG2E = 1.4426950408889634
+LOG2E_CONST = tl.constexpr(LOG2E)
+
+
+# ---------------------------------------------------------------------------------------------
+# The index map, shared by every kernel of the family.
+
+
+@triton.jit
+def _programs_per_head(G, L, BLOCK: tl.constexpr):
+    """Programs covering one head's G groups of L tokens with blocks of BLOCK rows."""
+    P = tl.maximum(BLOCK // L, 1)  # groups per pack
+    blocks_per_pack = tl.cdiv(tl.minimum(P, G) * L, BLOCK)
+    return tl.cdiv(G, P) * blocks_per_pack
+
+
+@triton.jit
+def _locate(
+    pid, H_A, G_A, L_A, GS_A, MS_A, G_B, L_B, GS_B, MS_B, BLOCK: tl.constexpr
+):
+    """Program id -> (head, map of the head, first group of the pack, rows in the pack, first row of the block)."""
+    progs_a = _programs_per_head(G_A, L_A, BLOCK)
+    progs_b = _programs_per_head(G_B, L_B, BLOCK)
+    in_a = pid < H_A * progs_a
+    rest = pid - H_A * progs_a
+    head = tl.where(in_a, pid // progs_a, H_A + rest // progs_b)
+    local = tl.where(in_a, pid % progs_a, rest % progs_b)
+    G = tl.where(in_a, G_A, G_B)
+    L = tl.where(in_a, L_A, L_B)
+    GS = tl.where(in_a, GS_A, GS_B)
+    MS = tl.where(in_a, MS_A, MS_B)
+    P = tl.maximum(BLOCK // L, 1)
+    blocks_per_pack = tl.cdiv(tl.minimum(P, G) * L, BLOCK)
+    pack = local // blocks_per_pack
+    group0 = pack * P
+    pack_len = tl.minimum(P, G - group0) * L
+    row0 = (local % blocks_per_pack) * BLOCK
+    return head, L, GS, MS, group0, pack_len, row0
+
+
+@triton.jit
+def _tokens(rows, group0, L, GS, MS):
+    """Token index (int64) of each row of a pack."""
+    return ((group0 + rows // L) * GS + (rows % L) * MS).to(tl.int64)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype), rounding to nearest even. The interpreter truncates fp32 -> bf16, doubling the
+    rounding error the GPU makes; under UPCAST (bf16, interpreted) the rounding is done here."""
+    if UPCAST:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    # fp32 operands use exact fp32 products ("ieee"), not tf32; fp16/bf16 ignore the option.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels.
+
+
+@triton.jit
+def _attention_fwd(
+    Q, K, V, O, LSE,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, slb, slh,
+    H_A, G_A, L_A, GS_A, MS_A, G_B, L_B, GS_B, MS_B,
+    qk_scale, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    head, L, GS, MS, group0, pack_len, row0 = _locate(
+        tl.program_id(0), H_A, G_A, L_A, GS_A, MS_A, G_B, L_B, GS_B, MS_B, BLOCK_M
+    )
+    b = tl.program_id(1).to(tl.int64)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < pack_len
+    row_group = rows // L
+    q_tok = _tokens(rows, group0, L, GS, MS)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+
+    q = tl.load(Q + b * sqb + head * sqh + q_tok[:, None] * sqn + d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    K += b * skb + head * skh
+    V += b * svb + head * svh
+
+    # Running max starts finite so that rows with no key seen yet (padding, or a pack's other
+    # groups) give exp2(-inf - m) = 0 instead of NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, pack_len, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < pack_len
+        k_tok = _tokens(cols, group0, L, GS, MS)
+        kt = tl.load(K + k_tok[None, :] * skn + d[:, None] * skd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = _dot(q, kt, UPCAST) * qk_scale
+        allowed = col_ok[None, :] & (row_group[:, None] == (cols // L)[None, :])
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + k_tok[:, None] * svn + d[None, :] * svd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, UPCAST), v, UPCAST)
+        m_i = m_new
+
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padded rows only
+    out = acc / l_i[:, None]
+    tl.store(O + b * sob + head * soh + q_tok[:, None] * son + d[None, :] * sod, _cast(out, O.dtype.element_ty, UPCAST),
+             mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+    # Natural-log LSE of the scaled logits: (m + log2 l) is its base-2 value.
+    tl.store(LSE + b * slb + head * slh + q_tok, (m_i + tl.log2(l_i)) / LOG2E_CONST, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_delta(
+    O, DO, DELTA,
+    sob, soh, son, sod, sgb, sgh, sgn, sgd, slb, slh,
+    N, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """delta = rowsum(dO * O) per token: the softmax-backward term shared by dK/dV and dQ."""
+    n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n_ok = n < N
+    d = tl.arange(0, BLOCK_D)
+    mask = n_ok[:, None] & (d < D)[None, :]
+    n64 = n.to(tl.int64)
+    o = tl.load(O + b * sob + head * soh + n64[:, None] * son + d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + b * sgb + head * sgh + n64[:, None] * sgn + d[None, :] * sgd, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b * slb + head * slh + n64, delta, mask=n_ok)
+
+
+@triton.jit
+def _attention_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+    H_A, G_A, L_A, GS_A, MS_A, G_B, L_B, GS_B, MS_B,
+    qk_scale, scale, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """A block of keys; loops over the queries of its pack (the only ones that see these keys)."""
+    head, L, GS, MS, group0, pack_len, row0 = _locate(
+        tl.program_id(0), H_A, G_A, L_A, GS_A, MS_A, G_B, L_B, GS_B, MS_B, BLOCK_N
+    )
+    b = tl.program_id(1).to(tl.int64)
+    cols = row0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < pack_len
+    col_group = cols // L
+    k_tok = _tokens(cols, group0, L, GS, MS)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + head * skh + k_tok[:, None] * skn + d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + head * svh + k_tok[:, None] * svn + d[None, :] * svd, mask=kv_mask, other=0.0)
+    Q += b * sqb + head * sqh
+    DO += b * sgb + head * sgh
+    LSE += b * slb + head * slh
+    DELTA += b * slb + head * slh
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, pack_len, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < pack_len
+        q_tok = _tokens(rows, group0, L, GS, MS)
+        qt = tl.load(Q + q_tok[None, :] * sqn + d[:, None] * sqd, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
+        do = tl.load(DO + q_tok[:, None] * sgn + d[None, :] * sgd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        lse2 = tl.load(LSE + q_tok, mask=row_ok, other=0.0) * LOG2E_CONST
+        delta = tl.load(DELTA + q_tok, mask=row_ok, other=0.0)
+        # Transposed tiles (keys x queries): P^T recomputed from the saved LSE.
+        st = _dot(k, qt, UPCAST) * qk_scale
+        allowed = row_ok[None, :] & (col_group[:, None] == (rows // L)[None, :])
+        pt = tl.exp2(tl.where(allowed, st - lse2[None, :], float("-inf")))  # masked before exp2: no overflow
+        dv += _dot(_cast(pt, do.dtype, UPCAST), do, UPCAST)
+        dpt = _dot(v, tl.trans(do), UPCAST)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(_cast(dst, qt.dtype, UPCAST), tl.trans(qt), UPCAST)
+
+    dk *= scale
+    tl.store(DK + b * sdkb + head * sdkh + k_tok[:, None] * sdkn + d[None, :] * sdkd, _cast(dk, DK.dtype.element_ty, UPCAST),
+             mask=kv_mask)  # fmt: skip
+    tl.store(DV + b * sdvb + head * sdvh + k_tok[:, None] * sdvn + d[None, :] * sdvd, _cast(dv, DV.dtype.element_ty, UPCAST),
+             mask=kv_mask)  # fmt: skip
+
+
+@triton.jit
+def _attention_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
+    sdqb, sdqh, sdqn, sdqd,
+    H_A, G_A, L_A, GS_A, MS_A, G_B, L_B, GS_B, MS_B,
+    qk_scale, scale, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """A block of queries; loops over the keys of its pack, like the forward."""
+    head, L, GS, MS, group0, pack_len, row0 = _locate(
+        tl.program_id(0), H_A, G_A, L_A, GS_A, MS_A, G_B, L_B, GS_B, MS_B, BLOCK_M
+    )
+    b = tl.program_id(1).to(tl.int64)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < pack_len
+    row_group = rows // L
+    q_tok = _tokens(rows, group0, L, GS, MS)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + head * sqh + q_tok[:, None] * sqn + d[None, :] * sqd, mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sgb + head * sgh + q_tok[:, None] * sgn + d[None, :] * sgd, mask=q_mask, other=0.0)
+    lse2 = tl.load(LSE + b * slb + head * slh + q_tok, mask=row_ok, other=0.0) * LOG2E_CONST
+    delta = tl.load(DELTA + b * slb + head * slh + q_tok, mask=row_ok, other=0.0)
+    K += b * skb + head * skh
+    V += b * svb + head * svh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, pack_len, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < pack_len
+        k_tok = _tokens(cols, group0, L, GS, MS)
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + k_tok[:, None] * skn + d[None, :] * skd, mask=kv_mask, other=0.0)
+        vt = tl.load(V + k_tok[None, :] * svn + d[:, None] * svd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+        allowed = col_ok[None, :] & (row_group[:, None] == (cols // L)[None, :])
+        p = tl.exp2(tl.where(allowed, s - lse2[:, None], float("-inf")))
+        dp = _dot(do, vt, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(_cast(ds, k.dtype, UPCAST), k, UPCAST)
+
+    dq *= scale
+    tl.store(DQ + b * sdqb + head * sdqh + q_tok[:, None] * sdqn + d[None, :] * sdqd, _cast(dq, DQ.dtype.element_ty, UPCAST),
+             mask=q_mask)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotune configs: Hopper/Ampere sizes, keyed on the group lengths and the padded head dim.
+# Primary block (queries for fwd/dq, keys for dkdv) x loop block; 8 warps for the 128-row tiles
+# so that a 128 x 128 head dim does not spill (checked by `python -m vivit_kernels.triton.inspect`).
+
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=2, num_stages=2),  # short groups: less padding
+]
+_DKDV_CONFIGS = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=2, num_stages=2),
+]
+_DQ_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=2, num_stages=2),
+]
+# Under the interpreter: one config, blocks that still leave several blocks and loop steps per
+# group at test sizes (S = 50 spans a 32-key loop twice; joint N = 250 spans 4 query blocks).
+_INTERPRETER_FWD = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})
+_INTERPRETER_DKDV = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64})
+_INTERPRETER_DQ = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})
+_DELTA_BLOCK = 64
+_KEY = ["L_A", "L_B", "BLOCK_D"]
+
+_fwd = triton.autotune(autotune_configs(_FWD_CONFIGS, _INTERPRETER_FWD), key=_KEY)(_attention_fwd)
+_dkdv = triton.autotune(autotune_configs(_DKDV_CONFIGS, _INTERPRETER_DKDV), key=_KEY)(_attention_bwd_dkdv)
+_dq = triton.autotune(autotune_configs(_DQ_CONFIGS, _INTERPRETER_DQ), key=_KEY)(_attention_bwd_dq)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers.
+
+
+def index_maps(mode: str, frames: int, tokens: int, heads: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """(heads using map A, map A, map B); a map is (groups, group length, group stride, member stride)."""
+    T, N = frames, tokens
+    S = N // T
+    maps = {"joint": (1, N, 0, 1), "spatial": (T, S, S, 1), "temporal": (S, T, 1, S)}
+    if mode == "split":
+        return heads // 2, maps["spatial"], maps["temporal"]
+    # Map B is never used (no head past H_A); it only has to keep the program arithmetic finite.
+    return heads, maps[mode], (1, 1, 0, 1)
+
+
+def _programs_per_head(groups: int, length: int, block: int) -> int:
+    packed = max(block // length, 1)
+    return triton.cdiv(groups, packed) * triton.cdiv(min(packed, groups) * length, block)
+
+
+def _grid(heads: int, batch: int, h_a: int, map_a: tuple, map_b: tuple, block: str):
+    def grid(meta):
+        bs = meta[block]
+        progs = h_a * _programs_per_head(map_a[0], map_a[1], bs) + (heads - h_a) * _programs_per_head(
+            map_b[0], map_b[1], bs
+        )
+        return (progs, batch)
+
+    return grid
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel writes (tests replace this with a NaN-filled allocation)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _map_args(h_a: int, map_a: tuple, map_b: tuple) -> tuple[int, ...]:
+    return (h_a, *map_a, *map_b)
+
+
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, mode: str, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v: (B, H, N, Dh), any strides -> out (B, H, N, Dh) view of a (B, N, H, Dh) buffer, lse (B, H, N) fp32."""
+    check_device(q, k, v)
+    B, H, N, Dh = q.shape
+    out = _alloc((B, N, H, Dh), q.dtype, q.device).transpose(1, 2)
+    lse = _alloc((B, H, N), torch.float32, q.device)
+    h_a, map_a, map_b = index_maps(mode, frames, N, H)
+    _fwd[_grid(H, B, h_a, map_a, map_b, "BLOCK_M")](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
+        *_map_args(h_a, map_a, map_b), scale * LOG2E, Dh,
+        BLOCK_D=_block_d(Dh), UPCAST=upcast_dot_operands(q.dtype),
+    )  # fmt: skip
+    return out, lse
+
+
+def backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    frames: int,
+    mode: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `forward`: dq, dk, dv as (B, H, N, Dh) views of (B, N, H, Dh) buffers."""
+    check_device(q, k, v)
+    B, H, N, Dh = q.shape
+    block_d = _block_d(Dh)
+    upcast = upcast_dot_operands(q.dtype)
+    delta = _alloc((B, H, N), torch.float32, q.device)
+    _attention_bwd_delta[(triton.cdiv(N, _DELTA_BLOCK), H, B)](
+        out, dout, delta, *out.stride(), *dout.stride(), delta.stride(0), delta.stride(1), N, Dh,
+        BLOCK_M=_DELTA_BLOCK, BLOCK_D=block_d,
+    )  # fmt: skip
+    dq, dk, dv = (_alloc((B, N, H, Dh), q.dtype, q.device).transpose(1, 2) for _ in range(3))
+    h_a, map_a, map_b = index_maps(mode, frames, N, H)
+    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1))
+    _dkdv[_grid(H, B, h_a, map_a, map_b, "BLOCK_N")](
+        q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
+        *_map_args(h_a, map_a, map_b), scale * LOG2E, scale, Dh, BLOCK_D=block_d, UPCAST=upcast,
+    )  # fmt: skip
+    _dq[_grid(H, B, h_a, map_a, map_b, "BLOCK_M")](
+        q, k, v, dout, lse, delta, dq, *common, *dq.stride(),
+        *_map_args(h_a, map_a, map_b), scale * LOG2E, scale, Dh, BLOCK_D=block_d, UPCAST=upcast,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops: opaque to torch.compile (no graph break), differentiable, counted by
+# FlopCounterMode. The autograd glue only saves tensors and calls the backward op.
+
+
+@torch.library.custom_op("vivit_kernels::triton_attention_forward", mutates_args=())
+def attention_forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, mode: str, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(q, k, v, frames, mode, scale)
+
+
+@attention_forward_op.register_fake
+def _(q, k, v, frames, mode, scale):
+    B, H, N, Dh = q.shape
+    return q.new_empty((B, N, H, Dh)).transpose(1, 2), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("vivit_kernels::triton_attention_backward", mutates_args=())
+def attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    frames: int,
+    mode: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward(dout, q, k, v, out, lse, frames, mode, scale)
+
+
+@attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, frames, mode, scale):
+    B, H, N, Dh = q.shape
+    return tuple(q.new_empty((B, N, H, Dh)).transpose(1, 2) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, frames, mode, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.frames, ctx.mode, ctx.scale = frames, mode, scale
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(dout, q, k, v, out, lse, ctx.frames, ctx.mode, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def group_length_sum(mode: str, frames: int, tokens: int, heads: int) -> int:
+    """Sum over heads of the group length L each token attends to (FLOPs are 4 * B * N * Dh * this)."""
+    S = tokens // frames
+    lengths = {"joint": tokens, "spatial": S, "temporal": frames}
+    if mode == "split":
+        return heads // 2 * S + (heads - heads // 2) * frames
+    return heads * lengths[mode]
+
+
+def _register_flop_formulas() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.vivit_kernels.triton_attention_forward)
+    def _forward_flops(q_shape, k_shape, v_shape, frames, mode, scale, *args, out_shape=None, **kwargs) -> int:
+        B, H, N, Dh = q_shape
+        return 4 * B * N * Dh * group_length_sum(mode, frames, N, H)
+
+    @register_flop_formula(torch.ops.vivit_kernels.triton_attention_backward)
+    def _backward_flops(dout_shape, q_shape, *args, out_shape=None, **kwargs) -> int:
+        B, H, N, Dh = q_shape
+        frames, mode = args[4], args[5]
+        return 10 * B * N * Dh * group_length_sum(mode, frames, N, H)  # 2.5x the forward
+
+
+_register_flop_formulas()
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, mode: str, scale: float | None = None
+) -> torch.Tensor:
+    """Fused factorised attention (differentiable). q, k, v: (B, H, N, Dh), any strides.
+
+    Returns (B, H, N, Dh), a view of a (B, N, H, Dh) buffer (what an output projection reads).
+    Inputs are assumed validated (`vivit_kernels.checks.check_attention`).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = attention_forward_op(q, k, v, frames, mode, scale)
+    return out
