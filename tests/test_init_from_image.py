@@ -141,25 +141,27 @@ def test_hugging_face_vit_into_factorised_encoder(tmp_path, generator):
     assert relative_error(frames, expected[:, None].expand_as(frames)) < 1e-5
 
 
-def test_factorised_encoder_temporal_from_image(generator):
+def test_factorised_encoder_temporal_from_image(tmp_path):
     image_model = timm_vit()
     model = vivit("factorised_encoder")
-    report = load_image_pretrained(model, image_model.state_dict(), temporal_encoder_init="image")
+    path = save(image_model.state_dict(), tmp_path / "vit.safetensors", "safetensors")
+    report = load_image_pretrained(model, path, temporal_encoder_init="image")
     torch.testing.assert_close(model.temporal.blocks[1].mlp.fc1.weight, image_model.blocks[1].mlp.fc1.weight)
     torch.testing.assert_close(model.temporal.norm.weight, image_model.norm.weight)
     assert sorted(report.missing) == ["temporal.cls_token", "temporal.pos_embed"]
 
 
-def test_head_kept_only_when_class_count_matches():
+def test_head_kept_only_when_class_count_matches(tmp_path):
     image_model = timm_vit(num_classes=5)
+    path = save(image_model.state_dict(), tmp_path / "vit.pth", "pth")
     same = vivit("factorised_dot_product")
-    report = load_image_pretrained(same, image_model.state_dict())
+    report = load_image_pretrained(same, path)
     assert "head.weight" in report.loaded
     torch.testing.assert_close(same.head.weight, image_model.head.weight)
     torch.manual_seed(1)
     other = ViViT(ViViTConfig(variant="factorised_dot_product", num_classes=7, **TINY))
     before = other.head.weight.detach().clone()
-    report = load_image_pretrained(other, image_model.state_dict())
+    report = load_image_pretrained(other, path)
     assert "class count differs" in report.skipped["head.weight"]
     assert torch.equal(other.head.weight, before)
 
