@@ -1,0 +1,403 @@
+"""What is benchmarked: each case is a JSON-able spec and a builder that turns it into inputs and a call.
+
+A spec names the op, the implementation ("backend": a registry name, or one of the baselines
+defined here: "sdpa", "conv3d", "unfold_matmul"), the pass, the device/dtype target and the
+shape. The same builder serves the timed test and the child process that measures CPU peak
+memory (`python -m benchmarks.measure`), so both run exactly the same call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+import vivit_kernels
+from vivit_kernels import backends
+
+FORWARD, BACKWARD = "forward", "forward+backward"
+PASSES = (FORWARD, BACKWARD)
+MODES = ("joint", "spatial", "temporal", "split")
+BASELINE = "reference"  # the naive einsum implementation every speedup is relative to
+
+# Device/dtype targets: fp32 on the CPU; fp16 and bf16 on CUDA GPUs.
+TARGETS = ("cpu-float32", "cuda-float16", "cuda-bfloat16")
+
+# ViViT-B attention: 12 heads of 64, 14 x 14 = 196 patches per frame; T = 16 token frames.
+# The long clip (T = 64) is where joint attention's N x N matrix dominates: a GPU case (None =
+# not run on that device; the reason is in SHAPE_SKIPS).
+ATTENTION_SHAPES = {
+    "vivit_b": {"cpu": dict(B=1, T=16, S=196, H=12, Dh=64), "cuda": dict(B=8, T=16, S=196, H=12, Dh=64)},
+    "long_clip": {"cpu": None, "cuda": dict(B=1, T=64, S=196, H=12, Dh=64)},
+}
+SHAPE_SKIPS = {
+    ("long_clip", "cpu"): (
+        "the long clip (T=64, N=12544) is a GPU case: on 2 CPU cores joint attention takes 483 GFLOP per "
+        "forward and 7 GiB per einsum score matrix, and the factorised modes scale the T=16 rows linearly"
+    ),
+}
+# With --benchmark-disable every body runs once, on shapes small enough for `make test`.
+ATTENTION_SMOKE = dict(B=1, T=4, S=12, H=2, Dh=64)
+
+# ViViT-B tubelet embedding: a 16-frame 224 x 224 RGB clip, 2 x 16 x 16 tubelets, D = 768.
+TUBELET_SHAPES = {
+    "vivit_b": {
+        "cpu": dict(B=1, C=3, T=16, H=224, W=224, t=2, h=16, w=16, D=768),
+        "cuda": dict(B=8, C=3, T=16, H=224, W=224, t=2, h=16, w=16, D=768),
+    },
+}
+TUBELET_SMOKE = dict(B=1, C=3, T=4, H=32, W=32, t=2, h=16, w=16, D=64)
+
+# CPU limits of the timed run (2 cores, ~150 GFLOP/s fp32, shared memory): larger cases are
+# skipped on the CPU with the reason, and run on GPUs.
+CPU_MAX_FORWARD_FLOPS = 50e9
+CPU_MAX_SCORE_BYTES = 2 * 2**30
+
+
+def parse_target(target: str) -> tuple[torch.device, torch.dtype]:
+    device, dtype = target.split("-")
+    return torch.device(device), getattr(torch, dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class Case:
+    """One benchmarked call. `setup` (untimed) resets state; `run` does one pass, synchronised on CUDA."""
+
+    setup: Callable[[], None]
+    run: Callable[[], None]
+    # Bytes autograd saves for backward in this call (measured with inputs that require grad).
+    saved_bytes: Callable[[], int]
+    flops: float | None  # from the stated formula; None where counted while warming up
+    flop_formula: str
+    device: torch.device
+    info: dict = field(default_factory=dict)
+
+
+def _synchronised(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """`fn` followed by a device synchronisation, so the timer sees the kernels finish."""
+    if device.type != "cuda":
+        return fn
+
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize(device)
+
+    return run
+
+
+def _setup(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """`fn`, then a synchronisation so no earlier work leaks into the timed call."""
+    return _synchronised(fn, device)
+
+
+# ----------------------------------------------------------------------------------- attention
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, mode: str) -> torch.Tensor:
+    """Factorised attention through torch's `scaled_dot_product_attention`, with the reshapes it needs.
+
+    q, k, v: (B, H, N, Dh) -> (B, H, N, Dh). Each group becomes a batch row: SDPA has no notion
+    of strided groups, so spatial and temporal modes copy the inputs into grouped layout and the
+    output back.
+    """
+    if mode == "joint":
+        return F.scaled_dot_product_attention(q, k, v)
+    if mode == "split":
+        half = q.shape[1] // 2
+        spatial = sdpa_attention(q[:, :half], k[:, :half], v[:, :half], frames, "spatial")
+        temporal = sdpa_attention(q[:, half:], k[:, half:], v[:, half:], frames, "temporal")
+        return torch.cat([spatial, temporal], dim=1)
+    B, H = q.shape[:2]
+    if mode == "spatial":
+        group, ungroup = "b h (t s) d -> (b h t) s d", "(b h t) s d -> b h (t s) d"
+    else:
+        group, ungroup = "b h (t s) d -> (b h s) t d", "(b h s) t d -> b h (t s) d"
+    q, k, v = (rearrange(x, group, t=frames).unsqueeze(0) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v).squeeze(0)
+    return rearrange(out, ungroup, b=B, h=H, t=frames)
+
+
+def attention_fn(backend: str) -> Callable[..., torch.Tensor]:
+    """(q, k, v, frames, mode) -> (B, H, N, Dh) for a registry backend or "sdpa"."""
+    if backend == "sdpa":
+        return sdpa_attention
+    return lambda q, k, v, frames, mode: vivit_kernels.factorised_attention(q, k, v, frames, mode, backend=backend)
+
+
+def group_length(mode: str, T: int, S: int) -> float:
+    """L, the keys each query attends to (split: the mean over its spatial and temporal heads)."""
+    return {"joint": T * S, "spatial": S, "temporal": T, "split": (S + T) / 2}[mode]
+
+
+def attention_flops(mode: str, shape: dict, pass_name: str) -> float:
+    """Forward 4 * B * H * N * L * Dh; backward 2.5x forward."""
+    B, T, S, H, Dh = (shape[k] for k in ("B", "T", "S", "H", "Dh"))
+    forward = 4 * B * H * (T * S) * group_length(mode, T, S) * Dh
+    return forward * (3.5 if pass_name == BACKWARD else 1.0)
+
+
+def attention_score_bytes(mode: str, shape: dict, dtype: torch.dtype) -> int:
+    """Bytes of one full score (or probability) tensor of the naive einsum path: B * H * N * L elements."""
+    B, T, S, H = (shape[k] for k in ("B", "T", "S", "H"))
+    return int(B * H * T * S * group_length(mode, T, S) * torch.finfo(dtype).bits // 8)
+
+
+def attention_skip_reason(spec: dict) -> str | None:
+    """Why this attention case cannot run here (registry objection, interpreter, CPU budget), or None."""
+    device, dtype = parse_target(spec["target"])
+    backend, mode, shape = spec["backend"], spec["mode"], spec["shape"]
+    if backend == "triton" and device.type == "cpu":
+        return "triton on CPU tensors runs only under the Triton interpreter, which is never timed"
+    if backend != "sdpa":
+        reasons = backends.get(backend).not_supported_reasons(
+            backends.Request("attention", device, dtype, head_dim=shape["Dh"])
+        )
+        if reasons:
+            return f"backend {backend!r}: {', '.join(reasons)}"
+    if device.type == "cpu":
+        flops = attention_flops(mode, shape, FORWARD)
+        if flops > CPU_MAX_FORWARD_FLOPS:
+            return (
+                f"{flops / 1e9:.0f} GFLOP per forward is too large for the CPU run "
+                f"(limit {CPU_MAX_FORWARD_FLOPS / 1e9:.0f} GFLOP, ~150 GFLOP/s on 2 cores); run it on a GPU"
+            )
+        score = attention_score_bytes(mode, shape, dtype)
+        if backend == BASELINE and score > CPU_MAX_SCORE_BYTES:
+            return f"the einsum path's {score / 2**30:.1f} GiB score matrices do not fit the CPU run"
+    if device.type == "cuda" and backend == BASELINE:
+        # Forward+backward of the einsum path holds about four score-sized tensors at once.
+        need = 4 * attention_score_bytes(mode, shape, dtype)
+        total = torch.cuda.get_device_properties(device).total_memory
+        if need > 0.8 * total:
+            return f"the einsum path needs ~{need / 2**30:.0f} GiB of score matrices; this GPU has {total / 2**30:.0f} GiB"
+    return None
+
+
+def attention_case(spec: dict) -> Case:
+    device, dtype = parse_target(spec["target"])
+    shape, mode, pass_name = spec["shape"], spec["mode"], spec["pass"]
+    B, T, S, H, Dh = (shape[k] for k in ("B", "T", "S", "H", "Dh"))
+    N = T * S
+    fn = attention_fn(spec["backend"])
+    g = torch.Generator().manual_seed(0)
+    # One packed (B, N, 3, H, Dh) projection, viewed as q, k, v, as FactorisedAttention makes them.
+    qkv = torch.randn(B, N, 3, H, Dh, generator=g).to(device, dtype)
+    # The gradient arrives as the output projection's backward gives it: (B, N, H, Dh) memory.
+    grad = torch.randn(B, N, H, Dh, generator=g).to(device, dtype).transpose(1, 2)
+    backward = pass_name == BACKWARD
+    qkv.requires_grad_(backward)
+
+    def views(packed: torch.Tensor) -> list[torch.Tensor]:
+        return packed.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def run() -> None:
+        if backward:
+            fn(*views(qkv), T, mode).backward(grad)
+        else:
+            with torch.no_grad():
+                fn(*views(qkv), T, mode)
+
+    def setup() -> None:
+        qkv.grad = None
+
+    def saved() -> int:
+        packed = qkv.detach().requires_grad_()
+        return vivit_kernels.saved_bytes(fn, *views(packed), T, mode)
+
+    return Case(
+        setup=_setup(setup, device),
+        run=_synchronised(run, device),
+        saved_bytes=saved,
+        flops=attention_flops(mode, shape, pass_name),
+        flop_formula="forward 4*B*H*N*L*Dh (L = group length); backward 2.5x forward",
+        device=device,
+    )
+
+
+# ------------------------------------------------------------------------------------- tubelet
+
+
+def conv3d_tubelet(video, weight, bias, pos_embed, tubelet):
+    """nn.Conv3d's functional form with stride = kernel, as time-major tokens plus the positional embedding."""
+    out = F.conv3d(video, weight, bias, stride=tubelet)  # (B, D, nt, nh, nw)
+    return out.flatten(3).permute(0, 2, 3, 1) + pos_embed
+
+
+def unfold_matmul_tubelet(video, weight, bias, pos_embed, tubelet):
+    """Tubes cut with Tensor.unfold, gathered into one (tokens, C*t*h*w) matrix, one addmm."""
+    t, h, w = tubelet
+    B, D = video.shape[0], weight.shape[0]
+    tubes = video.unfold(2, t, t).unfold(3, h, h).unfold(4, w, w)  # (B, C, nt, nh, nw, t, h, w)
+    nt, nh, nw = tubes.shape[2:5]
+    rows = tubes.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(B * nt * nh * nw, -1)
+    tokens = torch.addmm(bias, rows, weight.reshape(D, -1).t())
+    return tokens.reshape(B, nt, nh * nw, D) + pos_embed
+
+
+def tubelet_fn(backend: str) -> Callable[..., torch.Tensor]:
+    """(video, weight, bias, pos_embed, tubelet) -> (B, nt, S', D)."""
+    if backend == "conv3d":
+        return conv3d_tubelet
+    if backend == "unfold_matmul":
+        return unfold_matmul_tubelet
+    return lambda video, weight, bias, pos, tubelet: vivit_kernels.tubelet_embedding(
+        video, weight, bias, pos, backend=backend
+    )
+
+
+def tubelet_flops(shape: dict, pass_name: str) -> float:
+    """Forward 2 * tokens * D * (C*t*h*w); backward (weight, bias and positional gradients) 1x forward."""
+    tokens = shape["B"] * (shape["T"] // shape["t"]) * (shape["H"] // shape["h"]) * (shape["W"] // shape["w"])
+    forward = 2 * tokens * shape["D"] * shape["C"] * shape["t"] * shape["h"] * shape["w"]
+    return forward * (2.0 if pass_name == BACKWARD else 1.0)
+
+
+def tubelet_skip_reason(spec: dict) -> str | None:
+    device, dtype = parse_target(spec["target"])
+    backend = spec["backend"]
+    if backend == "triton" and device.type == "cpu":
+        return "triton on CPU tensors runs only under the Triton interpreter, which is never timed"
+    if backend not in ("conv3d", "unfold_matmul"):
+        reasons = backends.get(backend).not_supported_reasons(backends.Request("tubelet", device, dtype))
+        if reasons:
+            return f"backend {backend!r}: {', '.join(reasons)}"
+    return None
+
+
+def tubelet_case(spec: dict) -> Case:
+    device, dtype = parse_target(spec["target"])
+    shape, pass_name = spec["shape"], spec["pass"]
+    B, C, T, H, W, D = (shape[k] for k in ("B", "C", "T", "H", "W", "D"))
+    tubelet = (shape["t"], shape["h"], shape["w"])
+    nt, S = T // tubelet[0], (H // tubelet[1]) * (W // tubelet[2])
+    fn = tubelet_fn(spec["backend"])
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(B, C, T, H, W, generator=g).to(device, dtype)  # data: never needs a gradient
+    params = [
+        (torch.randn(D, C, *tubelet, generator=g) * 0.02).to(device, dtype),
+        torch.randn(D, generator=g).to(device, dtype),
+        torch.randn(nt, S, D, generator=g).to(device, dtype),
+    ]
+    grad = torch.randn(B, nt, S, D, generator=g).to(device, dtype)
+    backward = pass_name == BACKWARD
+    for p in params:
+        p.requires_grad_(backward)
+
+    def run() -> None:
+        if backward:
+            fn(video, *params, tubelet).backward(grad)
+        else:
+            with torch.no_grad():
+                fn(video, *params, tubelet)
+
+    def setup() -> None:
+        for p in params:
+            p.grad = None
+
+    def saved() -> int:
+        leaves = [p.detach().requires_grad_() for p in params]
+        return vivit_kernels.saved_bytes(fn, video, *leaves, tubelet)
+
+    return Case(
+        setup=_setup(setup, device),
+        run=_synchronised(run, device),
+        saved_bytes=saved,
+        flops=tubelet_flops(shape, pass_name),
+        flop_formula="forward 2*tokens*D*C*t*h*w; backward (weight, bias, pos_embed grads) 1x forward",
+        device=device,
+    )
+
+
+# ------------------------------------------------------------------------------- training step
+
+# A full ViViT-B training step. The CPU run uses a short, small clip so that eight models
+# (four variants, fused and naive) train within the CPU budget; GPUs take the paper's 224 x 224.
+TRAINING_SHAPES = {
+    "vivit_b": {
+        "cpu": dict(B=1, num_frames=8, img_size=112),
+        "cuda": dict(B=8, num_frames=16, img_size=224),
+    },
+}
+TRAINING_SMOKE = dict(B=1, num_frames=4, img_size=32)
+VARIANTS = ("spatio_temporal", "factorised_encoder", "factorised_self_attention", "factorised_dot_product")
+TRAINING_BACKENDS = (BASELINE, "auto")  # naive einsum attention against whatever "auto" fuses
+
+
+def training_skip_reason(spec: dict) -> str | None:
+    """Why the training step cannot run (models package missing, nothing fused for "auto"), or None."""
+    try:
+        from vivit import create_model  # noqa: F401, PLC0415
+    except ImportError as error:
+        return f"the vivit models package has no create_model: {error}"
+    device, dtype = parse_target(spec["target"])
+    if spec["backend"] == "auto":
+        # "auto" falls back to the reference: then there is no fused step to compare.
+        refused = {}
+        for name in backends.names():
+            backend = backends.get(name)
+            if not backend.auto:
+                continue
+            reasons = backend.not_supported_reasons(backends.Request("attention", device, dtype, head_dim=64))
+            if name == "triton" and device.type == "cpu":
+                reasons = ["runs only under the Triton interpreter on CPU tensors, never timed"]
+            if not reasons:
+                return None
+            refused[name] = reasons
+        detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in refused.items()) or "no fused backend is registered"
+        return f"no fused attention backend for {device.type} {dtype_name(dtype)} ({detail})"
+    return None
+
+
+def training_case(spec: dict) -> Case:
+    from vivit import create_model  # noqa: PLC0415
+
+    device, dtype = parse_target(spec["target"])
+    shape = spec["shape"]
+    B, T, size = shape["B"], shape["num_frames"], shape["img_size"]
+    torch.manual_seed(0)
+    model = create_model(
+        "vivit_b",
+        variant=spec["variant"],
+        num_classes=400,
+        num_frames=T,
+        img_size=size,
+        backend=spec["backend"],
+        grad_checkpointing=False,
+        **shape.get("overrides", {}),
+    ).to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(B, 3, T, size, size, generator=g).to(device)
+    labels = torch.randint(0, 400, (B,), generator=g).to(device)
+    # fp32 on the CPU; on GPUs the usual mixed precision (autocast to the target dtype).
+    autocast = device.type == "cuda" and dtype != torch.float32
+
+    def loss() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            return F.cross_entropy(model(video), labels)
+
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+
+    return Case(
+        setup=_setup(lambda: None, device),
+        run=_synchronised(run, device),
+        saved_bytes=lambda: vivit_kernels.saved_bytes(loss),
+        flops=None,
+        flop_formula="torch.utils.flop_counter.FlopCounterMode over one step (forward+backward)",
+        device=device,
+        info={"parameters": sum(p.numel() for p in model.parameters())},
+    )
+
+
+BUILDERS = {"attention": attention_case, "tubelet": tubelet_case, "training": training_case}

@@ -1,0 +1,114 @@
+"""Fixtures of the benchmark suites, the speedups against the einsum baseline, and the end-of-session table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .cases import BASELINE, parse_target
+from .measure import run_case
+
+RESULTS = pytest.StashKey[list]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[RESULTS] = []
+
+
+def require_target(target: str) -> tuple[torch.device, torch.dtype]:
+    """The (device, dtype) of a target; skips CUDA targets on machines without a CUDA device."""
+    device, dtype = parse_target(target)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"{target}: no CUDA device on this machine")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        pytest.skip(f"{target}: this GPU has no bf16 support")
+    return device, dtype
+
+
+@pytest.fixture
+def measure(benchmark, request):
+    """measure(spec): build, warm up, time and record one case (see benchmarks/measure.py)."""
+
+    def run(spec: dict) -> None:
+        run_case(benchmark, spec)
+        if not benchmark.disabled:
+            median = benchmark.stats.stats.median
+            benchmark.extra_info["median_s"] = median
+            benchmark.extra_info["flop_per_s"] = benchmark.extra_info["flops"] / median if median > 0 else None
+            request.config.stash[RESULTS].append(benchmark.extra_info)
+
+    return run
+
+
+def _key(info: dict) -> tuple:
+    """Rows that compare against the same baseline run."""
+    return (info["op"], info["case"], info["pass"], info["device"], info["dtype"], info["shape_name"])
+
+
+def fill_speedups(rows: list[dict]) -> None:
+    """speedup_vs_einsum = baseline median / median, for every row whose baseline ran."""
+    baseline = {_key(r): r["median_s"] for r in rows if r["backend"] == BASELINE}
+    for row in rows:
+        base = baseline.get(_key(row))
+        row["speedup_vs_einsum"] = base / row["median_s"] if base and row["median_s"] > 0 else None
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    # Before pytest-benchmark writes --benchmark-json, so the speedups are in the file.
+    fill_speedups(session.config.stash[RESULTS])
+    yield
+
+
+def _bytes(value) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def format_table(rows: list[dict]) -> list[str]:
+    """One line per result, grouped by op, shape, device/dtype and pass, baseline first."""
+    header = ("op / mode", "shape", "target", "backend", "pass", "median", "GFLOP/s", "vs einsum", "peak mem", "saved for bwd")
+    order = {BASELINE: 0, "sdpa": 1, "conv3d": 1, "unfold_matmul": 2}
+    rows = sorted(rows, key=lambda r: (_key(r), order.get(r["backend"], 3), r["backend"]))
+    lines = []
+    for r in rows:
+        speedup = r.get("speedup_vs_einsum")
+        rate = r.get("flop_per_s")
+        lines.append(
+            (
+                r["case"] if r["op"] in ("attention", r["case"]) else f"{r['op']}: {r['case']}",
+                r["shape_name"],
+                f"{r['device']} {r['dtype']}",
+                "einsum" if r["backend"] == BASELINE else r["backend"],
+                "fwd+bwd" if r["pass"] == "forward+backward" else r["pass"].replace("forward", "fwd"),
+                _time(r["median_s"]),
+                "-" if rate is None else f"{rate / 1e9:.1f}",
+                "-" if speedup is None else f"{speedup:.2f}x",
+                _bytes(r["peak_bytes"]),
+                _bytes(r["saved_for_backward_bytes"]) if r["pass"] == "forward+backward" else "-",
+            )
+        )
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
+    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    out += ["| " + " | ".join(str(x).ljust(w) for x, w in zip(line, widths)) + " |" for line in lines]
+    return out
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    rows = config.stash.get(RESULTS, [])
+    if not rows:
+        return
+    methods = sorted({r["peak_method"] for r in rows})
+    terminalreporter.section("vivit-kernels: fused vs naive einsum (medians)")
+    for line in format_table(rows):
+        terminalreporter.write_line(line)
+    terminalreporter.write_line(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads. FLOP/s from the stated formulas "
+        "(attention: forward 4*B*H*N*L*Dh, backward 2.5x; training: FlopCounterMode). "
+        "peak mem: " + "; ".join(methods) + "."
+    )

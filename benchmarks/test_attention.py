@@ -1,0 +1,59 @@
+"""Factorised attention: every registered backend and torch SDPA against the naive einsum baseline.
+
+Parametrised over shape (ViViT-B and a long clip), device/dtype target, mode, pass and
+implementation. Backends come from the registry, so a newly registered one is benchmarked
+without editing this file; a backend that cannot take an input is skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from vivit_kernels import backends
+
+from .cases import (
+    ATTENTION_SHAPES,
+    ATTENTION_SMOKE,
+    BASELINE,
+    MODES,
+    PASSES,
+    SHAPE_SKIPS,
+    TARGETS,
+    attention_skip_reason,
+)
+from .conftest import require_target
+
+
+def implementations() -> list[str]:
+    """The einsum baseline first, then torch SDPA, then every other registered backend."""
+    return [BASELINE, "sdpa"] + [name for name in backends.names() if name != BASELINE]
+
+
+CASES = [
+    pytest.param(shape, target, mode, pass_name, backend, id=f"{shape}-{target}-{mode}-{pass_name}-{backend}")
+    for shape in ATTENTION_SHAPES
+    for target in TARGETS
+    for mode in MODES
+    for pass_name in PASSES
+    for backend in implementations()
+]
+
+
+@pytest.mark.parametrize("shape_name, target, mode, pass_name, backend", CASES)
+def test_attention(benchmark, measure, shape_name, target, mode, pass_name, backend):
+    device, _ = require_target(target)
+    if benchmark.disabled:
+        if shape_name != "vivit_b":
+            pytest.skip("--benchmark-disable: the smoke run covers this code once, with the vivit_b cases")
+        shape = ATTENTION_SMOKE
+    else:
+        shape = ATTENTION_SHAPES[shape_name][device.type]
+        if shape is None:
+            pytest.skip(SHAPE_SKIPS[shape_name, device.type])
+    spec = dict(op="attention", shape_name=shape_name, shape=shape, target=target, mode=mode, backend=backend)
+    spec["pass"] = pass_name
+    reason = attention_skip_reason(spec)
+    if reason:
+        pytest.skip(reason)
+    benchmark.group = f"attention {shape_name} {target} {pass_name}"
+    measure(spec)
