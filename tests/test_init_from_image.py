@@ -78,6 +78,7 @@ def test_factorised_self_attention_tokens_equal_image_tokens(tmp_path, fmt, gene
     report = load_image_pretrained(model, path, tubelet_init="central_frame")
     assert report.adapted["blocks.1.temporal_attn.proj.weight"].startswith("zero")
     assert report.adapted["blocks.0.temporal_attn.qkv.weight"] == "from blocks.0.attn.qkv.weight"
+    assert "adapted blocks.{0-1}.temporal_attn.qkv.weight: from blocks.{0-1}.attn.qkv.weight" in str(report)
     image = torch.randn(2, 3, 32, 32, generator=generator)
     with torch.no_grad():
         tokens = model.forward_features(static_clip(image)).reshape(2, 4, 16, 64)

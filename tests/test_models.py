@@ -89,7 +89,7 @@ def test_grad_checkpointing_config_flag():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_dropout_only_in_training(variant, generator):
-    model = tiny(variant, drop_rate=0.3, drop_path_rate=0.3)
+    model = tiny(variant, drop_rate=0.3, attn_drop_rate=0.2, drop_path_rate=0.3)
     clip = video(2, generator=generator)
     model.eval()
     torch.testing.assert_close(model(clip), model(clip), rtol=0, atol=0)

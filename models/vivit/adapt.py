@@ -44,10 +44,40 @@ class LoadReport:
             f"loaded {len(self.loaded)}, adapted {len(self.adapted)}, skipped {len(self.skipped)}, "
             f"missing (model's own init) {len(self.missing)}"
         ]
-        lines += [f"  adapted {key}: {how}" for key, how in self.adapted.items()]
-        lines += [f"  skipped {key}: {why}" for key, why in self.skipped.items()]
-        lines += [f"  missing {key}" for key in self.missing]
+        lines += [f"  adapted {key}: {how}" for key, how in _collapse(self.adapted).items()]
+        lines += [f"  skipped {key}: {why}" for key, why in _collapse(self.skipped).items()]
+        lines += [f"  missing {key}" for key in _collapse(dict.fromkeys(self.missing, ""))]
         return "\n".join(lines)
+
+
+def _collapse(entries: dict[str, str]) -> dict[str, str]:
+    """Per-block keys with the same note shown once, as blocks.{0-11}.…: a report of a 32-block
+    model stays short."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for key, note in entries.items():
+        match = re.search(r"blocks\.(\d+)\.", key)
+        if match is None:
+            groups[(key, note)] = []
+            continue
+        pattern = key[: match.start()] + "blocks.{}." + key[match.end() :]
+        groups.setdefault((pattern, note.replace(f"blocks.{match[1]}.", "blocks.{}.")), []).append(int(match[1]))
+    out: dict[str, str] = {}
+    for (pattern, note), indices in groups.items():
+        span = "{" + _ranges(indices) + "}" if indices else ""
+        out[pattern.replace("{}", span) if indices else pattern] = note.replace("{}", span)
+    return out
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    parts, start = [], None
+    indices = sorted(set(indices))
+    for i, value in enumerate(indices):
+        start = value if start is None else start
+        if i + 1 == len(indices) or indices[i + 1] != value + 1:
+            parts.append(str(value) if start == value else f"{start}-{value}")
+            start = None
+    return ",".join(parts)
 
 
 def shape_error(key: str, source: torch.Tensor | tuple, target: torch.Tensor | tuple, why: str = "") -> ValueError:

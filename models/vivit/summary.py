@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import PRESETS, VARIANTS
+from .config import PRESETS, VARIANTS, preset_config
 from .model import create_model
 
 _MODEL_NUMBER = {variant: i + 1 for i, variant in enumerate(VARIANTS)}
@@ -40,14 +40,13 @@ def count(preset: str = "vivit_b", variant: str = "spatio_temporal", **overrides
     with torch.device("meta"):
         model = create_model(preset, variant=variant, **overrides).eval()
         c = model.config
-        frames = c.num_frames
-        video = torch.empty(1, c.in_chans, frames, *c.img_size)
+        video = torch.empty(1, c.in_chans, c.num_frames, *c.img_size)
     params = sum(p.numel() for p in model.parameters())
     model.requires_grad_(False)  # (not torch.no_grad(): FlopCounterMode's module hooks trip over it)
     with FlopCounterMode(display=False) as counter:
         model(video)
     nt, nh, nw = model.grid
-    tokens = nh * nw + model.num_prefix_tokens if variant == "factorised_encoder" else nt * nh * nw + model.num_prefix_tokens
+    tokens = (nh * nw if variant == "factorised_encoder" else nt * nh * nw) + model.num_prefix_tokens
     return Row(variant, params / 1e6, counter.get_total_flops() / 2 / 1e9, tokens)
 
 
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tubelet:
         overrides["tubelet"] = tuple(args.tubelet)
     rows = table(args.preset, **overrides)
-    probe = create_model(args.preset, **{**overrides, "depth": 1}).config
+    probe = preset_config(args.preset, **overrides)
     title = (
         f"{args.preset}: {probe.num_frames} frames of {probe.img_size[0]}x{probe.img_size[1]}, "
         f"{probe.tokeniser} {'x'.join(map(str, probe.tubelet))}, {probe.num_classes} classes"
