@@ -1,4 +1,4 @@
-"""The Triton backend: fused attention kernels for CUDA tensors.
+"""The Triton backend: fused attention and tubelet-embedding kernels for CUDA tensors.
 
 CPU tensors run too when the process interprets Triton (TRITON_INTERPRET=1), which is how the
 kernels are tested without a GPU; "auto" never picks the interpreter (it is far too slow to be
@@ -39,11 +39,18 @@ def _attention(q, k, v, frames, mode, scale):
     return attention(q, k, v, frames, mode, scale)
 
 
+def _tubelet(video, weight, bias, pos_embed):
+    from ..triton.tubelet import tubelet_embedding
+
+    return tubelet_embedding(video, weight, bias, pos_embed)
+
+
 register(
     Backend(
         name="triton",
         ops={
             "attention": OpSupport(_attention, ("cuda", "cpu"), _DTYPES, head_dims=_HEAD_DIMS),
+            "tubelet": OpSupport(_tubelet, ("cuda", "cpu"), _DTYPES),
         },
         auto=not _INTERPRETING,
         unavailable=_unavailable,

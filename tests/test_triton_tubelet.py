@@ -1,0 +1,214 @@
+"""The Triton tubelet-embedding kernels (vivit_kernels/triton/tubelet.py) against F.conv3d.
+
+Without a GPU they run under Triton's interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1); the same kernels are compiled for sm_80/sm_90 by the inspection tool.
+Shapes are chosen so that tokens per clip, D and K are not multiples of the interpreter's
+blocks (16 x 16 x 32) and span several of them.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import relative_error
+
+pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from vivit_kernels import TubeletEmbedding, reference, saved_bytes, tubelet_embedding  # noqa: E402
+from vivit_kernels.triton import common  # noqa: E402
+from vivit_kernels.triton import tubelet as kernels  # noqa: E402
+
+needs_triton_device = pytest.mark.skipif(
+    not (torch.cuda.is_available() or common.interpreting()),
+    reason="Triton needs a CUDA device or TRITON_INTERPRET=1",
+)
+pytestmark = needs_triton_device
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# (C, tubelet, (B, T, H, W), D): C in {1, 3}; clips that are not multiples of the tubelet.
+CASES = [
+    (3, (2, 4, 4), (2, 5, 17, 21), 40),  # 40 tokens per clip, K = 96, one frame dropped
+    (1, (3, 5, 7), (1, 7, 11, 15), 24),  # K = 105, every axis has a remainder
+    (3, (1, 8, 8), (2, 3, 17, 26), 20),  # the uniform-frame tokeniser's shape of filter
+    (2, (1, 2, 3), (1, 2, 5, 7), 3),  # D and K far below one block
+]
+
+
+def _inputs(C, tubelet, size, D, generator, *, dtype=torch.float32, layout="contiguous"):
+    """video (B, C, T, H, W) in `layout`, weight, bias, pos_embed (nt, S', D), on the test device."""
+    B, T, H, W = size
+    device = _device()
+
+    def randn(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator).to(device=device, dtype=dtype)
+
+    if layout == "contiguous":
+        video = randn(B, C, T, H, W)
+    elif layout == "permuted":  # a decoder's (B, T, C, H, W) output, viewed as (B, C, T, H, W)
+        video = randn(B, T, C, H, W).permute(0, 2, 1, 3, 4)
+    elif layout == "strided":  # every other column of a wider clip: no dense layout at all
+        video = randn(B, C, T, H, 2 * W)[..., ::2]
+    else:
+        raise ValueError(layout)
+    t, h, w = tubelet
+    weight = randn(D, C, t, h, w) / (C * t * h * w) ** 0.5
+    return video, weight, randn(D), randn(T // t, (H // h) * (W // w), D)
+
+
+def _conv3d_tokens(video, weight, bias, pos_embed):
+    """The oracle: F.conv3d with stride == kernel, rearranged to time-major tokens (B, nt, S', D)."""
+    tokens = F.conv3d(video, weight, bias, stride=weight.shape[2:]).flatten(3).permute(0, 2, 3, 1)
+    return tokens + pos_embed
+
+
+def _grads(fn, leaves, grad_out):
+    """fn's output and the gradients of all its inputs for the output gradient `grad_out`."""
+    leaves = [x.detach().clone().requires_grad_() for x in leaves]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [x.grad for x in leaves]
+
+
+def _float64(tensors):
+    return [x.detach().cpu().double() for x in tensors]
+
+
+def _grad_out(leaves, generator):
+    shape = _conv3d_tokens(*_float64(leaves)).shape
+    return torch.randn(shape, dtype=torch.float64, generator=generator).to(_device())
+
+
+@pytest.mark.parametrize("C, tubelet, size, D", CASES)
+def test_forward_and_every_gradient_match_conv3d(C, tubelet, size, D, generator):
+    leaves = _inputs(C, tubelet, size, D, generator)
+    grad_out = _grad_out(leaves, generator)
+    expected, expected_grads = _grads(_conv3d_tokens, _float64(leaves), grad_out.cpu())
+    out, grads = _grads(kernels.tubelet_embedding, leaves, grad_out)
+    assert out.shape == expected.shape and out.dtype == torch.float32
+    assert relative_error(out.cpu(), expected) < 1e-6
+    for name, grad, want in zip(("video", "weight", "bias", "pos_embed"), grads, expected_grads):
+        assert grad.shape == want.shape, name
+        assert relative_error(grad.cpu(), want) < 1e-6, name
+
+
+@pytest.mark.parametrize("layout", ["permuted", "strided"])
+def test_strided_video_is_read_in_place(layout, generator):
+    leaves = _inputs(3, (2, 4, 4), (2, 5, 9, 13), 24, generator, layout=layout)
+    grad_out = _grad_out(leaves, generator)
+    expected, expected_grads = _grads(_conv3d_tokens, _float64(leaves), grad_out.cpu())
+    video, *params = leaves
+    video.requires_grad_()  # a leaf view: the kernel gets its strides, no contiguous copy is made
+    out = kernels.tubelet_embedding(video, *params)
+    out.backward(grad_out.float())
+    assert relative_error(out.detach().cpu(), expected) < 1e-6
+    assert relative_error(video.grad.cpu(), expected_grads[0]) < 1e-6
+    if layout == "permuted":  # the gradient comes back in the decoder's memory layout
+        assert video.grad.stride() == video.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_twice_the_reference_error(dtype, generator):
+    """fp16/bf16 tokens and gradients are at most 2x as far from the float64 truth as the
+    reference implementation run in the same precision.
+
+    Under the interpreter, bf16 tl.dot is wrong (triton-lang/triton#11584), so the kernels get
+    `UPCAST=True` there (common.upcast_dot_operands) and dot fp32 copies of the bf16 tiles; bf16
+    loads, conversions and stores still run, and the bf16 tensor-core dot is checked by
+    compiling for sm_80/sm_90."""
+    leaves = _inputs(3, (2, 4, 4), (2, 5, 17, 21), 40, generator, dtype=dtype)
+    grad_out = _grad_out(leaves, generator)
+    truth, truth_grads = _grads(_conv3d_tokens, _float64(leaves), grad_out.cpu())
+    ref, ref_grads = _grads(reference.tubelet_embedding, [x.cpu() for x in leaves], grad_out.cpu())
+    out, grads = _grads(kernels.tubelet_embedding, leaves, grad_out)
+    assert out.dtype == dtype
+    assert relative_error(out.cpu(), truth) <= 2 * relative_error(ref, truth)
+    for name, grad, ref_grad, want in zip(("video", "weight", "bias", "pos_embed"), grads, ref_grads, truth_grads):
+        assert grad.dtype == dtype, name
+        assert relative_error(grad.cpu(), want) <= 2 * relative_error(ref_grad, want), name
+
+
+def test_poisoned_outputs_and_gradients_are_fully_written(generator):
+    """Every launcher writes every element of its output: NaN buffers come back NaN-free, and
+    video elements dropped by the floor semantics get exactly zero gradient."""
+    leaves = _inputs(1, (3, 5, 7), (2, 7, 11, 15), 24, generator)
+    video, weight, bias, pos_embed = leaves
+    grad_out = _grad_out(leaves, generator)
+    expected, conv_grads = _grads(_conv3d_tokens, _float64(leaves), grad_out.cpu())
+    nan = float("nan")
+    out = kernels.tubelet_forward(video, weight, bias, pos_embed, out=torch.full(expected.shape, nan).to(video))
+    assert relative_error(out.cpu(), expected) < 1e-6
+
+    grad_out = grad_out.float()
+    dvideo = kernels.tubelet_backward_video(grad_out, video, weight, dvideo=torch.full_like(video, nan))
+    dweight, dbias = kernels.tubelet_backward_weight(
+        grad_out, video, weight.shape, True, dweight=torch.full_like(weight, nan), dbias=torch.full_like(bias, nan)
+    )
+    dpos = kernels.tubelet_backward_pos(grad_out, dpos=torch.full_like(pos_embed, nan))
+    for grad, want in zip((dvideo, dweight, dbias, dpos), conv_grads):
+        assert not grad.isnan().any()
+        assert relative_error(grad.cpu(), want) < 1e-6
+    # T = 7, H = 11, W = 15 with a 3 x 5 x 7 tubelet: frame 6, row 10 and column 14 are dropped.
+    assert (dvideo[:, :, 6:] == 0).all() and (dvideo[:, :, :, 10:] == 0).all() and (dvideo[..., 14:] == 0).all()
+
+
+def test_saves_only_the_video_and_the_weight(generator):
+    video, weight, bias, pos_embed = _inputs(3, (2, 4, 4), (2, 5, 9, 13), 24, generator)
+    for x in (video, weight, bias, pos_embed):
+        x.requires_grad_()
+    saved = saved_bytes(kernels.tubelet_embedding, video, weight, bias, pos_embed)
+    # The inputs themselves (kept alive by the caller anyway), no unfolded copy, no bias or pos_embed.
+    assert saved == (video.numel() + weight.numel()) * 4
+    permuted = _inputs(3, (2, 4, 4), (2, 5, 9, 13), 24, generator, layout="permuted")[0].requires_grad_()
+    assert saved_bytes(kernels.tubelet_embedding, permuted, weight, bias, pos_embed) == saved
+
+
+def test_public_api_and_module_run_on_triton(generator):
+    video, weight, bias, pos_embed = leaves = _inputs(3, (2, 4, 4), (1, 4, 9, 13), 24, generator)
+    expected = _conv3d_tokens(*_float64(leaves)).to(video.device)
+    out = tubelet_embedding(video, weight, bias, pos_embed.reshape(1, -1, 24), backend="triton")
+    assert relative_error(out, expected) < 1e-6
+
+    embed = TubeletEmbedding(3, 24, (2, 4, 4), backend="triton").to(_device())
+    with torch.no_grad():
+        embed.proj.weight.copy_(weight)
+        embed.proj.bias.copy_(bias)
+    tokens = embed(video.requires_grad_(), pos_embed)
+    assert relative_error(tokens.detach(), expected) < 1e-6
+    tokens.sum().backward()
+    assert embed.proj.weight.grad is not None and video.grad is not None
+
+
+def test_flop_counter_counts_the_gemms(generator):
+    video, weight, bias, _ = _inputs(3, (2, 4, 4), (2, 5, 9, 13), 24, generator)
+    video.requires_grad_()
+    weight.requires_grad_()
+    gemm = 2 * (2 * 2 * 2 * 3) * 24 * (3 * 2 * 4 * 4)  # 2 * tokens * D * K
+    with FlopCounterMode(display=False) as counter:
+        kernels.tubelet_embedding(video, weight, bias).sum().backward()
+    # forward, d(video) and d(weight): three GEMMs of the same size
+    assert counter.get_total_flops() == 3 * gemm
+
+
+def test_clips_beyond_int32_offsets_are_refused():
+    video = torch.empty_strided((1, 3, 2, 4, 4), (0, 2**30, 16, 4, 1), device="meta")
+    with pytest.raises(ValueError, match=r"one clip of the video spans \d+ elements; expected at most 2\^31 - 1"):
+        kernels._check_int32_offsets(video, P=4, D=8, K=96)
+
+
+def test_compile_specs_cover_every_kernel_config_and_dtype():
+    specs = kernels.compile_specs()
+    names = {spec.name for spec in specs}
+    assert len(names) == len(specs)
+    for kernel in ("tubelet_fwd", "tubelet_bwd_video", "tubelet_bwd_weight", "tubelet_bwd_pos"):
+        for dtype in ("fp32", "fp16", "bf16"):
+            assert any(s.name.startswith(f"{kernel}[{dtype},") and s.dtype == dtype for s in specs), (kernel, dtype)
+    for spec in specs:
+        assert list(spec.signature) == spec.fn.arg_names
+        assert {k for k, v in spec.signature.items() if v == "constexpr"} == set(spec.constexprs)
+        # tl.dot needs every dimension >= 16 on a GPU
+        assert all(v >= 16 for k, v in spec.constexprs.items() if k.startswith("BLOCK_"))

@@ -1,0 +1,563 @@
+"""Tubelet embedding as an implicit-im2col GEMM: forward and backward Triton kernels.
+
+The embedding is `F.conv3d(video, weight, bias, stride=(t, h, w))` with kernel == stride, i.e.
+
+    tokens[m, d] = sum_k A[m, k] * W[d, k]  (+ bias[d] + pos_embed[m mod nt*S', d])
+
+with m = ((b * nt + i) * nh + j) * nw + l a token (time-major, as the attention kernels read
+them) and k = ((c * t + dt) * h + dh) * w + dw a position inside the tube. A is never stored:
+each tile is gathered from the video through its five strides (a (B, T, C, H, W) decoder output
+permuted to (B, C, T, H, W) is read in place), so the only large tensors touched are the video
+and the tokens. Like Conv3d, trailing frames, rows and columns that do not fill a whole tubelet
+are dropped (nt = T // t, nh = H // h, nw = W // w) and get a zero gradient.
+
+Backward, with dY the token gradient (M, D):
+- d(video)[A-position (m, k)] = (dY W)[m, k]: tubes do not overlap (kernel == stride), so every
+  video element receives at most one value; no atomics. Dropped positions are zeroed.
+- d(weight) = dY^T A, with A gathered again (a GEMM over the M tokens), d(bias) = column sums of
+  dY (fused into the same loop), d(pos_embed) = dY summed over the batch.
+Autograd saves the video and the weight only.
+
+Cost at ViViT-B input (1 x 3 x 32 x 224 x 224, tubelet 2 x 16 x 16, D = 768):
+M = 16 * 14 * 14 = 3136 tokens, K = 3 * 2 * 16 * 16 = 1536, so the forward is
+2 * M * D * K = 7.40 GFLOP. It reads the video once (4.82 M elements: 9.6 MB in fp16), the
+weight (1.18 M elements: 2.4 MB) and writes the tokens (2.41 M elements: 4.8 MB): about 17 MB,
+i.e. ~440 FLOP/byte, well above the ridge point of an A100/H100 (~150-300 FLOP/byte in fp16):
+the op is compute-bound once the gather is coalesced (dw, the innermost k, walks the video's
+unit-stride W axis). An explicit im2col would add a 4.82 M-element write and read (another
+19 MB in fp16) and the same amount of activation memory when saved for backward. The backward
+costs 2x the forward in FLOPs (d(video) and d(weight) are one GEMM each; d(video) is skipped
+when the video does not require a gradient, the usual case for pixels).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
+
+from .common import CompileSpec, autotune_configs, check_device, upcast_dot_operands
+
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Index maps: a token p of a clip and a tube position k to element offsets inside one clip.
+# Offsets inside a clip are int32 (the launcher checks a clip spans < 2^31 elements); the
+# batch offset, which can exceed 2^31, is applied to the base pointer in int64.
+
+
+@triton.jit
+def _token_offsets(p, nh, nw, t, h, w, stride_t, stride_h, stride_w):
+    """Offset of the first element of token p's tube: p = (i * nh + j) * nw + l."""
+    l = p % nw
+    r = p // nw
+    j = r % nh
+    i = r // nh
+    return i * t * stride_t + j * h * stride_h + l * w * stride_w
+
+
+@triton.jit
+def _tube_offsets(k, t, h, w, stride_c, stride_t, stride_h, stride_w):
+    """Offset of position k = ((c * t + dt) * h + dh) * w + dw inside a tube, as nn.Conv3d's
+    weight orders it; dw innermost so a tile row walks the video's unit-stride W axis."""
+    dw = k % w
+    r = k // w
+    dh = r % h
+    r = r // h
+    dt = r % t
+    c = r // t
+    return c * stride_c + dt * stride_t + dh * stride_h + dw * stride_w
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Block sizes come from autotune configs; every edge (tokens, D, K) is masked. Token
+# tiles never straddle two clips (grid axis 1 is the batch), so the clip's base pointer is one
+# int64 scalar and the gathered tiles carry int32 offsets: half the registers of int64 tiles.
+
+
+@triton.jit
+def tubelet_fwd_kernel(
+    video, weight, bias, pos, out,
+    P, D, K, nh, nw, t: tl.constexpr, h: tl.constexpr, w: tl.constexpr,
+    stride_vb, stride_vc, stride_vt, stride_vh, stride_vw,
+    stride_wd, stride_wk,
+    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """out[b, p, d] = sum_k video[b, A(p, k)] * weight[d, k] + bias[d] + pos[p, d]; out is (B, P, D)."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pid_n = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < P
+    mask_n = offs_n < D
+    clip = video + b * stride_vb
+    rows = _token_offsets(tl.where(mask_m, offs_m, 0), nh, nw, t, h, w, stride_vt, stride_vh, stride_vw)
+    w_ptrs = weight + offs_n[None, :] * stride_wd + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = k0 + offs_k < K
+        cols = _tube_offsets(k0 + offs_k, t, h, w, stride_vc, stride_vt, stride_vh, stride_vw)
+        a = tl.load(clip + rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(a, wt, acc, input_precision="ieee")
+        w_ptrs += BLOCK_K * stride_wk
+    # Epilogue in fp32, one rounding: bias, then the positional embedding (shared by the batch).
+    if HAS_BIAS:
+        acc += tl.load(bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    tile = offs_m[:, None] * D + offs_n[None, :]
+    if HAS_POS:
+        acc += tl.load(pos + tile, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + b * P * D + tile, acc.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def tubelet_bwd_video_kernel(
+    grad, weight, dvideo,
+    P, D, K, nh, nw, t: tl.constexpr, h: tl.constexpr, w: tl.constexpr,
+    stride_vb, stride_vc, stride_vt, stride_vh, stride_vw,
+    stride_wd, stride_wk,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dvideo[b, A(p, k)] = sum_d grad[b, p, d] * weight[d, k]; grad is (B, P, D) contiguous.
+    Tubes do not overlap, so each element is written by exactly one program."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < P
+    mask_k = offs_k < K
+    dy_ptrs = grad + b * P * D + offs_m[:, None] * D + offs_d[None, :]
+    w_ptrs = weight + offs_d[:, None] * stride_wd + offs_k[None, :] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        mask_d = d0 + offs_d < D
+        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=mask_d[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(dy, wt, acc, input_precision="ieee")
+        dy_ptrs += BLOCK_D
+        w_ptrs += BLOCK_D * stride_wd
+    rows = _token_offsets(tl.where(mask_m, offs_m, 0), nh, nw, t, h, w, stride_vt, stride_vh, stride_vw)
+    cols = _tube_offsets(offs_k, t, h, w, stride_vc, stride_vt, stride_vh, stride_vw)
+    tl.store(
+        dvideo + b * stride_vb + rows[:, None] + cols[None, :],
+        acc.to(dvideo.dtype.element_ty),
+        mask=mask_m[:, None] & mask_k[None, :],
+    )
+
+
+@triton.jit
+def tubelet_bwd_weight_kernel(
+    grad, video, dweight, dbias,
+    B, P, D, K, nh, nw, t: tl.constexpr, h: tl.constexpr, w: tl.constexpr,
+    stride_vb, stride_vc, stride_vt, stride_vh, stride_vw,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """dweight[d, k] = sum_{b, p} grad[b, p, d] * video[b, A(p, k)] (A gathered again, never
+    stored); dbias[d] = sum_{b, p} grad[b, p, d], written by the programs of the first K block.
+    dweight is (D, K) contiguous, grad (B, P, D) contiguous."""
+    pid_d = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_d = offs_d < D
+    mask_k = offs_k < K
+    cols = _tube_offsets(offs_k, t, h, w, stride_vc, stride_vt, stride_vh, stride_vw)
+    acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    clip = video
+    dy_clip = grad
+    for _ in range(0, B):
+        for p0 in range(0, P, BLOCK_M):
+            mask_m = p0 + offs_m < P
+            # grad loaded transposed, (BLOCK_D, BLOCK_M), as the left operand of dY^T A.
+            dyt = tl.load(
+                dy_clip + (p0 + offs_m[None, :]) * D + offs_d[:, None],
+                mask=mask_d[:, None] & mask_m[None, :],
+                other=0.0,
+            )
+            rows = _token_offsets(
+                tl.where(mask_m, p0 + offs_m, 0), nh, nw, t, h, w, stride_vt, stride_vh, stride_vw
+            )
+            a = tl.load(clip + rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if HAS_BIAS:
+                bias_acc += tl.sum(dyt.to(tl.float32), axis=1)
+            if UPCAST:
+                dyt = dyt.to(tl.float32)
+                a = a.to(tl.float32)
+            acc = tl.dot(dyt, a, acc, input_precision="ieee")
+        clip += stride_vb  # pointer arithmetic is 64-bit: no overflow across a large batch
+        dy_clip += P * D
+    tile = offs_d[:, None] * K + offs_k[None, :]
+    tl.store(dweight + tile, acc.to(dweight.dtype.element_ty), mask=mask_d[:, None] & mask_k[None, :])
+    if HAS_BIAS:
+        tl.store(dbias + offs_d, bias_acc.to(dbias.dtype.element_ty), mask=mask_d & (pid_k == 0))
+
+
+@triton.jit
+def tubelet_bwd_pos_kernel(grad, dpos, B, P, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dpos[p, d] = sum_b grad[b, p, d]: the positional embedding is shared by the batch."""
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (offs_p[:, None] < P) & (offs_d[None, :] < D)
+    offsets = offs_p[:, None] * D + offs_d[None, :]
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    ptrs = grad + offsets
+    for _ in range(0, B):
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        ptrs += P * D  # pointer arithmetic is 64-bit: no overflow across a large batch
+    tl.store(dpos + offsets, acc.to(dpos.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotune configs, listed next to the kernels they tune. GPU candidates are sized for
+# sm_80/sm_90 and checked not to spill (see `compile_specs` and `python -m vivit_kernels.triton.inspect`);
+# under the interpreter one small config keeps the programs x iterations count low.
+
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+]
+_BWD_VIDEO_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+]
+_BWD_WEIGHT_CONFIGS = [
+    triton.Config({"BLOCK_D": 128, "BLOCK_K": 128, "BLOCK_M": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_D": 64, "BLOCK_K": 128, "BLOCK_M": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_D": 64, "BLOCK_K": 64, "BLOCK_M": 64}, num_warps=4, num_stages=3),
+]
+_POS_CONFIG = {"BLOCK_P": 32, "BLOCK_D": 64}
+_INTERPRETER = {
+    "fwd": triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}),
+    "bwd_video": triton.Config({"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_D": 16}),
+    "bwd_weight": triton.Config({"BLOCK_D": 16, "BLOCK_K": 32, "BLOCK_M": 16}),
+}
+
+_KEY = ["P", "D", "K"]
+_fwd = triton.autotune(autotune_configs(_FWD_CONFIGS, _INTERPRETER["fwd"]), key=_KEY)(tubelet_fwd_kernel)
+_bwd_video = triton.autotune(autotune_configs(_BWD_VIDEO_CONFIGS, _INTERPRETER["bwd_video"]), key=_KEY)(
+    tubelet_bwd_video_kernel
+)
+_bwd_weight = triton.autotune(autotune_configs(_BWD_WEIGHT_CONFIGS, _INTERPRETER["bwd_weight"]), key=_KEY)(
+    tubelet_bwd_weight_kernel
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers. Inputs are validated by `vivit_kernels.checks.check_tubelet`; `out`-style arguments
+# let tests hand in NaN-poisoned buffers.
+
+
+def _sizes(video: torch.Tensor, weight_shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    """(B, P, D, K, nt, nh, nw, t, h, w) of a call; P = nt * nh * nw tokens per clip."""
+    B, C, T, H, W = video.shape
+    D, _, t, h, w = weight_shape
+    nt, nh, nw = T // t, H // h, W // w
+    return B, nt * nh * nw, D, C * t * h * w, nt, nh, nw, t, h, w
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _check_int32_offsets(video: torch.Tensor, P: int, D: int, K: int) -> None:
+    """The kernels index inside one clip, the token grid of a clip and the weight with int32."""
+    span = sum((size - 1) * abs(stride) for size, stride in zip(video.shape[1:], video.stride()[1:]))
+    for what, elements in (("one clip of the video", span + 1), ("one clip's tokens", P * D), ("the weight", D * K)):
+        if elements > _INT32_MAX:
+            raise ValueError(
+                f"tubelet_embedding (triton): {what} spans {elements} elements; expected at most 2^31 - 1 "
+                f"(use backend='reference', or split the clip)"
+            )
+
+
+def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """weight (D, C, t, h, w) as (D, K); a view for nn.Conv3d's contiguous weight."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def tubelet_forward(
+    video: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    pos_embed: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """video (B, C, T, H, W) any strides, weight (D, C, t, h, w) -> tokens (B, nt, nh * nw, D).
+
+    `pos_embed` holds nt * nh * nw * D elements (any of the layouts `tubelet_embedding` takes).
+    `out`, if given, is the contiguous (B, nt, nh * nw, D) buffer to write.
+    """
+    check_device(video, weight)
+    B, P, D, K, nt, nh, nw, t, h, w = _sizes(video, weight.shape)
+    _check_int32_offsets(video, P, D, K)
+    if out is None:
+        out = torch.empty(B, nt, nh * nw, D, device=video.device, dtype=video.dtype)
+    wmat = _weight_matrix(weight)
+    pos = pos_embed.reshape(P, D).contiguous() if pos_embed is not None else None
+    bias_arg = bias.contiguous() if bias is not None else wmat  # any pointer: unused when HAS_BIAS is off
+    pos_arg = pos if pos is not None else wmat
+
+    def grid(meta):
+        return triton.cdiv(P, meta["BLOCK_M"]), B, triton.cdiv(D, meta["BLOCK_N"])
+
+    _fwd[grid](
+        video, wmat, bias_arg, pos_arg, out,
+        P, D, K, nh, nw, t, h, w,
+        *video.stride(), *wmat.stride(),
+        HAS_BIAS=bias is not None, HAS_POS=pos is not None, UPCAST=upcast_dot_operands(video.dtype),
+    )  # fmt: skip
+    return out
+
+
+def tubelet_backward_video(
+    grad: torch.Tensor, video: torch.Tensor, weight: torch.Tensor, dvideo: torch.Tensor | None = None
+) -> torch.Tensor:
+    """d(video): grad (B, nt, S', D) -> like `video` (same strides when it is dense), with zeros
+    where the floor semantics dropped frames, rows or columns."""
+    check_device(grad, video, weight)
+    B, P, D, K, nt, nh, nw, t, h, w = _sizes(video, weight.shape)
+    if dvideo is None:
+        dvideo = torch.empty_like(video)
+    _check_int32_offsets(dvideo, P, D, K)
+    _, _, T, H, W = video.shape
+    # Only the remainders outside the whole tubelets: the kernel writes every covered element.
+    if T > nt * t:
+        dvideo[:, :, nt * t :].zero_()
+    if H > nh * h:
+        dvideo[:, :, : nt * t, nh * h :].zero_()
+    if W > nw * w:
+        dvideo[:, :, : nt * t, : nh * h, nw * w :].zero_()
+    grad = grad.contiguous()
+    wmat = _weight_matrix(weight)
+
+    def grid(meta):
+        return triton.cdiv(P, meta["BLOCK_M"]), B, triton.cdiv(K, meta["BLOCK_K"])
+
+    _bwd_video[grid](
+        grad, wmat, dvideo,
+        P, D, K, nh, nw, t, h, w,
+        *dvideo.stride(), *wmat.stride(),
+        UPCAST=upcast_dot_operands(video.dtype),
+    )  # fmt: skip
+    return dvideo
+
+
+def tubelet_backward_weight(
+    grad: torch.Tensor,
+    video: torch.Tensor,
+    weight_shape: tuple[int, ...] | torch.Size,
+    bias_grad: bool,
+    dweight: torch.Tensor | None = None,
+    dbias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """d(weight) (D, C, t, h, w) contiguous and d(bias) (D,) (None unless `bias_grad`)."""
+    check_device(grad, video)
+    B, P, D, K, nt, nh, nw, t, h, w = _sizes(video, weight_shape)
+    _check_int32_offsets(video, P, D, K)
+    if dweight is None:
+        dweight = torch.empty(weight_shape, device=video.device, dtype=video.dtype)
+    if bias_grad and dbias is None:
+        dbias = torch.empty(D, device=video.device, dtype=video.dtype)
+    grad = grad.contiguous()
+
+    def grid(meta):
+        return triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(K, meta["BLOCK_K"])
+
+    _bwd_weight[grid](
+        grad, video, dweight, dbias if bias_grad else dweight,
+        B, P, D, K, nh, nw, t, h, w,
+        *video.stride(),
+        HAS_BIAS=bias_grad, UPCAST=upcast_dot_operands(video.dtype),
+    )  # fmt: skip
+    return dweight, (dbias if bias_grad else None)
+
+
+def tubelet_backward_pos(grad: torch.Tensor, dpos: torch.Tensor | None = None) -> torch.Tensor:
+    """d(pos_embed): grad (B, nt, S', D) summed over the batch -> (nt, S', D)."""
+    check_device(grad)
+    grad = grad.contiguous()
+    B, nt, S, D = grad.shape
+    if dpos is None:
+        dpos = torch.empty(nt, S, D, device=grad.device, dtype=grad.dtype)
+    grid = (triton.cdiv(nt * S, _POS_CONFIG["BLOCK_P"]), triton.cdiv(D, _POS_CONFIG["BLOCK_D"]))
+    tubelet_bwd_pos_kernel[grid](grad, dpos, B, nt * S, D, **_POS_CONFIG)
+    return dpos
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: opaque to torch.compile (fake impls give shapes), counted by FlopCounterMode,
+# differentiable through register_autograd. No logic lives in the autograd glue.
+
+
+def _token_shape(video: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int]:
+    B, _, T, H, W = video.shape
+    D, _, t, h, w = weight.shape
+    return B, T // t, (H // h) * (W // w), D
+
+
+@torch.library.custom_op("vivit_kernels::triton_tubelet_forward", mutates_args=())
+def triton_tubelet_forward(
+    video: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_embed: torch.Tensor | None
+) -> torch.Tensor:
+    """Tokens (B, nt, S', D) of video (B, C, T, H, W) and weight (D, C, t, h, w)."""
+    return tubelet_forward(video, weight, bias, pos_embed)
+
+
+@triton_tubelet_forward.register_fake
+def _(video, weight, bias, pos_embed):
+    return video.new_empty(_token_shape(video, weight))
+
+
+@torch.library.custom_op("vivit_kernels::triton_tubelet_backward_video", mutates_args=())
+def triton_tubelet_backward_video(grad: torch.Tensor, video: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """d(video), laid out like the video."""
+    return tubelet_backward_video(grad, video, weight)
+
+
+@triton_tubelet_backward_video.register_fake
+def _(grad, video, weight):
+    return torch.empty_like(video)
+
+
+@torch.library.custom_op("vivit_kernels::triton_tubelet_backward_weight", mutates_args=())
+def triton_tubelet_backward_weight(
+    grad: torch.Tensor, video: torch.Tensor, weight: torch.Tensor, bias_grad: bool
+) -> list[torch.Tensor]:
+    """[d(weight)] or [d(weight), d(bias)]."""
+    dweight, dbias = tubelet_backward_weight(grad, video, weight.shape, bias_grad)
+    return [dweight] if dbias is None else [dweight, dbias]
+
+
+@triton_tubelet_backward_weight.register_fake
+def _(grad, video, weight, bias_grad):
+    dweight = weight.new_empty(weight.shape)
+    return [dweight, weight.new_empty(weight.shape[0])] if bias_grad else [dweight]
+
+
+@torch.library.custom_op("vivit_kernels::triton_tubelet_backward_pos", mutates_args=())
+def triton_tubelet_backward_pos(grad: torch.Tensor) -> torch.Tensor:
+    """d(pos_embed) as (nt, S', D)."""
+    return tubelet_backward_pos(grad)
+
+
+@triton_tubelet_backward_pos.register_fake
+def _(grad):
+    return grad.new_empty(grad.shape[1:])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    video, weight, bias, pos_embed = inputs
+    ctx.save_for_backward(video, weight)  # bias and pos_embed enter linearly: not needed
+    ctx.has_bias = bias is not None
+    ctx.pos_shape = pos_embed.shape if pos_embed is not None else None
+
+
+def _backward(ctx, grad):
+    video, weight = ctx.saved_tensors
+    need_video, need_weight, need_bias, need_pos = ctx.needs_input_grad
+    dvideo = dweight = dbias = dpos = None
+    if need_video:
+        dvideo = triton_tubelet_backward_video(grad, video, weight)
+    if need_weight or need_bias:
+        grads = triton_tubelet_backward_weight(grad, video, weight, ctx.has_bias and need_bias)
+        dweight = grads[0] if need_weight else None
+        dbias = grads[1] if len(grads) > 1 else None
+    if need_pos:
+        dpos = triton_tubelet_backward_pos(grad).reshape(ctx.pos_shape)
+    return dvideo, dweight, dbias, dpos
+
+
+triton_tubelet_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _gemm_flops(video_shape, weight_shape) -> int:
+    B, C, T, H, W = video_shape
+    D, _, t, h, w = weight_shape
+    return 2 * B * (T // t) * (H // h) * (W // w) * D * C * t * h * w
+
+
+@register_flop_formula(torch.ops.vivit_kernels.triton_tubelet_forward)
+def _forward_flops(video_shape, weight_shape, *args, **kwargs) -> int:
+    return _gemm_flops(video_shape, weight_shape)
+
+
+@register_flop_formula(torch.ops.vivit_kernels.triton_tubelet_backward_video)
+def _backward_video_flops(grad_shape, video_shape, weight_shape, *args, **kwargs) -> int:
+    return _gemm_flops(video_shape, weight_shape)
+
+
+@register_flop_formula(torch.ops.vivit_kernels.triton_tubelet_backward_weight)
+def _backward_weight_flops(grad_shape, video_shape, weight_shape, *args, **kwargs) -> int:
+    return _gemm_flops(video_shape, weight_shape)
+
+
+def tubelet_embedding(
+    video: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    pos_embed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The backend entry point: differentiable tokens (B, nt, S', D); inputs already validated."""
+    return triton_tubelet_forward(video, weight, bias, pos_embed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compilation: every kernel x autotune config x dtype the autotuner may run.
+
+
+_POINTERS = {"video", "weight", "bias", "pos", "out", "grad", "dvideo", "dweight", "dbias", "dpos"}
+
+
+def _signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
+    """Triton types of `fn`'s arguments, in order: pointers to `dtype`, i32 sizes and strides."""
+    return {
+        name: "constexpr" if name in constexprs else f"*{dtype}" if name in _POINTERS else "i32"
+        for name in fn.arg_names
+    }
+
+
+def compile_specs() -> list[CompileSpec]:
+    """One `CompileSpec` per (kernel, autotune config, dtype), with bias and pos_embed on."""
+    kernels = [
+        ("tubelet_fwd", tubelet_fwd_kernel, _FWD_CONFIGS, {"HAS_BIAS": True, "HAS_POS": True, "UPCAST": False}),
+        ("tubelet_bwd_video", tubelet_bwd_video_kernel, _BWD_VIDEO_CONFIGS, {"UPCAST": False}),
+        ("tubelet_bwd_weight", tubelet_bwd_weight_kernel, _BWD_WEIGHT_CONFIGS, {"HAS_BIAS": True, "UPCAST": False}),
+        ("tubelet_bwd_pos", tubelet_bwd_pos_kernel, [triton.Config(_POS_CONFIG, num_warps=4, num_stages=2)], {}),
+    ]
+    specs = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        for name, fn, configs, switches in kernels:
+            for config in configs:
+                constexprs = {**switches, **config.kwargs}
+                blocks = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
+                specs.append(
+                    CompileSpec(
+                        name=f"{name}[{dtype}, {blocks}, warps={config.num_warps}, stages={config.num_stages}]",
+                        fn=fn,
+                        signature=_signature(fn, dtype, constexprs),
+                        constexprs=constexprs,
+                        num_warps=config.num_warps,
+                        num_stages=config.num_stages,
+                        dtype=dtype,
+                    )
+                )
+    return specs
