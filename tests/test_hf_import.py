@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import relative_error
@@ -32,13 +34,13 @@ def test_logits_match(tmp_path, layout, generator):
     """Same logits as transformers in fp32, from the hub's file layout (save_pretrained:
     safetensors, query/key/value names) and from transformers 5's own state dict in a .bin."""
     hf = hf_vivit()
-    if layout == "save_pretrained":
+    if layout == "save_pretrained":  # config.json read as a dict, weights from the directory
         hf.save_pretrained(tmp_path)
-        source = tmp_path
+        source, config = tmp_path, json.loads((tmp_path / "config.json").read_text())
     else:
-        source = tmp_path / "vivit.bin"
+        source, config = tmp_path / "vivit.bin", hf.config
         torch.save(hf.state_dict(), source)
-    model = ViViT(vivit_config_from_hf(hf.config)).eval()
+    model = ViViT(vivit_config_from_hf(config)).eval()
     assert model.config.img_size == (32, 48) and model.config.mlp_ratio == 3.0
     report = load_hf_vivit(model, source)
     assert len(report.loaded) == len(model.state_dict()) and not report.missing and not report.skipped
@@ -73,6 +75,11 @@ def test_shape_mismatch_names_key_and_shapes():
     model = ViViT(vivit_config_from_hf(hf.config, num_frames=16))
     with pytest.raises(ValueError, match=r"'pos_embed'.*\(1, 97, 64\).*\(1, 193, 64\)"):
         load_hf_vivit(model, hf.state_dict())
+
+
+def test_config_refuses_unknown_activation():
+    with pytest.raises(ValueError, match="hidden_act 'relu'"):
+        vivit_config_from_hf({"hidden_act": "relu"})
 
 
 def test_refuses_other_variants_and_layouts():

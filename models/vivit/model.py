@@ -123,7 +123,7 @@ class ViViT(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward (torch.utils.checkpoint) to save memory."""
-        self.grad_checkpointing = bool(enable)
+        self.grad_checkpointing = self.config.grad_checkpointing = bool(enable)
 
     def _run(self, blocks: nn.ModuleList, x: torch.Tensor, frames: int) -> torch.Tensor:
         for block in blocks:
@@ -178,8 +178,8 @@ class ViViT(nn.Module):
         """
         if self.temporal is not None:
             temporal = self.temporal
-            x = self._with_cls(self.frame_features(video) + temporal.pos_embed[:, self.num_prefix_tokens :],
-                               temporal.cls_token, temporal.pos_embed)
+            frames = self.frame_features(video) + temporal.pos_embed[:, self.num_prefix_tokens :]
+            x = self._with_cls(frames, temporal.cls_token, temporal.pos_embed)
             return temporal.norm(self._run(temporal.blocks, self.pos_drop(x), frames=1))
         tokens = self.tokenise(video)
         B, nt, S, D = tokens.shape

@@ -16,6 +16,8 @@ from .layers import Mlp
 from .model import ViViT
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor]
+# Hugging Face activation names -> ours: the tanh-approximated GELU goes by several names there.
+_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_fast": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
@@ -157,6 +159,9 @@ def vivit_config_from_hf(hf_config: Mapping[str, Any] | Any, **overrides) -> ViV
     """The ViViTConfig (model 1) matching a Hugging Face `VivitConfig` (object or config.json dict)."""
     get = hf_config.get if isinstance(hf_config, Mapping) else lambda name, default=None: getattr(hf_config, name, default)
     dim = get("hidden_size", 768)
+    activation = get("hidden_act", "gelu_fast")
+    if activation not in _HF_ACTIVATIONS:
+        raise ValueError(f"vivit_config_from_hf: hidden_act {activation!r} is not one of {', '.join(_HF_ACTIVATIONS)}")
     labels = get("num_labels") or len(get("id2label") or {}) or 400
     fields = dict(
         variant="spatio_temporal",
@@ -170,7 +175,7 @@ def vivit_config_from_hf(hf_config: Mapping[str, Any] | Any, **overrides) -> ViV
         num_heads=get("num_attention_heads", 12),
         mlp_ratio=get("intermediate_size", 4 * dim) / dim,
         pooling="cls",
-        mlp_activation="gelu" if get("hidden_act", "gelu_fast") == "gelu" else "gelu_tanh",
+        mlp_activation=_HF_ACTIVATIONS[activation],
         qkv_bias=get("qkv_bias", True),
         norm_eps=get("layer_norm_eps", 1e-6),
     )
