@@ -321,11 +321,14 @@ def tubelet_case(spec: dict) -> Case:
 # (four variants, fused and naive) train within the CPU budget; GPUs take the paper's 224 x 224.
 TRAINING_SHAPES = {
     "vivit_b": {
-        "cpu": dict(B=1, num_frames=8, img_size=112),
+        "cpu": dict(B=1, num_frames=16, img_size=112),
         "cuda": dict(B=8, num_frames=16, img_size=224),
     },
 }
-TRAINING_SMOKE = dict(B=1, num_frames=4, img_size=32)
+# The smoke run shrinks the model too (overrides are ViViTConfig fields); heads stay 64 wide.
+TRAINING_SMOKE = dict(B=1, num_frames=4, img_size=32, overrides=dict(dim=128, depth=2, num_heads=2, temporal_depth=1))
+TRAINING_TARGETS = ("cpu-float32", "cuda-bfloat16")  # GPUs train under bf16 autocast
+TRAIN_STEP = "train step"
 VARIANTS = ("spatio_temporal", "factorised_encoder", "factorised_self_attention", "factorised_dot_product")
 TRAINING_BACKENDS = (BASELINE, "auto")  # naive einsum attention against whatever "auto" fuses
 

@@ -1,0 +1,22 @@
+"""The CPU peak-memory probe the timed run uses (a fresh child process), checked on a known allocation.
+
+Not a benchmark: it runs under --benchmark-disable (`make test`), so the child-process path of
+the timed run cannot rot while the smoke bodies measure in-process.
+"""
+
+from __future__ import annotations
+
+from .cases import attention_score_bytes, parse_target
+from .measure import cpu_peak_in_child
+
+
+def test_child_probe_sees_the_einsum_score_matrices():
+    # Joint attention over N = 1024 tokens: the einsum path holds 8 MiB score and probability
+    # tensors; inputs (1.5 MiB) are allocated before the measured call and do not count.
+    shape = dict(B=1, T=4, S=256, H=2, Dh=64)
+    spec = dict(op="attention", shape_name="probe", shape=shape, target="cpu-float32", mode="joint", backend="reference")
+    spec["pass"] = "forward"
+    score = attention_score_bytes("joint", shape, parse_target(spec["target"])[1])
+    peak = cpu_peak_in_child(spec)
+    assert peak is not None, "the child could not reset VmHWM through /proc/self/clear_refs"
+    assert score <= peak < 8 * score, f"peak {peak} bytes, expected between one and eight score matrices ({score} bytes)"

@@ -1,0 +1,43 @@
+"""A full ViViT-B training step (forward, backward, AdamW) per variant: fused attention against naive einsum.
+
+The same model is built twice, with backend "reference" (the einsum attention and tubelet
+embedding) and "auto" (the fused backends that fit the device); the step includes
+zero_grad, the cross-entropy loss and the optimiser update. FLOPs are counted with
+FlopCounterMode during the warm-up step.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .cases import (
+    TRAIN_STEP,
+    TRAINING_BACKENDS,
+    TRAINING_SHAPES,
+    TRAINING_SMOKE,
+    TRAINING_TARGETS,
+    VARIANTS,
+    training_skip_reason,
+)
+from .conftest import require_target
+
+CASES = [
+    pytest.param(shape, target, variant, backend, id=f"{shape}-{target}-{variant}-{backend}")
+    for shape in TRAINING_SHAPES
+    for target in TRAINING_TARGETS
+    for variant in VARIANTS
+    for backend in TRAINING_BACKENDS
+]
+
+
+@pytest.mark.parametrize("shape_name, target, variant, backend", CASES)
+def test_training_step(benchmark, measure, shape_name, target, variant, backend):
+    device, _ = require_target(target)
+    shape = TRAINING_SMOKE if benchmark.disabled else TRAINING_SHAPES[shape_name][device.type]
+    spec = dict(op="training", shape_name=shape_name, shape=shape, target=target, variant=variant, backend=backend)
+    spec["pass"] = TRAIN_STEP
+    reason = training_skip_reason(spec)
+    if reason:
+        pytest.skip(reason)
+    benchmark.group = f"training step {shape_name} {target} {variant}"
+    measure(spec)
