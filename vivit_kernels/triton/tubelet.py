@@ -18,16 +18,22 @@ Backward, with dY the token gradient (M, D):
   dY (fused into the same loop), d(pos_embed) = dY summed over the batch.
 Autograd saves the video and the weight only.
 
+The tubelet (t, h, w) is a compile-time constant (one compilation per tubelet shape, and a
+model has one), so the index maps divide by constants and, with a unit-stride W axis, the
+compiler sees runs of w contiguous elements it can load as vectors.
+
 Cost at ViViT-B input (1 x 3 x 32 x 224 x 224, tubelet 2 x 16 x 16, D = 768):
 M = 16 * 14 * 14 = 3136 tokens, K = 3 * 2 * 16 * 16 = 1536, so the forward is
-2 * M * D * K = 7.40 GFLOP. It reads the video once (4.82 M elements: 9.6 MB in fp16), the
-weight (1.18 M elements: 2.4 MB) and writes the tokens (2.41 M elements: 4.8 MB): about 17 MB,
-i.e. ~440 FLOP/byte, well above the ridge point of an A100/H100 (~150-300 FLOP/byte in fp16):
-the op is compute-bound once the gather is coalesced (dw, the innermost k, walks the video's
-unit-stride W axis). An explicit im2col would add a 4.82 M-element write and read (another
-19 MB in fp16) and the same amount of activation memory when saved for backward. The backward
-costs 2x the forward in FLOPs (d(video) and d(weight) are one GEMM each; d(video) is skipped
-when the video does not require a gradient, the usual case for pixels).
+2 * M * D * K = 7.40 GFLOP. In fp16 it reads the video once (4.82 M elements: 9.6 MB), the
+weight (1.18 M: 2.4 MB) and writes the tokens (2.41 M: 4.8 MB): 16.8 MB, ~440 FLOP/byte
+(21.6 MB and ~340 FLOP/byte when it also reads a pos_embed). That is above the ridge point of an
+A100 (312 TFLOP/s / 2.0 TB/s = 156 FLOP/byte) and of an H100 SXM (~990 / 3.35 = 295): the op is
+compute-bound, and the gather costs no extra DRAM traffic (tiles are re-read across the D/BLOCK_N
+column blocks from L2). An explicit im2col would write and read another 4.82 M elements
+(19 MB in fp16) and keep them as activation memory for backward. In fp32 the dots run in IEEE
+fp32 on CUDA cores (19.5 TFLOP/s on an A100), so fp32 is compute-bound by a wide margin.
+The backward is two GEMMs of the same size, 14.8 GFLOP (d(video) is skipped when the video does
+not require a gradient, the usual case for pixels: 7.4 GFLOP).
 """
 
 from __future__ import annotations
@@ -38,8 +44,6 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from .common import CompileSpec, autotune_configs, check_device, upcast_dot_operands
-
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,18 +101,20 @@ def tubelet_fwd_kernel(
     mask_n = offs_n < D
     clip = video + b * stride_vb
     rows = _token_offsets(tl.where(mask_m, offs_m, 0), nh, nw, t, h, w, stride_vt, stride_vh, stride_vw)
-    w_ptrs = weight + offs_n[None, :] * stride_wd + offs_k[:, None] * stride_wk
+    # int32 offset tiles and a scalar pointer that advances: fewer registers than 64-bit pointer tiles
+    w_offs = offs_n[None, :] * stride_wd + offs_k[:, None] * stride_wk
+    w_k = weight
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = k0 + offs_k < K
         cols = _tube_offsets(k0 + offs_k, t, h, w, stride_vc, stride_vt, stride_vh, stride_vw)
         a = tl.load(clip + rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        wt = tl.load(w_k + w_offs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             wt = wt.to(tl.float32)
         acc = tl.dot(a, wt, acc, input_precision="ieee")
-        w_ptrs += BLOCK_K * stride_wk
+        w_k += BLOCK_K * stride_wk
     # Epilogue in fp32, one rounding: bias, then the positional embedding (shared by the batch).
     if HAS_BIAS:
         acc += tl.load(bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -137,19 +143,21 @@ def tubelet_bwd_video_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < P
     mask_k = offs_k < K
-    dy_ptrs = grad + b * P * D + offs_m[:, None] * D + offs_d[None, :]
-    w_ptrs = weight + offs_d[:, None] * stride_wd + offs_k[None, :] * stride_wk
+    dy_offs = offs_m[:, None] * D + offs_d[None, :]
+    w_offs = offs_d[:, None] * stride_wd + offs_k[None, :] * stride_wk
+    dy_d = grad + b * P * D
+    w_d = weight
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         mask_d = d0 + offs_d < D
-        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=mask_d[:, None] & mask_k[None, :], other=0.0)
+        dy = tl.load(dy_d + dy_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        wt = tl.load(w_d + w_offs, mask=mask_d[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:
             dy = dy.to(tl.float32)
             wt = wt.to(tl.float32)
         acc = tl.dot(dy, wt, acc, input_precision="ieee")
-        dy_ptrs += BLOCK_D
-        w_ptrs += BLOCK_D * stride_wd
+        dy_d += BLOCK_D
+        w_d += BLOCK_D * stride_wd
     rows = _token_offsets(tl.where(mask_m, offs_m, 0), nh, nw, t, h, w, stride_vt, stride_vh, stride_vw)
     cols = _tube_offsets(offs_k, t, h, w, stride_vc, stride_vt, stride_vh, stride_vw)
     tl.store(
@@ -229,37 +237,51 @@ def tubelet_bwd_pos_kernel(grad, dpos, B, P, D, BLOCK_P: tl.constexpr, BLOCK_D: 
 # sm_80/sm_90 and checked not to spill (see `compile_specs` and `python -m vivit_kernels.triton.inspect`);
 # under the interpreter one small config keeps the programs x iterations count low.
 
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-]
-_BWD_VIDEO_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-]
-_BWD_WEIGHT_CONFIGS = [
-    triton.Config({"BLOCK_D": 128, "BLOCK_K": 128, "BLOCK_M": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_D": 64, "BLOCK_K": 128, "BLOCK_M": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_D": 64, "BLOCK_K": 64, "BLOCK_M": 64}, num_warps=4, num_stages=3),
-]
-_POS_CONFIG = {"BLOCK_P": 32, "BLOCK_D": 64}
-_INTERPRETER = {
+def _configs(block_names: str, rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    """Configs from (block sizes..., num_warps, num_stages) rows."""
+    names = block_names.split(",")
+    return [triton.Config(dict(zip(names, row[:3])), num_warps=row[3], num_stages=row[4]) for row in rows]
+
+
+# fp32 dots run in IEEE fp32 on CUDA cores (no tensor cores), so their operand tiles live in
+# registers: fp32 gets smaller tiles than fp16/bf16, whose dots are HMMA/HGMMA.
+_FWD = "BLOCK_M,BLOCK_N,BLOCK_K"
+_BWD_VIDEO = "BLOCK_M,BLOCK_K,BLOCK_D"
+_BWD_WEIGHT = "BLOCK_D,BLOCK_K,BLOCK_M"
+_GPU_CONFIGS = {
+    "fwd": {
+        "16": _configs(_FWD, [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3),
+                              (64, 64, 32, 4, 3)]),
+        "32": _configs(_FWD, [(128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 16, 8, 3), (32, 32, 32, 4, 2)]),
+    },
+    "bwd_video": {
+        "16": _configs(_BWD_VIDEO, [(128, 64, 32, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 3)]),
+        "32": _configs(_BWD_VIDEO, [(64, 64, 32, 8, 2), (64, 64, 16, 8, 3), (32, 32, 32, 4, 2)]),
+    },
+    "bwd_weight": {
+        "16": _configs(_BWD_WEIGHT, [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3)]),
+        "32": _configs(_BWD_WEIGHT, [(128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 16, 8, 3)]),
+    },
+}  # fmt: skip
+_INTERPRETER_CONFIGS = {
     "fwd": triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}),
     "bwd_video": triton.Config({"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_D": 16}),
     "bwd_weight": triton.Config({"BLOCK_D": 16, "BLOCK_K": 32, "BLOCK_M": 16}),
 }
+_POS_CONFIG = {"BLOCK_P": 32, "BLOCK_D": 64}
+_KERNELS = {"fwd": tubelet_fwd_kernel, "bwd_video": tubelet_bwd_video_kernel, "bwd_weight": tubelet_bwd_weight_kernel}
+# One autotuner per kernel and precision family, tuned per problem size.
+_TUNED = {
+    (kernel, bits): triton.autotune(
+        autotune_configs(_GPU_CONFIGS[kernel][bits], _INTERPRETER_CONFIGS[kernel]), key=["P", "D", "K"]
+    )(fn)
+    for kernel, fn in _KERNELS.items()
+    for bits in ("16", "32")
+}
 
-_KEY = ["P", "D", "K"]
-_fwd = triton.autotune(autotune_configs(_FWD_CONFIGS, _INTERPRETER["fwd"]), key=_KEY)(tubelet_fwd_kernel)
-_bwd_video = triton.autotune(autotune_configs(_BWD_VIDEO_CONFIGS, _INTERPRETER["bwd_video"]), key=_KEY)(
-    tubelet_bwd_video_kernel
-)
-_bwd_weight = triton.autotune(autotune_configs(_BWD_WEIGHT_CONFIGS, _INTERPRETER["bwd_weight"]), key=_KEY)(
-    tubelet_bwd_weight_kernel
-)
+
+def _tuned(kernel: str, dtype: torch.dtype):
+    return _TUNED[kernel, "32" if dtype == torch.float32 else "16"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +341,7 @@ def tubelet_forward(
     def grid(meta):
         return triton.cdiv(P, meta["BLOCK_M"]), B, triton.cdiv(D, meta["BLOCK_N"])
 
-    _fwd[grid](
+    _tuned("fwd", video.dtype)[grid](
         video, wmat, bias_arg, pos_arg, out,
         P, D, K, nh, nw, t, h, w,
         *video.stride(), *wmat.stride(),
@@ -352,7 +374,7 @@ def tubelet_backward_video(
     def grid(meta):
         return triton.cdiv(P, meta["BLOCK_M"]), B, triton.cdiv(K, meta["BLOCK_K"])
 
-    _bwd_video[grid](
+    _tuned("bwd_video", video.dtype)[grid](
         grad, wmat, dvideo,
         P, D, K, nh, nw, t, h, w,
         *dvideo.stride(), *wmat.stride(),
@@ -382,7 +404,7 @@ def tubelet_backward_weight(
     def grid(meta):
         return triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(K, meta["BLOCK_K"])
 
-    _bwd_weight[grid](
+    _tuned("bwd_weight", video.dtype)[grid](
         grad, video, dweight, dbias if bias_grad else dweight,
         B, P, D, K, nh, nw, t, h, w,
         *video.stride(),
@@ -536,22 +558,26 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
 
 
 def compile_specs() -> list[CompileSpec]:
-    """One `CompileSpec` per (kernel, autotune config, dtype), with bias and pos_embed on."""
-    kernels = [
-        ("tubelet_fwd", tubelet_fwd_kernel, _FWD_CONFIGS, {"HAS_BIAS": True, "HAS_POS": True, "UPCAST": False}),
-        ("tubelet_bwd_video", tubelet_bwd_video_kernel, _BWD_VIDEO_CONFIGS, {"UPCAST": False}),
-        ("tubelet_bwd_weight", tubelet_bwd_weight_kernel, _BWD_WEIGHT_CONFIGS, {"HAS_BIAS": True, "UPCAST": False}),
-        ("tubelet_bwd_pos", tubelet_bwd_pos_kernel, [triton.Config(_POS_CONFIG, num_warps=4, num_stages=2)], {}),
-    ]
+    """One `CompileSpec` per (kernel, autotune config, dtype), with bias and pos_embed on, at
+    ViViT's 2 x 16 x 16 tubelet (the tubelet is a compile-time constant) and unit inner strides."""
+    static = {"t": 2, "h": 16, "w": 16, "stride_vw": 1, "stride_wk": 1}
+    switches = {
+        "fwd": {"HAS_BIAS": True, "HAS_POS": True, "UPCAST": False},
+        "bwd_video": {"UPCAST": False},
+        "bwd_weight": {"HAS_BIAS": True, "UPCAST": False},
+    }
     specs = []
     for dtype in ("fp32", "fp16", "bf16"):
-        for name, fn, configs, switches in kernels:
-            for config in configs:
-                constexprs = {**switches, **config.kwargs}
+        bits = "32" if dtype == "fp32" else "16"
+        for kernel, fn in _KERNELS.items():
+            for config in _GPU_CONFIGS[kernel][bits]:
+                constexprs = {**switches[kernel], **config.kwargs}
+                constexprs.update({k: v for k, v in static.items() if k in fn.arg_names})
                 blocks = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
+                launch = f"warps={config.num_warps}, stages={config.num_stages}"
                 specs.append(
                     CompileSpec(
-                        name=f"{name}[{dtype}, {blocks}, warps={config.num_warps}, stages={config.num_stages}]",
+                        name=f"tubelet_{kernel}[{dtype}, {blocks}, {launch}]",
                         fn=fn,
                         signature=_signature(fn, dtype, constexprs),
                         constexprs=constexprs,
@@ -560,4 +586,16 @@ def compile_specs() -> list[CompileSpec]:
                         dtype=dtype,
                     )
                 )
+        blocks = ", ".join(f"{key}={value}" for key, value in _POS_CONFIG.items())
+        specs.append(
+            CompileSpec(
+                name=f"tubelet_bwd_pos[{dtype}, {blocks}, warps=4, stages=2]",
+                fn=tubelet_bwd_pos_kernel,
+                signature=_signature(tubelet_bwd_pos_kernel, dtype, _POS_CONFIG),
+                constexprs=dict(_POS_CONFIG),
+                num_warps=4,
+                num_stages=2,
+                dtype=dtype,
+            )
+        )
     return specs
