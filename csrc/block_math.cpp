@@ -1,0 +1,137 @@
+// The loops that run on blocks: softmax exponentials and the products too small for BLAS.
+//
+// The library is built for the baseline x86-64 ISA (it may move between machines), so the float
+// versions are compiled three times, for AVX-512, AVX2 and the baseline, and the loader picks the
+// best the CPU has (GCC/Clang function multiversioning). std::exp does not vectorise; expf below
+// is a branch-free polynomial that does, accurate to about 2 ulp.
+
+#include "kernels.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define VIVIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VIVIT_CLONES
+#endif
+
+namespace vivit_kernels {
+namespace {
+
+// exp(x) for finite x by x = n ln2 + r, |r| <= ln2 / 2: exp(x) = 2^n * p(r) (Cephes' coefficients).
+inline float expf_poly(float x) {
+  const float lo = -87.33f, hi = 88.37f;
+  float y = x > hi ? hi : x;  // NaN passes through both clamps and poisons the result
+  y = y < lo ? lo : y;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (y * 1.44269504f + magic) - magic;
+  const float r = y - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return x < lo ? 0.0f : p * two_n;
+}
+
+template <typename T>
+inline void small_gemm_impl(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                            int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    T* ci = c + i * ldc;
+    if (beta == T(0)) {
+      for (int64_t j = 0; j < n; ++j) ci[j] = T(0);
+    } else if (beta != T(1)) {
+      for (int64_t j = 0; j < n; ++j) ci[j] *= beta;
+    }
+  }
+  if (!trans_a && trans_b) {  // c[i][j] += alpha * <a[i], b[j]>
+    for (int64_t i = 0; i < m; ++i) {
+      const T* ai = a + i * lda;
+      for (int64_t j = 0; j < n; ++j) {
+        const T* bj = b + j * ldb;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t p = 0; p < k; ++p) acc += ai[p] * bj[p];
+        c[i * ldc + j] += alpha * acc;
+      }
+    }
+  } else if (!trans_a && !trans_b) {  // c[i] += alpha * sum_p a[i][p] b[p]
+    for (int64_t i = 0; i < m; ++i) {
+      T* ci = c + i * ldc;
+      for (int64_t p = 0; p < k; ++p) {
+        const T x = alpha * a[i * lda + p];
+        const T* bp = b + p * ldb;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) ci[j] += x * bp[j];
+      }
+    }
+  } else if (trans_a && !trans_b) {  // c[i] += alpha * sum_p a[p][i] b[p]
+    for (int64_t p = 0; p < k; ++p) {
+      const T* ap = a + p * lda;
+      const T* bp = b + p * ldb;
+      for (int64_t i = 0; i < m; ++i) {
+        const T x = alpha * ap[i];
+        T* ci = c + i * ldc;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) ci[j] += x * bp[j];
+      }
+    }
+  } else {
+    TORCH_CHECK(false, "small_gemm: both operands transposed is not implemented");
+  }
+}
+
+}  // namespace
+
+VIVIT_CLONES void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                             int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  small_gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+                int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  small_gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+VIVIT_CLONES float scaled_max(const float* x, int64_t n, float scale) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j] * scale);
+  return m;
+}
+
+double scaled_max(const double* x, int64_t n, double scale) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j] * scale);
+  return m;
+}
+
+VIVIT_CLONES float exp_sum(float* x, int64_t n, float scale, float shift) {
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = expf_poly(x[j] * scale - shift);
+    sum += x[j];
+  }
+  return sum;
+}
+
+double exp_sum(double* x, int64_t n, double scale, double shift) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] * scale - shift);
+    sum += x[j];
+  }
+  return sum;
+}
+
+}  // namespace vivit_kernels

@@ -1,0 +1,76 @@
+// The CPU kernels' entry points, and the one matrix-product helper they share.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace vivit_kernels {
+
+// attention.cpp: q, k, v (B, H, N, Dh) with any strides. Returns out as a (B, H, N, Dh) view of
+// a (B, N, H, Dh) buffer, and the row log-sum-exp (B, H, N) of the scaled logits.
+std::tuple<at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t frames, c10::string_view mode, double scale);
+
+// dq, dk, dv, each a (B, H, N, Dh) view of a (B, N, H, Dh) buffer.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, int64_t frames, c10::string_view mode, double scale);
+
+// tubelet.cpp: video (B, C, T, H, W) any strides, weight (D, C, t, h, w), bias (D,), pos_embed (nt * S', D).
+// Returns tokens (B, nt, S', D).
+at::Tensor tubelet_forward(
+    const at::Tensor& video, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& pos_embed);
+at::Tensor tubelet_video_grad(const at::Tensor& grad, const at::Tensor& weight, at::IntArrayRef video_size);
+at::Tensor tubelet_weight_grad(const at::Tensor& grad, const at::Tensor& video, at::IntArrayRef tubelet);
+
+// block_math.cpp: the loops on blocks, vectorised for the CPU at hand (AVX-512 / AVX2 / baseline
+// clones, picked when the library loads). small_gemm is gemm below without BLAS, for tiny blocks.
+void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+                int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
+// max over j of x[j] * scale.
+float scaled_max(const float* x, int64_t n, float scale);
+double scaled_max(const double* x, int64_t n, double scale);
+// x[j] = exp(x[j] * scale - shift); returns the sum. NaN stays NaN.
+float exp_sum(float* x, int64_t n, float scale, float shift);
+double exp_sum(double* x, int64_t n, double scale, double shift);
+
+// Row-major C (m x n, row stride ldc) = beta * C + alpha * op(A) op(B), where op(A) is m x k and
+// A is stored m x k (row stride lda) or, transposed, k x m; likewise B. Every last dim has stride 1.
+// Large products go to BLAS through ATen (no copies: the row strides are BLAS leading dims); small
+// ones, like the 8 x 8 blocks of temporal attention, cost less as plain loops than as a BLAS call.
+// beta == 0 ignores C's old contents (NaN included), as BLAS does.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (m * n * k >= 16384) {
+    auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    auto matrix = [&](const T* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
+      // op(X) is rows x cols; stored transposed it is the transpose of a cols x rows matrix.
+      auto x = trans ? at::from_blob(const_cast<T*>(p), {cols, rows}, {ld, 1}, options).t()
+                     : at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, options);
+      return x;
+    };
+    at::Tensor A = matrix(a, trans_a, m, k, lda), B = matrix(b, trans_b, k, n, ldb);
+    at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, options);
+    if (beta == T(0)) {
+      at::mm_out(C, A, B);
+      if (alpha != T(1)) C.mul_(alpha);
+    } else {
+      at::addmm_out(C, C, A, B, beta, alpha);
+    }
+    return;
+  }
+  small_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+}  // namespace vivit_kernels

@@ -1,0 +1,277 @@
+"""The "cpu" backend (the C++ kernels of csrc/) against float64 oracles, through the public API."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import MODES, masked_attention, packed_qkv, relative_error
+
+from vivit_kernels import BackendUnsupportedError, factorised_attention, tubelet_embedding
+from vivit_kernels import reference as naive
+from vivit_kernels.backends import cpu, registry
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernels():
+    """Load (building once per session if needed) the C++ library; skip only when no toolchain exists."""
+    from vivit_kernels import _extension
+
+    if _extension.prebuilt() is None and _extension._cannot_build():
+        pytest.skip(f"C++ kernels neither built nor buildable here: {_extension._cannot_build()}")
+    cpu._ensure_loaded()
+
+
+@pytest.fixture
+def poisoned():
+    """Every torch.empty (the kernels' outputs included) is filled with NaN: unwritten output shows."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def _oracle_grads(qkv, frames, mode, grad_out, scale=None):
+    pack = qkv.detach().double().requires_grad_()
+    q, k, v = pack.permute(2, 0, 3, 1, 4).unbind(0)
+    out = masked_attention(q, k, v, frames, mode, scale)
+    (grad,) = torch.autograd.grad(out, pack, grad_out.double())
+    return out, grad
+
+
+# Awkward grids from the reference tests: group lengths 1, 3, 5, 7, 35, 196 and 980 (blocks hold up
+# to 256 rows, so joint at 980 tokens runs 4 x 4 query/key blocks; groups under ~16 take the small
+# loops, longer ones BLAS), with heads, head dims and batch cycling.
+GRIDS = [(1, 7), (3, 1), (5, 7), (3, 35), (1, 196), (5, 196)]
+HEADS, HEAD_DIMS, BATCHES = (2, 4), (24, 40, 64), (1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", range(len(GRIDS)))
+def test_attention_matches_oracle(case, mode, dtype, generator, poisoned):
+    T, S = GRIDS[case]
+    H, Dh, B = HEADS[case % 2], HEAD_DIMS[case % 3], BATCHES[(case // 2) % 2]
+    q, k, v, qkv = packed_qkv(B, H, T * S, Dh, dtype=dtype, generator=generator)
+    grad_out = torch.randn(B, H, T * S, Dh, dtype=dtype, generator=generator)
+
+    out = factorised_attention(q, k, v, T, mode, backend="cpu")
+    (grad,) = torch.autograd.grad(out, qkv, grad_out)
+    expected, expected_grad = _oracle_grads(qkv, T, mode, grad_out)
+
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    assert out.dtype == dtype and out.shape == q.shape
+    assert out.transpose(1, 2).is_contiguous()  # a (B, N, H, Dh) buffer: the projection reads it for free
+    assert relative_error(out, expected) < tolerance
+    assert relative_error(grad, expected_grad) < tolerance
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_any_strides(mode, generator, poisoned):
+    """Separate tensors, one with a non-unit last stride, one (B, H, N, Dh)-contiguous, one transposed."""
+    B, H, T, S, Dh = 2, 4, 3, 10, 12
+    q = torch.randn(B, H, T * S, 2 * Dh, dtype=torch.float64, generator=generator)[..., ::2]
+    k = torch.randn(B, H, T * S, Dh, dtype=torch.float64, generator=generator)
+    v = torch.randn(B, T * S, H, Dh, dtype=torch.float64, generator=generator).transpose(1, 2)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    grad_out = torch.randn(B, T * S, H, Dh, dtype=torch.float64, generator=generator).transpose(1, 2)
+    out = factorised_attention(q, k, v, T, mode, scale=0.3, backend="cpu")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected = masked_attention(q, k, v, T, mode, scale=0.3)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    assert relative_error(out, expected) < 1e-12
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert relative_error(grad, expected_grad) < 1e-12
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_gradcheck(mode, generator):
+    q, k, v, _ = packed_qkv(1, 2, 3 * 4, 5, generator=generator)
+    assert torch.autograd.gradcheck(lambda q, k, v: cpu.attention(q, k, v, 3, mode, 0.7), (q, k, v))
+
+
+@pytest.mark.parametrize(
+    "mode, poisoned_rows",
+    [("joint", lambda t, s: t >= 0), ("spatial", lambda t, s: t == 1), ("temporal", lambda t, s: s == 2)],
+)
+def test_attention_nan_stays_in_its_groups(mode, poisoned_rows, generator):
+    T, S = 3, 40  # spatial groups of 40 take the BLAS path, temporal groups of 3 the small loops
+    q, k, v, _ = packed_qkv(1, 2, T * S, 8, dtype=torch.float32, generator=generator, requires_grad=False)
+    k = k.clone()
+    k[:, :, 1 * S + 2] = float("nan")
+    out = factorised_attention(q, k, v, T, mode, backend="cpu")
+    n = torch.arange(T * S)
+    rows = poisoned_rows(n // S, n % S)
+    assert out[:, :, rows].isnan().all()
+    assert out[:, :, ~rows].isfinite().all()
+
+
+def test_opcheck_attention_ops(generator):
+    q, k, v, _ = packed_qkv(1, 4, 3 * 5, 8, dtype=torch.float32, generator=generator)
+    ops = torch.ops.vivit_kernels
+    torch.library.opcheck(ops.cpu_attention_forward, (q, k, v, 3, "split", 0.35))
+    out, lse = ops.cpu_attention_forward(q, k, v, 3, "split", 0.35)
+    grad_out = torch.randn(out.shape, generator=generator)
+    torch.library.opcheck(
+        ops.cpu_attention_backward,
+        (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), 3, "split", 0.35),
+    )
+
+
+@pytest.mark.parametrize("mode, length", [("joint", 6 * 7), ("spatial", 7), ("temporal", 6), ("split", (7 + 6) / 2)])
+def test_flop_counter_counts_the_ops(mode, length, generator):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B, H, T, S, Dh = 2, 4, 6, 7, 16
+    q, k, v, _ = packed_qkv(B, H, T * S, Dh, dtype=torch.float32, generator=generator)
+    with FlopCounterMode(display=False) as counter:
+        factorised_attention(q, k, v, T, mode, backend="cpu").sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    forward = 4 * B * H * T * S * length * Dh
+    assert counts[torch.ops.vivit_kernels.cpu_attention_forward] == forward
+    assert counts[torch.ops.vivit_kernels.cpu_attention_backward] == 2.5 * forward
+
+
+def _saved_bytes(fn, *args) -> int:
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(storages.values())
+
+
+def _sdpa_with_permutes(q, k, v, frames, mode):
+    """torch's SDPA on each mode's groups, with the reshapes/permutes it needs."""
+    B, H, N, Dh = q.shape
+    if mode == "joint":
+        return F.scaled_dot_product_attention(q, k, v)
+    if mode == "split":
+        half = H // 2
+        spatial = _sdpa_with_permutes(q[:, :half], k[:, :half], v[:, :half], frames, "spatial")
+        temporal = _sdpa_with_permutes(q[:, half:], k[:, half:], v[:, half:], frames, "temporal")
+        return torch.cat([spatial, temporal], dim=1)
+    group = (lambda x: x.reshape(B, H, frames, -1, Dh)) if mode == "spatial" else (
+        lambda x: x.reshape(B, H, frames, -1, Dh).transpose(2, 3)
+    )
+    out = F.scaled_dot_product_attention(group(q), group(k), group(v))
+    return (out if mode == "spatial" else out.transpose(2, 3)).reshape(B, H, N, Dh)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_saved_for_backward(mode, generator):
+    """The op keeps q, k, v (views of the pack: no copy), out and the log-sum-exp: O(N) per head.
+
+    Per layer that is no more than SDPA with its permutes keeps: the output projection saves its
+    input, which for the fused op is `out` itself (a free view), and a copy of SDPA's output. (The
+    op alone can keep more than SDPA for short groups: 8 frames of probabilities are smaller than
+    64 dims of output.)
+    """
+    B, H, T, S, Dh = 1, 4, 8, 24, 16
+    N, D = T * S, H * Dh
+    q, k, v, qkv = packed_qkv(B, H, N, Dh, dtype=torch.float32, generator=generator)
+    saved = _saved_bytes(lambda: factorised_attention(q, k, v, T, mode, backend="cpu"))
+    assert saved == 4 * B * N * (3 * D + D + H)  # the pack, out, lse
+
+    x = torch.randn(B, N, D, generator=generator, requires_grad=True)
+    qkv_proj, out_proj = torch.nn.Linear(D, 3 * D), torch.nn.Linear(D, D)
+
+    def layer(attention):
+        q, k, v = qkv_proj(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
+        return out_proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+
+    fused = _saved_bytes(lambda: layer(lambda q, k, v: factorised_attention(q, k, v, T, mode, backend="cpu")))
+    assert fused <= _saved_bytes(lambda: layer(lambda q, k, v: _sdpa_with_permutes(q, k, v, T, mode)))
+    if mode == "joint":  # the naive path keeps the N x N probabilities
+        assert saved < _saved_bytes(lambda: factorised_attention(q, k, v, T, mode, backend="reference"))
+
+
+def test_auto_picks_cpu_for_cpu_tensors():
+    request = registry.Request("attention", torch.device("cpu"), torch.float32, head_dim=64)
+    assert registry.select(request).run is cpu.attention
+    assert registry.select(registry.Request("tubelet", torch.device("cpu"), torch.float64)).run is cpu.tubelet_embedding
+
+
+def test_unavailable_backend_falls_back_or_refuses(monkeypatch, generator):
+    reason = "the C++ kernels are not available: no C++ compiler"
+    broken = dataclasses.replace(registry.get("cpu"), unavailable=lambda: reason)
+    monkeypatch.setitem(registry._BACKENDS, "cpu", broken)
+    q, k, v, _ = packed_qkv(1, 2, 6, 8, dtype=torch.float32, generator=generator, requires_grad=False)
+    with pytest.warns(UserWarning, match="cpu: the C.. kernels are not available: no C.. compiler"):
+        out = factorised_attention(q, k, v, 2, "spatial")
+    torch.testing.assert_close(out, naive.factorised_attention(q, k, v, 2, "spatial"))
+    with pytest.raises(BackendUnsupportedError, match="backend 'cpu' cannot run.*no C.. compiler"):
+        factorised_attention(q, k, v, 2, "spatial", backend="cpu")
+
+
+def test_missing_compiler_is_named(monkeypatch):
+    from vivit_kernels import _extension
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert "no C++ compiler" in _extension._cannot_build() and "install g++" in _extension._cannot_build()
+
+
+def test_unsupported_dtype_is_refused():
+    q = torch.zeros(1, 2, 4, 8, dtype=torch.float16)
+    with pytest.raises(BackendUnsupportedError, match="dtype float16 not supported"):
+        factorised_attention(q, q, q, 2, "joint", backend="cpu")
+
+
+# Tubelet embedding: shapes that leave frames, rows and columns over (dropped, zero gradient).
+# The last one has 360 tubes: row blocks of 64 (and 256 for the weight gradient) end mid-clip.
+CLIPS = [((4, 8, 8), (2, 4, 4)), ((7, 11, 16), (3, 5, 7)), ((3, 17, 9), (1, 8, 8)), ((2, 4, 4), (2, 4, 4))]
+CLIPS += [((5, 40, 37), (2, 4, 4))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("clip, tubelet", CLIPS)
+def test_tubelet_matches_conv3d(clip, tubelet, dtype, generator, poisoned):
+    B, C, D = 2, 3, 70
+    # A (B, T, C, H, W) decoder output seen as (B, C, T, H, W): strided, read without a copy.
+    video = torch.randn(B, clip[0], C, *clip[1:], dtype=torch.float64, generator=generator).transpose(1, 2)
+    weight = torch.randn(D, C, *tubelet, dtype=torch.float64, generator=generator)
+    bias = torch.randn(D, dtype=torch.float64, generator=generator)
+    nt, nh, nw = (c // t for c, t in zip(clip, tubelet))
+    pos_embed = torch.randn(nt, nh * nw, D, dtype=torch.float64, generator=generator)
+    inputs = [x.to(dtype).requires_grad_() for x in (video, weight, bias, pos_embed)]
+    grad_out = torch.randn(B, nt, nh * nw, D, dtype=dtype, generator=generator)
+
+    tokens = tubelet_embedding(*inputs, backend="cpu")
+    grads = torch.autograd.grad(tokens, inputs, grad_out)
+
+    exact = [x.detach().double().requires_grad_() for x in inputs]
+    conv = F.conv3d(exact[0], exact[1], exact[2], stride=tubelet)
+    expected = conv.flatten(3).permute(0, 2, 3, 1) + exact[3]
+    expected_grads = torch.autograd.grad(expected, exact, grad_out.double())
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    assert tokens.shape == (B, nt, nh * nw, D) and tokens.dtype == dtype
+    assert relative_error(tokens, expected) < tolerance
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert relative_error(grad, expected_grad) < tolerance
+
+
+def test_tubelet_without_bias_or_pos_embed_and_gradcheck(generator):
+    video = torch.randn(1, 2, 3, 5, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(3, 2, 2, 2, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    tokens = tubelet_embedding(video, weight, backend="cpu")
+    torch.testing.assert_close(tokens, naive.tubelet_embedding(video, weight), rtol=1e-12, atol=1e-12)
+    bias = torch.randn(3, dtype=torch.float64, generator=generator, requires_grad=True)
+    pos_embed = torch.randn(1, 4, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(cpu.tubelet_embedding, (video, weight, bias, pos_embed))
+
+
+def test_opcheck_tubelet_ops(generator):
+    video = torch.randn(2, 3, 5, 9, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(6, 3, 2, 4, 4, generator=generator, requires_grad=True)
+    bias = torch.randn(6, generator=generator, requires_grad=True)
+    pos_embed = torch.randn(2 * 2 * 2, 6, generator=generator, requires_grad=True)
+    ops = torch.ops.vivit_kernels
+    torch.library.opcheck(ops.cpu_tubelet_forward, (video, weight, bias, pos_embed))
+    torch.library.opcheck(ops.cpu_tubelet_forward, (video, weight, None, None))
+    grad = torch.randn(2, 2, 4, 6, generator=generator)
+    torch.library.opcheck(ops.cpu_tubelet_video_grad, (grad, weight.detach(), [2, 3, 5, 9, 8]))
+    torch.library.opcheck(ops.cpu_tubelet_weight_grad, (grad, video.detach(), [2, 4, 4]))
