@@ -1,0 +1,24 @@
+"""Video data: the built-in moving-shapes task, video folders listed in a CSV, transforms, sampling."""
+
+from .collate import collate
+from .sampler import ShardedSampler
+from .synthetic import CLASSES as SYNTHETIC_CLASSES
+from .synthetic import MovingShapes
+from .transforms import IMAGE_MEAN, IMAGE_STD, eval_transform, train_transform
+from .video import DataError, VideoFolder, decode, read_csv, temporal_view_indices
+
+__all__ = [
+    "DataError",
+    "IMAGE_MEAN",
+    "IMAGE_STD",
+    "MovingShapes",
+    "SYNTHETIC_CLASSES",
+    "ShardedSampler",
+    "VideoFolder",
+    "collate",
+    "decode",
+    "eval_transform",
+    "read_csv",
+    "temporal_view_indices",
+    "train_transform",
+]

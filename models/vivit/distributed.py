@@ -1,0 +1,138 @@
+"""Process groups for `torchrun`: DDP (NCCL on GPU, gloo on CPU) or FSDP, rank-0-only side effects."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: rank among world_size, and the device it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes checkpoints, logs and progress bars."""
+        return self.rank == 0
+
+
+def setup(device: str = "auto", timeout_s: float = 300.0) -> Context:
+    """Join the process group that `torchrun` describes in the environment (WORLD_SIZE, RANK,
+    LOCAL_RANK, MASTER_ADDR/PORT); a plain process gets a world of one and no group.
+
+    device: "auto" (CUDA when available), "cpu" or "cuda". The backend follows the device:
+    NCCL for CUDA, gloo for CPU. `timeout_s` bounds every collective, so a dead peer ends the
+    run with an error instead of a hang.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if device == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **({"device_id": dev} if device == "cuda" else {}),
+        )
+    return Context(rank, world_size, local_rank, dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, ctx: Context, strategy: str = "ddp") -> nn.Module:
+    """Wrap for data parallelism. strategy: "ddp" (replicated parameters, averaged gradients) or
+    "fsdp" (parameters, gradients and optimiser state sharded over processes: ViViT-L/H).
+    A world of one is returned unwrapped."""
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+    if not ctx.distributed:
+        return model
+    if strategy == "ddp":
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    # Shard each transformer block on its own (a block's parameters are gathered just before it
+    # runs and freed after), then the rest of the model at the root.
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Context) -> tuple[dict, dict]:
+    """Full (unsharded, CPU) model and optimiser state dicts, identical to a single-process run's.
+    Collective under FSDP: every process must call it."""
+    if not ctx.distributed or isinstance(model, nn.parallel.DistributedDataParallel):
+        return unwrap(model).state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer, options=options)
+
+
+def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict,
+                          ctx: Context) -> None:
+    """Inverse of `full_state_dicts`: every process loads the same full state dicts."""
+    if not ctx.distributed or isinstance(model, nn.parallel.DistributedDataParallel):
+        unwrap(model).load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+
+def all_reduce_sum(values: list[float], ctx: Context) -> list[float]:
+    """Sum scalars over processes (metrics: correct counts, losses, skipped files)."""
+    if not ctx.distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def max_param_divergence(model: nn.Module, ctx: Context) -> float:
+    """Largest |p_rank - p_rank0| over all parameters and processes (0.0 when replicas agree)."""
+    if not ctx.distributed or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return 0.0
+    worst = torch.zeros((), dtype=torch.float64)
+    for param in unwrap(model).parameters():
+        reference = param.detach().clone()
+        dist.broadcast(reference, src=0)
+        worst = torch.maximum(worst, (param.detach() - reference).abs().max().double().cpu())
+    worst = worst.to(ctx.device if ctx.device.type == "cuda" else "cpu")
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
