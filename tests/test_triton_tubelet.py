@@ -6,6 +6,11 @@ Shapes are chosen so that tokens per clip, D and K are not multiples of the inte
 blocks (16 x 16 x 32) and span several of them.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,10 +121,11 @@ def test_low_precision_within_twice_the_reference_error(dtype, generator):
     """fp16/bf16 tokens and gradients are at most 2x as far from the float64 truth as the
     reference implementation run in the same precision.
 
-    Under the interpreter, bf16 tl.dot is wrong (triton-lang/triton#11584), so the kernels get
-    `UPCAST=True` there (common.upcast_dot_operands) and dot fp32 copies of the bf16 tiles; bf16
-    loads, conversions and stores still run, and the bf16 tensor-core dot is checked by
-    compiling for sm_80/sm_90."""
+    Under the interpreter, bf16 tl.dot is wrong (triton-lang/triton#11584) and fp32 -> bf16
+    conversions truncate, so the kernels get `UPCAST=True` there (common.upcast_dot_operands):
+    they dot fp32 copies of the bf16 tiles and round to nearest even by hand before storing. bf16
+    loads and stores still run; the bf16 tensor-core dot is checked by compiling for sm_80/sm_90
+    (test_kernels_compile_for_sm80_and_sm90_without_spills)."""
     leaves = _inputs(3, (2, 4, 4), (2, 5, 17, 21), 40, generator, dtype=dtype)
     grad_out = _grad_out(leaves, generator)
     truth, truth_grads = _grads(_conv3d_tokens, _float64(leaves), grad_out.cpu())
@@ -230,3 +236,40 @@ def test_compile_specs_cover_every_kernel_config_and_dtype():
         assert {k for k, v in spec.signature.items() if v == "constexpr"} == set(spec.constexprs)
         # tl.dot needs every dimension >= 16 on a GPU
         assert all(v >= 16 for k, v in spec.constexprs.items() if k.startswith("BLOCK_"))
+
+
+# The heaviest autotune config of each kernel (most registers in the full inspection), per
+# precision family, plus the reduction kernel: `python -m vivit_kernels.triton.inspect --filter tubelet`
+# compiles all of them.
+INSPECT_SUBSET = (
+    r"tubelet_fwd\[(fp16|bf16), BLOCK_M=128, BLOCK_N=128, BLOCK_K=32,"
+    r"|tubelet_fwd\[fp32, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16,"
+    r"|tubelet_bwd_video\[(fp16|bf16), BLOCK_M=128, BLOCK_K=64, BLOCK_D=64,"
+    r"|tubelet_bwd_video\[fp32, BLOCK_M=64, BLOCK_K=128, BLOCK_D=16,"
+    r"|tubelet_bwd_weight\[(fp16|bf16), BLOCK_D=128, BLOCK_K=128, BLOCK_M=32,"
+    r"|tubelet_bwd_weight\[fp32, BLOCK_D=128, BLOCK_K=64, BLOCK_M=16,"
+    r"|tubelet_bwd_pos\[fp16,"
+)
+
+
+def test_kernels_compile_for_sm80_and_sm90_without_spills():
+    """The GPU compiler's view, which the interpreter lacks: tl.dot shapes, spills, tensor cores."""
+    # A fresh process: Triton decides interpreted-or-compiled when a kernel module is imported.
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    command = [sys.executable, "-m", "vivit_kernels.triton.inspect", "--json", "--jobs", "2", "--filter", INSPECT_SUBSET]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.stdout, result.stderr
+    rows = json.loads(result.stdout.splitlines()[-1])
+    assert {(r["name"].split("[")[0], r["arch"]) for r in rows} == {
+        (kernel, arch)
+        for kernel in ("tubelet_fwd", "tubelet_bwd_video", "tubelet_bwd_weight", "tubelet_bwd_pos")
+        for arch in (80, 90)
+    }
+    assert len(rows) == 2 * 10
+    for r in rows:
+        where = f"{r['name']} sm_{r['arch']}"
+        assert not r["error"], f"{where}: {r['error']}"
+        assert r["spill_loads"] == 0 and r["spill_stores"] == 0, where
+        if not r["name"].startswith("tubelet_bwd_pos"):  # the batch sum has no product
+            # HMMA/HGMMA for fp16/bf16, and for fp32 too (tf32x3)
+            assert r["tensor_core"] > 0, where

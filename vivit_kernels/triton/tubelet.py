@@ -30,8 +30,9 @@ weight (1.18 M: 2.4 MB) and writes the tokens (2.41 M: 4.8 MB): 16.8 MB, ~440 FL
 A100 (312 TFLOP/s / 2.0 TB/s = 156 FLOP/byte) and of an H100 SXM (~990 / 3.35 = 295): the op is
 compute-bound, and the gather costs no extra DRAM traffic (tiles are re-read across the D/BLOCK_N
 column blocks from L2). An explicit im2col would write and read another 4.82 M elements
-(19 MB in fp16) and keep them as activation memory for backward. In fp32 the dots run in IEEE
-fp32 on CUDA cores (19.5 TFLOP/s on an A100), so fp32 is compute-bound by a wide margin.
+(19 MB in fp16) and keep them as activation memory for backward. fp32 inputs run each dot as
+three tf32 tensor-core products (`input_precision="tf32x3"`, fp32-level accuracy; a third of
+the tf32 rate, ~52 TFLOP/s on an A100, still compute-bound).
 The backward is two GEMMs of the same size, 14.8 GFLOP (d(video) is skipped when the video does
 not require a gradient, the usual case for pixels: 7.4 GFLOP).
 """
@@ -75,6 +76,17 @@ def _tube_offsets(k, t, h, w, stride_c, stride_t, stride_h, stride_w):
     return c * stride_c + dt * stride_t + dh * stride_h + dw * stride_w
 
 
+@triton.jit
+def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype), rounding to nearest even. The interpreter truncates fp32 -> bf16, doubling the
+    rounding error a GPU makes: under UPCAST (bf16, interpreted) the rounding is done here."""
+    if UPCAST:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels. Block sizes come from autotune configs; every edge (tokens, D, K) is masked. Token
 # tiles never straddle two clips (grid axis 1 is the batch), so the clip's base pointer is one
@@ -113,7 +125,7 @@ def tubelet_fwd_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             wt = wt.to(tl.float32)
-        acc = tl.dot(a, wt, acc, input_precision="ieee")
+        acc = tl.dot(a, wt, acc, input_precision="tf32x3")
         w_k += BLOCK_K * stride_wk
     # Epilogue in fp32, one rounding: bias, then the positional embedding (shared by the batch).
     if HAS_BIAS:
@@ -122,7 +134,7 @@ def tubelet_fwd_kernel(
     tile = offs_m[:, None] * D + offs_n[None, :]
     if HAS_POS:
         acc += tl.load(pos + tile, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out + b * P * D + tile, acc.to(out.dtype.element_ty), mask=mask)
+    tl.store(out + b * P * D + tile, _cast(acc, out.dtype.element_ty, UPCAST), mask=mask)
 
 
 @triton.jit
@@ -155,14 +167,14 @@ def tubelet_bwd_video_kernel(
         if UPCAST:
             dy = dy.to(tl.float32)
             wt = wt.to(tl.float32)
-        acc = tl.dot(dy, wt, acc, input_precision="ieee")
+        acc = tl.dot(dy, wt, acc, input_precision="tf32x3")
         dy_d += BLOCK_D
         w_d += BLOCK_D * stride_wd
     rows = _token_offsets(tl.where(mask_m, offs_m, 0), nh, nw, t, h, w, stride_vt, stride_vh, stride_vw)
     cols = _tube_offsets(offs_k, t, h, w, stride_vc, stride_vt, stride_vh, stride_vw)
     tl.store(
         dvideo + b * stride_vb + rows[:, None] + cols[None, :],
-        acc.to(dvideo.dtype.element_ty),
+        _cast(acc, dvideo.dtype.element_ty, UPCAST),
         mask=mask_m[:, None] & mask_k[None, :],
     )
 
@@ -208,17 +220,19 @@ def tubelet_bwd_weight_kernel(
             if UPCAST:
                 dyt = dyt.to(tl.float32)
                 a = a.to(tl.float32)
-            acc = tl.dot(dyt, a, acc, input_precision="ieee")
+            acc = tl.dot(dyt, a, acc, input_precision="tf32x3")
         clip += stride_vb  # pointer arithmetic is 64-bit: no overflow across a large batch
         dy_clip += P * D
     tile = offs_d[:, None] * K + offs_k[None, :]
-    tl.store(dweight + tile, acc.to(dweight.dtype.element_ty), mask=mask_d[:, None] & mask_k[None, :])
+    tl.store(dweight + tile, _cast(acc, dweight.dtype.element_ty, UPCAST), mask=mask_d[:, None] & mask_k[None, :])
     if HAS_BIAS:
-        tl.store(dbias + offs_d, bias_acc.to(dbias.dtype.element_ty), mask=mask_d & (pid_k == 0))
+        tl.store(dbias + offs_d, _cast(bias_acc, dbias.dtype.element_ty, UPCAST), mask=mask_d & (pid_k == 0))
 
 
 @triton.jit
-def tubelet_bwd_pos_kernel(grad, dpos, B, P, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+def tubelet_bwd_pos_kernel(
+    grad, dpos, B, P, D, UPCAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """dpos[p, d] = sum_b grad[b, p, d]: the positional embedding is shared by the batch."""
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -229,7 +243,7 @@ def tubelet_bwd_pos_kernel(grad, dpos, B, P, D, BLOCK_P: tl.constexpr, BLOCK_D: 
     for _ in range(0, B):
         acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         ptrs += P * D  # pointer arithmetic is 64-bit: no overflow across a large batch
-    tl.store(dpos + offsets, acc.to(dpos.dtype.element_ty), mask=mask)
+    tl.store(dpos + offsets, _cast(acc, dpos.dtype.element_ty, UPCAST), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,8 +257,8 @@ def _configs(block_names: str, rows: list[tuple[int, int, int, int, int]]) -> li
     return [triton.Config(dict(zip(names, row[:3])), num_warps=row[3], num_stages=row[4]) for row in rows]
 
 
-# fp32 dots run in IEEE fp32 on CUDA cores (no tensor cores), so their operand tiles live in
-# registers: fp32 gets smaller tiles than fp16/bf16, whose dots are HMMA/HGMMA.
+# fp32 dots are three tf32 tensor-core products each (tf32x3: fp32-level accuracy, unlike plain
+# tf32), whose split operands need more registers: fp32 gets BLOCK_K = 16 where fp16/bf16 take 32+.
 _FWD = "BLOCK_M,BLOCK_N,BLOCK_K"
 _BWD_VIDEO = "BLOCK_M,BLOCK_K,BLOCK_D"
 _BWD_WEIGHT = "BLOCK_D,BLOCK_K,BLOCK_M"
@@ -252,15 +266,15 @@ _GPU_CONFIGS = {
     "fwd": {
         "16": _configs(_FWD, [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3),
                               (64, 64, 32, 4, 3)]),
-        "32": _configs(_FWD, [(128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 16, 8, 3), (32, 32, 32, 4, 2)]),
+        "32": _configs(_FWD, [(128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 64, 16, 8, 3), (64, 64, 16, 4, 3)]),
     },
     "bwd_video": {
         "16": _configs(_BWD_VIDEO, [(128, 64, 32, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 3)]),
-        "32": _configs(_BWD_VIDEO, [(64, 64, 32, 8, 2), (64, 64, 16, 8, 3), (32, 32, 32, 4, 2)]),
+        "32": _configs(_BWD_VIDEO, [(128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 64, 16, 4, 3)]),
     },
     "bwd_weight": {
         "16": _configs(_BWD_WEIGHT, [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3)]),
-        "32": _configs(_BWD_WEIGHT, [(128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 16, 8, 3)]),
+        "32": _configs(_BWD_WEIGHT, [(128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 64, 16, 4, 3)]),
     },
 }  # fmt: skip
 _INTERPRETER_CONFIGS = {
@@ -421,7 +435,7 @@ def tubelet_backward_pos(grad: torch.Tensor, dpos: torch.Tensor | None = None) -
     if dpos is None:
         dpos = torch.empty(nt, S, D, device=grad.device, dtype=grad.dtype)
     grid = (triton.cdiv(nt * S, _POS_CONFIG["BLOCK_P"]), triton.cdiv(D, _POS_CONFIG["BLOCK_D"]))
-    tubelet_bwd_pos_kernel[grid](grad, dpos, B, nt * S, D, **_POS_CONFIG)
+    tubelet_bwd_pos_kernel[grid](grad, dpos, B, nt * S, D, UPCAST=upcast_dot_operands(grad.dtype), **_POS_CONFIG)
     return dpos
 
 
@@ -591,8 +605,8 @@ def compile_specs() -> list[CompileSpec]:
             CompileSpec(
                 name=f"tubelet_bwd_pos[{dtype}, {blocks}, warps=4, stages=2]",
                 fn=tubelet_bwd_pos_kernel,
-                signature=_signature(tubelet_bwd_pos_kernel, dtype, _POS_CONFIG),
-                constexprs=dict(_POS_CONFIG),
+                signature=_signature(tubelet_bwd_pos_kernel, dtype, {"UPCAST": False, **_POS_CONFIG}),
+                constexprs={"UPCAST": False, **_POS_CONFIG},
                 num_warps=4,
                 num_stages=2,
                 dtype=dtype,
