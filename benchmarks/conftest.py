@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .cases import BASELINE, parse_target
+from .cases import BASELINE, TORCH_BASELINES, parse_target
 from .measure import run_case
 
 RESULTS = pytest.StashKey[list]()
@@ -55,11 +55,17 @@ def _key(info: dict) -> tuple:
 
 
 def fill_speedups(rows: list[dict]) -> None:
-    """speedup_vs_einsum = baseline median / median, for every row whose baseline ran."""
-    baseline = {_key(r): r["median_s"] for r in rows if r["backend"] == BASELINE}
+    """speedup_vs_einsum (and speedup_vs_torch: SDPA, Conv3d) = baseline median / median, where the baseline ran."""
+    medians = {(_key(r), r["backend"]): r["median_s"] for r in rows}
     for row in rows:
-        base = baseline.get(_key(row))
-        row["speedup_vs_einsum"] = base / row["median_s"] if base and row["median_s"] > 0 else None
+        key, median = _key(row), row["median_s"]
+        einsum = medians.get((key, BASELINE))
+        row["speedup_vs_einsum"] = einsum / median if einsum and median > 0 else None
+        torch_name = TORCH_BASELINES.get(row["op"])
+        if torch_name:
+            theirs = medians.get((key, torch_name))
+            row["speedup_vs_torch"] = theirs / median if theirs and median > 0 else None
+            row["torch_baseline"] = torch_name
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -74,12 +80,15 @@ def _bytes(value) -> str:
 
 
 def _time(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f} ms" if seconds < 10 else f"{seconds:.1f} s"
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def format_table(rows: list[dict]) -> list[str]:
     """One line per result, grouped by op, shape, device/dtype and pass, baseline first."""
-    header = ("op / mode", "shape", "target", "backend", "pass", "median", "GFLOP/s", "vs einsum", "peak mem", "saved for bwd")
+    header = (
+        "op / mode", "shape", "target", "backend", "pass", "median", "GFLOP/s", "vs einsum", "vs SDPA/Conv3d",
+        "peak mem", "saved for bwd",
+    )
     order = {BASELINE: 0, "sdpa": 1, "conv3d": 1, "unfold_matmul": 2}
     rows = sorted(rows, key=lambda r: (_key(r), order.get(r["backend"], 3), r["backend"]))
     lines = []
@@ -96,6 +105,7 @@ def format_table(rows: list[dict]) -> list[str]:
                 _time(r["median_s"]),
                 "-" if rate is None else f"{rate / 1e9:.1f}",
                 "-" if speedup is None else f"{speedup:.2f}x",
+                "-" if r.get("speedup_vs_torch") is None else f"{r['speedup_vs_torch']:.2f}x",
                 _bytes(r["peak_bytes"]),
                 _bytes(r["saved_for_backward_bytes"]) if r["pass"] != "forward" else "-",
             )
@@ -119,5 +129,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads. FLOP/s from the stated formulas "
         "(attention: forward 4*B*H*N*L*Dh, backward 2.5x; training: FlopCounterMode). "
-        "peak mem: " + "; ".join(methods) + "."
+        "peak mem: bytes above those allocated before the call (inputs, parameters, optimiser state), "
+        + "; ".join(methods) + "."
     )

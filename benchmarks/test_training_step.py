@@ -1,8 +1,8 @@
 """A full ViViT-B training step (forward, backward, AdamW) per variant: fused attention against naive einsum.
 
 The same model is built twice, with backend "reference" (the einsum attention and tubelet
-embedding) and "auto" (the fused backends that fit the device); the step includes
-zero_grad, the cross-entropy loss and the optimiser update. FLOPs are counted with
+embedding) and "auto" (the fused backends that fit the device); the timed step is the
+cross-entropy loss, its backward and the optimiser update (zero_grad runs untimed before it). FLOPs are counted with
 FlopCounterMode during the warm-up step.
 """
 
