@@ -64,5 +64,7 @@ setup(
     package_data={"vivit_kernels": ["*.md", "triton/*.md"]},
     install_requires=["torch>=2.5", "einops>=0.8", "numpy"],
     extras_require={"triton": ["triton>=3.1"]},
+    entry_points={"console_scripts": ["vivit-train=vivit.train:main", "vivit-eval=vivit.evaluate:main",
+                                      "vivit-predict=vivit.predict:main"]},
     **cpu_extension(),
 )

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from vivit.checkpoint import load_checkpoint
+from vivit.evaluate import load_model
 from vivit.train import build_model, seed_everything
 
 ARGS = ["--dim", "32", "--depth", "2", "--heads", "2", "--tubelet", "2", "8", "8", "--steps", "3", "--batch-size", "8",
@@ -34,27 +35,40 @@ def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_torchrun_two_processes_match_one_process(tmp_path):
-    single, multi = tmp_path / "single", tmp_path / "ddp"
-    _run([sys.executable, "-m", "vivit.train", *ARGS, "--output-dir", str(single)])
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """The reference: one process, the same global batch of 8."""
+    out = tmp_path_factory.mktemp("single")
+    _run([sys.executable, "-m", "vivit.train", *ARGS, "--output-dir", str(out)])
+    return load_checkpoint(out / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(tmp_path, single_process, strategy):
+    multi = tmp_path / strategy
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
                 "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
-    _run([*torchrun, "-m", "vivit.train", *ARGS, "--output-dir", str(multi)])
+    _run([*torchrun, "-m", "vivit.train", *ARGS, "--output-dir", str(multi), *(["--fsdp"] if strategy == "fsdp" else [])])
 
     summary = json.loads((multi / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
-    assert summary["max_param_divergence_across_ranks"] == 0.0  # replicas bit-identical
-    assert summary["val_clips"] == 8  # each held-out clip scored once over the two shards
+    if strategy == "ddp":
+        assert summary["max_param_divergence_across_ranks"] == 0.0  # replicas bit-identical
+        assert summary["val_clips"] == 8  # each held-out clip scored once over the two shards
 
-    a = load_checkpoint(single / "checkpoint.pt")
-    b = load_checkpoint(multi / "checkpoint.pt")
+    a, b = single_process, load_checkpoint(multi / "checkpoint.pt")
     assert b["world_size"] == 2 and len(b["rng"]) == 2
+    assert set(a["model"]) == set(b["model"]) and set(a["optimizer"]["state"]) == set(b["optimizer"]["state"])
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=1e-6, msg=key)
     seed_everything(0)
     init = build_model(a["model_spec"]).state_dict()
     assert max((a["model"][k] - init[k]).abs().max().item() for k in init) > 1e-3  # the steps did move the weights
+    model, _ = load_model(str(multi / "checkpoint.pt"))  # a distributed checkpoint loads in one process
 
     # Only the main process writes: one metrics file, one checkpoint, no stray files.
     assert sorted(p.name for p in multi.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "summary.json"]

@@ -30,8 +30,8 @@ def test_demo_config_learns_motion_beyond_a_frame_order_blind_model(tmp_path):
     """
     summary = run(
         tmp_path, "demo", "--variant", "factorised_dot_product", "--dim", "64", "--depth", "3", "--heads", "4",
-        "--tubelet", "2", "8", "8", "--steps", "240", "--batch-size", "32", "--lr", "1e-3", "--warmup-steps", "20",
-        "--synthetic-clips", "4096", "--synthetic-val-clips", "256", "--no-progress", "--log-every", "40",
+        "--tubelet", "2", "8", "8", "--steps", "300", "--batch-size", "32", "--lr", "1e-3", "--warmup-steps", "20",
+        "--synthetic-clips", "4096", "--synthetic-val-clips", "256", "--no-progress", "--log-every", "50",
     )
     assert summary["finished"] and summary["val_clips"] == 256
     assert summary["val_top1"] >= 0.70, summary

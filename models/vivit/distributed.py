@@ -92,27 +92,22 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Context) -> tuple[dict, dict]:
-    """Full (unsharded, CPU) model and optimiser state dicts, identical to a single-process run's.
+    """Full (unsharded) model and optimiser state dicts, keyed by parameter names whether the
+    model is plain, DDP- or FSDP-wrapped: a checkpoint of any of them resumes in any other.
     Collective under FSDP: every process must call it."""
-    if not ctx.distributed or isinstance(model, nn.parallel.DistributedDataParallel):
-        return unwrap(model).state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=ctx.distributed)
     return get_state_dict(model, optimizer, options=options)
 
 
 def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict,
                           ctx: Context) -> None:
     """Inverse of `full_state_dicts`: every process loads the same full state dicts."""
-    if not ctx.distributed or isinstance(model, nn.parallel.DistributedDataParallel):
-        unwrap(model).load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def all_reduce_sum(values: list[float], ctx: Context) -> list[float]:

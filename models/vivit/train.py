@@ -276,8 +276,6 @@ def _train(args: argparse.Namespace, ctx: distributed.Context) -> dict[str, Any]
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(out_dir / "metrics.jsonl" if ctx.is_main else None)
-    if ctx.is_main and not args.resume and metrics.path.exists():
-        metrics.path.unlink()  # a fresh run starts a fresh record
 
     train_set, val_set, classes = build_datasets(args)  # a bad CSV fails here, before any step
     spec = model_spec(args, len(classes))
@@ -312,6 +310,8 @@ def _train(args: argparse.Namespace, ctx: distributed.Context) -> dict[str, Any]
     resume = args.resume
     if resume == "auto":
         resume = str(ckpt_path) if ckpt_path.is_file() else None
+    if ctx.is_main and not resume and metrics.path.exists():
+        metrics.path.unlink()  # a fresh run starts a fresh record
     if resume:
         state = load_checkpoint(resume)
         distributed.load_full_state_dicts(model, optimizer, state["model"], state["optimizer"], ctx)
