@@ -91,11 +91,11 @@ def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, UPCAST: tl.constexpr):
-    # fp32 operands use exact fp32 products ("ieee"), not tf32; fp16/bf16 ignore the option.
+    # fp32 operands: three tf32 tensor-core products (fp32 accuracy, unlike plain tf32); fp16/bf16 ignore it.
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b, input_precision="tf32x3")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +327,8 @@ def index_maps(mode: str, frames: int, tokens: int, heads: int) -> tuple[int, tu
     return heads, maps[mode], (1, 1, 0, 1)
 
 
-def _programs_per_head(groups: int, length: int, block: int) -> int:
+def _host_programs_per_head(groups: int, length: int, block: int) -> int:
+    """`_programs_per_head` for the launch grid."""
     packed = max(block // length, 1)
     return triton.cdiv(groups, packed) * triton.cdiv(min(packed, groups) * length, block)
 
@@ -335,9 +336,8 @@ def _programs_per_head(groups: int, length: int, block: int) -> int:
 def _grid(heads: int, batch: int, h_a: int, map_a: tuple, map_b: tuple, block: str):
     def grid(meta):
         bs = meta[block]
-        progs = h_a * _programs_per_head(map_a[0], map_a[1], bs) + (heads - h_a) * _programs_per_head(
-            map_b[0], map_b[1], bs
-        )
+        progs_a = _host_programs_per_head(map_a[0], map_a[1], bs)
+        progs = h_a * progs_a + (heads - h_a) * _host_programs_per_head(map_b[0], map_b[1], bs)
         return (progs, batch)
 
     return grid
@@ -501,3 +501,77 @@ def attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _ = attention_forward_op(q, k, v, frames, mode, scale)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs for `python -m vivit_kernels.triton.inspect`.
+
+_TENSOR_POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
+_FP32_POINTERS = {"LSE", "DELTA"}
+_FLOAT_ARGS = {"qk_scale", "scale"}
+# Head-dim strides are 1 for every layout FactorisedAttention makes; Triton specialises an int
+# argument equal to 1 into a constant at launch, so the inspected code does the same.
+_UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sgd", "sdkd", "sdvd", "sdqd"}
+_HEAD_DIM_BLOCKS = (16, 32, 64, 128)
+_DTYPES = ("fp32", "fp16", "bf16")
+
+
+def _fits(config: triton.Config, block_d: int) -> bool:
+    """Whether the autotuner may use `config` for padded head dim `block_d` (see `_prune`)."""
+    return config.kwargs.get("_max_block_d", 128) >= block_d
+
+
+def _spec(name: str, fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int, candidate: bool) -> CompileSpec:
+    constexprs = {**constexprs, **{n: 1 for n in _UNIT_STRIDES if n in fn.arg_names}}
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in _TENSOR_POINTERS:
+            signature[arg] = f"*{dtype}"
+        elif arg in _FP32_POINTERS:
+            signature[arg] = "*fp32"
+        elif arg in _FLOAT_ARGS:
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+    return CompileSpec(name, fn, signature, constexprs, num_warps, num_stages, dtype, candidate)
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every (kernel, autotune config, dtype, padded head dim) the launchers can run on a GPU."""
+    specs = []
+    kernels = (
+        ("attention_fwd", _attention_fwd, _FWD_CONFIGS),
+        ("attention_bwd_dkdv", _attention_bwd_dkdv, _DKDV_CONFIGS),
+        ("attention_bwd_dq", _attention_bwd_dq, _DQ_CONFIGS),
+    )
+    for dtype in _DTYPES:
+        for block_d in _HEAD_DIM_BLOCKS:
+            for name, fn, configs in kernels:
+                for config in configs:
+                    blocks = {k: v for k, v in config.kwargs.items() if not k.startswith("_")}
+                    label = ", ".join(f"{k}={v}" for k, v in blocks.items())
+                    specs.append(
+                        _spec(
+                            f"{name}[{dtype}, {label}, BLOCK_D={block_d}, warps={config.num_warps}]",
+                            fn,
+                            dtype,
+                            {**blocks, "BLOCK_D": block_d, "UPCAST": False},
+                            config.num_warps,
+                            config.num_stages,
+                            _fits(config, block_d),
+                        )
+                    )
+            specs.append(
+                _spec(
+                    f"attention_bwd_delta[{dtype}, BLOCK_M={_DELTA_BLOCK}, BLOCK_D={block_d}]",
+                    _attention_bwd_delta,
+                    dtype,
+                    {"BLOCK_M": _DELTA_BLOCK, "BLOCK_D": block_d},
+                    4,
+                    1,
+                    True,
+                )
+            )
+    return specs
