@@ -89,8 +89,9 @@ def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 # ----------------------------------------------------------------------------------------------
 # Kernels. Block sizes come from autotune configs; every edge (tokens, D, K) is masked. Token
-# tiles never straddle two clips (grid axis 1 is the batch), so the clip's base pointer is one
-# int64 scalar and the gathered tiles carry int32 offsets: half the registers of int64 tiles.
+# tiles never straddle two clips (grid axis 0 enumerates (clip, token block)), so the clip's base
+# pointer is one int64 scalar and the gathered tiles carry int32 offsets: half the registers of
+# int64 tiles.
 
 
 @triton.jit
@@ -103,9 +104,10 @@ def tubelet_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[b, p, d] = sum_k video[b, A(p, k)] * weight[d, k] + bias[d] + pos[p, d]; out is (B, P, D)."""
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    pid_n = tl.program_id(2)
+    blocks = tl.cdiv(P, BLOCK_M)
+    pid_m = tl.program_id(0) % blocks
+    b = (tl.program_id(0) // blocks).to(tl.int64)
+    pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -147,9 +149,10 @@ def tubelet_bwd_video_kernel(
 ):  # fmt: skip
     """dvideo[b, A(p, k)] = sum_d grad[b, p, d] * weight[d, k]; grad is (B, P, D) contiguous.
     Tubes do not overlap, so each element is written by exactly one program."""
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    pid_k = tl.program_id(2)
+    blocks = tl.cdiv(P, BLOCK_M)
+    pid_m = tl.program_id(0) % blocks
+    b = (tl.program_id(0) // blocks).to(tl.int64)
+    pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
@@ -251,6 +254,7 @@ def tubelet_bwd_pos_kernel(
 # sm_80/sm_90 and checked not to spill (see `compile_specs` and `python -m vivit_kernels.triton.inspect`);
 # under the interpreter one small config keeps the programs x iterations count low.
 
+
 def _configs(block_names: str, rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
     """Configs from (block sizes..., num_warps, num_stages) rows."""
     names = block_names.split(",")
@@ -259,6 +263,9 @@ def _configs(block_names: str, rows: list[tuple[int, int, int, int, int]]) -> li
 
 # fp32 dots are three tf32 tensor-core products each (tf32x3: fp32-level accuracy, unlike plain
 # tf32), whose split operands need more registers: fp32 gets BLOCK_K = 16 where fp16/bf16 take 32+.
+# Each candidate compiles without spills for sm_80 and sm_90 both as `compile_specs` lists it and
+# as a launch specialises it (16-byte aligned pointers, sizes and strides divisible by 16, which
+# turns the gathers into 128-bit loads): configs that spilled in either were dropped.
 _FWD = "BLOCK_M,BLOCK_N,BLOCK_K"
 _BWD_VIDEO = "BLOCK_M,BLOCK_K,BLOCK_D"
 _BWD_WEIGHT = "BLOCK_D,BLOCK_K,BLOCK_M"
@@ -266,14 +273,14 @@ _GPU_CONFIGS = {
     "fwd": {
         "16": _configs(_FWD, [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3),
                               (64, 64, 32, 4, 3)]),
-        "32": _configs(_FWD, [(128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 64, 16, 8, 3), (64, 64, 16, 4, 3)]),
+        "32": _configs(_FWD, [(64, 128, 16, 8, 3), (64, 64, 16, 8, 3), (64, 64, 16, 4, 3)]),
     },
     "bwd_video": {
         "16": _configs(_BWD_VIDEO, [(128, 64, 32, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 3)]),
         "32": _configs(_BWD_VIDEO, [(128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 64, 16, 4, 3)]),
     },
     "bwd_weight": {
-        "16": _configs(_BWD_WEIGHT, [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3)]),
+        "16": _configs(_BWD_WEIGHT, [(128, 128, 32, 8, 3), (64, 64, 32, 8, 3)]),
         "32": _configs(_BWD_WEIGHT, [(128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 64, 16, 4, 3)]),
     },
 }  # fmt: skip
@@ -353,7 +360,7 @@ def tubelet_forward(
     pos_arg = pos if pos is not None else wmat
 
     def grid(meta):
-        return triton.cdiv(P, meta["BLOCK_M"]), B, triton.cdiv(D, meta["BLOCK_N"])
+        return B * triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_N"])
 
     _tuned("fwd", video.dtype)[grid](
         video, wmat, bias_arg, pos_arg, out,
@@ -386,7 +393,7 @@ def tubelet_backward_video(
     wmat = _weight_matrix(weight)
 
     def grid(meta):
-        return triton.cdiv(P, meta["BLOCK_M"]), B, triton.cdiv(K, meta["BLOCK_K"])
+        return B * triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"])
 
     _tuned("bwd_video", video.dtype)[grid](
         grad, wmat, dvideo,
