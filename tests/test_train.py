@@ -84,3 +84,20 @@ def test_bad_arguments_are_errors_naming_the_option(tmp_path):
         run(tmp_path, "bad", *TINY, "--batch-size", "6", "--accum-steps", "4")
     with pytest.raises(SystemExit, match="fp16 needs a GPU"):
         run(tmp_path, "bad", *TINY, "--precision", "fp16", "--device", "cpu")
+
+
+@pytest.mark.parametrize("init", ["inflate", "central_frame"])
+def test_initialise_from_an_image_checkpoint(tmp_path, init):
+    """--pretrained/--init reach the model: with lr 0 the trained tubelet filter is the image
+    model's patch filter made 3D by the chosen rule."""
+    timm = pytest.importorskip("timm", reason="a timm ViT is the image checkpoint")
+    from vivit_kernels import central_frame, inflate
+
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                                           num_heads=2, num_classes=10)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    run(tmp_path, "pre", *TINY, "--steps", "1", "--batch-size", "8", "--synthetic-clips", "8",
+        "--synthetic-val-clips", "0", "--lr", "0", "--pretrained", str(tmp_path / "vit.pth"), "--init", init)
+    weight = load_checkpoint(tmp_path / "pre" / "checkpoint.pt")["model"]["patch_embed.proj.weight"]
+    expected = {"inflate": inflate, "central_frame": central_frame}[init](vit.patch_embed.proj.weight.detach(), 2)
+    torch.testing.assert_close(weight, expected, rtol=0, atol=0)
