@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace vivit_kernels {
@@ -38,6 +39,13 @@ Grouping grouping(c10::string_view mode, int64_t head, int64_t heads, int64_t fr
   if (mode == "spatial") return {frames, spatial, 1, spatial};
   TORCH_CHECK(mode == "temporal", "factorised_attention: unknown mode '", mode, "'");
   return {spatial, frames, spatial, 1};
+}
+
+// Runs of heads that share a grouping. Work items go group by group, every head of a run in turn:
+// one token's heads sit side by side in memory, so 8-token temporal groups read whole cache lines.
+std::vector<std::pair<int64_t, int64_t>> head_ranges(c10::string_view mode, int64_t heads) {
+  if (mode == "split") return {{0, heads / 2}, {heads / 2, heads}};
+  return {{0, heads}};
 }
 
 // Equal blocks of at most kMaxBlock rows (196 -> one block, 1568 -> 7 blocks of 224).
@@ -88,14 +96,15 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, T* out
   const int64_t N = frames * spatial;
   std::vector<WorkItem> items;
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const Grouping grp = grouping(mode, h, H, frames, spatial);
+    for (auto [h0, h1] : head_ranges(mode, H)) {
+      const Grouping grp = grouping(mode, h0, H, frames, spatial);
       const int64_t blk = block_size(grp.length);
       for (int64_t g = 0; g < grp.groups; ++g)
-        for (int64_t i0 = 0; i0 < grp.length; i0 += blk) {
-          const int64_t rows = std::min(blk, grp.length - i0);
-          items.push_back({b, h, g, i0, rows, 2.0 * rows * (grp.length + 8) * Dh});
-        }
+        for (int64_t i0 = 0; i0 < grp.length; i0 += blk)
+          for (int64_t h = h0; h < h1; ++h) {
+            const int64_t rows = std::min(blk, grp.length - i0);
+            items.push_back({b, h, g, i0, rows, 2.0 * rows * (grp.length + 8) * Dh});
+          }
     }
   run_balanced(items, [&](const WorkItem* begin, const WorkItem* end) {
     std::vector<T> scores(kMaxBlock * kMaxBlock), acc(kMaxBlock * Dh), row_max(kMaxBlock), row_sum(kMaxBlock);
@@ -140,30 +149,26 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, T* out
 
 template <typename T>
 void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, const View<T>& v, const View<T>& out,
-                     const T* lse, T* dq, T* dk, T* dv, int64_t B, int64_t H, int64_t frames, int64_t spatial,
+                     const T* lse, const View<T>& dq, const View<T>& dk, const View<T>& dv, int64_t B, int64_t H, int64_t frames, int64_t spatial,
                      int64_t Dh, c10::string_view mode, T scale) {
   const int64_t N = frames * spatial;
   // One item per group: it alone writes the group's rows of dq, dk, dv, so no reduction is needed.
   std::vector<WorkItem> items;
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const Grouping grp = grouping(mode, h, H, frames, spatial);
+    for (auto [h0, h1] : head_ranges(mode, H)) {
+      const Grouping grp = grouping(mode, h0, H, frames, spatial);
       for (int64_t g = 0; g < grp.groups; ++g)
-        items.push_back({b, h, g, 0, grp.length, 5.0 * grp.length * (grp.length + 8) * Dh});
+        for (int64_t h = h0; h < h1; ++h)
+          items.push_back({b, h, g, 0, grp.length, 5.0 * grp.length * (grp.length + 8) * Dh});
     }
-  const int64_t ld = H * Dh;  // row stride of the (B, N, H, Dh) gradient buffers
   run_balanced(items, [&](const WorkItem* begin, const WorkItem* end) {
     std::vector<T> probs(kMaxBlock * kMaxBlock), dprobs(kMaxBlock * kMaxBlock), delta(kMaxBlock);
     for (const WorkItem* item = begin; item != end; ++item) {
       const int64_t b = item->b, h = item->h;
       const Grouping grp = grouping(mode, h, H, frames, spatial);
       const int64_t blk = block_size(grp.length), first = item->g * grp.group_stride, step = grp.step;
-      auto grad_row = [&](T* base, int64_t i) { return base + ((b * N + first + i * step) * H + h) * Dh; };
-      for (int64_t i = 0; i < grp.length; ++i) {
-        std::memset(grad_row(dq, i), 0, Dh * sizeof(T));
-        std::memset(grad_row(dk, i), 0, Dh * sizeof(T));
-        std::memset(grad_row(dv, i), 0, Dh * sizeof(T));
-      }
+      for (int64_t i = 0; i < grp.length; ++i)
+        for (const View<T>* grad : {&dq, &dk, &dv}) std::memset(grad->row(b, h, first + i * step), 0, Dh * sizeof(T));
       for (int64_t i0 = 0; i0 < grp.length; i0 += blk) {
         const int64_t M = std::min(blk, grp.length - i0), qn = first + i0 * step;
         const T* Q = q.row(b, h, qn);
@@ -189,11 +194,12 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
             exp_sum(p, Nb, scale, l);
             for (int64_t j = 0; j < Nb; ++j) dp[j] = p[j] * (dp[j] - di);  // dS: gradient of the scaled logits
           }
-          gemm<T>(true, false, Nb, Dh, M, T(1), probs.data(), Nb, dO, step * dout.sn, T(1), grad_row(dv, j0),
-                  step * ld);
-          gemm<T>(true, false, Nb, Dh, M, scale, dprobs.data(), Nb, Q, step * q.sn, T(1), grad_row(dk, j0), step * ld);
-          gemm<T>(false, false, M, Dh, Nb, scale, dprobs.data(), Nb, K, step * k.sn, T(1), grad_row(dq, i0),
-                  step * ld);
+          gemm<T>(true, false, Nb, Dh, M, T(1), probs.data(), Nb, dO, step * dout.sn, T(1), dv.row(b, h, kn),
+                  step * dv.sn);
+          gemm<T>(true, false, Nb, Dh, M, scale, dprobs.data(), Nb, Q, step * q.sn, T(1), dk.row(b, h, kn),
+                  step * dk.sn);
+          gemm<T>(false, false, M, Dh, Nb, scale, dprobs.data(), Nb, K, step * k.sn, T(1), dq.row(b, h, qn),
+                  step * dq.sn);
         }
       }
     }
@@ -212,10 +218,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(frames >= 1 && q.size(2) % frames == 0, "factorised_attention: N must be divisible by frames");
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                     int64_t frames, c10::string_view mode, double scale) {
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, int64_t frames,
+                                           c10::string_view mode, double scale) {
   check_inputs(q_, k_, v_, frames);
   const at::Tensor q = rows_contiguous(q_), k = rows_contiguous(k_), v = rows_contiguous(v_);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dh = q.size(3);
@@ -229,9 +233,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_, const
   return {out.transpose(1, 2), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const at::Tensor& out_, const at::Tensor& lse_, int64_t frames, c10::string_view mode, double scale) {
+// Writes dq, dk, dv (B, H, N, Dh views; rows of Dh contiguous) in full.
+void backward_into(const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                   const at::Tensor& out_, const at::Tensor& lse_, int64_t frames, c10::string_view mode, double scale,
+                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
   check_inputs(q_, k_, v_, frames);
   check_inputs(grad_out_, out_, q_, frames);
   const at::Tensor q = rows_contiguous(q_), k = rows_contiguous(k_), v = rows_contiguous(v_);
@@ -239,16 +244,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dh = q.size(3);
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, N}) && lse.scalar_type() == q.scalar_type(),
               "factorised_attention: lse must be (B, H, N) in q's dtype");
-  at::Tensor dq = at::empty({B, N, H, Dh}, q.options());
-  at::Tensor dk = at::empty({B, N, H, Dh}, q.options());
-  at::Tensor dv = at::empty({B, N, H, Dh}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "vivit_kernels::cpu_attention_backward", [&] {
     backward_kernel<scalar_t>(View<scalar_t>(grad_out), View<scalar_t>(q), View<scalar_t>(k), View<scalar_t>(v),
-                              View<scalar_t>(out), lse.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
-                              dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B, H, frames, N / frames, Dh, mode,
-                              scalar_t(scale));
+                              View<scalar_t>(out), lse.data_ptr<scalar_t>(), View<scalar_t>(dq), View<scalar_t>(dk),
+                              View<scalar_t>(dv), B, H, frames, N / frames, Dh, mode, scalar_t(scale));
   });
-  return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     int64_t frames, c10::string_view mode, double scale) {
+  return forward(q, k, v, frames, mode, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, int64_t frames, c10::string_view mode, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dh = q.size(3);
+  // Contiguous: autograd stacks the three into the pack's gradient, a straight copy from these.
+  at::Tensor dq = at::empty({B, H, N, Dh}, q.options());
+  at::Tensor dk = at::empty({B, H, N, Dh}, q.options());
+  at::Tensor dv = at::empty({B, H, N, Dh}, q.options());
+  backward_into(grad_out, q, k, v, out, lse, frames, mode, scale, dq, dk, dv);
+  return {dq, dk, dv};
 }
 
 }  // namespace vivit_kernels

@@ -42,9 +42,25 @@ inline float expf_poly(float x) {
   return x < lo ? 0.0f : p * two_n;
 }
 
+// c[i] += alpha * sum_p a[i][p] b[p] (rows of c and b, vectorised along them).
 template <typename T>
-inline void small_gemm_impl(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
-                            int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+inline __attribute__((always_inline)) void add_row_products(int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                                                            int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    T* ci = c + i * ldc;
+    for (int64_t p = 0; p < k; ++p) {
+      const T x = alpha * a[i * lda + p];
+      const T* bp = b + p * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) ci[j] += x * bp[j];
+    }
+  }
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void small_gemm_impl(bool trans_a, bool trans_b, int64_t m, int64_t n,
+                                                           int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                                                           int64_t ldb, T beta, T* c, int64_t ldc) {
   for (int64_t i = 0; i < m; ++i) {
     T* ci = c + i * ldc;
     if (beta == T(0)) {
@@ -64,16 +80,8 @@ inline void small_gemm_impl(bool trans_a, bool trans_b, int64_t m, int64_t n, in
         c[i * ldc + j] += alpha * acc;
       }
     }
-  } else if (!trans_a && !trans_b) {  // c[i] += alpha * sum_p a[i][p] b[p]
-    for (int64_t i = 0; i < m; ++i) {
-      T* ci = c + i * ldc;
-      for (int64_t p = 0; p < k; ++p) {
-        const T x = alpha * a[i * lda + p];
-        const T* bp = b + p * ldb;
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) ci[j] += x * bp[j];
-      }
-    }
+  } else if (!trans_a && !trans_b) {
+    add_row_products(m, n, k, alpha, a, lda, b, ldb, c, ldc);
   } else if (trans_a && !trans_b) {  // c[i] += alpha * sum_p a[p][i] b[p]
     for (int64_t p = 0; p < k; ++p) {
       const T* ap = a + p * lda;

@@ -17,7 +17,7 @@ namespace vivit_kernels {
 std::tuple<at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t frames, c10::string_view mode, double scale);
 
-// dq, dk, dv, each a (B, H, N, Dh) view of a (B, N, H, Dh) buffer.
+// dq, dk, dv, each (B, H, N, Dh) contiguous.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, int64_t frames, c10::string_view mode, double scale);
@@ -29,6 +29,9 @@ at::Tensor tubelet_forward(
     const std::optional<at::Tensor>& pos_embed);
 at::Tensor tubelet_video_grad(const at::Tensor& grad, const at::Tensor& weight, at::IntArrayRef video_size);
 at::Tensor tubelet_weight_grad(const at::Tensor& grad, const at::Tensor& video, at::IntArrayRef tubelet);
+
+// Products with m * n * k below this go to small_gemm, larger ones to BLAS.
+constexpr int64_t kSmallGemm = 16384;
 
 // block_math.cpp: the loops on blocks, vectorised for the CPU at hand (AVX-512 / AVX2 / baseline
 // clones, picked when the library loads). small_gemm is gemm below without BLAS, for tiny blocks.
@@ -52,7 +55,7 @@ template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
           int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (m * n * k >= 16384) {
+  if (m * n * k >= kSmallGemm) {
     auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
     auto matrix = [&](const T* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
       // op(X) is rows x cols; stored transposed it is the transpose of a cols x rows matrix.

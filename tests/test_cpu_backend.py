@@ -111,12 +111,10 @@ def test_opcheck_attention_ops(generator):
     q, k, v, _ = packed_qkv(1, 4, 3 * 5, 8, dtype=torch.float32, generator=generator)
     ops = torch.ops.vivit_kernels
     torch.library.opcheck(ops.cpu_attention_forward, (q, k, v, 3, "split", 0.35))
-    out, lse = ops.cpu_attention_forward(q, k, v, 3, "split", 0.35)
+    out, lse = (x.detach() for x in ops.cpu_attention_forward(q, k, v, 3, "split", 0.35))
     grad_out = torch.randn(out.shape, generator=generator)
-    torch.library.opcheck(
-        ops.cpu_attention_backward,
-        (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), 3, "split", 0.35),
-    )
+    q, k, v = (x.detach() for x in (q, k, v))
+    torch.library.opcheck(ops.cpu_attention_backward, (grad_out, q, k, v, out, lse, 3, "split", 0.35))
 
 
 @pytest.mark.parametrize("mode, length", [("joint", 6 * 7), ("spatial", 7), ("temporal", 6), ("split", (7 + 6) / 2)])

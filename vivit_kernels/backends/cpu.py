@@ -63,7 +63,7 @@ def _register_python_side() -> None:
     @torch.library.register_fake("vivit_kernels::cpu_attention_backward")
     def _(grad_out, q, k, v, out, lse, frames, mode, scale):
         B, H, N, Dh = q.shape
-        return tuple(q.new_empty(B, N, H, Dh).transpose(1, 2) for _ in range(3))
+        return tuple(q.new_empty(B, H, N, Dh) for _ in range(3))
 
     def setup_attention(ctx, inputs, output):
         q, k, v, frames, mode, scale = inputs
