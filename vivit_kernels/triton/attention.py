@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CompileSpec, autotune_configs, check_device, upcast_dot_operands
+from .common import CompileSpec, autotune_configs, check_device, interpreting, upcast_dot_operands
 
 LOG2E = 1.4426950408889634
 LOG2E_CONST = tl.constexpr(LOG2E)
@@ -280,36 +280,89 @@ def _attention_bwd_dq(
 
 # ---------------------------------------------------------------------------------------------
 # Autotune configs: Hopper/Ampere sizes, keyed on the group lengths and the padded head dim.
-# Primary block (queries for fwd/dq, keys for dkdv) x loop block; 8 warps for the 128-row tiles
-# so that a 128 x 128 head dim does not spill (checked by `python -m vivit_kernels.triton.inspect`).
+# Each entry: (primary block, loop block, warps, stages, largest padded head dim for fp16/bf16,
+# largest for fp32). The limits are where `python -m vivit_kernels.triton.inspect` shows the
+# config compiling without register spills on sm_80 and sm_90; `_prune` keeps the autotuner
+# within them. fp32 (three tf32 products per dot) needs about twice the registers of fp16.
+# Forward and dQ: primary = BLOCK_M queries, loop = BLOCK_N keys; dK/dV the other way round.
+_FWD_TABLE = [
+    (128, 64, 8, 3, 64, 16),
+    (128, 32, 8, 2, 128, 16),
+    (64, 64, 4, 3, 64, 16),
+    (64, 32, 4, 2, 64, 32),
+    (32, 32, 8, 2, 128, 64),
+    (16, 32, 8, 2, 128, 128),
+]
+_DKDV_TABLE = [
+    (128, 32, 8, 2, 32, 16),
+    (64, 32, 8, 2, 64, 16),
+    (32, 32, 8, 2, 128, 64),
+    (16, 16, 8, 2, 128, 128),
+]
+_DQ_TABLE = [
+    (128, 32, 8, 2, 64, 16),
+    (64, 32, 4, 2, 64, 16),
+    (32, 16, 8, 2, 128, 64),
+    (16, 16, 8, 1, 128, 128),  # fp32 at head dim 128 still spills a few registers (see NOTES.md)
+]
 
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=2, num_stages=2),  # short groups: less padding
-]
-_DKDV_CONFIGS = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=2, num_stages=2),
-]
-_DQ_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=2, num_stages=2),
-]
+
+def _configs(table: list[tuple], primary: str, loop: str) -> list[triton.Config]:
+    return [triton.Config({primary: p, loop: l}, num_warps=w, num_stages=st) for p, l, w, st, _, _ in table]
+
+
+def _limits(table: list[tuple], primary: str, loop: str) -> dict[tuple, tuple[int, int]]:
+    """(primary block, loop block, warps, stages) -> (largest head dim for 2-byte, for 4-byte dtypes)."""
+    return {(p, l, w, st): (half, full) for p, l, w, st, half, full in table}
+
+
+_FWD_CONFIGS = _configs(_FWD_TABLE, "BLOCK_M", "BLOCK_N")
+_DKDV_CONFIGS = _configs(_DKDV_TABLE, "BLOCK_N", "BLOCK_M")
+_DQ_CONFIGS = _configs(_DQ_TABLE, "BLOCK_M", "BLOCK_N")
+_LIMITS = {
+    "fwd": _limits(_FWD_TABLE, "BLOCK_M", "BLOCK_N"),
+    "dkdv": _limits(_DKDV_TABLE, "BLOCK_N", "BLOCK_M"),
+    "dq": _limits(_DQ_TABLE, "BLOCK_M", "BLOCK_N"),
+}
+_PRIMARY = {"fwd": ("BLOCK_M", "BLOCK_N"), "dkdv": ("BLOCK_N", "BLOCK_M"), "dq": ("BLOCK_M", "BLOCK_N")}
+
+
+def _fits(kernel: str, config: triton.Config, element_size: int, block_d: int) -> bool:
+    """May the autotuner run `config` of `kernel` for this dtype width and padded head dim?"""
+    primary, loop = _PRIMARY[kernel]
+    key = (config.kwargs[primary], config.kwargs[loop], config.num_warps, config.num_stages)
+    half, full = _LIMITS[kernel][key]
+    return block_d <= (half if element_size <= 2 else full)
+
+
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        if interpreting():
+            return configs
+        size = named_args["Q"].element_size()
+        kept = [c for c in configs if _fits(kernel, c, size, kwargs["BLOCK_D"])]
+        return kept or configs[-1:]
+
+    return {"early_config_prune": prune}
+
+
 # Under the interpreter: one config, blocks that still leave several blocks and loop steps per
 # group at test sizes (S = 50 spans a 32-key loop twice; joint N = 250 spans 4 query blocks).
 _INTERPRETER_FWD = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})
 _INTERPRETER_DKDV = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64})
 _INTERPRETER_DQ = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})
-_DELTA_BLOCK = 64
+_DELTA_BLOCK = 32
 _KEY = ["L_A", "L_B", "BLOCK_D"]
 
-_fwd = triton.autotune(autotune_configs(_FWD_CONFIGS, _INTERPRETER_FWD), key=_KEY)(_attention_fwd)
-_dkdv = triton.autotune(autotune_configs(_DKDV_CONFIGS, _INTERPRETER_DKDV), key=_KEY)(_attention_bwd_dkdv)
-_dq = triton.autotune(autotune_configs(_DQ_CONFIGS, _INTERPRETER_DQ), key=_KEY)(_attention_bwd_dq)
+_fwd = triton.autotune(autotune_configs(_FWD_CONFIGS, _INTERPRETER_FWD), key=_KEY, prune_configs_by=_pruner("fwd"))(
+    _attention_fwd
+)
+_dkdv = triton.autotune(
+    autotune_configs(_DKDV_CONFIGS, _INTERPRETER_DKDV), key=_KEY, prune_configs_by=_pruner("dkdv")
+)(_attention_bwd_dkdv)
+_dq = triton.autotune(autotune_configs(_DQ_CONFIGS, _INTERPRETER_DQ), key=_KEY, prune_configs_by=_pruner("dq"))(
+    _attention_bwd_dq
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,11 +569,6 @@ _HEAD_DIM_BLOCKS = (16, 32, 64, 128)
 _DTYPES = ("fp32", "fp16", "bf16")
 
 
-def _fits(config: triton.Config, block_d: int) -> bool:
-    """Whether the autotuner may use `config` for padded head dim `block_d` (see `_prune`)."""
-    return config.kwargs.get("_max_block_d", 128) >= block_d
-
-
 def _spec(name: str, fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int, candidate: bool) -> CompileSpec:
     constexprs = {**constexprs, **{n: 1 for n in _UNIT_STRIDES if n in fn.arg_names}}
     signature = {}
@@ -542,9 +590,9 @@ def compile_specs() -> list[CompileSpec]:
     """Every (kernel, autotune config, dtype, padded head dim) the launchers can run on a GPU."""
     specs = []
     kernels = (
-        ("attention_fwd", _attention_fwd, _FWD_CONFIGS),
-        ("attention_bwd_dkdv", _attention_bwd_dkdv, _DKDV_CONFIGS),
-        ("attention_bwd_dq", _attention_bwd_dq, _DQ_CONFIGS),
+        ("fwd", _attention_fwd, _FWD_CONFIGS),
+        ("dkdv", _attention_bwd_dkdv, _DKDV_CONFIGS),
+        ("dq", _attention_bwd_dq, _DQ_CONFIGS),
     )
     for dtype in _DTYPES:
         for block_d in _HEAD_DIM_BLOCKS:
@@ -552,15 +600,17 @@ def compile_specs() -> list[CompileSpec]:
                 for config in configs:
                     blocks = {k: v for k, v in config.kwargs.items() if not k.startswith("_")}
                     label = ", ".join(f"{k}={v}" for k, v in blocks.items())
+                    kernel = {"fwd": "attention_fwd", "dkdv": "attention_bwd_dkdv", "dq": "attention_bwd_dq"}[name]
                     specs.append(
                         _spec(
-                            f"{name}[{dtype}, {label}, BLOCK_D={block_d}, warps={config.num_warps}]",
+                            f"{kernel}[{dtype}, {label}, BLOCK_D={block_d}, warps={config.num_warps}, "
+                            f"stages={config.num_stages}]",
                             fn,
                             dtype,
                             {**blocks, "BLOCK_D": block_d, "UPCAST": False},
                             config.num_warps,
                             config.num_stages,
-                            _fits(config, block_d),
+                            _fits(name, config, 4 if dtype == "fp32" else 2, block_d),
                         )
                     )
             specs.append(

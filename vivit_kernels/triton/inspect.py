@@ -45,7 +45,9 @@ class Row:
     shared: int | None = None
     spill_loads: int | None = None  # LDL instructions
     spill_stores: int | None = None  # STL instructions
-    tensor_core: int | None = None  # HMMA (sm_80) or HGMMA (sm_90) instructions
+    hmma: int | None = None  # mma.sync tensor-core instructions (sm_80; sm_90 with fewer than 4 warps)
+    hgmma: int | None = None  # warpgroup tensor-core instructions (sm_90)
+    tensor_core: int | None = None  # hmma + hgmma
     error: str | None = None
 
     @property
@@ -104,7 +106,9 @@ def compile_one(module_name: str, index: int, arch: int) -> Row:
         row.shared = kernel.metadata.shared
         row.spill_loads = len(re.findall(r"\bLDL(?:\.\w+)*\b", sass))
         row.spill_stores = len(re.findall(r"\bSTL(?:\.\w+)*\b", sass))
-        row.tensor_core = len(re.findall(r"\bHGMMA\." if arch >= 90 else r"\bHMMA\.", sass))
+        row.hmma = len(re.findall(r"\bHMMA\.", sass))
+        row.hgmma = len(re.findall(r"\bHGMMA\.", sass))
+        row.tensor_core = row.hmma + row.hgmma
     except Exception as exc:  # reported in the table; the caller decides whether it fails
         row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
     return row
@@ -129,19 +133,21 @@ def inspect(name_filter: str = "", archs=ARCHS, dtypes=None, jobs: int = 2, cand
 
 
 def format_table(rows: list[Row]) -> str:
-    header = f"{'kernel':<74} {'sm':>3} {'regs':>5} {'stack':>6} {'smem KiB':>9} {'LDL':>5} {'STL':>5} {'MMA':>5}  tuner"
+    header = (
+        f"{'kernel':<84} {'sm':>3} {'regs':>5} {'stack':>6} {'smem KiB':>9} {'LDL':>5} {'STL':>5} "
+        f"{'HMMA':>5} {'HGMMA':>5}  tuner"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         if r.error:
-            lines.append(f"{r.name:<74} {r.arch:>3}  FAILED: {r.error}")
+            lines.append(f"{r.name:<84} {r.arch:>3}  FAILED: {r.error}")
             continue
-        mma = "HGMMA" if r.arch >= 90 else "HMMA"
         over = " smem>limit" if r.shared > SHARED_LIMIT[r.arch] else ""
         lines.append(
-            f"{r.name:<74} {r.arch:>3} {r.registers:>5} {r.stack:>6} {r.shared / 1024:>9.1f} {r.spill_loads:>5} "
-            f"{r.spill_stores:>5} {r.tensor_core:>5}  {'yes' if r.autotune_candidate else 'no'}{over}"
+            f"{r.name:<84} {r.arch:>3} {r.registers:>5} {r.stack:>6} {r.shared / 1024:>9.1f} {r.spill_loads:>5} "
+            f"{r.spill_stores:>5} {r.hmma:>5} {r.hgmma:>5}  {'yes' if r.autotune_candidate else 'no'}{over}"
         )
-    lines.append(f"MMA = {'/'.join('HGMMA' if a >= 90 else 'HMMA' for a in ARCHS)} instructions; LDL/STL = spills")
+    lines.append("LDL/STL: spill instructions; HMMA/HGMMA: tensor-core instructions; tuner: may the autotuner pick it")
     return "\n".join(lines)
 
 
