@@ -381,9 +381,11 @@ def _train(args: argparse.Namespace, ctx: distributed.Context) -> dict[str, Any]
                 sync = micro_step == args.accum_steps - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
                 with nullcontext() if sync else model.no_sync():
                     if batch["video"] is None:
-                        # Every clip of this micro-batch was unreadable: a zero loss keeps the
-                        # processes' collectives in step.
-                        loss = sum(p.sum() for p in model.parameters()) * 0.0
+                        # Every clip of this micro-batch was unreadable: a forward and backward
+                        # of a blank clip with zero weight keeps the processes' collectives in step.
+                        blank = torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size, device=ctx.device)
+                        with autocast():
+                            loss = model(blank).float().sum() * 0.0
                         scaler.scale(loss).backward()
                         continue
                     video = batch["video"].to(ctx.device, non_blocking=True)
