@@ -17,6 +17,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -68,25 +69,20 @@ struct WorkItem {
   double cost;
 };
 
-// Runs every item once, with items split into one contiguous run per thread of about equal total
-// cost: "split" mixes heavy spatial groups with light temporal ones, so equal counts would not do.
+// Runs every item once. Threads take the next item from a shared counter rather than fixed shares:
+// "split" mixes heavy spatial groups with light temporal ones, and on a busy machine one thread may
+// get less of a core than another. Items come heaviest first where it matters (spatial heads).
 template <typename F>
-void run_balanced(const std::vector<WorkItem>& items, const F& body) {
+void run_items(const std::vector<WorkItem>& items, const F& body) {
   double total = 0;
   for (const auto& item : items) total += item.cost;
   // Small calls run on the calling thread: waking a busy machine's threads costs more than they save.
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>({int64_t(at::get_num_threads()),
-                                                                int64_t(items.size()), int64_t(total / kMinCostPerThread)}));
-  std::vector<int64_t> bounds(parts + 1, static_cast<int64_t>(items.size()));
-  double seen = 0;
-  int64_t part = 1;
-  bounds[0] = 0;
-  for (int64_t i = 0; i < static_cast<int64_t>(items.size()) && part < parts; ++i) {
-    seen += items[i].cost;
-    while (part < parts && seen >= total * part / parts) bounds[part++] = i + 1;
-  }
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) body(items.data() + bounds[p], items.data() + bounds[p + 1]);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({int64_t(at::get_num_threads()),
+                                                                 int64_t(items.size()), int64_t(total / kMinCostPerThread)}));
+  std::atomic<size_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (size_t i = next++; i < items.size(); i = next++) body(items[i]);
   });
 }
 
@@ -106,9 +102,11 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, T* out
             items.push_back({b, h, g, i0, rows, 2.0 * rows * (grp.length + 8) * Dh});
           }
     }
-  run_balanced(items, [&](const WorkItem* begin, const WorkItem* end) {
-    std::vector<T> scores(kMaxBlock * kMaxBlock), acc(kMaxBlock * Dh), row_max(kMaxBlock), row_sum(kMaxBlock);
-    for (const WorkItem* item = begin; item != end; ++item) {
+  run_items(items, [&](const WorkItem& work) {
+    thread_local std::vector<T> scores, acc, row_max, row_sum;
+    scores.resize(kMaxBlock * kMaxBlock), acc.resize(kMaxBlock * Dh), row_max.resize(kMaxBlock), row_sum.resize(kMaxBlock);
+    {
+      const WorkItem* item = &work;
       const int64_t b = item->b, h = item->h, M = item->rows;
       const Grouping grp = grouping(mode, h, H, frames, spatial);
       const int64_t blk = block_size(grp.length);
@@ -161,9 +159,11 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
         for (int64_t h = h0; h < h1; ++h)
           items.push_back({b, h, g, 0, grp.length, 5.0 * grp.length * (grp.length + 8) * Dh});
     }
-  run_balanced(items, [&](const WorkItem* begin, const WorkItem* end) {
-    std::vector<T> probs(kMaxBlock * kMaxBlock), dprobs(kMaxBlock * kMaxBlock), delta(kMaxBlock);
-    for (const WorkItem* item = begin; item != end; ++item) {
+  run_items(items, [&](const WorkItem& work) {
+    thread_local std::vector<T> probs, dprobs, delta;
+    probs.resize(kMaxBlock * kMaxBlock), dprobs.resize(kMaxBlock * kMaxBlock), delta.resize(kMaxBlock);
+    {
+      const WorkItem* item = &work;
       const int64_t b = item->b, h = item->h;
       const Grouping grp = grouping(mode, h, H, frames, spatial);
       const int64_t blk = block_size(grp.length), first = item->g * grp.group_stride, step = grp.step;
