@@ -39,6 +39,7 @@ def cpu_extension() -> dict:
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )
+
     class DevelopInPlace(develop):
         # `pip install -e .` of a project without pyproject.toml runs `setup.py develop`, which now
         # re-runs pip in an isolated environment where torch (so the extension) is absent; build the
