@@ -101,3 +101,22 @@ def test_initialise_from_an_image_checkpoint(tmp_path, init):
     weight = load_checkpoint(tmp_path / "pre" / "checkpoint.pt")["model"]["patch_embed.proj.weight"]
     expected = {"inflate": inflate, "central_frame": central_frame}[init](vit.patch_embed.proj.weight.detach(), 2)
     torch.testing.assert_close(weight, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--precision", "bf16"],
+        ["--grad-checkpointing", "--variant", "factorised_encoder"],
+        ["--tokeniser", "uniform", "--variant", "spatio_temporal", "--schedule", "constant"],
+        ["--variant", "factorised_self_attention", "--optimizer", "sgd", "--mixup", "0.2"],
+    ],
+    ids=["bf16", "grad-checkpointing", "uniform-tokeniser", "model3-sgd-mixup"],
+)
+def test_training_options_run(tmp_path, options):
+    summary = run(tmp_path, "opt", *TINY, "--steps", "2", "--batch-size", "8", "--synthetic-clips", "16",
+                  "--synthetic-val-clips", "8", "--log-every", "1", *options)
+    assert summary["finished"] and summary["val_clips"] == 8
+    records = [json.loads(line) for line in (tmp_path / "opt" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "event" not in r]
+    assert len(losses) == 2 and all(0.0 < loss < 10.0 for loss in losses)
