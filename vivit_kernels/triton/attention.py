@@ -224,10 +224,10 @@ def _attention_bwd_dkdv(
         dk += _dot(_cast(dst, qt.dtype, UPCAST), tl.trans(qt), UPCAST)
 
     dk *= scale
-    tl.store(DK + b * sdkb + head * sdkh + k_tok[:, None] * sdkn + d[None, :] * sdkd, _cast(dk, DK.dtype.element_ty, UPCAST),
-             mask=kv_mask)  # fmt: skip
-    tl.store(DV + b * sdvb + head * sdvh + k_tok[:, None] * sdvn + d[None, :] * sdvd, _cast(dv, DV.dtype.element_ty, UPCAST),
-             mask=kv_mask)  # fmt: skip
+    tl.store(DK + b * sdkb + head * sdkh + k_tok[:, None] * sdkn + d[None, :] * sdkd,
+             _cast(dk, DK.dtype.element_ty, UPCAST), mask=kv_mask)  # fmt: skip
+    tl.store(DV + b * sdvb + head * sdvh + k_tok[:, None] * sdvn + d[None, :] * sdvd,
+             _cast(dv, DV.dtype.element_ty, UPCAST), mask=kv_mask)  # fmt: skip
 
 
 @triton.jit
@@ -274,8 +274,8 @@ def _attention_bwd_dq(
         dq += _dot(_cast(ds, k.dtype, UPCAST), k, UPCAST)
 
     dq *= scale
-    tl.store(DQ + b * sdqb + head * sdqh + q_tok[:, None] * sdqn + d[None, :] * sdqd, _cast(dq, DQ.dtype.element_ty, UPCAST),
-             mask=q_mask)  # fmt: skip
+    tl.store(DQ + b * sdqb + head * sdqh + q_tok[:, None] * sdqn + d[None, :] * sdqd,
+             _cast(dq, DQ.dtype.element_ty, UPCAST), mask=q_mask)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ def compile_one(module_name: str, index: int, arch: int) -> Row:
             path = os.path.join(tmp, "kernel.cubin")
             with open(path, "wb") as f:
                 f.write(kernel.asm["cubin"])
-            usage = subprocess.run([cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+            dump = [cuobjdump(), "--dump-resource-usage", path]
+            usage = subprocess.run(dump, capture_output=True, text=True, check=True)
             sass = subprocess.run([cuobjdump(), "--dump-sass", path], capture_output=True, text=True, check=True).stdout
         row.registers, row.stack = _resource_usage(usage.stdout, kernel.metadata.name)
         row.shared = kernel.metadata.shared
