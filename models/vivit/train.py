@@ -255,9 +255,11 @@ def seed_everything(seed: int) -> None:
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run training as `args` says; returns the final summary (also written to summary.json)."""
     ctx = distributed.setup(args.device, args.dist_timeout)
+    threads = torch.get_num_threads()
     try:
         return _train(args, ctx)
     finally:
+        torch.set_num_threads(threads)  # --threads holds for this run only
         distributed.teardown()
 
 
