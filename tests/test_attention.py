@@ -122,8 +122,8 @@ def test_bad_module_arguments_raise():
 
 @pytest.fixture
 def picky_backend(monkeypatch):
-    """A fused backend that refuses float32, registered for one test only."""
-    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
+    """The only fused backend, refusing float32, for one test."""
+    monkeypatch.setattr(registry, "_BACKENDS", {"reference": registry.get("reference")})
     fused = registry.OpSupport(lambda q, k, v, frames, mode, scale: q * 0 + 7, ("cpu",), (torch.float64,))
     registry.register(registry.Backend("picky", ops={"attention": fused}))
     return fused

@@ -58,9 +58,8 @@ class Backend:
         support = self.ops.get(request.op)
         if support is None:
             return [f"does not implement {request.op}"]
-        reason = self.unavailable()
-        if reason:
-            return [reason]
+        # Declared limits first: they are free to check, while `unavailable` may load or build
+        # the backend (a CUDA request must never trigger the CPU extension's build).
         reasons = []
         if request.device.type not in support.devices:
             reasons.append(f"device {request.device.type} not supported (supports {', '.join(support.devices)})")
@@ -73,7 +72,10 @@ class Backend:
                 reasons.append(f"head dim {request.head_dim} not supported (supports {lo} to {hi})")
         if request.dropout_p > 0.0 and not support.dropout:
             reasons.append("attention dropout not supported")
-        return reasons + self.extra_reasons(request)
+        if reasons:
+            return reasons
+        reason = self.unavailable()
+        return [reason] if reason else self.extra_reasons(request)
 
 
 _BACKENDS: dict[str, Backend] = {}
