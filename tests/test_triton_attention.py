@@ -77,6 +77,17 @@ def test_fp32_forward_and_gradients_match_float64(mode, shape, layout, generator
         assert _error(a, e) < 1e-5, f"{name}: error {_error(a, e):.2e}"
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T, S", [(64, 3), (4, 1)])
+def test_group_length_extremes(mode, T, S, generator):
+    """64-frame temporal groups (one pack, no packing), single-token spatial groups (64 per pack)."""
+    q, k, v, dout = _inputs(1, 2, T, S, 32, "separate", generator)
+    expected = _out_and_grads(lambda *x: masked_attention(*x, T, mode), q, k, v, dout, torch.float64)
+    actual = _out_and_grads(_triton(T, mode), q, k, v, dout, torch.float32)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert _error(a, e) < 1e-5, f"{name}: error {_error(a, e):.2e}"
+
+
 @pytest.mark.parametrize("Dh", [16, 48, 80, 128])
 def test_head_dim_limits(Dh, generator):
     q, k, v, dout = _inputs(1, 2, 3, 10, Dh, "packed", generator)
@@ -163,6 +174,17 @@ def test_flop_counter_counts_the_stated_formula(generator):
         factorised_attention(q, k, v, T, "split", backend="triton").sum().backward()
     forward = 4 * B * T * S * Dh * (H // 2 * S + H // 2 * T)
     assert counter.get_total_flops() == forward + 2.5 * forward
+
+
+def test_ops_pass_opcheck(generator):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of both ops."""
+    q, k, v, _ = _inputs(1, 2, 3, 7, 24, "packed", generator)
+    forward_args = (q, k, v, 3, "split", 0.2)
+    torch.library.opcheck(torch.ops.vivit_kernels.triton_attention_forward, forward_args)
+    out, lse = triton_attention.forward(q.detach(), k.detach(), v.detach(), 3, "split", 0.2)
+    dout = torch.randn(out.shape, generator=generator).to(out)
+    backward_args = (dout, q.detach(), k.detach(), v.detach(), out, lse, 3, "split", 0.2)
+    torch.library.opcheck(torch.ops.vivit_kernels.triton_attention_backward, backward_args)
 
 
 def test_torch_compile_fullgraph_matches_eager(generator):
