@@ -21,7 +21,8 @@ def test_round_trip(tmp_path):
     state = {"model": {"w": torch.randn(3, 4)}, "step": 7, "classes": ["a", "b"]}
     path = save_checkpoint(state, tmp_path / "sub" / "ckpt.pt")
     loaded = load_checkpoint(path)
-    assert loaded["step"] == 7 and loaded["classes"] == ["a", "b"] and torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert loaded["step"] == 7 and loaded["classes"] == ["a", "b"]
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
     assert os.listdir(tmp_path / "sub") == ["ckpt.pt"]  # no temporary file left behind
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope.pt")

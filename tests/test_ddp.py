@@ -18,7 +18,8 @@ from vivit.evaluate import load_model
 from vivit.train import build_model, seed_everything
 
 ARGS = ["--dim", "32", "--depth", "2", "--heads", "2", "--tubelet", "2", "8", "8", "--steps", "3", "--batch-size", "8",
-        "--synthetic-clips", "48", "--synthetic-val-clips", "8", "--optimizer", "sgd", "--lr", "0.1", "--label-smoothing", "0.1",
+        "--synthetic-clips", "48", "--synthetic-val-clips", "8", "--optimizer", "sgd", "--lr", "0.1",
+        "--label-smoothing", "0.1",
         "--log-every", "1", "--no-progress", "--device", "cpu", "--threads", "1", "--dist-timeout", "120"]
 
 
@@ -31,7 +32,8 @@ def _free_port() -> int:
 def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
 
 
@@ -52,7 +54,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path, single_process, stra
     multi = tmp_path / strategy
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
                 "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
-    _run([*torchrun, "-m", "vivit.train", *ARGS, "--output-dir", str(multi), *(["--fsdp"] if strategy == "fsdp" else [])])
+    fsdp = ["--fsdp"] if strategy == "fsdp" else []
+    _run([*torchrun, "-m", "vivit.train", *ARGS, "--output-dir", str(multi), *fsdp])
 
     summary = json.loads((multi / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3

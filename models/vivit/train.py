@@ -160,7 +160,9 @@ def build_datasets(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
         return train, val, train.classes
     common = dict(num_frames=args.num_frames, size=args.img_size, mean=tuple(args.mean), std=tuple(args.std))
     train = MovingShapes(args.synthetic_clips, seed=args.data_seed, **common)
-    val = MovingShapes(args.synthetic_val_clips, seed=args.data_seed + 1, **common) if args.synthetic_val_clips else None
+    val = None
+    if args.synthetic_val_clips:
+        val = MovingShapes(args.synthetic_val_clips, seed=args.data_seed + 1, **common)
     return train, val, list(MovingShapes.classes)
 
 
@@ -300,7 +302,8 @@ def _train(args: argparse.Namespace, ctx: distributed.Context) -> dict[str, Any]
     items_per_step = micro * args.accum_steps  # per process
     steps_per_epoch = sampler.per_rank // items_per_step
     if steps_per_epoch < 1:
-        raise SystemExit(f"vivit-train: error: {len(train_set)} training clips do not fill one batch of {args.batch_size}")
+        raise SystemExit(
+            f"vivit-train: error: {len(train_set)} training clips do not fill one batch of {args.batch_size}")
     total_steps = args.steps or max(1, round(args.epochs * steps_per_epoch))
     scheduler = make_scheduler(args, optimizer, total_steps)
     dtype = PRECISIONS[args.precision]
@@ -380,7 +383,8 @@ def _train(args: argparse.Namespace, ctx: distributed.Context) -> dict[str, Any]
                     if path not in warned:
                         warned.add(path)
                         warnings.warn(f"skipping unreadable video {path} ({reason})", stacklevel=1)
-                sync = micro_step == args.accum_steps - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+                ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+                sync = micro_step == args.accum_steps - 1 or not ddp  # DDP all-reduces on the last micro-step only
                 with nullcontext() if sync else model.no_sync():
                     if batch["video"] is None:
                         # Every clip of this micro-batch was unreadable: a forward and backward

@@ -42,7 +42,8 @@ class ShardedSampler(Sampler[int]):
 
     def epoch_order(self) -> list[int]:
         if self.shuffle:
-            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.length, generator=generator)
         else:
             order = torch.arange(self.length)
         order = order.tolist()
