@@ -220,7 +220,7 @@ def test_backend_reasons_without_triton_or_interpreter(monkeypatch):
     from vivit_kernels.backends import triton as triton_backend
 
     cpu = Request("attention", torch.device("cpu"), torch.float32, head_dim=64)
-    monkeypatch.setattr(triton_backend, "_INTERPRETING", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert get("triton").not_supported_reasons(cpu) == [
         "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)"
     ]
@@ -236,6 +236,7 @@ def test_auto_never_picks_the_interpreter():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reference fallback warns when no CPU backend is built
         assert select(cpu, "auto") is not get("triton").ops["attention"]
+    assert not get("triton").auto
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

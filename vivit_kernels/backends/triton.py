@@ -2,8 +2,8 @@
 
 CPU tensors run too when the process interprets Triton (TRITON_INTERPRET=1), which is how the
 kernels are tested without a GPU; "auto" never picks the interpreter (it is far too slow to be
-anyone's default), only `backend="triton"` does. Triton reads TRITON_INTERPRET when a kernel
-module is imported, so it is read once here too.
+anyone's default), only `backend="triton"` does. TRITON_INTERPRET is read per call: scripts such
+as `python -m vivit_kernels.report` set it after this package is imported.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import torch
 from .registry import Backend, OpSupport, Request, register
 
 _INSTALLED = importlib.util.find_spec("triton") is not None
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Padded to the next power of two (>= 16) with masked lanes; 128 is the largest tile that the
-# autotune configs keep free of register spills.
+# Padded to the next power of two (>= 16) with masked lanes; the autotune configs are sized
+# (and checked for spills) up to a padded head dim of 128.
 _HEAD_DIMS = (16, 128)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _unavailable() -> str | None:
@@ -28,7 +31,7 @@ def _unavailable() -> str | None:
 
 
 def _extra_reasons(request: Request) -> list[str]:
-    if request.device.type == "cpu" and not _INTERPRETING:
+    if request.device.type == "cpu" and not _interpreting():
         return ["CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)"]
     return []
 
@@ -45,14 +48,25 @@ def _tubelet(video, weight, bias, pos_embed):
     return tubelet_embedding(video, weight, bias, pos_embed)
 
 
+class _TritonBackend(Backend):
+    """A Backend whose `auto` is decided per call: off while Triton interprets, on otherwise."""
+
+    @property
+    def auto(self) -> bool:
+        return not _interpreting()
+
+    @auto.setter
+    def auto(self, value: bool) -> None:  # the dataclass __init__ assigns the field; the property decides
+        pass
+
+
 register(
-    Backend(
+    _TritonBackend(
         name="triton",
         ops={
             "attention": OpSupport(_attention, ("cuda", "cpu"), _DTYPES, head_dims=_HEAD_DIMS),
             "tubelet": OpSupport(_tubelet, ("cuda", "cpu"), _DTYPES),
         },
-        auto=not _INTERPRETING,
         unavailable=_unavailable,
         extra_reasons=_extra_reasons,
     )
