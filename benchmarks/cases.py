@@ -83,7 +83,8 @@ class Case:
 
 
 def _synchronised(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    """`fn` followed by a device synchronisation, so the timer sees the kernels finish."""
+    """`fn` followed by a device synchronisation. Around a timed call (after its setup, and after
+    the call itself) this makes the timer cover exactly that call's kernels."""
     if device.type != "cuda":
         return fn
 
@@ -92,11 +93,6 @@ def _synchronised(fn: Callable[[], None], device: torch.device) -> Callable[[], 
         torch.cuda.synchronize(device)
 
     return run
-
-
-def _setup(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    """`fn`, then a synchronisation so no earlier work leaks into the timed call."""
-    return _synchronised(fn, device)
 
 
 # ----------------------------------------------------------------------------------- attention
@@ -214,7 +210,7 @@ def attention_case(spec: dict) -> Case:
         return vivit_kernels.saved_bytes(fn, *views(packed), T, mode)
 
     return Case(
-        setup=_setup(setup, device),
+        setup=_synchronised(setup, device),
         run=_synchronised(run, device),
         saved_bytes=saved,
         flops=attention_flops(mode, shape, pass_name),
@@ -308,7 +304,7 @@ def tubelet_case(spec: dict) -> Case:
         return vivit_kernels.saved_bytes(fn, video, *leaves, tubelet)
 
     return Case(
-        setup=_setup(setup, device),
+        setup=_synchronised(setup, device),
         run=_synchronised(run, device),
         saved_bytes=saved,
         flops=tubelet_flops(shape, pass_name),
@@ -399,7 +395,7 @@ def training_case(spec: dict) -> Case:
         optimizer.zero_grad(set_to_none=True)
 
     return Case(
-        setup=_setup(setup, device),
+        setup=_synchronised(setup, device),
         run=_synchronised(run, device),
         saved_bytes=lambda: vivit_kernels.saved_bytes(loss),
         flops=None,

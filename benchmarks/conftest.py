@@ -90,7 +90,8 @@ def format_table(rows: list[dict]) -> list[str]:
         "peak mem", "saved for bwd",
     )
     order = {BASELINE: 0, "sdpa": 1, "conv3d": 1, "unfold_matmul": 2}
-    rows = sorted(rows, key=lambda r: (_key(r), order.get(r["backend"], 3), r["backend"]))
+    ops = {"attention": 0, "tubelet": 1, "training": 2}
+    rows = sorted(rows, key=lambda r: (ops.get(r["op"], 3), _key(r), order.get(r["backend"], 3), r["backend"]))
     lines = []
     for r in rows:
         speedup = r.get("speedup_vs_einsum")

@@ -8,14 +8,16 @@ call ends with one, so each round's time covers exactly the kernels of that call
 Peak memory, in bytes above what was allocated before the call (inputs, parameters and
 optimiser state excluded):
 - CUDA: `torch.cuda.max_memory_allocated()` after `torch.cuda.reset_peak_memory_stats()`.
-- CPU: the high-water mark of the resident set (`VmHWM`) of a fresh child process
-  (`python -m benchmarks.measure SPEC`), reset through /proc/self/clear_refs after one warm-up
-  call, minus the RSS before the call. The child runs with a fixed glibc mmap threshold, so
-  freed tensors go back to the kernel and cannot hide inside the heap.
+- CPU: the high-water mark of the resident set (`VmHWM`) of a fresh child process, reset
+  through /proc/self/clear_refs after one warm-up call, minus the RSS before the call. Children
+  are forked from a small server (`python -m benchmarks.measure --serve`) that has imported
+  torch and nothing else heavy, and run with a fixed glibc mmap threshold, so freed tensors go
+  back to the kernel and cannot hide inside the heap.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import math
@@ -23,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -34,7 +37,6 @@ REPO = Path(__file__).resolve().parent.parent
 CPU_PEAK_METHOD = "VmHWM of a fresh child process after clear_refs, minus RSS before the call"
 CPU_PEAK_IN_PROCESS = "VmHWM of this process after clear_refs, minus RSS before the call (smoke run)"
 CUDA_PEAK_METHOD = "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus allocated before"
-CHILD_TIMEOUT_S = 600
 
 # Rounds: enough to fill about `target` seconds of timed calls, within [low, high].
 ROUNDS = {"cpu": dict(target=2.0, low=3, high=15), "cuda": dict(target=1.0, low=10, high=200)}
@@ -61,21 +63,82 @@ def cpu_peak_in_process(case: Case) -> int | None:
     return max(0, _status_kib("VmHWM") - before) * 1024
 
 
+class _ProbeServer:
+    """A small process that imports torch and the cases once, then forks a fresh child per measurement.
+
+    Each child starts from the server's small footprint (no tensors, no thread pool yet), builds
+    and warms its case, and reports `cpu_peak_in_process`; the fork saves the ~1.5 s import per case.
+    """
+
+    def __init__(self) -> None:
+        pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        # A fixed mmap threshold: freed tensors go back to the kernel instead of hiding in the heap.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=pythonpath)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.measure", "--serve"],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        atexit.register(self.close)
+
+    def measure(self, spec: dict) -> int | None:
+        self.process.stdin.write(json.dumps(spec) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the peak-memory server exited (status {self.process.poll()}) measuring {spec}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"peak-memory child failed for {spec}:\n{reply['error']}")
+        return None if reply["peak_bytes"] is None else int(reply["peak_bytes"])
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
+
+
+_server: _ProbeServer | None = None
+
+
 def cpu_peak_in_child(spec: dict) -> int | None:
     """`cpu_peak_in_process` of the same case, built and warmed in a fresh child process."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.measure", json.dumps(spec)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"peak-memory child failed for {spec}:\n{result.stderr[-4000:]}")
-    value = json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
-    return None if value is None else int(value)
+    global _server
+    if _server is None or _server.process.poll() is not None:
+        _server = _ProbeServer()
+    return _server.measure(spec)
+
+
+def _probe(spec: dict) -> int | None:
+    case = BUILDERS[spec["op"]](spec)
+    case.setup()
+    case.run()  # warm-up: one-off allocations and caches are not the call's peak
+    return cpu_peak_in_process(case)
+
+
+def _serve() -> None:
+    """One JSON spec per stdin line -> one JSON reply per stdout line, each measured in a forked child."""
+    for line in sys.stdin:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            try:
+                reply = {"peak_bytes": _probe(json.loads(line))}
+            except BaseException:  # noqa: BLE001  (reported to the parent, which raises)
+                reply = {"error": traceback.format_exc()}
+            os.write(write_end, (json.dumps(reply) + "\n").encode())
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            data = pipe.read().decode().strip()
+        _, status = os.waitpid(pid, 0)
+        sys.stdout.write((data or json.dumps({"error": f"the child died (wait status {status})"})) + "\n")
+        sys.stdout.flush()
 
 
 def cuda_peak(case: Case) -> int:
@@ -143,13 +206,8 @@ def run_case(benchmark, spec: dict) -> Case:
     return case
 
 
-def _child(spec_json: str) -> None:
-    spec = json.loads(spec_json)
-    case = BUILDERS[spec["op"]](spec)
-    case.setup()
-    case.run()  # warm-up: one-off allocations and caches are not the call's peak
-    print(json.dumps({"peak_bytes": cpu_peak_in_process(case)}))
-
-
 if __name__ == "__main__":
-    _child(sys.argv[1])
+    if sys.argv[1:] == ["--serve"]:
+        _serve()
+    else:  # one spec, measured in this process
+        print(json.dumps({"peak_bytes": _probe(json.loads(sys.argv[1]))}))
