@@ -24,8 +24,6 @@ every gradient element is written by one program, so no atomics and the result i
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -311,7 +309,7 @@ def _configs(table: list[tuple], primary: str, loop: str) -> list[triton.Config]
     return [triton.Config({primary: p, loop: l}, num_warps=w, num_stages=st) for p, l, w, st, _, _ in table]
 
 
-def _limits(table: list[tuple], primary: str, loop: str) -> dict[tuple, tuple[int, int]]:
+def _limits(table: list[tuple]) -> dict[tuple, tuple[int, int]]:
     """(primary block, loop block, warps, stages) -> (largest head dim for 2-byte, for 4-byte dtypes)."""
     return {(p, l, w, st): (half, full) for p, l, w, st, half, full in table}
 
@@ -320,9 +318,9 @@ _FWD_CONFIGS = _configs(_FWD_TABLE, "BLOCK_M", "BLOCK_N")
 _DKDV_CONFIGS = _configs(_DKDV_TABLE, "BLOCK_N", "BLOCK_M")
 _DQ_CONFIGS = _configs(_DQ_TABLE, "BLOCK_M", "BLOCK_N")
 _LIMITS = {
-    "fwd": _limits(_FWD_TABLE, "BLOCK_M", "BLOCK_N"),
-    "dkdv": _limits(_DKDV_TABLE, "BLOCK_N", "BLOCK_M"),
-    "dq": _limits(_DQ_TABLE, "BLOCK_M", "BLOCK_N"),
+    "fwd": _limits(_FWD_TABLE),
+    "dkdv": _limits(_DKDV_TABLE),
+    "dq": _limits(_DQ_TABLE),
 }
 _PRIMARY = {"fwd": ("BLOCK_M", "BLOCK_N"), "dkdv": ("BLOCK_N", "BLOCK_M"), "dq": ("BLOCK_M", "BLOCK_N")}
 
