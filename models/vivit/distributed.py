@@ -61,6 +61,9 @@ def setup(device: str = "auto", timeout_s: float = 300.0) -> Context:
 
 def teardown() -> None:
     if dist.is_initialized():
+        # Leave together: a process that tears its connections down while a peer is still
+        # finishing (rank 0 writes the summary after the last collective) can abort the peer.
+        dist.barrier()
         dist.destroy_process_group()
 
 

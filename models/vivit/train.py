@@ -501,6 +501,12 @@ def main(argv: list[str] | None = None) -> None:
         train(args)
     except DataError as error:
         raise SystemExit(f"vivit-train: error: {error}") from None
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The process group is destroyed and every file is closed; skip interpreter finalisation,
+        # where gloo's worker threads can still abort the process after a successful run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
