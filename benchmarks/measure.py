@@ -66,8 +66,9 @@ def cpu_peak_in_process(case: Case) -> int | None:
 class _ProbeServer:
     """A small process that imports torch and the cases once, then forks a fresh child per measurement.
 
-    Each child starts from the server's small footprint (no tensors, no thread pool yet), builds
-    and warms its case, and reports `cpu_peak_in_process`; the fork saves the ~1.5 s import per case.
+    Each child starts from the server's small footprint (no tensors, no thread pool, CUDA not
+    initialised, so a child may use it), builds and warms its case, and reports what
+    `_probe` measures; the fork saves the ~1.5 s import per case.
     """
 
     def __init__(self) -> None:
@@ -85,7 +86,7 @@ class _ProbeServer:
         )
         atexit.register(self.close)
 
-    def measure(self, spec: dict) -> int | None:
+    def measure(self, spec: dict) -> dict:
         self.process.stdin.write(json.dumps(spec) + "\n")
         self.process.stdin.flush()
         line = self.process.stdout.readline()
@@ -94,7 +95,7 @@ class _ProbeServer:
         reply = json.loads(line)
         if "error" in reply:
             raise RuntimeError(f"peak-memory child failed for {spec}:\n{reply['error']}")
-        return None if reply["peak_bytes"] is None else int(reply["peak_bytes"])
+        return reply
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -105,19 +106,27 @@ class _ProbeServer:
 _server: _ProbeServer | None = None
 
 
-def cpu_peak_in_child(spec: dict) -> int | None:
-    """`cpu_peak_in_process` of the same case, built and warmed in a fresh child process."""
+def probe_in_child(spec: dict) -> dict:
+    """{"peak_bytes", "saved_bytes"} of the case, built and warmed in a fresh child process.
+
+    peak_bytes: `cpu_peak_in_process` (None for CUDA targets, measured in the parent instead).
+    saved_bytes: `vivit_kernels.saved_bytes` of the case. It runs here, not in the parent,
+    because its pack hook returns each saved tensor itself: a saved output then references its
+    own grad_fn through C++, a cycle Python's collector cannot see, and every measured graph
+    (inputs, activations, a whole model's parameters) would stay alive for the session.
+    """
     global _server
     if _server is None or _server.process.poll() is not None:
         _server = _ProbeServer()
     return _server.measure(spec)
 
 
-def _probe(spec: dict) -> int | None:
+def _probe(spec: dict) -> dict:
     case = BUILDERS[spec["op"]](spec)
     case.setup()
     case.run()  # warm-up: one-off allocations and caches are not the call's peak
-    return cpu_peak_in_process(case)
+    peak = cpu_peak_in_process(case) if case.device.type == "cpu" else None
+    return {"peak_bytes": peak, "saved_bytes": case.saved_bytes()}
 
 
 def _serve() -> None:
@@ -128,7 +137,7 @@ def _serve() -> None:
         if pid == 0:
             os.close(read_end)
             try:
-                reply = {"peak_bytes": _probe(json.loads(line))}
+                reply = _probe(json.loads(line))
             except BaseException:  # noqa: BLE001  (reported to the parent, which raises)
                 reply = {"error": traceback.format_exc()}
             os.write(write_end, (json.dumps(reply) + "\n").encode())
@@ -172,13 +181,19 @@ def run_case(benchmark, spec: dict) -> Case:
         case.run()
     first_call_s = time.perf_counter() - start
 
-    saved = case.saved_bytes()
-    if device.type == "cuda":
-        peak, method = cuda_peak(case), CUDA_PEAK_METHOD
-    elif benchmark.disabled:
-        peak, method = cpu_peak_in_process(case), CPU_PEAK_IN_PROCESS
+    if benchmark.disabled:  # smoke shapes: in-process, what little saved_bytes keeps alive is small
+        saved = case.saved_bytes()
+        peak, method = (cuda_peak(case), CUDA_PEAK_METHOD) if device.type == "cuda" else (
+            cpu_peak_in_process(case),
+            CPU_PEAK_IN_PROCESS,
+        )
     else:
-        peak, method = cpu_peak_in_child(spec), CPU_PEAK_METHOD
+        probe = probe_in_child(spec)
+        saved = probe["saved_bytes"]
+        peak, method = (cuda_peak(case), CUDA_PEAK_METHOD) if device.type == "cuda" else (
+            probe["peak_bytes"],
+            CPU_PEAK_METHOD,
+        )
 
     rounds = _rounds(device, first_call_s)
     warmup = 2 if device.type == "cuda" else (1 if first_call_s < 0.5 else 0)
@@ -210,4 +225,4 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--serve"]:
         _serve()
     else:  # one spec, measured in this process
-        print(json.dumps({"peak_bytes": _probe(json.loads(sys.argv[1]))}))
+        print(json.dumps(_probe(json.loads(sys.argv[1]))))

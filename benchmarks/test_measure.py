@@ -1,4 +1,4 @@
-"""The CPU peak-memory probe the timed run uses (a fresh child process), checked on a known allocation.
+"""The probe the timed run uses (a forked child: CPU peak memory, bytes saved for backward), on a known allocation.
 
 Not a benchmark: it runs under --benchmark-disable (`make test`), so the child-process path of
 the timed run cannot rot while the smoke bodies measure in-process.
@@ -7,7 +7,7 @@ the timed run cannot rot while the smoke bodies measure in-process.
 from __future__ import annotations
 
 from .cases import attention_score_bytes, parse_target
-from .measure import cpu_peak_in_child
+from .measure import probe_in_child
 
 
 def test_child_probe_sees_the_einsum_score_matrices():
@@ -17,6 +17,9 @@ def test_child_probe_sees_the_einsum_score_matrices():
     spec = dict(op="attention", shape_name="probe", shape=shape, target="cpu-float32", mode="joint", backend="reference")
     spec["pass"] = "forward"
     score = attention_score_bytes("joint", shape, parse_target(spec["target"])[1])
-    peak = cpu_peak_in_child(spec)
+    probe = probe_in_child(spec)
+    peak = probe["peak_bytes"]
     assert peak is not None, "the child could not reset VmHWM through /proc/self/clear_refs"
     assert score <= peak < 8 * score, f"peak {peak} bytes, expected between one and eight score matrices ({score} bytes)"
+    # Measured with inputs that require grad: the einsum path saves its probability matrix.
+    assert probe["saved_bytes"] >= score
