@@ -181,19 +181,16 @@ def run_case(benchmark, spec: dict) -> Case:
         case.run()
     first_call_s = time.perf_counter() - start
 
-    if benchmark.disabled:  # smoke shapes: in-process, what little saved_bytes keeps alive is small
-        saved = case.saved_bytes()
-        peak, method = (cuda_peak(case), CUDA_PEAK_METHOD) if device.type == "cuda" else (
-            cpu_peak_in_process(case),
-            CPU_PEAK_IN_PROCESS,
-        )
+    # With --benchmark-disable (smoke shapes) everything runs in-process: what saved_bytes keeps
+    # alive there (see probe_in_child) is small.
+    if device.type == "cuda":
+        peak, method = cuda_peak(case), CUDA_PEAK_METHOD
+        saved = case.saved_bytes() if benchmark.disabled else probe_in_child(spec)["saved_bytes"]
+    elif benchmark.disabled:
+        peak, method, saved = cpu_peak_in_process(case), CPU_PEAK_IN_PROCESS, case.saved_bytes()
     else:
         probe = probe_in_child(spec)
-        saved = probe["saved_bytes"]
-        peak, method = (cuda_peak(case), CUDA_PEAK_METHOD) if device.type == "cuda" else (
-            probe["peak_bytes"],
-            CPU_PEAK_METHOD,
-        )
+        peak, method, saved = probe["peak_bytes"], CPU_PEAK_METHOD, probe["saved_bytes"]
 
     rounds = _rounds(device, first_call_s)
     warmup = 2 if device.type == "cuda" else (1 if first_call_s < 0.5 else 0)
