@@ -36,7 +36,10 @@ def factorised_attention(
     Returns:
         (B, H, N, Dh), the dtype and device of q.
 
-    A NaN or inf in q/k/v makes NaN the output rows whose group contains it, and only those.
+    Non-finite input never crashes: a NaN or inf in q/k/v makes NaN the output rows whose group
+    contains it. The reference and cpu backends keep it to those rows; the triton backend packs
+    short groups (shorter than its tile) into one tile, where a non-finite v (and, in backward, any
+    non-finite input) also reaches the other groups of that tile.
     """
     shape = check_attention(q, k, v, frames, mode, scale, dropout_p)
     request = backends.Request("attention", q.device, q.dtype, head_dim=shape.head_dim, dropout_p=dropout_p)
