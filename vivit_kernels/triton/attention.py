@@ -261,15 +261,18 @@ def _attention_bwd_dq(
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < pack_len
         k_tok = _tokens(cols, group0, L, GS, MS)
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + k_tok[:, None] * skn + d[None, :] * skd, mask=kv_mask, other=0.0)
-        vt = tl.load(V + k_tok[None, :] * svn + d[:, None] * svd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+        # K is loaded transposed (head dim x keys), as in the forward, and transposed back for
+        # dS K: loading K row-major and transposing it for Q K^T costs registers that made the
+        # fp32 kernel spill at head dim 128.
+        kvt_mask = col_ok[None, :] & d_ok[:, None]
+        kt = tl.load(K + k_tok[None, :] * skn + d[:, None] * skd, mask=kvt_mask, other=0.0)
+        vt = tl.load(V + k_tok[None, :] * svn + d[:, None] * svd, mask=kvt_mask, other=0.0)
+        s = _dot(q, kt, UPCAST) * qk_scale
         allowed = col_ok[None, :] & (row_group[:, None] == (cols // L)[None, :])
         p = tl.exp2(tl.where(allowed, s - lse2[:, None], float("-inf")))
         dp = _dot(do, vt, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq += _dot(_cast(ds, k.dtype, UPCAST), k, UPCAST)
+        dq += _dot(_cast(ds, kt.dtype, UPCAST), tl.trans(kt), UPCAST)
 
     dq *= scale
     tl.store(DQ + b * sdqb + head * sdqh + q_tok[:, None] * sdqn + d[None, :] * sdqd,
@@ -301,7 +304,7 @@ _DQ_TABLE = [
     (128, 32, 8, 2, 64, 16),
     (64, 32, 4, 2, 64, 16),
     (32, 16, 8, 2, 128, 64),
-    (16, 16, 8, 1, 64, 128),  # fp32 at head dim 128 still spills 1-2 registers (see NOTES.md)
+    (16, 16, 8, 1, 32, 128),
 ]
 
 
