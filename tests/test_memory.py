@@ -27,3 +27,18 @@ def test_reference_attention_keeps_the_probabilities():
     # Spatial groups are N / frames long: the probabilities shrink by the number of frames.
     spatial = saved_bytes(factorised_attention, q, k, v, 4, "spatial", backend="reference")
     assert probs // 4 <= spatial < probs
+
+
+def test_measured_graphs_are_freed():
+    import weakref
+
+    x = torch.randn(100, requires_grad=True)
+    outputs = []
+
+    def exp_and_keep(x):
+        y = torch.exp(x)  # saves its own output
+        outputs.append(weakref.ref(y))
+        return y
+
+    saved_bytes(exp_and_keep, x)
+    assert outputs[0]() is None

@@ -19,7 +19,9 @@ def saved_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
-        return tensor
+        # Detached: an op that saves its own output would otherwise hold its grad_fn through the
+        # packed tensor, a cycle inside autograd that no garbage collector sees (the graph leaks).
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         fn(*args, **kwargs)
