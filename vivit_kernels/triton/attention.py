@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CompileSpec, autotune_configs, check_device, interpreting, upcast_dot_operands
+from .common import CompileSpec, cast_rounded, autotune_configs, check_device, interpreting, upcast_dot_operands
 
 LOG2E = 1.4426950408889634
 LOG2E_CONST = tl.constexpr(LOG2E)
@@ -74,17 +74,6 @@ def _locate(
 def _tokens(rows, group0, L, GS, MS):
     """Token index (int64) of each row of a pack."""
     return ((group0 + rows // L) * GS + (rows % L) * MS).to(tl.int64)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """x.to(dtype), rounding to nearest even. The interpreter truncates fp32 -> bf16, doubling the
-    rounding error the GPU makes; under UPCAST (bf16, interpreted) the rounding is done here."""
-    if UPCAST:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -142,12 +131,12 @@ def _attention_fwd(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + k_tok[:, None] * svn + d[None, :] * svd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, UPCAST), v, UPCAST)
+        acc = acc * alpha[:, None] + _dot(cast_rounded(p, v.dtype, UPCAST), v, UPCAST)
         m_i = m_new
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padded rows only
     out = acc / l_i[:, None]
-    tl.store(O + b * sob + head * soh + q_tok[:, None] * son + d[None, :] * sod, _cast(out, O.dtype.element_ty, UPCAST),
+    tl.store(O + b * sob + head * soh + q_tok[:, None] * son + d[None, :] * sod, cast_rounded(out, O.dtype.element_ty, UPCAST),
              mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
     # Natural-log LSE of the scaled logits: (m + log2 l) is its base-2 value.
     tl.store(LSE + b * slb + head * slh + q_tok, (m_i + tl.log2(l_i)) / LOG2E_CONST, mask=row_ok)
@@ -216,16 +205,16 @@ def _attention_bwd_dkdv(
         st = _dot(k, qt, UPCAST) * qk_scale
         allowed = row_ok[None, :] & (col_group[:, None] == (rows // L)[None, :])
         pt = tl.exp2(tl.where(allowed, st - lse2[None, :], float("-inf")))  # masked before exp2: no overflow
-        dv += _dot(_cast(pt, do.dtype, UPCAST), do, UPCAST)
+        dv += _dot(cast_rounded(pt, do.dtype, UPCAST), do, UPCAST)
         dpt = _dot(v, tl.trans(do), UPCAST)
         dst = pt * (dpt - delta[None, :])
-        dk += _dot(_cast(dst, qt.dtype, UPCAST), tl.trans(qt), UPCAST)
+        dk += _dot(cast_rounded(dst, qt.dtype, UPCAST), tl.trans(qt), UPCAST)
 
     dk *= scale
     tl.store(DK + b * sdkb + head * sdkh + k_tok[:, None] * sdkn + d[None, :] * sdkd,
-             _cast(dk, DK.dtype.element_ty, UPCAST), mask=kv_mask)  # fmt: skip
+             cast_rounded(dk, DK.dtype.element_ty, UPCAST), mask=kv_mask)  # fmt: skip
     tl.store(DV + b * sdvb + head * sdvh + k_tok[:, None] * sdvn + d[None, :] * sdvd,
-             _cast(dv, DV.dtype.element_ty, UPCAST), mask=kv_mask)  # fmt: skip
+             cast_rounded(dv, DV.dtype.element_ty, UPCAST), mask=kv_mask)  # fmt: skip
 
 
 @triton.jit
@@ -272,11 +261,11 @@ def _attention_bwd_dq(
         p = tl.exp2(tl.where(allowed, s - lse2[:, None], float("-inf")))
         dp = _dot(do, vt, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq += _dot(_cast(ds, kt.dtype, UPCAST), tl.trans(kt), UPCAST)
+        dq += _dot(cast_rounded(ds, kt.dtype, UPCAST), tl.trans(kt), UPCAST)
 
     dq *= scale
     tl.store(DQ + b * sdqb + head * sdqh + q_tok[:, None] * sdqn + d[None, :] * sdqd,
-             _cast(dq, DQ.dtype.element_ty, UPCAST), mask=q_mask)  # fmt: skip
+             cast_rounded(dq, DQ.dtype.element_ty, UPCAST), mask=q_mask)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

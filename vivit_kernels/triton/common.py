@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -26,6 +27,17 @@ def upcast_dot_operands(dtype: torch.dtype) -> bool:
     dot is wrong (triton-lang/triton#11584). Loads, conversions and stores stay bf16, and the
     real bf16 dot is checked by compiling for sm_80/sm_90 (see `inspect.py`)."""
     return dtype == torch.bfloat16 and interpreting()
+
+
+@triton.jit
+def cast_rounded(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype), rounding to nearest even. The interpreter truncates fp32 -> bf16, doubling the
+    rounding error a GPU makes; under UPCAST (bf16, interpreted) the rounding is done here."""
+    if UPCAST:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 def check_device(*tensors: torch.Tensor) -> None:

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
-from .common import CompileSpec, autotune_configs, check_device, upcast_dot_operands
+from .common import CompileSpec, cast_rounded, autotune_configs, check_device, upcast_dot_operands
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,17 +74,6 @@ def _tube_offsets(k, t, h, w, stride_c, stride_t, stride_h, stride_w):
     dt = r % t
     c = r // t
     return c * stride_c + dt * stride_t + dh * stride_h + dw * stride_w
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """x.to(dtype), rounding to nearest even. The interpreter truncates fp32 -> bf16, doubling the
-    rounding error a GPU makes: under UPCAST (bf16, interpreted) the rounding is done here."""
-    if UPCAST:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +125,7 @@ def tubelet_fwd_kernel(
     tile = offs_m[:, None] * D + offs_n[None, :]
     if HAS_POS:
         acc += tl.load(pos + tile, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out + b * P * D + tile, _cast(acc, out.dtype.element_ty, UPCAST), mask=mask)
+    tl.store(out + b * P * D + tile, cast_rounded(acc, out.dtype.element_ty, UPCAST), mask=mask)
 
 
 @triton.jit
@@ -177,7 +166,7 @@ def tubelet_bwd_video_kernel(
     cols = _tube_offsets(offs_k, t, h, w, stride_vc, stride_vt, stride_vh, stride_vw)
     tl.store(
         dvideo + b * stride_vb + rows[:, None] + cols[None, :],
-        _cast(acc, dvideo.dtype.element_ty, UPCAST),
+        cast_rounded(acc, dvideo.dtype.element_ty, UPCAST),
         mask=mask_m[:, None] & mask_k[None, :],
     )
 
@@ -227,9 +216,9 @@ def tubelet_bwd_weight_kernel(
         clip += stride_vb  # pointer arithmetic is 64-bit: no overflow across a large batch
         dy_clip += P * D
     tile = offs_d[:, None] * K + offs_k[None, :]
-    tl.store(dweight + tile, _cast(acc, dweight.dtype.element_ty, UPCAST), mask=mask_d[:, None] & mask_k[None, :])
+    tl.store(dweight + tile, cast_rounded(acc, dweight.dtype.element_ty, UPCAST), mask=mask_d[:, None] & mask_k[None, :])
     if HAS_BIAS:
-        tl.store(dbias + offs_d, _cast(bias_acc, dbias.dtype.element_ty, UPCAST), mask=mask_d & (pid_k == 0))
+        tl.store(dbias + offs_d, cast_rounded(bias_acc, dbias.dtype.element_ty, UPCAST), mask=mask_d & (pid_k == 0))
 
 
 @triton.jit
@@ -246,7 +235,7 @@ def tubelet_bwd_pos_kernel(
     for _ in range(0, B):
         acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         ptrs += P * D  # pointer arithmetic is 64-bit: no overflow across a large batch
-    tl.store(dpos + offsets, _cast(acc, dpos.dtype.element_ty, UPCAST), mask=mask)
+    tl.store(dpos + offsets, cast_rounded(acc, dpos.dtype.element_ty, UPCAST), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
