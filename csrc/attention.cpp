@@ -167,8 +167,6 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
       const int64_t b = item->b, h = item->h;
       const Grouping grp = grouping(mode, h, H, frames, spatial);
       const int64_t blk = block_size(grp.length), first = item->g * grp.group_stride, step = grp.step;
-      for (int64_t i = 0; i < grp.length; ++i)
-        for (const View<T>* grad : {&dq, &dk, &dv}) std::memset(grad->row(b, h, first + i * step), 0, Dh * sizeof(T));
       for (int64_t i0 = 0; i0 < grp.length; i0 += blk) {
         const int64_t M = std::min(blk, grp.length - i0), qn = first + i0 * step;
         const T* Q = q.row(b, h, qn);
@@ -177,6 +175,7 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
           const T* o = out.row(b, h, qn + i * step);
           const T* g = dO + i * step * dout.sn;
           T sum = 0;
+#pragma omp simd reduction(+ : sum)
           for (int64_t d = 0; d < Dh; ++d) sum += o[d] * g[d];
           delta[i] = sum;
         }
@@ -194,11 +193,13 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
             exp_sum(p, Nb, scale, l);
             for (int64_t j = 0; j < Nb; ++j) dp[j] = p[j] * (dp[j] - di);  // dS: gradient of the scaled logits
           }
-          gemm<T>(true, false, Nb, Dh, M, T(1), probs.data(), Nb, dO, step * dout.sn, T(1), dv.row(b, h, kn),
+          // The first block to reach a row of dk, dv (i0 == 0) or dq (j0 == 0) overwrites it: no zero fill.
+          const T dkv_beta = i0 == 0 ? T(0) : T(1), dq_beta = j0 == 0 ? T(0) : T(1);
+          gemm<T>(true, false, Nb, Dh, M, T(1), probs.data(), Nb, dO, step * dout.sn, dkv_beta, dv.row(b, h, kn),
                   step * dv.sn);
-          gemm<T>(true, false, Nb, Dh, M, scale, dprobs.data(), Nb, Q, step * q.sn, T(1), dk.row(b, h, kn),
+          gemm<T>(true, false, Nb, Dh, M, scale, dprobs.data(), Nb, Q, step * q.sn, dkv_beta, dk.row(b, h, kn),
                   step * dk.sn);
-          gemm<T>(false, false, M, Dh, Nb, scale, dprobs.data(), Nb, K, step * k.sn, T(1), dq.row(b, h, qn),
+          gemm<T>(false, false, M, Dh, Nb, scale, dprobs.data(), Nb, K, step * k.sn, dq_beta, dq.row(b, h, qn),
                   step * dq.sn);
         }
       }

@@ -10,7 +10,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <limits>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define VIVIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -98,11 +100,84 @@ inline __attribute__((always_inline)) void small_gemm_impl(bool trans_a, bool tr
   }
 }
 
+// float products: register tiles of up to 4 rows x 64 columns of C, held as 16-float vectors
+// (GCC vector extensions: one zmm under AVX-512, two ymm under AVX2), so each element of B loaded
+// feeds 4 multiply-adds and C is loaded and stored once per tile instead of once per step of k.
+typedef float f32x16 __attribute__((vector_size(64), aligned(4), may_alias));
+
+template <int R, int V>
+inline __attribute__((always_inline)) void tile_f32(int64_t k, float alpha, const float* a, int64_t sa_i,
+                                                    int64_t sa_p, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  f32x16 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = f32x16{};
+  for (int64_t p = 0; p < k; ++p) {
+    f32x16 bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = *reinterpret_cast<const f32x16*>(b + p * ldb + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const float x = a[r * sa_i + p * sa_p];
+      for (int v = 0; v < V; ++v) acc[r][v] += x * bv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) *reinterpret_cast<f32x16*>(c + r * ldc + 16 * v) += alpha * acc[r][v];
+}
+
+template <int V>
+inline __attribute__((always_inline)) void tile_rows_f32(int64_t rows, int64_t k, float alpha, const float* a,
+                                                         int64_t sa_i, int64_t sa_p, const float* b, int64_t ldb,
+                                                         float* c, int64_t ldc) {
+  switch (rows) {
+    case 4: return tile_f32<4, V>(k, alpha, a, sa_i, sa_p, b, ldb, c, ldc);
+    case 3: return tile_f32<3, V>(k, alpha, a, sa_i, sa_p, b, ldb, c, ldc);
+    case 2: return tile_f32<2, V>(k, alpha, a, sa_i, sa_p, b, ldb, c, ldc);
+    default: return tile_f32<1, V>(k, alpha, a, sa_i, sa_p, b, ldb, c, ldc);
+  }
+}
+
+// C += alpha * op(A) B with B's rows contiguous; op(A)[i][p] = a[i * sa_i + p * sa_p].
+inline __attribute__((always_inline)) void tiled_f32(int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                                                     int64_t sa_i, int64_t sa_p, const float* b, int64_t ldb, float* c,
+                                                     int64_t ldc) {
+  for (int64_t i0 = 0; i0 < m; i0 += 4) {
+    const int64_t rows = std::min<int64_t>(4, m - i0);
+    const float* ai = a + i0 * sa_i;
+    float* ci = c + i0 * ldc;
+    int64_t j0 = 0;
+    for (; j0 + 64 <= n; j0 += 64) tile_rows_f32<4>(rows, k, alpha, ai, sa_i, sa_p, b + j0, ldb, ci + j0, ldc);
+    for (; j0 + 16 <= n; j0 += 16) tile_rows_f32<1>(rows, k, alpha, ai, sa_i, sa_p, b + j0, ldb, ci + j0, ldc);
+    if (j0 == n) continue;
+    for (int64_t i = 0; i < rows; ++i)  // the last n % 16 columns
+      for (int64_t p = 0; p < k; ++p) {
+        const float x = alpha * ai[i * sa_i + p * sa_p];
+        const float* bp = b + p * ldb;
+#pragma omp simd
+        for (int64_t j = j0; j < n; ++j) ci[i * ldc + j] += x * bp[j];
+      }
+  }
+}
+
 }  // namespace
 
 VIVIT_CLONES void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                              int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  small_gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  for (int64_t i = 0; i < m; ++i) {
+    float* ci = c + i * ldc;
+    if (beta == 0.0f) {
+      for (int64_t j = 0; j < n; ++j) ci[j] = 0.0f;
+    } else if (beta != 1.0f) {
+      for (int64_t j = 0; j < n; ++j) ci[j] *= beta;
+    }
+  }
+  const int64_t sa_i = trans_a ? 1 : lda, sa_p = trans_a ? lda : 1;
+  if (!trans_b) return tiled_f32(m, n, k, alpha, a, sa_i, sa_p, b, ldb, c, ldc);
+  // B stored n x k: transposed once into k x n scratch, whose rows the tiles read.
+  thread_local std::vector<float> scratch;
+  if (scratch.size() < size_t(k * n)) scratch.resize(k * n);
+  float* bt = scratch.data();
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t p = 0; p < k; ++p) bt[p * n + j] = b[j * ldb + p];
+  tiled_f32(m, n, k, alpha, a, sa_i, sa_p, bt, n, c, ldc);
 }
 
 void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const double* a,

@@ -30,8 +30,9 @@ at::Tensor tubelet_forward(
 at::Tensor tubelet_video_grad(const at::Tensor& grad, const at::Tensor& weight, at::IntArrayRef video_size);
 at::Tensor tubelet_weight_grad(const at::Tensor& grad, const at::Tensor& video, at::IntArrayRef tubelet);
 
-// Products with m * n * k below this go to small_gemm, larger ones to BLAS.
-constexpr int64_t kSmallGemm = 16384;
+// Products with m * n * k below this go to small_gemm, larger ones to BLAS. A BLAS call through
+// ATen costs microseconds of tensor setup: more than a temporal group's 32 x 32 x 64 blocks take.
+constexpr int64_t kSmallGemm = 1 << 17;
 
 // block_math.cpp: the loops on blocks, vectorised for the CPU at hand (AVX-512 / AVX2 / baseline
 // clones, picked when the library loads). small_gemm is gemm below without BLAS, for tiny blocks.
