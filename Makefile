@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # torch is pinned in the same pip call as everything else, so nothing can upgrade it.
-$(STAMP): setup.py requirements-dev.txt
+$(STAMP): setup.py requirements-dev.txt $(wildcard csrc/*)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q $(TORCH) -r requirements-dev.txt
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
