@@ -27,7 +27,9 @@
 namespace vivit_kernels {
 namespace {
 
-constexpr int64_t kMaxBlock = 256;  // rows of a query or key block: its scratch stays in L2
+// Rows of a query block and of a key block. The scores of one pair of blocks (up to 256 x 512
+// floats, 512 KiB) stay in L2; wide key blocks make fewer, larger BLAS calls for long groups.
+constexpr int64_t kMaxBlock = 256, kMaxKeyBlock = 512;
 constexpr double kMinCostPerThread = 1 << 20;  // in multiply-adds
 
 struct Grouping {
@@ -49,9 +51,9 @@ std::vector<std::pair<int64_t, int64_t>> head_ranges(c10::string_view mode, int6
   return {{0, heads}};
 }
 
-// Equal blocks of at most kMaxBlock rows (196 -> one block, 1568 -> 7 blocks of 224).
-int64_t block_size(int64_t length) {
-  const int64_t blocks = (length + kMaxBlock - 1) / kMaxBlock;
+// Equal blocks of at most `max_rows` rows (196 -> one block, 1568 -> 7 blocks of 224).
+int64_t block_size(int64_t length, int64_t max_rows = kMaxBlock) {
+  const int64_t blocks = (length + max_rows - 1) / max_rows;
   return (length + blocks - 1) / blocks;
 }
 
@@ -104,19 +106,19 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, T* out
     }
   run_items(items, [&](const WorkItem& work) {
     thread_local std::vector<T> scores, acc, row_max, row_sum;
-    scores.resize(kMaxBlock * kMaxBlock), acc.resize(kMaxBlock * Dh), row_max.resize(kMaxBlock), row_sum.resize(kMaxBlock);
+    scores.resize(kMaxBlock * kMaxKeyBlock), acc.resize(kMaxBlock * Dh), row_max.resize(kMaxBlock), row_sum.resize(kMaxBlock);
     {
       const WorkItem* item = &work;
       const int64_t b = item->b, h = item->h, M = item->rows;
       const Grouping grp = grouping(mode, h, H, frames, spatial);
-      const int64_t blk = block_size(grp.length);
+      const int64_t key_blk = block_size(grp.length, kMaxKeyBlock);
       const int64_t first = item->g * grp.group_stride + item->first_row * grp.step;
       const T* Q = q.row(b, h, first);
       std::fill(row_max.begin(), row_max.begin() + M, -std::numeric_limits<T>::infinity());
       std::fill(row_sum.begin(), row_sum.begin() + M, T(0));
       std::fill(acc.begin(), acc.begin() + M * Dh, T(0));
-      for (int64_t j0 = 0; j0 < grp.length; j0 += blk) {
-        const int64_t Nb = std::min(blk, grp.length - j0);
+      for (int64_t j0 = 0; j0 < grp.length; j0 += key_blk) {
+        const int64_t Nb = std::min(key_blk, grp.length - j0);
         const int64_t key = item->g * grp.group_stride + j0 * grp.step;
         gemm<T>(false, true, M, Nb, Dh, T(1), Q, grp.step * q.sn, k.row(b, h, key), grp.step * k.sn, T(0),
                 scores.data(), Nb);
@@ -161,12 +163,13 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
     }
   run_items(items, [&](const WorkItem& work) {
     thread_local std::vector<T> probs, dprobs, delta;
-    probs.resize(kMaxBlock * kMaxBlock), dprobs.resize(kMaxBlock * kMaxBlock), delta.resize(kMaxBlock);
+    probs.resize(kMaxBlock * kMaxKeyBlock), dprobs.resize(kMaxBlock * kMaxKeyBlock), delta.resize(kMaxBlock);
     {
       const WorkItem* item = &work;
       const int64_t b = item->b, h = item->h;
       const Grouping grp = grouping(mode, h, H, frames, spatial);
-      const int64_t blk = block_size(grp.length), first = item->g * grp.group_stride, step = grp.step;
+      const int64_t blk = block_size(grp.length), key_blk = block_size(grp.length, kMaxKeyBlock);
+      const int64_t first = item->g * grp.group_stride, step = grp.step;
       for (int64_t i0 = 0; i0 < grp.length; i0 += blk) {
         const int64_t M = std::min(blk, grp.length - i0), qn = first + i0 * step;
         const T* Q = q.row(b, h, qn);
@@ -180,8 +183,8 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
           delta[i] = sum;
         }
         const T* row_lse = lse + (b * H + h) * N;
-        for (int64_t j0 = 0; j0 < grp.length; j0 += blk) {
-          const int64_t Nb = std::min(blk, grp.length - j0), kn = first + j0 * step;
+        for (int64_t j0 = 0; j0 < grp.length; j0 += key_blk) {
+          const int64_t Nb = std::min(key_blk, grp.length - j0), kn = first + j0 * step;
           const T* K = k.row(b, h, kn);
           gemm<T>(false, true, M, Nb, Dh, T(1), Q, step * q.sn, K, step * k.sn, T(0), probs.data(), Nb);
           gemm<T>(false, true, M, Nb, Dh, T(1), dO, step * dout.sn, v.row(b, h, kn), step * v.sn, T(0),
