@@ -157,6 +157,44 @@ inline __attribute__((always_inline)) void tiled_f32(int64_t m, int64_t n, int64
   }
 }
 
+// One butterfly step of a 16 x 16 transpose: rows i and i + D (i & D == 0) swap their off-diagonal
+// D-wide blocks; the steps D = 8, 4, 2, 1 together move element (i, j) to (j, i).
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+template <int D>
+inline __attribute__((always_inline)) void butterfly16(f32x16 (&x)[16]) {
+  constexpr i32x16 low = {0 & D ? 16 + (0 ^ D) : 0,    1 & D ? 16 + (1 ^ D) : 1,    2 & D ? 16 + (2 ^ D) : 2,
+                          3 & D ? 16 + (3 ^ D) : 3,    4 & D ? 16 + (4 ^ D) : 4,    5 & D ? 16 + (5 ^ D) : 5,
+                          6 & D ? 16 + (6 ^ D) : 6,    7 & D ? 16 + (7 ^ D) : 7,    8 & D ? 16 + (8 ^ D) : 8,
+                          9 & D ? 16 + (9 ^ D) : 9,    10 & D ? 16 + (10 ^ D) : 10, 11 & D ? 16 + (11 ^ D) : 11,
+                          12 & D ? 16 + (12 ^ D) : 12, 13 & D ? 16 + (13 ^ D) : 13, 14 & D ? 16 + (14 ^ D) : 14,
+                          15 & D ? 16 + (15 ^ D) : 15};
+  constexpr i32x16 high = {0 & D ? 16 + 0 : 0 ^ D,    1 & D ? 16 + 1 : 1 ^ D,    2 & D ? 16 + 2 : 2 ^ D,
+                           3 & D ? 16 + 3 : 3 ^ D,    4 & D ? 16 + 4 : 4 ^ D,    5 & D ? 16 + 5 : 5 ^ D,
+                           6 & D ? 16 + 6 : 6 ^ D,    7 & D ? 16 + 7 : 7 ^ D,    8 & D ? 16 + 8 : 8 ^ D,
+                           9 & D ? 16 + 9 : 9 ^ D,    10 & D ? 16 + 10 : 10 ^ D, 11 & D ? 16 + 11 : 11 ^ D,
+                           12 & D ? 16 + 12 : 12 ^ D, 13 & D ? 16 + 13 : 13 ^ D, 14 & D ? 16 + 14 : 14 ^ D,
+                           15 & D ? 16 + 15 : 15 ^ D};
+  for (int i = 0; i < 16; ++i)
+    if (!(i & D)) {
+      const f32x16 a = x[i], b = x[i + D];
+      x[i] = __builtin_shuffle(a, b, low);
+      x[i + D] = __builtin_shuffle(a, b, high);
+    }
+}
+
+// dst[p][j] = src[j][p] for a 16 x 16 block (row strides lds, ldd): vector shuffles instead of
+// 256 scalar moves (the transposed key blocks of temporal attention).
+inline __attribute__((always_inline)) void transpose16_f32(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  f32x16 x[16];
+  for (int i = 0; i < 16; ++i) x[i] = *reinterpret_cast<const f32x16*>(src + i * lds);
+  butterfly16<8>(x);
+  butterfly16<4>(x);
+  butterfly16<2>(x);
+  butterfly16<1>(x);
+  for (int i = 0; i < 16; ++i) *reinterpret_cast<f32x16*>(dst + i * ldd) = x[i];
+}
+
 }  // namespace
 
 VIVIT_CLONES void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
@@ -175,7 +213,11 @@ VIVIT_CLONES void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, i
   thread_local std::vector<float> scratch;
   if (scratch.size() < size_t(k * n)) scratch.resize(k * n);
   float* bt = scratch.data();
-  for (int64_t j = 0; j < n; ++j)
+  int64_t j0 = 0;
+  if (k % 16 == 0)
+    for (; j0 + 16 <= n; j0 += 16)
+      for (int64_t p = 0; p < k; p += 16) transpose16_f32(b + j0 * ldb + p, ldb, bt + p * n + j0, n);
+  for (int64_t j = j0; j < n; ++j)
     for (int64_t p = 0; p < k; ++p) bt[p * n + j] = b[j * ldb + p];
   tiled_f32(m, n, k, alpha, a, sa_i, sa_p, bt, n, c, ldc);
 }
