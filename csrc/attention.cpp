@@ -66,10 +66,16 @@ struct View {
   T* row(int64_t b, int64_t h, int64_t n) const { return data + b * sb + h * sh + n * sn; }
 };
 
+// Groups g .. g + groups - 1 of head h: short (temporal) groups go 16 to an item, so an item's
+// log-sum-exp entries fill whole cache lines and the per-item costs are shared.
 struct WorkItem {
-  int64_t b, h, g, first_row, rows;
+  int64_t b, h, g, groups, first_row, rows;
   double cost;
 };
+
+constexpr int64_t kShortGroup = 32, kShortGroupsPerItem = 16;
+
+int64_t groups_per_item(const Grouping& grp) { return grp.length <= kShortGroup ? kShortGroupsPerItem : 1; }
 
 // Runs every item once. Threads take the next item from a shared counter rather than fixed shares:
 // "split" mixes heavy spatial groups with light temporal ones, and on a busy machine one thread may
@@ -97,29 +103,30 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, T* out
     for (auto [h0, h1] : head_ranges(mode, H)) {
       const Grouping grp = grouping(mode, h0, H, frames, spatial);
       const int64_t blk = block_size(grp.length);
-      for (int64_t g = 0; g < grp.groups; ++g)
+      const int64_t run = groups_per_item(grp);
+      for (int64_t g = 0; g < grp.groups; g += run)
         for (int64_t i0 = 0; i0 < grp.length; i0 += blk)
           for (int64_t h = h0; h < h1; ++h) {
-            const int64_t rows = std::min(blk, grp.length - i0);
-            items.push_back({b, h, g, i0, rows, 2.0 * rows * (grp.length + 8) * Dh});
+            const int64_t rows = std::min(blk, grp.length - i0), groups = std::min(run, grp.groups - g);
+            items.push_back({b, h, g, groups, i0, rows, 2.0 * groups * rows * (grp.length + 8) * Dh});
           }
     }
   run_items(items, [&](const WorkItem& work) {
     thread_local std::vector<T> scores, acc, row_max, row_sum;
     scores.resize(kMaxBlock * kMaxKeyBlock), acc.resize(kMaxBlock * Dh), row_max.resize(kMaxBlock), row_sum.resize(kMaxBlock);
-    {
+    for (int64_t g = work.g; g < work.g + work.groups; ++g) {
       const WorkItem* item = &work;
       const int64_t b = item->b, h = item->h, M = item->rows;
       const Grouping grp = grouping(mode, h, H, frames, spatial);
       const int64_t key_blk = block_size(grp.length, kMaxKeyBlock);
-      const int64_t first = item->g * grp.group_stride + item->first_row * grp.step;
+      const int64_t first = g * grp.group_stride + item->first_row * grp.step;
       const T* Q = q.row(b, h, first);
       std::fill(row_max.begin(), row_max.begin() + M, -std::numeric_limits<T>::infinity());
       std::fill(row_sum.begin(), row_sum.begin() + M, T(0));
       std::fill(acc.begin(), acc.begin() + M * Dh, T(0));
       for (int64_t j0 = 0; j0 < grp.length; j0 += key_blk) {
         const int64_t Nb = std::min(key_blk, grp.length - j0);
-        const int64_t key = item->g * grp.group_stride + j0 * grp.step;
+        const int64_t key = g * grp.group_stride + j0 * grp.step;
         gemm<T>(false, true, M, Nb, Dh, T(1), Q, grp.step * q.sn, k.row(b, h, key), grp.step * k.sn, T(0),
                 scores.data(), Nb);
         // Online softmax: rescale what was accumulated under the old running max.
@@ -157,29 +164,32 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
   for (int64_t b = 0; b < B; ++b)
     for (auto [h0, h1] : head_ranges(mode, H)) {
       const Grouping grp = grouping(mode, h0, H, frames, spatial);
-      for (int64_t g = 0; g < grp.groups; ++g)
-        for (int64_t h = h0; h < h1; ++h)
-          items.push_back({b, h, g, 0, grp.length, 5.0 * grp.length * (grp.length + 8) * Dh});
+      const int64_t run = groups_per_item(grp);
+      for (int64_t g = 0; g < grp.groups; g += run)
+        for (int64_t h = h0; h < h1; ++h) {
+          const int64_t groups = std::min(run, grp.groups - g);
+          items.push_back({b, h, g, groups, 0, grp.length, 5.0 * groups * grp.length * (grp.length + 8) * Dh});
+        }
     }
   run_items(items, [&](const WorkItem& work) {
     thread_local std::vector<T> probs, dprobs, delta;
     probs.resize(kMaxBlock * kMaxKeyBlock), dprobs.resize(kMaxBlock * kMaxKeyBlock), delta.resize(kMaxBlock);
-    {
+    for (int64_t g = work.g; g < work.g + work.groups; ++g) {
       const WorkItem* item = &work;
       const int64_t b = item->b, h = item->h;
       const Grouping grp = grouping(mode, h, H, frames, spatial);
       const int64_t blk = block_size(grp.length), key_blk = block_size(grp.length, kMaxKeyBlock);
-      const int64_t first = item->g * grp.group_stride, step = grp.step;
+      const int64_t first = g * grp.group_stride, step = grp.step;
       for (int64_t i0 = 0; i0 < grp.length; i0 += blk) {
         const int64_t M = std::min(blk, grp.length - i0), qn = first + i0 * step;
         const T* Q = q.row(b, h, qn);
         const T* dO = dout.row(b, h, qn);
         for (int64_t i = 0; i < M; ++i) {
           const T* o = out.row(b, h, qn + i * step);
-          const T* g = dO + i * step * dout.sn;
+          const T* dout_row = dO + i * step * dout.sn;
           T sum = 0;
 #pragma omp simd reduction(+ : sum)
-          for (int64_t d = 0; d < Dh; ++d) sum += o[d] * g[d];
+          for (int64_t d = 0; d < Dh; ++d) sum += o[d] * dout_row[d];
           delta[i] = sum;
         }
         const T* row_lse = lse + (b * H + h) * N;
