@@ -173,12 +173,13 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
     }
   run_items(items, [&](const WorkItem& work) {
     thread_local std::vector<T> probs, dprobs, delta;
-    probs.resize(kMaxBlock * kMaxKeyBlock), dprobs.resize(kMaxBlock * kMaxKeyBlock), delta.resize(kMaxBlock);
+    probs.resize(kMaxBlock * kMaxBlock), dprobs.resize(kMaxBlock * kMaxBlock), delta.resize(kMaxBlock);
     for (int64_t g = work.g; g < work.g + work.groups; ++g) {
       const WorkItem* item = &work;
       const int64_t b = item->b, h = item->h;
       const Grouping grp = grouping(mode, h, H, frames, spatial);
-      const int64_t blk = block_size(grp.length), key_blk = block_size(grp.length, kMaxKeyBlock);
+      // Square blocks: the backward keeps two score-sized blocks (probabilities and their gradient).
+      const int64_t blk = block_size(grp.length), key_blk = blk;
       const int64_t first = g * grp.group_stride, step = grp.step;
       for (int64_t i0 = 0; i0 < grp.length; i0 += blk) {
         const int64_t M = std::min(blk, grp.length - i0), qn = first + i0 * step;

@@ -66,11 +66,10 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
     };
     at::Tensor A = matrix(a, trans_a, m, k, lda), B = matrix(b, trans_b, k, n, ldb);
     at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, options);
-    if (beta == T(0)) {
+    if (beta == T(0) && alpha == T(1)) {
       at::mm_out(C, A, B);
-      if (alpha != T(1)) C.mul_(alpha);
     } else {
-      at::addmm_out(C, C, A, B, beta, alpha);
+      at::addmm_out(C, C, A, B, beta, alpha);  // beta == 0 ignores C (NaN included), as BLAS does
     }
     return;
   }
