@@ -6,11 +6,47 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 
+#include <algorithm>
+#include <climits>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
+
+// The Fortran BLAS that libtorch_cpu carries (MKL or OpenBLAS, 32-bit integers), declared weak: a
+// torch build without it leaves these null and products go through ATen instead. Calling it
+// directly saves the tensor wrappers and dispatch of at::addmm, microseconds on each of the
+// thousands of block products of joint attention.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
 
 namespace vivit_kernels {
+
+// Column-major BLAS sees a row-major matrix as its transpose: C^T = op(B)^T op(A)^T. Returns false
+// (nothing done) where no BLAS symbol is present or a size does not fit its 32-bit integers.
+template <typename T>
+bool fortran_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                  const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  auto* blas = [] {
+    if constexpr (std::is_same_v<T, float>) return &sgemm_;
+    else return &dgemm_;
+  }();
+  if (blas == nullptr) return false;
+  // BLAS insists on leading dims at least the stored row length, even for a single row.
+  lda = std::max(lda, trans_a ? m : k), ldb = std::max(ldb, trans_b ? k : n), ldc = std::max(ldc, n);
+  for (int64_t x : {m, n, k, lda, ldb, ldc})
+    if (x > INT_MAX) return false;
+  const int M = int(n), N = int(m), K = int(k), LDA = int(ldb), LDB = int(lda), LDC = int(ldc);
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  blas(&ta, &tb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+  return true;
+}
 
 // attention.cpp: q, k, v (B, H, N, Dh) with any strides. Returns out as a (B, H, N, Dh) view of
 // a (B, N, H, Dh) buffer, and the row log-sum-exp (B, H, N) of the scaled logits.
@@ -57,6 +93,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
           int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (m * n * k >= kSmallGemm) {
+    if (fortran_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
     auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
     auto matrix = [&](const T* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
       // op(X) is rows x cols; stored transposed it is the transpose of a cols x rows matrix.
