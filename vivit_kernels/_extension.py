@@ -21,8 +21,8 @@ SOURCES = ("attention.cpp", "block_math.cpp", "tubelet.cpp", "ops.cpp")
 HEADERS = ("kernels.h",)
 # -fopenmp at compile AND link time, or at::parallel_for runs on one thread. No -march=native:
 # the binary may move to another machine.
-CFLAGS = ["-O3", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 _loaded: str | None = None  # path of the loaded library
 _error: str | None = None  # why it could not be loaded
@@ -80,8 +80,9 @@ def build(build_root: str | os.PathLike | None = None) -> Path:
     cpp_extension.load(
         name=name,
         sources=[str(CSRC / s) for s in SOURCES],
-        extra_cflags=CFLAGS,
-        extra_ldflags=LDFLAGS,
+        # Copies: cpp_extension.load appends its own flags to these lists in place.
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
         build_directory=str(directory),
         is_python_module=False,
         verbose=False,
