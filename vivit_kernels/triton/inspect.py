@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported here or in a worker
+if __name__ == "__main__":
+    # Before triton is imported here; workers inherit it. Only when run as the tool: importing
+    # this module (e.g. for SHARED_LIMIT) must not switch an interpreting process to the GPU path.
+    os.environ["TRITON_INTERPRET"] = "0"
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
