@@ -18,13 +18,15 @@ $(STAMP): setup.py requirements-dev.txt $(wildcard csrc/*)
 	touch $@
 
 # Model 4 (factorised dot-product) on the built-in moving-shapes data, on CPU: train, then
-# evaluate on held-out clips with the bytes saved for backward (fused kernels vs naive attention).
+# evaluate on held-out clips with the bytes saved for backward (fused kernels vs naive attention),
+# then every attention mode through every backend available here at ViViT-B shapes.
 DEMO_DIR ?= runs/demo
 demo: $(STAMP)
 	$(PYTHON) -m vivit.train --variant factorised_dot_product --dim 64 --depth 3 --heads 4 --tubelet 2 8 8 \
 		--steps 300 --batch-size 32 --lr 1e-3 --warmup-steps 20 --synthetic-val-clips 0 \
 		--checkpoint-every 100 --output-dir $(DEMO_DIR)
 	$(PYTHON) -m vivit.evaluate --checkpoint $(DEMO_DIR)/checkpoint.pt --synthetic-clips 512 --saved-bytes
+	$(PYTHON) -m vivit_kernels.report
 
 test: $(STAMP)
 	$(PYTHON) -m pytest tests benchmarks --benchmark-disable -q $(PYTEST_ARGS)
