@@ -228,18 +228,26 @@ def test_backend_reasons_without_triton_or_interpreter(monkeypatch):
     assert get("triton").not_supported_reasons(cpu) == ["triton is not installed"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's CPU path")
-def test_auto_never_picks_the_interpreter():
+def test_auto_never_picks_the_interpreter(monkeypatch):
     """Interpreted Triton on CPU tensors only runs when asked for by name: as a default it would be unusably slow."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     cpu = Request("attention", torch.device("cpu"), torch.float32, head_dim=64)
     assert select(cpu, "triton") is get("triton").ops["attention"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reference fallback warns when no CPU backend is built
         assert select(cpu, "auto") is not get("triton").ops["attention"]
-    assert not get("triton").auto
+    assert get("triton").auto_reasons(cpu) == [
+        "runs under the Triton interpreter (TRITON_INTERPRET=1): only when named, backend='triton'"
+    ]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_auto_picks_triton_for_cuda_tensors():
-    cuda = Request("attention", torch.device("cuda"), torch.float16, head_dim=64)
-    assert select(cuda, "auto") is get("triton").ops["attention"]
+@pytest.mark.parametrize("op, dtype", [("attention", torch.float16), ("attention", torch.float32), ("tubelet", torch.bfloat16)])
+def test_auto_picks_triton_for_cuda_tensors(op, dtype, monkeypatch):
+    """The dispatch decision for CUDA inputs (no GPU needed: a request describes the input)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cuda = Request(op, torch.device("cuda"), dtype, head_dim=64 if op == "attention" else None)
+    assert select(cuda, "auto") is get("triton").ops[op]
+    # A head dim the kernels do not take falls back to the reference, saying why.
+    if op == "attention":
+        with pytest.warns(UserWarning, match=r"triton: head dim 256 not supported \(supports 16 to 128\)"):
+            assert select(Request(op, torch.device("cuda"), dtype, head_dim=256), "auto") is get("reference").ops[op]

@@ -53,6 +53,9 @@ class Backend:
     unavailable: Callable[[], str | None] = field(default=lambda: None)
     # Reasons beyond the declarative fields (e.g. CPU tensors only under the Triton interpreter).
     extra_reasons: Callable[[Request], list[str]] = field(default=lambda request: [])
+    # Reasons "auto" passes the backend over although it would run the input when named
+    # (e.g. interpreted Triton: correct, far too slow to be anyone's default).
+    auto_reasons: Callable[[Request], list[str]] = field(default=lambda request: [])
 
     def not_supported_reasons(self, request: Request) -> list[str]:
         support = self.ops.get(request.op)
@@ -114,7 +117,7 @@ def select(request: Request, backend: str = "auto") -> OpSupport:
     for candidate in _BACKENDS.values():
         if not candidate.auto:
             continue
-        reasons = candidate.not_supported_reasons(request)
+        reasons = candidate.not_supported_reasons(request) or candidate.auto_reasons(request)
         if not reasons:
             return candidate.ops[request.op]
         refused[candidate.name] = reasons

@@ -48,20 +48,14 @@ def _tubelet(video, weight, bias, pos_embed):
     return tubelet_embedding(video, weight, bias, pos_embed)
 
 
-class _TritonBackend(Backend):
-    """A Backend whose `auto` is decided per call: off while Triton interprets, on otherwise."""
-
-    @property
-    def auto(self) -> bool:
-        return not _interpreting()
-
-    @auto.setter
-    def auto(self, value: bool) -> None:  # the dataclass __init__ assigns the field; the property decides
-        pass
+def _auto_reasons(request: Request) -> list[str]:
+    if _interpreting():
+        return ["runs under the Triton interpreter (TRITON_INTERPRET=1): only when named, backend='triton'"]
+    return []
 
 
 register(
-    _TritonBackend(
+    Backend(
         name="triton",
         ops={
             "attention": OpSupport(_attention, ("cuda", "cpu"), _DTYPES, head_dims=_HEAD_DIMS),
@@ -69,5 +63,6 @@ register(
         },
         unavailable=_unavailable,
         extra_reasons=_extra_reasons,
+        auto_reasons=_auto_reasons,
     )
 )
