@@ -35,4 +35,4 @@ bench: $(STAMP)
 	$(PYTHON) -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
 
 clean:
-	rm -rf build *.egg-info .pytest_cache .benchmarks
+	rm -rf build *.egg-info .pytest_cache .benchmarks vivit_kernels/_csrc

@@ -3,56 +3,55 @@
 Installs two packages: `vivit_kernels` (the ops) and `vivit` (the ViViT models, from models/vivit).
 """
 
+import importlib.util
 import warnings
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 from setuptools.command.develop import develop
 
+HERE = Path(__file__).resolve().parent
 packages = find_packages(include=["vivit_kernels", "vivit_kernels.*"])
 packages += ["vivit"] + [f"vivit.{name}" for name in find_packages("models/vivit")]
 
 
-def cpu_extension() -> dict:
-    """The C++ CPU kernels (csrc/), compiled with ninja at install time when torch is importable.
+def build_cpu_kernels(package: Path) -> None:
+    """Compile csrc/ into `package`/_csrc with the loader's own build (vivit_kernels/_extension.py:
+    same sources, flags and hash-named directory), when torch is importable here.
 
-    Without torch here, or when the compile fails, the install goes on and the kernels are built
-    on first use instead (vivit_kernels/_extension.py, same sources and flags).
+    Without torch, or when the compile fails, the install goes on and the kernels are built on
+    first use instead.
     """
+    if importlib.util.find_spec("torch") is None:
+        return
+    spec = importlib.util.spec_from_file_location("_vivit_kernels_extension", HERE / "vivit_kernels" / "_extension.py")
+    extension = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extension)
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except ImportError:
-        return {}
+        library = extension.build(package / "_csrc")
+    except Exception as error:  # no compiler, no OpenMP, ...: build on first use instead
+        warnings.warn(f"vivit_kernels: C++ CPU kernels not built ({error}); they will be built on first use")
+        return
+    for path in library.parent.iterdir():  # keep the library, not the objects and ninja files
+        if path != library and path.is_file() and package != HERE / "vivit_kernels":
+            path.unlink()
 
-    class OptionalBuildExtension(BuildExtension):
-        def build_extension(self, ext):
-            try:
-                super().build_extension(ext)
-            except Exception as error:  # no compiler, no OpenMP, ...: build on first use instead
-                warnings.warn(f"vivit_kernels: C++ CPU kernels not built ({error}); they will be built on first use")
 
-    sources = [f"csrc/{name}" for name in ("attention.cpp", "block_math.cpp", "tubelet.cpp", "ops.cpp")]
-    # -fopenmp at compile and link time, or at::parallel_for runs on one thread; no -march=native.
-    extension = CppExtension(
-        "vivit_kernels._csrc",
-        sources,
-        depends=["csrc/kernels.h"],
-        extra_compile_args=["-O3", "-fopenmp"],
-        extra_link_args=["-fopenmp"],
-    )
+class BuildPy(build_py):
+    """A wheel carries the library built from the sources it was made of."""
 
-    class DevelopInPlace(develop):
-        # `pip install -e .` of a project without pyproject.toml runs `setup.py develop`, which now
-        # re-runs pip in an isolated environment where torch (so the extension) is absent; build the
-        # library in place first, here, where torch is importable.
-        def run(self):
-            self.reinitialize_command("build_ext", inplace=1)
-            self.run_command("build_ext")
-            super().run()
+    def run(self):
+        super().run()
+        build_cpu_kernels(Path(self.build_lib) / "vivit_kernels")
 
-    return {
-        "ext_modules": [extension],
-        "cmdclass": {"build_ext": OptionalBuildExtension, "develop": DevelopInPlace},
-    }
+
+class Develop(develop):
+    """`pip install -e .`: the library is built in place, where the package is imported from."""
+
+    def run(self):
+        build_cpu_kernels(HERE / "vivit_kernels")
+        super().run()
 
 
 setup(
@@ -63,9 +62,9 @@ setup(
     packages=packages,
     package_dir={"vivit": "models/vivit"},
     package_data={"vivit_kernels": ["*.md", "triton/*.md"]},
+    cmdclass={"build_py": BuildPy, "develop": Develop},
     install_requires=["torch>=2.5", "einops>=0.8", "numpy"],
     extras_require={"triton": ["triton>=3.1"]},
     entry_points={"console_scripts": ["vivit-train=vivit.train:main", "vivit-eval=vivit.evaluate:main",
                                       "vivit-predict=vivit.predict:main"]},
-    **cpu_extension(),
 )

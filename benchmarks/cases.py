@@ -18,10 +18,10 @@ from einops import rearrange
 
 import vivit_kernels
 from vivit_kernels import backends
+from vivit_kernels.checks import MODES, AttentionShape, TubeletShape
 
 FORWARD, BACKWARD = "forward", "forward+backward"
 PASSES = (FORWARD, BACKWARD)
-MODES = ("joint", "spatial", "temporal", "split")
 BASELINE = "reference"  # the naive einsum implementation every speedup is relative to
 # The torch implementation a user would otherwise call: speedups against it are reported too.
 TORCH_BASELINES = {"attention": "sdpa", "tubelet": "conv3d"}
@@ -130,36 +130,40 @@ def attention_fn(backend: str) -> Callable[..., torch.Tensor]:
     return lambda q, k, v, frames, mode: vivit_kernels.factorised_attention(q, k, v, frames, mode, backend=backend)
 
 
-def group_length(mode: str, T: int, S: int) -> float:
-    """L, the keys each query attends to (split: the mean over its spatial and temporal heads)."""
-    return {"joint": T * S, "spatial": S, "temporal": T, "split": (S + T) / 2}[mode]
+def attention_shape(mode: str, shape: dict) -> AttentionShape:
+    B, T, S, H, Dh = (shape[k] for k in ("B", "T", "S", "H", "Dh"))
+    return AttentionShape.of((B, H, T * S, Dh), T, mode)
 
 
 def attention_flops(mode: str, shape: dict, pass_name: str) -> float:
-    """Forward 4 * B * H * N * L * Dh; backward 2.5x forward."""
-    B, T, S, H, Dh = (shape[k] for k in ("B", "T", "S", "H", "Dh"))
-    forward = 4 * B * H * (T * S) * group_length(mode, T, S) * Dh
-    return forward * (3.5 if pass_name == BACKWARD else 1.0)
+    """The ops' formula: forward 4 * B * N * Dh * (L summed over heads); backward 2.5x forward."""
+    call = attention_shape(mode, shape)
+    return call.forward_flops + (call.backward_flops if pass_name == BACKWARD else 0)
 
 
 def attention_score_bytes(mode: str, shape: dict, dtype: torch.dtype) -> int:
-    """Bytes of one full score (or probability) tensor of the naive einsum path: B * H * N * L elements."""
-    B, T, S, H = (shape[k] for k in ("B", "T", "S", "H"))
-    return int(B * H * T * S * group_length(mode, T, S) * torch.finfo(dtype).bits // 8)
+    """Bytes of one full score (or probability) tensor of the naive einsum path: B * N * (L summed over heads)."""
+    call = attention_shape(mode, shape)
+    return call.batch * call.tokens * call.keys_per_query * torch.finfo(dtype).bits // 8
+
+
+def registry_skip_reason(op: str, backend: str, device: torch.device, dtype: torch.dtype, shape) -> str | None:
+    """Why a registered backend is not benchmarked on this input: it cannot run it, or "auto"
+    passes it over although it runs when named (the Triton interpreter: never timed)."""
+    chosen = backends.get(backend)
+    request = backends.Request(op, device, dtype, shape)
+    reasons = chosen.not_supported_reasons(request) or (chosen.auto_reasons(request) if chosen.auto else [])
+    return f"backend {backend!r}: {', '.join(reasons)}" if reasons else None
 
 
 def attention_skip_reason(spec: dict) -> str | None:
     """Why this attention case cannot run here (registry objection, interpreter, CPU budget), or None."""
     device, dtype = parse_target(spec["target"])
     backend, mode, shape = spec["backend"], spec["mode"], spec["shape"]
-    if backend == "triton" and device.type == "cpu":
-        return "triton on CPU tensors runs only under the Triton interpreter, which is never timed"
     if backend != "sdpa":
-        reasons = backends.get(backend).not_supported_reasons(
-            backends.Request("attention", device, dtype, head_dim=shape["Dh"])
-        )
-        if reasons:
-            return f"backend {backend!r}: {', '.join(reasons)}"
+        reason = registry_skip_reason("attention", backend, device, dtype, attention_shape(mode, shape))
+        if reason:
+            return reason
     if device.type == "cpu":
         flops = attention_flops(mode, shape, FORWARD)
         if flops > CPU_MAX_FORWARD_FLOPS:
@@ -251,22 +255,23 @@ def tubelet_fn(backend: str) -> Callable[..., torch.Tensor]:
     )
 
 
+def tubelet_shape(shape: dict) -> TubeletShape:
+    video = (shape["B"], shape["C"], shape["T"], shape["H"], shape["W"])
+    weight = (shape["D"], shape["C"], shape["t"], shape["h"], shape["w"])
+    return TubeletShape.of(video, weight, torch.empty(video, device="meta").stride())
+
+
 def tubelet_flops(shape: dict, pass_name: str) -> float:
-    """Forward 2 * tokens * D * (C*t*h*w); backward (weight, bias and positional gradients) 1x forward."""
-    tokens = shape["B"] * (shape["T"] // shape["t"]) * (shape["H"] // shape["h"]) * (shape["W"] // shape["w"])
-    forward = 2 * tokens * shape["D"] * shape["C"] * shape["t"] * shape["h"] * shape["w"]
-    return forward * (2.0 if pass_name == BACKWARD else 1.0)
+    """The ops' formula: forward 2 * tokens * D * (C*t*h*w); backward (weight, bias and positional
+    gradients) 1x forward."""
+    return tubelet_shape(shape).flops * (2.0 if pass_name == BACKWARD else 1.0)
 
 
 def tubelet_skip_reason(spec: dict) -> str | None:
     device, dtype = parse_target(spec["target"])
     backend = spec["backend"]
-    if backend == "triton" and device.type == "cpu":
-        return "triton on CPU tensors runs only under the Triton interpreter, which is never timed"
     if backend not in ("conv3d", "unfold_matmul"):
-        reasons = backends.get(backend).not_supported_reasons(backends.Request("tubelet", device, dtype))
-        if reasons:
-            return f"backend {backend!r}: {', '.join(reasons)}"
+        return registry_skip_reason("tubelet", backend, device, dtype, tubelet_shape(spec["shape"]))
     return None
 
 
@@ -342,11 +347,11 @@ def training_skip_reason(spec: dict) -> str | None:
     device, dtype = parse_target(spec["target"])
     if spec["backend"] == "auto":
         # "auto" may fall back to the reference: then there is no fused step to compare.
-        request = backends.Request("attention", device, dtype, head_dim=64)
+        request = backends.Request("attention", device, dtype, AttentionShape.of((1, 2, 4 * 16, 64), 4, "split"))
         with warnings.catch_warnings(record=True) as fallback:
             warnings.simplefilter("always")
-            chosen = backends.select(request, "auto")
-        if chosen is backends.get("reference").ops["attention"]:
+            chosen = backends.select(request, "auto").name
+        if chosen == BASELINE:
             detail = str(fallback[0].message) if fallback else "no fused backend is registered"
             return f"no fused attention backend for {device.type} {dtype_name(dtype)} ({detail})"
     return None

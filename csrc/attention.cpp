@@ -277,10 +277,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, int64_t frames, c10::string_view mode, double scale) {
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dh = q.size(3);
-  // Contiguous: autograd stacks the three into the pack's gradient, a straight copy from these.
-  at::Tensor dq = at::empty({B, H, N, Dh}, q.options());
-  at::Tensor dk = at::empty({B, H, N, Dh}, q.options());
-  at::Tensor dv = at::empty({B, H, N, Dh}, q.options());
+  // The layout of out: (B, H, N, Dh) views of (B, N, H, Dh) buffers.
+  at::Tensor dq = at::empty({B, N, H, Dh}, q.options()).transpose(1, 2);
+  at::Tensor dk = at::empty({B, N, H, Dh}, q.options()).transpose(1, 2);
+  at::Tensor dv = at::empty({B, N, H, Dh}, q.options()).transpose(1, 2);
   backward_into(grad_out, q, k, v, out, lse, frames, mode, scale, dq, dk, dv);
   return {dq, dk, dv};
 }

@@ -12,6 +12,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 // The Fortran BLAS that libtorch_cpu carries (MKL or OpenBLAS, 32-bit integers), declared weak: a
 // torch build without it leaves these null and products go through ATen instead. Calling it
@@ -53,7 +54,7 @@ bool fortran_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T
 std::tuple<at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t frames, c10::string_view mode, double scale);
 
-// dq, dk, dv, each (B, H, N, Dh) contiguous.
+// dq, dk, dv, each a (B, H, N, Dh) view of a (B, N, H, Dh) buffer, like out.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, int64_t frames, c10::string_view mode, double scale);
@@ -63,8 +64,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
 at::Tensor tubelet_forward(
     const at::Tensor& video, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& pos_embed);
-at::Tensor tubelet_video_grad(const at::Tensor& grad, const at::Tensor& weight, at::IntArrayRef video_size);
-at::Tensor tubelet_weight_grad(const at::Tensor& grad, const at::Tensor& video, at::IntArrayRef tubelet);
+// d(video), laid out as at::empty_like(video); zero where no whole tube reaches.
+at::Tensor tubelet_backward_video(const at::Tensor& grad, const at::Tensor& video, const at::Tensor& weight);
+// {d(weight)} (D, C, t, h, w), or {d(weight), d(bias)} with bias_grad.
+std::vector<at::Tensor> tubelet_backward_weight(const at::Tensor& grad, const at::Tensor& video,
+                                                const at::Tensor& weight, bool bias_grad);
+// d(pos_embed) (nt * S', D): grad (B, nt, S', D) summed over the batch.
+at::Tensor tubelet_backward_pos(const at::Tensor& grad);
 
 // Products with m * n * k below this go to small_gemm, larger ones to BLAS. A BLAS call through
 // ATen costs microseconds of tensor setup: more than a temporal group's 32 x 32 x 64 blocks take.

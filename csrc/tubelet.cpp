@@ -8,7 +8,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/flatten.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <vector>
@@ -109,15 +111,15 @@ at::Tensor tubelet_forward(const at::Tensor& video, const at::Tensor& weight_, c
   return out;
 }
 
-at::Tensor tubelet_video_grad(const at::Tensor& grad_, const at::Tensor& weight_, at::IntArrayRef video_size) {
-  TORCH_CHECK(video_size.size() == 5 && weight_.dim() == 5, "tubelet_embedding: video_size must be (B, C, T, H, W)");
+at::Tensor tubelet_backward_video(const at::Tensor& grad_, const at::Tensor& video, const at::Tensor& weight_) {
+  TORCH_CHECK(video.dim() == 5 && weight_.dim() == 5, "tubelet_embedding: expected video (B, C, T, H, W)");
   const at::Tensor grad = grad_.contiguous(), weight = weight_.contiguous();
   const int64_t D = weight.size(0);
-  at::Tensor dvideo = at::zeros(video_size, grad.options());  // zero where no whole tube reaches
+  at::Tensor dvideo = at::zeros_like(video, grad.options());  // zero where no whole tube reaches
   const Tubes tubes(dvideo.sizes(), dvideo.strides(), weight.sizes().slice(2));
-  const int64_t rows = tubes.rows(video_size[0]), K = tubes.K;
+  const int64_t rows = tubes.rows(video.size(0)), K = tubes.K;
   TORCH_CHECK(grad.numel() == rows * D, "tubelet_embedding: grad must be (B, nt, S', D)");
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "vivit_kernels::cpu_tubelet_video_grad", [&] {
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "vivit_kernels::cpu_tubelet_backward_video", [&] {
     const scalar_t* G = grad.data_ptr<scalar_t>();
     const scalar_t* W = weight.data_ptr<scalar_t>();
     scalar_t* dst = dvideo.data_ptr<scalar_t>();
@@ -134,8 +136,10 @@ at::Tensor tubelet_video_grad(const at::Tensor& grad_, const at::Tensor& weight_
   return dvideo;
 }
 
-at::Tensor tubelet_weight_grad(const at::Tensor& grad_, const at::Tensor& video, at::IntArrayRef tubelet) {
-  TORCH_CHECK(video.dim() == 5 && tubelet.size() == 3, "tubelet_embedding: expected video (B, C, T, H, W)");
+std::vector<at::Tensor> tubelet_backward_weight(const at::Tensor& grad_, const at::Tensor& video,
+                                                const at::Tensor& weight, bool bias_grad) {
+  TORCH_CHECK(video.dim() == 5 && weight.dim() == 5, "tubelet_embedding: expected video (B, C, T, H, W)");
+  const at::IntArrayRef tubelet = weight.sizes().slice(2);
   const at::Tensor grad = grad_.contiguous();
   const Tubes tubes(video.sizes(), video.strides(), tubelet);
   const int64_t rows = tubes.rows(video.size(0)), K = tubes.K, D = grad.size(-1);
@@ -144,7 +148,7 @@ at::Tensor tubelet_weight_grad(const at::Tensor& grad_, const at::Tensor& video,
   // Threads own column chunks of dW = grad^T @ tubes, so nothing is reduced across threads.
   const int64_t chunk = std::max<int64_t>(16, (K + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads()));
   const int64_t chunks = (K + chunk - 1) / chunk, row_block = 4 * kRowBlock;
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "vivit_kernels::cpu_tubelet_weight_grad", [&] {
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "vivit_kernels::cpu_tubelet_backward_weight", [&] {
     const scalar_t* G = grad.data_ptr<scalar_t>();
     const scalar_t* src = video.data_ptr<scalar_t>();
     scalar_t* dW = dweight.data_ptr<scalar_t>();
@@ -161,7 +165,13 @@ at::Tensor tubelet_weight_grad(const at::Tensor& grad_, const at::Tensor& video,
       }
     });
   });
-  return dweight;
+  if (!bias_grad) return {dweight};
+  return {dweight, grad.sum(at::IntArrayRef{0, 1, 2})};
+}
+
+at::Tensor tubelet_backward_pos(const at::Tensor& grad) {
+  TORCH_CHECK(grad.dim() == 4, "tubelet_embedding: grad must be (B, nt, S', D)");
+  return grad.sum(0).flatten(0, 1);
 }
 
 }  // namespace vivit_kernels

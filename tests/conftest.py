@@ -1,19 +1,15 @@
-"""Helpers shared by the tests: input builders, an error measure, and the interpreter switch."""
+"""Helpers shared by the tests: input builders, an error measure and the float64 oracle.
+
+Without a GPU the Triton kernels run under Triton's interpreter, on CPU tensors: the library
+decides that itself (`vivit_kernels.triton.interpreted`), so nothing here configures it.
+"""
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-# Without a GPU the Triton kernels run under the interpreter, on CPU tensors. This must be set
-# before triton is first imported, hence here and not in a fixture.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-MODES = ("joint", "spatial", "temporal", "split")
+from vivit_kernels.checks import MODES  # noqa: F401  (re-exported for the test modules)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

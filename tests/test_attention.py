@@ -1,11 +1,10 @@
-"""The public attention API: dispatch, the FactorisedAttention module, bad input, NaN behaviour."""
+"""The public attention API: the op, the FactorisedAttention module, NaN behaviour."""
 
 import pytest
 import torch
 from conftest import MODES, masked_attention, packed_qkv, relative_error
 
-from vivit_kernels import BackendUnsupportedError, FactorisedAttention, factorised_attention
-from vivit_kernels.backends import registry
+from vivit_kernels import FactorisedAttention, attention_backend, factorised_attention
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -74,38 +73,6 @@ def test_nan_stays_in_the_groups_that_see_it(mode, poisoned_rows, generator):
     assert out[:, :, ~rows].isfinite().all()
 
 
-def _qkv(shape=(1, 4, 12, 8), dtype=torch.float32):
-    return [torch.randn(shape).to(dtype) for _ in range(3)]
-
-
-@pytest.mark.parametrize(
-    "make_args, error, message",
-    [
-        (lambda: (*_qkv(), 5, "joint"), ValueError, r"N=12 tokens is not divisible by frames=5"),
-        (lambda: (*_qkv(), 0, "joint"), ValueError, r"frames must be >= 1, got 0"),
-        (lambda: (*_qkv(), 2.0, "joint"), TypeError, r"frames must be an int, got float"),
-        (lambda: (*_qkv((1, 3, 12, 8)), 3, "split"), ValueError, r"even number of heads .* got H=3"),
-        (lambda: (*_qkv(), 3, "diagonal"), ValueError, r"unknown mode 'diagonal'; expected one of"),
-        (lambda: (*_qkv()[:2], torch.randn(1, 4, 12, 16), 3, "joint"), ValueError, r"one shape .* v \(1, 4, 12, 16\)"),
-        (lambda: (*_qkv((4, 12, 8)), 3, "joint"), ValueError, r"q must be 4-D \(B, H, N, Dh\), got shape \(4, 12, 8\)"),
-        (lambda: (*_qkv(dtype=torch.int64), 3, "joint"), TypeError, r"q must have a floating dtype, got torch.int64"),
-        (lambda: (*_qkv()[:2], torch.randn(1, 4, 12, 8).double(), 3, "joint"), TypeError, r"v has dtype torch.float64"),
-        (lambda: (None, *_qkv()[:2], 3, "joint"), TypeError, r"q must be a torch.Tensor, got NoneType"),
-    ],
-)
-def test_bad_attention_input_raises_clear_error(make_args, error, message):
-    with pytest.raises(error, match=message):
-        factorised_attention(*make_args())
-
-
-def test_bad_scale_and_backend_raise():
-    q, k, v = _qkv()
-    with pytest.raises(TypeError, match=r"scale must be a finite float or None, got nan"):
-        factorised_attention(q, k, v, 3, "joint", scale=float("nan"))
-    with pytest.raises(ValueError, match=r"unknown backend 'cuda_magic'; expected 'auto' or one of 'reference'"):
-        factorised_attention(q, k, v, 3, "joint", backend="cuda_magic")
-
-
 def test_bad_module_arguments_raise():
     with pytest.raises(ValueError, match=r"dim=50 is not divisible by num_heads=4"):
         FactorisedAttention(50, num_heads=4)
@@ -120,27 +87,14 @@ def test_bad_module_arguments_raise():
         attn(torch.randn(1, 12, 48), frames=5)
 
 
-@pytest.fixture
-def picky_backend(monkeypatch):
-    """The only fused backend, refusing float32, for one test."""
-    monkeypatch.setattr(registry, "_BACKENDS", {"reference": registry.get("reference")})
-    fused = registry.OpSupport(lambda q, k, v, frames, mode, scale: q * 0 + 7, ("cpu",), (torch.float64,))
-    registry.register(registry.Backend("picky", ops={"attention": fused}))
-    return fused
-
-
-def test_auto_prefers_a_fused_backend_that_fits(picky_backend):
-    q, k, v = _qkv(dtype=torch.float64)
-    assert (factorised_attention(q, k, v, 3, "joint") == 7).all()
-
-
-def test_auto_falls_back_with_every_reason_and_named_backend_refuses(picky_backend):
-    q, k, v = _qkv()
-    with pytest.warns(UserWarning, match=r"using the reference implementation \(picky: dtype float32 not supported"):
-        out = factorised_attention(q, k, v, 3, "joint")
-    torch.testing.assert_close(out, masked_attention(q, k, v, 3, "joint").float())
-    with pytest.raises(BackendUnsupportedError, match=r"backend 'picky' cannot run this input: dtype float32"):
-        factorised_attention(q, k, v, 3, "joint", backend="picky")
+def test_backend_names_the_choice_without_computing(generator):
+    q, k, v, _ = packed_qkv(1, 2, 3 * 4, 8, dtype=torch.float32, generator=generator, requires_grad=False)
+    assert attention_backend(q, k, v, 3, "split") == "cpu"
+    assert attention_backend(q, k, v, 3, "split", backend="reference") == "reference"
+    with pytest.warns(UserWarning, match="no fused backend fits"):
+        assert attention_backend(q.double(), k.double(), v.double(), 3, "split", dropout_p=0.1) == "reference"
+    with pytest.raises(ValueError, match="N=12 tokens is not divisible by frames=5"):
+        attention_backend(q, k, v, 5, "split")
 
 
 def test_module_stands_in_a_timm_block(generator):

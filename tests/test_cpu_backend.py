@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import MODES, masked_attention, packed_qkv, relative_error
 
-from vivit_kernels import BackendUnsupportedError, factorised_attention, tubelet_embedding
+from vivit_kernels import BackendUnsupportedError, attention_backend, saved_bytes, factorised_attention, tubelet_backend, tubelet_embedding
 from vivit_kernels import reference as naive
 from vivit_kernels.backends import cpu, registry
 
@@ -17,9 +17,9 @@ def kernels():
     """Load (building once per session if needed) the C++ library; skip only when no toolchain exists."""
     from vivit_kernels import _extension
 
-    if _extension.prebuilt() is None and _extension._cannot_build():
+    if _extension.find() is None and _extension._cannot_build():
         pytest.skip(f"C++ kernels neither built nor buildable here: {_extension._cannot_build()}")
-    cpu._ensure_loaded()
+    cpu.load()
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_attention_any_strides(mode, generator, poisoned):
 @pytest.mark.parametrize("mode", MODES)
 def test_attention_gradcheck(mode, generator):
     q, k, v, _ = packed_qkv(1, 2, 3 * 4, 5, generator=generator)
-    assert torch.autograd.gradcheck(lambda q, k, v: cpu.attention(q, k, v, 3, mode, 0.7), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: factorised_attention(q, k, v, 3, mode, 0.7, backend="cpu"), (q, k, v))
 
 
 @pytest.mark.parametrize(
@@ -105,42 +105,6 @@ def test_attention_nan_stays_in_its_groups(mode, poisoned_rows, generator):
     rows = poisoned_rows(n // S, n % S)
     assert out[:, :, rows].isnan().all()
     assert out[:, :, ~rows].isfinite().all()
-
-
-def test_opcheck_attention_ops(generator):
-    q, k, v, _ = packed_qkv(1, 4, 3 * 5, 8, dtype=torch.float32, generator=generator)
-    ops = torch.ops.vivit_kernels
-    torch.library.opcheck(ops.cpu_attention_forward, (q, k, v, 3, "split", 0.35))
-    out, lse = (x.detach() for x in ops.cpu_attention_forward(q, k, v, 3, "split", 0.35))
-    grad_out = torch.randn(out.shape, generator=generator)
-    q, k, v = (x.detach() for x in (q, k, v))
-    torch.library.opcheck(ops.cpu_attention_backward, (grad_out, q, k, v, out, lse, 3, "split", 0.35))
-
-
-@pytest.mark.parametrize("mode, length", [("joint", 6 * 7), ("spatial", 7), ("temporal", 6), ("split", (7 + 6) / 2)])
-def test_flop_counter_counts_the_ops(mode, length, generator):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    B, H, T, S, Dh = 2, 4, 6, 7, 16
-    q, k, v, _ = packed_qkv(B, H, T * S, Dh, dtype=torch.float32, generator=generator)
-    with FlopCounterMode(display=False) as counter:
-        factorised_attention(q, k, v, T, mode, backend="cpu").sum().backward()
-    counts = counter.get_flop_counts()["Global"]
-    forward = 4 * B * H * T * S * length * Dh
-    assert counts[torch.ops.vivit_kernels.cpu_attention_forward] == forward
-    assert counts[torch.ops.vivit_kernels.cpu_attention_backward] == 2.5 * forward
-
-
-def _saved_bytes(fn, *args) -> int:
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return sum(storages.values())
 
 
 def _sdpa_with_permutes(q, k, v, frames, mode):
@@ -172,7 +136,7 @@ def test_saved_for_backward(mode, generator):
     B, H, T, S, Dh = 1, 4, 8, 24, 16
     N, D = T * S, H * Dh
     q, k, v, qkv = packed_qkv(B, H, N, Dh, dtype=torch.float32, generator=generator)
-    saved = _saved_bytes(lambda: factorised_attention(q, k, v, T, mode, backend="cpu"))
+    saved = saved_bytes(lambda: factorised_attention(q, k, v, T, mode, backend="cpu"))
     assert saved == 4 * B * N * (3 * D + D + H)  # the pack, out, lse
 
     x = torch.randn(B, N, D, generator=generator, requires_grad=True)
@@ -182,16 +146,16 @@ def test_saved_for_backward(mode, generator):
         q, k, v = qkv_proj(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
         return out_proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
 
-    fused = _saved_bytes(lambda: layer(lambda q, k, v: factorised_attention(q, k, v, T, mode, backend="cpu")))
-    assert fused <= _saved_bytes(lambda: layer(lambda q, k, v: _sdpa_with_permutes(q, k, v, T, mode)))
+    fused = saved_bytes(lambda: layer(lambda q, k, v: factorised_attention(q, k, v, T, mode, backend="cpu")))
+    assert fused <= saved_bytes(lambda: layer(lambda q, k, v: _sdpa_with_permutes(q, k, v, T, mode)))
     if mode == "joint":  # the naive path keeps the N x N probabilities
-        assert saved < _saved_bytes(lambda: factorised_attention(q, k, v, T, mode, backend="reference"))
+        assert saved < saved_bytes(lambda: factorised_attention(q, k, v, T, mode, backend="reference"))
 
 
-def test_auto_picks_cpu_for_cpu_tensors():
-    request = registry.Request("attention", torch.device("cpu"), torch.float32, head_dim=64)
-    assert registry.select(request).run is cpu.attention
-    assert registry.select(registry.Request("tubelet", torch.device("cpu"), torch.float64)).run is cpu.tubelet_embedding
+def test_auto_picks_cpu_for_cpu_tensors(generator):
+    q, k, v, _ = packed_qkv(1, 2, 6, 64, dtype=torch.float32, generator=generator, requires_grad=False)
+    assert attention_backend(q, k, v, 2, "split") == "cpu"
+    assert tubelet_backend(torch.zeros(1, 3, 2, 8, 8, dtype=torch.float64), torch.zeros(4, 3, 2, 4, 4).double()) == "cpu"
 
 
 def test_unavailable_backend_falls_back_or_refuses(monkeypatch, generator):
@@ -259,17 +223,4 @@ def test_tubelet_without_bias_or_pos_embed_and_gradcheck(generator):
     torch.testing.assert_close(tokens, naive.tubelet_embedding(video, weight), rtol=1e-12, atol=1e-12)
     bias = torch.randn(3, dtype=torch.float64, generator=generator, requires_grad=True)
     pos_embed = torch.randn(1, 4, 3, dtype=torch.float64, generator=generator, requires_grad=True)
-    assert torch.autograd.gradcheck(cpu.tubelet_embedding, (video, weight, bias, pos_embed))
-
-
-def test_opcheck_tubelet_ops(generator):
-    video = torch.randn(2, 3, 5, 9, 8, generator=generator, requires_grad=True)
-    weight = torch.randn(6, 3, 2, 4, 4, generator=generator, requires_grad=True)
-    bias = torch.randn(6, generator=generator, requires_grad=True)
-    pos_embed = torch.randn(2 * 2 * 2, 6, generator=generator, requires_grad=True)
-    ops = torch.ops.vivit_kernels
-    torch.library.opcheck(ops.cpu_tubelet_forward, (video, weight, bias, pos_embed))
-    torch.library.opcheck(ops.cpu_tubelet_forward, (video, weight, None, None))
-    grad = torch.randn(2, 2, 4, 6, generator=generator)
-    torch.library.opcheck(ops.cpu_tubelet_video_grad, (grad, weight.detach(), [2, 3, 5, 9, 8]))
-    torch.library.opcheck(ops.cpu_tubelet_weight_grad, (grad, video.detach(), [2, 4, 4]))
+    assert torch.autograd.gradcheck(lambda *x: tubelet_embedding(*x, backend="cpu"), (video, weight, bias, pos_embed))

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vivit.checkpoint import load_checkpoint
-from vivit.evaluate import load_model
-from vivit.train import build_model, seed_everything
+from vivit import build_model
+from vivit.checkpoint import load_checkpoint, load_model
+from vivit.training import seed_everything
 
 ARGS = ["--dim", "32", "--depth", "2", "--heads", "2", "--tubelet", "2", "8", "8", "--steps", "3", "--batch-size", "8",
         "--synthetic-clips", "48", "--synthetic-val-clips", "8", "--optimizer", "sgd", "--lr", "0.1",

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import relative_error
 from safetensors.torch import save_file
-from vivit import ViViT, ViViTConfig, load_image_pretrained, resample_pos_embed, tile_pos_embed
+from vivit import ViViT, ViViTConfig, central_frame, inflate, load_image_pretrained, resample_pos_embed, tile_pos_embed
+from vivit_kernels import tubelet_embedding
 
 timm = pytest.importorskip("timm", reason="timm builds the image ViTs these tests start from")
 
@@ -218,3 +219,24 @@ def test_bad_arguments(tmp_path):
         load_image_pretrained(model, tmp_path / "absent.pth")
     with pytest.raises(TypeError, match="ViViT"):
         load_image_pretrained(torch.nn.Linear(2, 2), {})
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4])
+def test_inflate_on_a_static_clip_is_the_2d_patch_embedding(t, generator):
+    frame = torch.randn(2, 3, 16, 12, dtype=torch.float64, generator=generator)
+    weight_2d = torch.randn(8, 3, 4, 4, dtype=torch.float64, generator=generator)
+    bias = torch.randn(8, dtype=torch.float64, generator=generator)
+    clip = frame.unsqueeze(2).expand(-1, -1, 2 * t, -1, -1)
+    tokens = tubelet_embedding(clip, inflate(weight_2d, t), bias)
+    patches = F.conv2d(frame, weight_2d, bias, stride=4).flatten(2).transpose(1, 2)  # (B, S, D)
+    for nt in range(2):
+        assert relative_error(tokens[:, nt], patches) < 1e-12
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4])
+def test_central_frame_sees_only_the_centre_frame(t, generator):
+    clip = torch.randn(1, 3, t, 8, 8, dtype=torch.float64, generator=generator)
+    weight_2d = torch.randn(5, 3, 4, 4, dtype=torch.float64, generator=generator)
+    tokens = tubelet_embedding(clip, central_frame(weight_2d, t))
+    centre = F.conv2d(clip[:, :, t // 2], weight_2d, stride=4).flatten(2).transpose(1, 2)
+    assert relative_error(tokens[:, 0], centre) < 1e-12

@@ -72,8 +72,11 @@ def test_resume_continues_bit_for_bit(tmp_path, optimizer):
 
 
 def test_gradient_accumulation_matches_one_large_batch(tmp_path):
+    # SGD: its update is linear in the gradient, so the weights differ by the gradients' rounding
+    # (~1e-7). AdamW divides by sqrt(v): an element whose gradient is near zero turns that
+    # rounding into a visible step, and the comparison would measure the optimiser, not accumulation.
     common = [*TINY, "--steps", "2", "--batch-size", "8", "--synthetic-clips", "32", "--synthetic-val-clips", "0",
-              "--lr", "1e-3"]
+              "--lr", "1e-1", "--optimizer", "sgd"]
     run(tmp_path, "one", *common)
     run(tmp_path, "accum", *common, "--accum-steps", "4")
     a = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"]
@@ -94,7 +97,7 @@ def test_initialise_from_an_image_checkpoint(tmp_path, init):
     """--pretrained/--init reach the model: with lr 0 the trained tubelet filter is the image
     model's patch filter made 3D by the chosen rule."""
     timm = pytest.importorskip("timm", reason="a timm ViT is the image checkpoint")
-    from vivit_kernels import central_frame, inflate
+    from vivit import central_frame, inflate
 
     vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2,
                                                            num_heads=2, num_classes=10)
@@ -123,17 +126,3 @@ def test_training_options_run(tmp_path, options):
     records = [json.loads(line) for line in (tmp_path / "opt" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "event" not in r]
     assert len(losses) == 2 and all(0.0 < loss < 10.0 for loss in losses)
-
-
-def test_saved_bytes_report_of_the_demo(tmp_path):
-    """The demo's memory line: the fused kernels keep less for backward than the naive attention
-    on a ViViT-B model-4 layer (16 x 196 tokens); both paths are measured, not assumed."""
-    from vivit.evaluate import saved_bytes_report
-
-    run(tmp_path, "m", *TINY, "--steps", "1", "--batch-size", "8", "--synthetic-clips", "8", "--synthetic-val-clips", "0")
-    state = load_checkpoint(tmp_path / "m" / "checkpoint.pt")
-    report = saved_bytes_report(state["model_spec"], torch.randn(1, 3, 8, 32, 32))
-    assert all(report[key] > 0 for key in ("fused_model", "naive_model", "fused_vivit_b_layer", "naive_vivit_b_layer"))
-    if report["fused_backend"] == "reference":
-        pytest.skip("no fused attention backend runs here: both paths are the reference")
-    assert report["fused_vivit_b_layer"] < report["naive_vivit_b_layer"]

@@ -1,7 +1,8 @@
 """The Triton fused attention (`vivit_kernels/triton/attention.py`) and its backend registration.
 
-Without a GPU these run under the Triton interpreter on CPU tensors (conftest sets
-TRITON_INTERPRET=1); on a GPU the same tests run compiled, on CUDA tensors.
+Without a GPU these run under the Triton interpreter on CPU tensors; on a GPU the same tests
+run compiled, on CUDA tensors. The ops' own checks (opcheck, FLOP formulas, saved tensors,
+torch.compile) are in test_ops.py, for every backend.
 bf16 under the interpreter feeds tl.dot fp32 operands (the interpreter's bf16 dot is wrong,
 triton-lang/triton#11584); loads, conversions and stores stay bf16, and the real bf16 dot is
 checked by the sm_80/sm_90 compile inspection (tests/test_triton_inspect.py).
@@ -17,7 +18,7 @@ from conftest import MODES, masked_attention, packed_qkv, relative_error
 
 from vivit_kernels import factorised_attention, reference
 from vivit_kernels.backends import BackendUnsupportedError, Request, get, select
-from vivit_kernels.memory import saved_bytes
+from vivit_kernels.checks import AttentionShape, TubeletShape
 
 triton_attention = pytest.importorskip("vivit_kernels.triton.attention", reason="triton is not installed")
 
@@ -152,77 +153,40 @@ def test_output_is_a_view_of_the_projection_layout(generator):
     assert out.transpose(1, 2).is_contiguous()  # (B, N, H, Dh) buffer: reshape to (B, N, D) is free
 
 
-def test_saves_only_inputs_output_and_lse(generator):
-    B, H, T, S, Dh = 1, 2, 5, 35, 32
-    q, k, v, _ = _inputs(B, H, T, S, Dh, "packed", generator)
-    N = T * S
-    ours = saved_bytes(factorised_attention, q, k, v, T, "joint", backend="triton")
-    naive = saved_bytes(factorised_attention, q, k, v, T, "joint", backend="reference")
-    qkv_bytes = q.untyped_storage().nbytes()  # one packed storage for q, k, v
-    out_bytes = B * H * N * Dh * q.element_size()
-    lse_bytes = B * H * N * 4
-    assert ours <= qkv_bytes + out_bytes + lse_bytes
-    assert ours < naive
-
-
-def test_flop_counter_counts_the_stated_formula(generator):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    B, H, T, S, Dh = 1, 2, 3, 7, 24
-    q, k, v, _ = _inputs(B, H, T, S, Dh, "packed", generator)
-    with FlopCounterMode(display=False) as counter:
-        factorised_attention(q, k, v, T, "split", backend="triton").sum().backward()
-    forward = 4 * B * T * S * Dh * (H // 2 * S + H // 2 * T)
-    assert counter.get_total_flops() == forward + 2.5 * forward
-
-
-def test_ops_pass_opcheck(generator):
-    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of both ops."""
-    q, k, v, _ = _inputs(1, 2, 3, 7, 24, "packed", generator)
-    forward_args = (q, k, v, 3, "split", 0.2)
-    torch.library.opcheck(torch.ops.vivit_kernels.triton_attention_forward, forward_args)
-    out, lse = triton_attention.forward(q.detach(), k.detach(), v.detach(), 3, "split", 0.2)
-    dout = torch.randn(out.shape, generator=generator).to(out)
-    backward_args = (dout, q.detach(), k.detach(), v.detach(), out, lse, 3, "split", 0.2)
-    torch.library.opcheck(torch.ops.vivit_kernels.triton_attention_backward, backward_args)
-
-
-def test_torch_compile_fullgraph_matches_eager(generator):
-    q, k, v, dout = _inputs(1, 2, 3, 7, 24, "packed", generator)
-
-    def layer(q, k, v):
-        return factorised_attention(q, k, v, 3, "split", backend="triton") * 2.0
-
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    eager = _out_and_grads(layer, q, k, v, dout, torch.float32)
-    traced = _out_and_grads(compiled, q, k, v, dout, torch.float32)
-    for name, a, e in zip(("out", "dq", "dk", "dv"), traced, eager):
-        torch.testing.assert_close(a, e, rtol=0, atol=0, msg=name)
+def _request(op="attention", device=DEVICE, dtype=torch.float32, head_dim=64, dropout_p=0.0):
+    if op == "attention":
+        shape = AttentionShape.of((1, 2, 12, head_dim), 3, "split", dropout_p=dropout_p)
+    else:
+        shape = TubeletShape.of((1, 3, 4, 16, 16), (8, 3, 2, 8, 8), (3072, 1024, 256, 16, 1))
+    return Request(op, torch.device(device), dtype, shape)
 
 
 def test_backend_declares_its_limits():
     triton_backend = get("triton")
-    request = Request("attention", torch.device(DEVICE), torch.float32, head_dim=64)
-    assert triton_backend.not_supported_reasons(request) == []
+    assert triton_backend.not_supported_reasons(_request()) == []
     for changed, reason in [
         (dict(dtype=torch.float64), "dtype float64 not supported"),
         (dict(head_dim=8), "head dim 8 not supported (supports 16 to 128)"),
         (dict(head_dim=256), "head dim 256 not supported"),
         (dict(dropout_p=0.1), "attention dropout not supported"),
     ]:
-        bad = Request(**{**request.__dict__, **changed})
+        bad = _request(**changed)
         assert any(reason in r for r in triton_backend.not_supported_reasons(bad)), reason
         with pytest.raises(BackendUnsupportedError, match="backend 'triton' cannot run this input"):
             select(bad, "triton")
+    wide = Request("tubelet", torch.device(DEVICE), torch.float32, TubeletShape(1, 3, 8, (2, 4, 4), (1, 1, 1), 2**31 + 1))
+    assert triton_backend.not_supported_reasons(wide) == [
+        "one clip of the video spans 2147483649 elements (supports at most 2147483648)"
+    ]
 
 
 def test_backend_reasons_without_triton_or_interpreter(monkeypatch):
     from vivit_kernels.backends import triton as triton_backend
 
-    cpu = Request("attention", torch.device("cpu"), torch.float32, head_dim=64)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu = _request(device="cpu")
+    monkeypatch.setattr(triton_backend, "interpreted", lambda: False)
     assert get("triton").not_supported_reasons(cpu) == [
-        "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)"
+        "CPU tensors run only under the Triton interpreter (no CUDA device, or TRITON_INTERPRET=1)"
     ]
     monkeypatch.setattr(triton_backend, "_INSTALLED", False)
     assert get("triton").not_supported_reasons(cpu) == ["triton is not installed"]
@@ -230,24 +194,27 @@ def test_backend_reasons_without_triton_or_interpreter(monkeypatch):
 
 def test_auto_never_picks_the_interpreter(monkeypatch):
     """Interpreted Triton on CPU tensors only runs when asked for by name: as a default it would be unusably slow."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    cpu = Request("attention", torch.device("cpu"), torch.float32, head_dim=64)
-    assert select(cpu, "triton") is get("triton").ops["attention"]
+    from vivit_kernels.backends import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "interpreted", lambda: True)
+    cpu = _request(device="cpu")
+    assert select(cpu, "triton").name == "triton"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reference fallback warns when no CPU backend is built
-        assert select(cpu, "auto") is not get("triton").ops["attention"]
+        assert select(cpu, "auto").name != "triton"
     assert get("triton").auto_reasons(cpu) == [
-        "runs under the Triton interpreter (TRITON_INTERPRET=1): only when named, backend='triton'"
+        "the kernels run under the Triton interpreter here: only when named, backend='triton'"
     ]
 
 
 @pytest.mark.parametrize("op, dtype", [("attention", torch.float16), ("attention", torch.float32), ("tubelet", torch.bfloat16)])
 def test_auto_picks_triton_for_cuda_tensors(op, dtype, monkeypatch):
     """The dispatch decision for CUDA inputs (no GPU needed: a request describes the input)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    cuda = Request(op, torch.device("cuda"), dtype, head_dim=64 if op == "attention" else None)
-    assert select(cuda, "auto") is get("triton").ops[op]
+    from vivit_kernels.backends import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "interpreted", lambda: False)
+    assert select(_request(op, "cuda", dtype), "auto").name == "triton"
     # A head dim the kernels do not take falls back to the reference, saying why.
     if op == "attention":
         with pytest.warns(UserWarning, match=r"triton: head dim 256 not supported \(supports 16 to 128\)"):
-            assert select(Request(op, torch.device("cuda"), dtype, head_dim=256), "auto") is get("reference").ops[op]
+            assert select(_request(op, "cuda", dtype, head_dim=256), "auto").name == "reference"

@@ -26,10 +26,10 @@ pytest.importorskip("triton", reason="triton is not installed")
 def _worst_cases() -> list:
     """Per (kernel, constexprs other than BLOCK_D, warps, stages, dtype): the autotune candidate
     spec with the largest BLOCK_D."""
-    from vivit_kernels.triton import attention
+    from vivit_kernels.triton import specs
 
     worst = {}
-    for spec in attention.compile_specs():
+    for spec in specs.attention_specs():
         if not spec.autotune_candidate:
             continue
         others = tuple(sorted((k, v) for k, v in spec.constexprs.items() if k != "BLOCK_D"))
@@ -102,14 +102,15 @@ def test_autotune_candidates_do_not_spill_or_overflow_shared_memory(rows):
 def test_specs_cover_every_config_dtype_and_head_dim():
     """What the CLI compiles: one spec per (kernel, autotune config, dtype, padded head dim), real code path."""
     from vivit_kernels.triton import attention
+    from vivit_kernels.triton import specs as compile_specs
 
-    specs = attention.compile_specs()
+    specs = compile_specs.attention_specs()
     configs = len(attention._FWD_CONFIGS) + len(attention._DKDV_CONFIGS) + len(attention._DQ_CONFIGS) + 1
-    assert len(specs) == configs * 3 * len(attention._HEAD_DIM_BLOCKS)
+    assert len(specs) == configs * 3 * len(compile_specs.HEAD_DIM_BLOCKS)
     # For every kernel, dtype and head dim the autotuner has at least one candidate.
     for kernel in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
         for dtype in ("fp16", "bf16", "fp32"):
-            for block_d in attention._HEAD_DIM_BLOCKS:
+            for block_d in compile_specs.HEAD_DIM_BLOCKS:
                 assert any(
                     s.autotune_candidate and s.name.startswith(f"{kernel}[{dtype},") and f"BLOCK_D={block_d}," in s.name
                     for s in specs

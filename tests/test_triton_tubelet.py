@@ -1,7 +1,8 @@
 """The Triton tubelet-embedding kernels (vivit_kernels/triton/tubelet.py) against F.conv3d.
 
-Without a GPU they run under Triton's interpreter on CPU tensors (conftest sets
-TRITON_INTERPRET=1); the same kernels are compiled for sm_80/sm_90 by the inspection tool.
+Without a GPU they run under Triton's interpreter on CPU tensors; the same kernels are compiled
+for sm_80/sm_90 by the inspection tool. The ops' own checks (opcheck, FLOP formulas, saved
+tensors) are in test_ops.py, for every backend.
 Shapes are chosen so that tokens per clip, D and K are not multiples of the interpreter's
 blocks (16 x 16 x 32) and span several of them.
 """
@@ -18,17 +19,20 @@ from conftest import relative_error
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from vivit_kernels import TubeletEmbedding, reference, saved_bytes, tubelet_embedding  # noqa: E402
-from vivit_kernels.triton import common  # noqa: E402
+from vivit_kernels import TubeletEmbedding, reference, tubelet_embedding  # noqa: E402
+from vivit_kernels.triton import interpreted  # noqa: E402
+from vivit_kernels.triton import specs  # noqa: E402
 from vivit_kernels.triton import tubelet as kernels  # noqa: E402
 
 needs_triton_device = pytest.mark.skipif(
-    not (torch.cuda.is_available() or common.interpreting()),
-    reason="Triton needs a CUDA device or TRITON_INTERPRET=1",
+    not (torch.cuda.is_available() or interpreted()),
+    reason="Triton needs a CUDA device, or TRITON_INTERPRET unset or 1 to interpret",
 )
 pytestmark = needs_triton_device
+
+
+def _triton(video, weight, bias=None, pos_embed=None):
+    return tubelet_embedding(video, weight, bias, pos_embed, backend="triton")
 
 
 def _device() -> str:
@@ -98,7 +102,7 @@ def test_forward_and_every_gradient_match_conv3d(C, tubelet, size, D, generator)
     leaves = _inputs(C, tubelet, size, D, generator)
     grad_out = _grad_out(leaves, generator)
     expected, expected_grads = _grads(_conv3d_tokens, _float64(leaves), grad_out.cpu())
-    out, grads = _grads(kernels.tubelet_embedding, leaves, grad_out)
+    out, grads = _grads(_triton, leaves, grad_out)
     assert out.shape == expected.shape and out.dtype == torch.float32
     assert relative_error(out.cpu(), expected) < FP32_TOL
     for name, grad, want in zip(("video", "weight", "bias", "pos_embed"), grads, expected_grads):
@@ -113,7 +117,7 @@ def test_strided_video_is_read_in_place(layout, generator):
     expected, expected_grads = _grads(_conv3d_tokens, _float64(leaves), grad_out.cpu())
     video, *params = leaves
     video.requires_grad_()  # a leaf view: the kernel gets its strides, no contiguous copy is made
-    out = kernels.tubelet_embedding(video, *params)
+    out = _triton(video, *params)
     out.backward(grad_out.float())
     assert relative_error(out.detach().cpu(), expected) < FP32_TOL
     assert relative_error(video.grad.cpu(), expected_grads[0]) < FP32_TOL
@@ -135,7 +139,7 @@ def test_low_precision_within_twice_the_reference_error(dtype, generator):
     grad_out = _grad_out(leaves, generator)
     truth, truth_grads = _grads(_conv3d_tokens, _float64(leaves), grad_out.cpu())
     ref, ref_grads = _grads(reference.tubelet_embedding, [x.cpu() for x in leaves], grad_out.cpu())
-    out, grads = _grads(kernels.tubelet_embedding, leaves, grad_out)
+    out, grads = _grads(_triton, leaves, grad_out)
     assert out.dtype == dtype
     assert relative_error(out.cpu(), truth) <= 2 * relative_error(ref, truth)
     for name, grad, ref_grad, want in zip(("video", "weight", "bias", "pos_embed"), grads, ref_grads, truth_grads):
@@ -151,31 +155,21 @@ def test_poisoned_outputs_and_gradients_are_fully_written(generator):
     grad_out = _grad_out(leaves, generator)
     expected, conv_grads = _grads(_conv3d_tokens, _float64(leaves), grad_out.cpu())
     nan = float("nan")
-    out = kernels.tubelet_forward(video, weight, bias, pos_embed, out=torch.full(expected.shape, nan).to(video))
+    pos = pos_embed.reshape(-1, pos_embed.shape[-1])  # the launchers take it as (P, D)
+    out = kernels.forward(video, weight, bias, pos, out=torch.full(expected.shape, nan).to(video))
     assert relative_error(out.cpu(), expected) < FP32_TOL
 
     grad_out = grad_out.float()
-    dvideo = kernels.tubelet_backward_video(grad_out, video, weight, dvideo=torch.full_like(video, nan))
-    dweight, dbias = kernels.tubelet_backward_weight(
-        grad_out, video, weight.shape, True, dweight=torch.full_like(weight, nan), dbias=torch.full_like(bias, nan)
+    dvideo = kernels.backward_video(grad_out, video, weight, dvideo=torch.full_like(video, nan))
+    dweight, dbias = kernels.backward_weight(
+        grad_out, video, weight, True, dweight=torch.full_like(weight, nan), dbias=torch.full_like(bias, nan)
     )
-    dpos = kernels.tubelet_backward_pos(grad_out, dpos=torch.full_like(pos_embed, nan))
+    dpos = kernels.backward_pos(grad_out, dpos=torch.full_like(pos, nan)).reshape(pos_embed.shape)
     for grad, want in zip((dvideo, dweight, dbias, dpos), conv_grads):
         assert not grad.isnan().any()
         assert relative_error(grad.cpu(), want) < FP32_TOL
     # T = 7, H = 11, W = 15 with a 3 x 5 x 7 tubelet: frame 6, row 10 and column 14 are dropped.
     assert (dvideo[:, :, 6:] == 0).all() and (dvideo[:, :, :, 10:] == 0).all() and (dvideo[..., 14:] == 0).all()
-
-
-def test_saves_only_the_video_and_the_weight(generator):
-    video, weight, bias, pos_embed = _inputs(3, (2, 4, 4), (2, 5, 9, 13), 24, generator)
-    for x in (video, weight, bias, pos_embed):
-        x.requires_grad_()
-    saved = saved_bytes(kernels.tubelet_embedding, video, weight, bias, pos_embed)
-    # The inputs themselves (kept alive by the caller anyway), no unfolded copy, no bias or pos_embed.
-    assert saved == (video.numel() + weight.numel()) * 4
-    permuted = _inputs(3, (2, 4, 4), (2, 5, 9, 13), 24, generator, layout="permuted")[0].requires_grad_()
-    assert saved_bytes(kernels.tubelet_embedding, permuted, weight, bias, pos_embed) == saved
 
 
 def test_public_api_and_module_run_on_triton(generator):
@@ -194,49 +188,14 @@ def test_public_api_and_module_run_on_triton(generator):
     assert embed.proj.weight.grad is not None and video.grad is not None
 
 
-def test_flop_counter_counts_the_gemms(generator):
-    video, weight, bias, _ = _inputs(3, (2, 4, 4), (2, 5, 9, 13), 24, generator)
-    video.requires_grad_()
-    weight.requires_grad_()
-    gemm = 2 * (2 * 2 * 2 * 3) * 24 * (3 * 2 * 4 * 4)  # 2 * tokens * D * K
-    with FlopCounterMode(display=False) as counter:
-        kernels.tubelet_embedding(video, weight, bias).sum().backward()
-    # forward, d(video) and d(weight): three GEMMs of the same size
-    assert counter.get_total_flops() == 3 * gemm
-    # Pixels rarely need a gradient: then d(video) is not computed at all.
-    with FlopCounterMode(display=False) as counter:
-        kernels.tubelet_embedding(video.detach(), weight, bias).sum().backward()
-    assert counter.get_total_flops() == 2 * gemm
-
-
-@pytest.mark.parametrize("op", ["forward", "backward_video", "backward_weight", "backward_pos"])
-def test_library_ops_pass_opcheck(op, generator):
-    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of each op."""
-    video, weight, bias, pos_embed = _inputs(2, (1, 2, 3), (1, 3, 5, 7), 20, generator)
-    grad = torch.randn(1, 3, 4, 20, generator=generator).to(video)
-    args = {  # the backward ops are not differentiable themselves: no input requires grad there
-        "forward": (video.detach().requires_grad_(), weight.detach().requires_grad_(), bias, pos_embed),
-        "backward_video": (grad, video, weight),
-        "backward_weight": (grad, video, weight, True),
-        "backward_pos": (grad,),
-    }[op]
-    torch.library.opcheck(getattr(torch.ops.vivit_kernels, f"triton_tubelet_{op}").default, args)
-
-
-def test_clips_beyond_int32_offsets_are_refused():
-    video = torch.empty_strided((1, 3, 2, 4, 4), (0, 2**30, 16, 4, 1), device="meta")
-    with pytest.raises(ValueError, match=r"one clip of the video spans \d+ elements; expected at most 2\^31 - 1"):
-        kernels._check_int32_offsets(video, P=4, D=8, K=96)
-
-
 def test_compile_specs_cover_every_kernel_config_and_dtype():
-    specs = kernels.compile_specs()
-    names = {spec.name for spec in specs}
-    assert len(names) == len(specs)
+    tubelet_specs = specs.tubelet_specs()
+    names = {spec.name for spec in tubelet_specs}
+    assert len(names) == len(tubelet_specs)
     for kernel in ("tubelet_fwd", "tubelet_bwd_video", "tubelet_bwd_weight", "tubelet_bwd_pos"):
         for dtype in ("fp32", "fp16", "bf16"):
-            assert any(s.name.startswith(f"{kernel}[{dtype},") and s.dtype == dtype for s in specs), (kernel, dtype)
-    for spec in specs:
+            assert any(s.name.startswith(f"{kernel}[{dtype},") and s.dtype == dtype for s in tubelet_specs), (kernel, dtype)
+    for spec in tubelet_specs:
         assert list(spec.signature) == spec.fn.arg_names
         assert {k for k, v in spec.signature.items() if v == "constexpr"} == set(spec.constexprs)
         # tl.dot needs every dimension >= 16 on a GPU

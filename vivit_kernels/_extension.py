@@ -1,15 +1,18 @@
 """Loading the C++ CPU kernels (csrc/) into the process.
 
-Two ways in: the binary `setup.py` built at install time (vivit_kernels/_csrc*.so), or, when it
-is absent or older than the sources, a build on first use with torch's extension tools (ninja)
-into a cache directory named by a hash of the sources, so a changed source never loads a stale
-binary. Loading registers the ops `torch.ops.vivit_kernels.cpu_*`.
+One rule decides which binary loads: a library is named after a hash of the sources and build
+flags it was compiled from (`vivit_kernels_csrc_<hash>`), and only the one named after the
+sources at hand is loaded, so a changed source never loads a stale binary, however it was built.
+It is looked for in the package (`vivit_kernels/_csrc/`, built there by `setup.py` at install
+time) and then in the build cache ($VIVIT_KERNELS_CACHE, else torch's extension cache); when
+neither holds it, it is compiled into the cache on first use with torch's extension tools
+(ninja). An install without the sources (a wheel) loads the library it shipped with.
+Loading registers the CPU kernels of the ops `torch.ops.vivit_kernels.cpu_*`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.machinery
 import os
 import shutil
 import sys
@@ -17,32 +20,51 @@ from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
 CSRC = _PACKAGE.parent / "csrc"
+PACKAGE_BUILD = _PACKAGE / "_csrc"
 SOURCES = ("attention.cpp", "block_math.cpp", "tubelet.cpp", "ops.cpp")
 HEADERS = ("kernels.h",)
 # -fopenmp at compile AND link time, or at::parallel_for runs on one thread. No -march=native:
 # the binary may move to another machine.
 CFLAGS = ("-O3", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
+PREFIX = "vivit_kernels_csrc_"
 
 _loaded: str | None = None  # path of the loaded library
 _error: str | None = None  # why it could not be loaded
 
 
+def have_sources() -> bool:
+    return all((CSRC / name).is_file() for name in SOURCES + HEADERS)
+
+
 def sources_hash() -> str:
-    """A digest of the C++ sources and the build flags: the name of the lazy build's directory."""
+    """A digest of the C++ sources and the build flags."""
     digest = hashlib.sha256(" ".join(CFLAGS + LDFLAGS).encode())
     for name in SOURCES + HEADERS:
         digest.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
-def prebuilt() -> Path | None:
-    """The library built by setup.py, unless a source is newer than it (then it may be stale)."""
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = _PACKAGE / f"_csrc{suffix}"
-        if path.exists():
-            if CSRC.is_dir() and any((CSRC / n).stat().st_mtime > path.stat().st_mtime for n in SOURCES + HEADERS):
-                return None
+def library_name() -> str:
+    """The name of the library built from the sources at hand."""
+    return PREFIX + sources_hash()
+
+
+def cache_root() -> Path:
+    from torch.utils import cpp_extension
+
+    return Path(os.environ.get("VIVIT_KERNELS_CACHE") or cpp_extension.get_default_build_root())
+
+
+def find(roots: list[Path] | None = None) -> Path | None:
+    """The library of the sources at hand in the package or the cache (or `roots`), if built."""
+    if not have_sources():
+        shipped = sorted(PACKAGE_BUILD.glob(f"{PREFIX}*/{PREFIX}*.so"))
+        return shipped[0] if shipped else None
+    name = library_name()
+    for root in roots if roots is not None else [PACKAGE_BUILD, cache_root()]:
+        path = Path(root) / name / f"{name}.so"
+        if path.is_file():
             return path
     return None
 
@@ -50,7 +72,7 @@ def prebuilt() -> Path | None:
 def _cannot_build() -> str | None:
     from torch.utils.cpp_extension import is_ninja_available
 
-    if not all((CSRC / name).exists() for name in SOURCES + HEADERS):
+    if not have_sources():
         return f"the C++ sources are not installed (expected {CSRC}); reinstall vivit-kernels from source"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
@@ -61,18 +83,17 @@ def _cannot_build() -> str | None:
 
 
 def build(build_root: str | os.PathLike | None = None) -> Path:
-    """Compile the sources (or reuse a build of these exact sources) and load the library.
+    """Compile the sources into `build_root` (default: the cache) and load the library; returns its path.
 
-    `build_root` defaults to $VIVIT_KERNELS_CACHE, else torch's extension cache directory.
+    ninja reuses an up-to-date build in the same directory, so building twice costs nothing.
     """
     from torch.utils import cpp_extension
 
     reason = _cannot_build()
     if reason:
         raise RuntimeError(reason)
-    root = Path(build_root or os.environ.get("VIVIT_KERNELS_CACHE") or cpp_extension.get_default_build_root())
-    name = f"vivit_kernels_csrc_{sources_hash()}"
-    directory = root / name
+    name = library_name()
+    directory = Path(build_root or cache_root()) / name
     directory.mkdir(parents=True, exist_ok=True)
     library = directory / f"{name}.so"
     if not library.exists():
@@ -90,8 +111,11 @@ def build(build_root: str | os.PathLike | None = None) -> Path:
     return library
 
 
-def load(use_prebuilt: bool = True, build_root: str | os.PathLike | None = None) -> str:
-    """Load the library once per process; returns its path. Raises RuntimeError saying why not."""
+def load(build_root: str | os.PathLike | None = None) -> str:
+    """Load the library once per process; returns its path. Raises RuntimeError saying why not.
+
+    `build_root`: look for (and build) the library there only, instead of the package and the cache.
+    """
     global _loaded, _error
     if _loaded:
         return _loaded
@@ -100,7 +124,7 @@ def load(use_prebuilt: bool = True, build_root: str | os.PathLike | None = None)
     import torch
 
     try:
-        path = prebuilt() if use_prebuilt else None
+        path = find([Path(build_root)] if build_root is not None else None)
         if path is not None:
             torch.ops.load_library(str(path))
         else:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from . import backends
-from .checks import check_attention, check_mode
+from .checks import AttentionShape, check_attention, check_heads, check_mode
 
 
 def factorised_attention(
@@ -41,12 +43,20 @@ def factorised_attention(
     short groups (shorter than its tile) into one tile, where a non-finite v (and, in backward, any
     non-finite input) also reaches the other groups of that tile.
     """
+    selected, shape = _dispatch(q, k, v, frames, mode, scale, dropout_p, backend)
+    return selected.run(q, k, v, shape)
+
+
+def attention_backend(*args, **kwargs) -> str:
+    """The name of the backend `factorised_attention(*args, **kwargs)` runs on; nothing is computed."""
+    call = inspect.signature(factorised_attention).bind(*args, **kwargs)
+    call.apply_defaults()
+    return _dispatch(**call.arguments)[0].name
+
+
+def _dispatch(q, k, v, frames, mode, scale, dropout_p, backend) -> tuple[backends.Selected, AttentionShape]:
     shape = check_attention(q, k, v, frames, mode, scale, dropout_p)
-    request = backends.Request("attention", q.device, q.dtype, head_dim=shape.head_dim, dropout_p=dropout_p)
-    run = backends.select(request, backend).run
-    if dropout_p > 0.0:
-        return run(q, k, v, frames, mode, scale, dropout_p)
-    return run(q, k, v, frames, mode, scale)
+    return backends.select(backends.Request("attention", q.device, q.dtype, shape), backend), shape
 
 
 class FactorisedAttention(nn.Module):
@@ -85,11 +95,7 @@ class FactorisedAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"FactorisedAttention: dim={dim} is not divisible by num_heads={num_heads}")
         check_mode("FactorisedAttention", mode)
-        if mode == "split" and num_heads % 2:
-            raise ValueError(
-                f"FactorisedAttention: mode 'split' needs an even number of heads (half spatial, half temporal), "
-                f"got num_heads={num_heads}"
-            )
+        check_heads("FactorisedAttention", mode, num_heads, "num_heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.mode = mode

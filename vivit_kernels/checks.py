@@ -1,7 +1,10 @@
-"""Argument checks at the API boundary.
+"""Argument checks at the API boundary, and the shape objects they return.
 
-Every public op validates its inputs here, before any backend runs, so a bad call fails
-with a message naming the argument, what it got and what was expected, never inside a kernel.
+Every public op validates its inputs here, before any backend runs, so a bad call fails with a
+message naming the argument, what it got and what was expected, never inside a kernel. A check
+returns the call's shape (`AttentionShape`, `TubeletShape`): defaults resolved, the token grid
+and the FLOP counts derived once. The shape travels in the dispatch request to the backend
+(whose declared limits are checked against it) and on to the op.
 """
 
 from __future__ import annotations
@@ -14,32 +17,124 @@ import torch
 MODES = ("joint", "spatial", "temporal", "split")
 
 
+def default_scale(head_dim: int) -> float:
+    """The logit scale when none is given: Dh ** -0.5, as F.scaled_dot_product_attention."""
+    return head_dim**-0.5
+
+
 @dataclass(frozen=True)
 class AttentionShape:
-    """The token grid of one `factorised_attention` call: N = frames * spatial tokens."""
+    """One `factorised_attention` call: q, k, v (B, H, N, Dh) over N = frames * spatial tokens.
+
+    `scale` is resolved (never None). The group of a query holds `group_lengths` keys per head:
+    N (joint), S (spatial), T (temporal), or S for the first half of the heads and T for the
+    second (split).
+    """
 
     batch: int
     heads: int
     tokens: int
     head_dim: int
     frames: int
-    spatial: int
+    mode: str
+    scale: float
+    dropout_p: float = 0.0
+
+    @classmethod
+    def of(cls, q_shape, frames: int, mode: str, scale: float | None = None, dropout_p: float = 0.0) -> AttentionShape:
+        """The shape of a call whose q has `q_shape` (for FLOP formulas, given sizes only)."""
+        B, H, N, Dh = q_shape
+        return cls(B, H, N, Dh, frames, mode, default_scale(Dh) if scale is None else float(scale), dropout_p)
+
+    @property
+    def spatial(self) -> int:
+        """S, tokens per frame."""
+        return self.tokens // self.frames
+
+    @property
+    def keys_per_query(self) -> int:
+        """The group length L summed over heads: each token attends to this many keys in all."""
+        lengths = {"joint": self.tokens, "spatial": self.spatial, "temporal": self.frames}
+        if self.mode == "split":
+            half = self.heads // 2
+            return half * self.spatial + (self.heads - half) * self.frames
+        return self.heads * lengths[self.mode]
+
+    @property
+    def forward_flops(self) -> int:
+        """4 * B * N * Dh * (sum over heads of L): two matrix products of 2 FLOPs per multiply-add."""
+        return 4 * self.batch * self.tokens * self.head_dim * self.keys_per_query
+
+    @property
+    def backward_flops(self) -> int:
+        """2.5x the forward (FlashAttention's count: five products, recomputing the scores)."""
+        return 10 * self.batch * self.tokens * self.head_dim * self.keys_per_query
+
+
+def tubelet_grid(clip: tuple[int, int, int], tubelet: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(nt, nh, nw) tokens of a (T, H, W) clip: like Conv3d with stride == kernel, trailing frames,
+    rows and columns that do not fill a whole tubelet are dropped."""
+    return tuple(size // tube for size, tube in zip(clip, tubelet))
 
 
 @dataclass(frozen=True)
 class TubeletShape:
-    """The geometry of one `tubelet_embedding` call: (B, C, T, H, W) video -> (B, nt, nh * nw, D) tokens."""
+    """One `tubelet_embedding` call: (B, C, T, H, W) video -> (B, nt, nh * nw, D) tokens.
+
+    `clip_span` is the number of elements one clip of the video spans through its strides (the
+    largest offset an index map inside a clip can reach, plus one).
+    """
 
     batch: int
     channels: int
     dim: int
     tubelet: tuple[int, int, int]
-    grid: tuple[int, int, int]  # (nt, nh, nw) = floor((T, H, W) / tubelet)
+    grid: tuple[int, int, int]  # (nt, nh, nw)
+    clip_span: int = 0
+
+    @classmethod
+    def of(cls, video_shape, weight_shape, video_strides=None) -> TubeletShape:
+        B, C, T, H, W = video_shape
+        D, _, t, h, w = weight_shape
+        span = 0
+        if video_strides is not None:
+            span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(video_shape[1:], video_strides[1:]))
+        return cls(B, C, D, (t, h, w), tubelet_grid((T, H, W), (t, h, w)), span)
 
     @property
     def tokens(self) -> tuple[int, int]:
+        """(nt, S'): frames of tokens and tokens per frame."""
         nt, nh, nw = self.grid
         return nt, nh * nw
+
+    @property
+    def tokens_per_clip(self) -> int:
+        nt, nh, nw = self.grid
+        return nt * nh * nw
+
+    @property
+    def tube_size(self) -> int:
+        """K = C * t * h * w, the length of one flattened tube."""
+        t, h, w = self.tubelet
+        return self.channels * t * h * w
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, *self.tokens, self.dim)
+
+    @property
+    def flops(self) -> int:
+        """2 * tokens * D * K: the forward GEMM; each of the backward's two GEMMs costs the same."""
+        return 2 * self.batch * self.tokens_per_clip * self.dim * self.tube_size
+
+    @property
+    def index_spans(self) -> dict[str, int]:
+        """Elements each per-clip index map of a kernel spans (what must fit its index type)."""
+        return {
+            "one clip of the video": self.clip_span,
+            "one clip's tokens": self.tokens_per_clip * self.dim,
+            "the weight": self.dim * self.tube_size,
+        }
 
 
 def _check_tensor(op: str, name: str, x, ndim: int, layout: str) -> None:
@@ -62,7 +157,7 @@ def _check_same(op: str, named: dict[str, torch.Tensor | None]) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; expected one device")
 
 
-def _check_positive_int(op: str, name: str, value) -> None:
+def check_positive_int(op: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
     if value < 1:
@@ -72,6 +167,13 @@ def _check_positive_int(op: str, name: str, value) -> None:
 def check_mode(op: str, mode) -> None:
     if mode not in MODES:
         raise ValueError(f"{op}: unknown mode {mode!r}; expected one of {', '.join(map(repr, MODES))}")
+
+
+def check_heads(op: str, mode: str, heads: int, name: str = "H") -> None:
+    if mode == "split" and heads % 2:
+        raise ValueError(
+            f"{op}: mode 'split' needs an even number of heads (half spatial, half temporal), got {name}={heads}"
+        )
 
 
 def check_attention(q, k, v, frames, mode, scale, dropout_p: float = 0.0) -> AttentionShape:
@@ -85,7 +187,7 @@ def check_attention(q, k, v, frames, mode, scale, dropout_p: float = 0.0) -> Att
         )
     _check_same(op, {"q": q, "k": k, "v": v})
     check_mode(op, mode)
-    _check_positive_int(op, "frames", frames)
+    check_positive_int(op, "frames", frames)
     B, H, N, Dh = q.shape
     if N == 0 or Dh == 0 or B == 0:
         raise ValueError(f"{op}: q has an empty dimension, shape {tuple(q.shape)}; expected B, N, Dh >= 1")
@@ -93,19 +195,23 @@ def check_attention(q, k, v, frames, mode, scale, dropout_p: float = 0.0) -> Att
         raise ValueError(
             f"{op}: N={N} tokens is not divisible by frames={frames}; expected N = frames * spatial tokens"
         )
-    if mode == "split" and H % 2:
-        raise ValueError(f"{op}: mode 'split' needs an even number of heads (half spatial, half temporal), got H={H}")
+    check_heads(op, mode, H)
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise TypeError(f"{op}: scale must be a finite float or None, got {scale!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
-    return AttentionShape(B, H, N, Dh, frames, N // frames)
+    return AttentionShape.of(q.shape, frames, mode, scale, float(dropout_p))
+
+
+def check_video(op: str, video) -> None:
+    """A clip batch: a floating (B, C, T, H, W) tensor."""
+    _check_tensor(op, "video", video, 5, "(B, C, T, H, W)")
 
 
 def check_tubelet(video, weight, bias, pos_embed) -> TubeletShape:
     op = "tubelet_embedding"
-    _check_tensor(op, "video", video, 5, "(B, C, T, H, W)")
+    check_video(op, video)
     _check_tensor(op, "weight", weight, 5, "(D, C, t, h, w) like nn.Conv3d")
     _check_same(op, {"video": video, "weight": weight, "bias": bias, "pos_embed": pos_embed})
     B, C, T, H, W = video.shape
@@ -124,7 +230,7 @@ def check_tubelet(video, weight, bias, pos_embed) -> TubeletShape:
         if not isinstance(bias, torch.Tensor) or bias.shape != (D,):
             got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise ValueError(f"{op}: bias must have shape ({D},) to match weight, got {got}")
-    shape = TubeletShape(B, C, D, (t, h, w), (T // t, H // h, W // w))
+    shape = TubeletShape.of(video.shape, weight.shape, video.stride())
     if pos_embed is not None:
         nt, ns = shape.tokens
         allowed = [(nt, ns, D), (1, nt, ns, D), (nt * ns, D), (1, nt * ns, D)]

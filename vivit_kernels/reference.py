@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .checks import default_scale
+
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T * scale) v over the last two dims: (..., L, Dh) -> (..., L, Dh)."""
@@ -39,7 +41,7 @@ def factorised_attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Attention over a (frames x space) token grid. q, k, v: (B, H, N, Dh), N = frames * S, time-major."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     if mode == "joint":
         return attend(q, k, v, scale, dropout_p)
     if mode == "split":

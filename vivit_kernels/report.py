@@ -1,27 +1,23 @@
 """`python -m vivit_kernels.report`: every attention mode through every backend that runs here.
 
 For each (mode, backend): max relative error against the float64 reference, median
-forward+backward time, and bytes saved for backward. ViViT-B shapes by default; a Triton
-backend that only runs under the interpreter (no GPU) is checked on a small shape and marked
-"interpreted", never timed.
+forward+backward time, and bytes saved for backward. ViViT-B shapes by default; a backend that
+"auto" passes over although it runs when named (the Triton interpreter, on a machine without a
+GPU) is checked on a small shape, with the reason, and never timed.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
-
-from . import backends, reference  # noqa: E402
-from .attention import factorised_attention  # noqa: E402
-from .checks import MODES  # noqa: E402
-from .memory import saved_bytes  # noqa: E402
+from . import backends, reference
+from .attention import factorised_attention
+from .checks import MODES, AttentionShape
+from .memory import saved_bytes
 
 VIVIT_B = dict(B=1, T=8, S=196, H=12, Dh=64)
 INTERPRETER_SHAPE = dict(B=1, T=3, S=20, H=2, Dh=64)
@@ -82,16 +78,18 @@ def main(argv: list[str] | None = None) -> None:
     print(header + "\n" + "-" * len(header))
     for mode in MODES:
         for name in backends.names():
-            request = backends.Request("attention", device, dtype, head_dim=VIVIT_B["Dh"])
-            reasons = backends.get(name).not_supported_reasons(request)
+            backend = backends.get(name)
+            B, T, S, H, Dh = (VIVIT_B[key] for key in ("B", "T", "S", "H", "Dh"))
+            request = backends.Request("attention", device, dtype, AttentionShape.of((B, H, T * S, Dh), T, mode))
+            reasons = backend.not_supported_reasons(request)
             if reasons:
                 print(f"{mode:<9} {name:<10} {'-':>12} {'-':>10} {'-':>9}  unavailable: {', '.join(reasons)}")
                 continue
-            interpreted = name == "triton" and device.type == "cpu"
-            shape = INTERPRETER_SHAPE if interpreted else VIVIT_B
-            row = measure(mode, name, shape, device, dtype, args.repeats, timed=not interpreted)
+            only_named = backend.auto_reasons(request) if backend.auto else []
+            shape = INTERPRETER_SHAPE if only_named else VIVIT_B
+            row = measure(mode, name, shape, device, dtype, args.repeats, timed=not only_named)
             ms = "-" if row["ms"] is None else f"{row['ms']:.1f}"
-            note = "interpreted (TRITON_INTERPRET=1), small shape " + str(shape) + ", not timed" if interpreted else ""
+            note = f"{', '.join(only_named)}; small shape {shape}, not timed" if only_named else ""
             print(f"{mode:<9} {name:<10} {row['error']:>12.1e} {ms:>10} {row['saved'] / 2**20:>9.1f}  {note}")
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from . import backends
-from .checks import check_tubelet
+from .checks import TubeletShape, check_tubelet, check_video, tubelet_grid
 
 
 def tubelet_embedding(
@@ -32,9 +34,20 @@ def tubelet_embedding(
         (B, nt, S', D) with nt = T // t and S' = (H // h) * (W // w): like Conv3d, trailing
         frames, rows and columns that do not fill a whole tubelet are dropped.
     """
-    check_tubelet(video, weight, bias, pos_embed)
-    request = backends.Request("tubelet", video.device, video.dtype)
-    return backends.select(request, backend).run(video, weight, bias, pos_embed)
+    selected, shape = _dispatch(video, weight, bias, pos_embed, backend)
+    return selected.run(video, weight, bias, pos_embed, shape)
+
+
+def tubelet_backend(*args, **kwargs) -> str:
+    """The name of the backend `tubelet_embedding(*args, **kwargs)` runs on; nothing is computed."""
+    call = inspect.signature(tubelet_embedding).bind(*args, **kwargs)
+    call.apply_defaults()
+    return _dispatch(**call.arguments)[0].name
+
+
+def _dispatch(video, weight, bias, pos_embed, backend) -> tuple[backends.Selected, TubeletShape]:
+    shape = check_tubelet(video, weight, bias, pos_embed)
+    return backends.select(backends.Request("tubelet", video.device, video.dtype, shape), backend), shape
 
 
 def _triple(value: int | tuple[int, int, int], name: str) -> tuple[int, int, int]:
@@ -74,41 +87,11 @@ class TubeletEmbedding(nn.Module):
 
     def grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         """(nt, nh, nw): the token grid of a (frames, height, width) clip."""
-        t, h, w = self.tubelet
-        return frames // t, height // h, width // w
+        return tubelet_grid((frames, height, width), self.tubelet)
 
     def forward(self, video: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
         """video: (B, C, T, H, W) -> tokens (B, nt, nh * nw, D), `pos_embed` added if given."""
         return tubelet_embedding(video, self.proj.weight, self.proj.bias, pos_embed, backend=self.backend)
-
-
-def inflate(weight_2d: torch.Tensor, frames: int) -> torch.Tensor:
-    """A tubelet filter from a 2D patch filter, repeated over t and divided by t (ViViT eq. 8).
-
-    (D, C, h, w) -> (D, C, t, h, w). On a static clip the tubelet embedding then equals the
-    2D patch embedding of the frame.
-    """
-    _check_2d_filter(weight_2d, frames)
-    return weight_2d.unsqueeze(2).repeat(1, 1, frames, 1, 1) / frames
-
-
-def central_frame(weight_2d: torch.Tensor, frames: int) -> torch.Tensor:
-    """A tubelet filter that sees only the centre frame floor(t / 2) of each tube (ViViT eq. 9).
-
-    (D, C, h, w) -> (D, C, t, h, w), zeros at every other frame.
-    """
-    _check_2d_filter(weight_2d, frames)
-    weight = weight_2d.new_zeros(weight_2d.shape[:2] + (frames,) + weight_2d.shape[2:])
-    weight[:, :, frames // 2] = weight_2d
-    return weight
-
-
-def _check_2d_filter(weight_2d, frames) -> None:
-    if not isinstance(weight_2d, torch.Tensor) or weight_2d.dim() != 4:
-        got = tuple(weight_2d.shape) if isinstance(weight_2d, torch.Tensor) else type(weight_2d).__name__
-        raise ValueError(f"expected a 2D patch filter (D, C, h, w), got {got}")
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-        raise ValueError(f"tubelet length t must be a positive int, got {frames!r}")
 
 
 def uniform_frame_indices(
@@ -161,8 +144,6 @@ class UniformFrameEmbedding(TubeletEmbedding):
 
     def forward(self, video: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
         """video: (B, C, T, H, W) with any T -> tokens (B, num_frames, nh * nw, D)."""
-        if not isinstance(video, torch.Tensor) or video.dim() != 5:
-            got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
-            raise ValueError(f"UniformFrameEmbedding: video must be 5-D (B, C, T, H, W), got {got}")
+        check_video(type(self).__name__, video)
         indices = uniform_frame_indices(video.shape[2], self.num_frames, jitter=self.training)
         return super().forward(video.index_select(2, indices.to(video.device)), pos_embed)

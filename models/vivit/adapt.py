@@ -14,7 +14,6 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
-from vivit_kernels import central_frame, inflate
 
 from .config import ViViTConfig
 
@@ -159,6 +158,35 @@ def hf_to_timm(state_dict: StateDict) -> tuple[dict[str, torch.Tensor], dict[str
             raise ValueError(f"layer {i}: attention {kind} needs query, key and value, got only {sorted(parts)}")
         out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out, dropped
+
+
+def inflate(weight_2d: torch.Tensor, frames: int) -> torch.Tensor:
+    """A tubelet filter from a 2D patch filter, repeated over t and divided by t (ViViT eq. 8).
+
+    (D, C, h, w) -> (D, C, t, h, w). On a static clip the tubelet embedding then equals the
+    2D patch embedding of the frame.
+    """
+    _check_2d_filter(weight_2d, frames)
+    return weight_2d.unsqueeze(2).repeat(1, 1, frames, 1, 1) / frames
+
+
+def central_frame(weight_2d: torch.Tensor, frames: int) -> torch.Tensor:
+    """A tubelet filter that sees only the centre frame floor(t / 2) of each tube (ViViT eq. 9).
+
+    (D, C, h, w) -> (D, C, t, h, w), zeros at every other frame.
+    """
+    _check_2d_filter(weight_2d, frames)
+    weight = weight_2d.new_zeros(weight_2d.shape[:2] + (frames,) + weight_2d.shape[2:])
+    weight[:, :, frames // 2] = weight_2d
+    return weight
+
+
+def _check_2d_filter(weight_2d, frames) -> None:
+    if not isinstance(weight_2d, torch.Tensor) or weight_2d.dim() != 4:
+        got = tuple(weight_2d.shape) if isinstance(weight_2d, torch.Tensor) else type(weight_2d).__name__
+        raise ValueError(f"expected a 2D patch filter (D, C, h, w), got {got}")
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"tubelet length t must be a positive int, got {frames!r}")
 
 
 def resample_pos_embed(grid_embed: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:

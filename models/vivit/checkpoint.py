@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .model import build_model
+
 _TMP_MARK = ".tmp-"
 
 
@@ -46,6 +48,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A model rebuilt from a `vivit-train` checkpoint (its `model_spec`), in eval mode; and the checkpoint."""
+    state = load_checkpoint(path)
+    model = build_model(state["model_spec"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -6,9 +6,53 @@ mlp.fc2), so image-model weights map onto them by name.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from vivit_kernels import FactorisedAttention
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """What every transformer block of a model shares.
+
+    Args:
+        dim, num_heads, mlp_ratio: width, heads, MLP expansion.
+        activation: the MLP's GELU ("gelu" or "gelu_tanh").
+        drop: dropout on the attention and MLP outputs.
+        attn_drop: dropout on attention probabilities.
+        qkv_bias: learn a qkv bias.
+        norm_eps: LayerNorm epsilon.
+        backend: vivit_kernels backend.
+    """
+
+    dim: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"
+    drop: float = 0.0
+    attn_drop: float = 0.0
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    backend: str = "auto"
+
+    def attention(self, mode: str) -> FactorisedAttention:
+        return FactorisedAttention(
+            self.dim,
+            self.num_heads,
+            mode=mode,
+            qkv_bias=self.qkv_bias,
+            attn_drop=self.attn_drop,
+            proj_drop=self.drop,
+            backend=self.backend,
+        )
+
+    def norm(self) -> nn.LayerNorm:
+        return nn.LayerNorm(self.dim, eps=self.norm_eps)
+
+    def mlp(self) -> Mlp:
+        return Mlp(self.dim, int(self.dim * self.mlp_ratio), self.activation, self.drop)
 
 
 class DropPath(nn.Module):
@@ -55,39 +99,18 @@ class Block(nn.Module):
     """Pre-norm transformer block: y = x + MSA(LN(x)); z = y + MLP(LN(y)).
 
     Args:
-        dim, num_heads, mlp_ratio: width, heads, MLP expansion.
+        config: the block's width, heads, dropouts, ... (a BlockConfig).
         mode: the attention's token groups ("joint", "spatial", "temporal", "split").
-        activation: the MLP's GELU ("gelu" or "gelu_tanh").
-        drop: dropout on the attention and MLP outputs.
-        attn_drop: dropout on attention probabilities.
         drop_path: stochastic-depth probability of both residual branches.
-        qkv_bias: learn a qkv bias.
-        norm_eps: LayerNorm epsilon.
-        backend: vivit_kernels backend.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        mode: str = "joint",
-        activation: str = "gelu",
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        qkv_bias: bool = True,
-        norm_eps: float = 1e-6,
-        backend: str = "auto",
-    ) -> None:
+    def __init__(self, config: BlockConfig, *, mode: str = "joint", drop_path: float = 0.0) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = FactorisedAttention(
-            dim, num_heads, mode=mode, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, backend=backend
-        )
+        self.norm1 = config.norm()
+        self.attn = config.attention(mode)
         self.drop_path1 = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), activation, drop)
+        self.norm2 = config.norm()
+        self.mlp = config.mlp()
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, frames: int = 1) -> torch.Tensor:
@@ -103,34 +126,15 @@ class FactorisedSelfAttentionBlock(nn.Module):
     `temporal_attn`. Arguments as `Block`, plus `order`: "space_time" (the paper) or "time_space".
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        order: str = "space_time",
-        activation: str = "gelu",
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        qkv_bias: bool = True,
-        norm_eps: float = 1e-6,
-        backend: str = "auto",
-    ) -> None:
+    def __init__(self, config: BlockConfig, *, order: str = "space_time", drop_path: float = 0.0) -> None:
         super().__init__()
         self.order = order
-
-        def attention(mode: str) -> FactorisedAttention:
-            return FactorisedAttention(
-                dim, num_heads, mode=mode, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, backend=backend
-            )
-
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = attention("spatial")
-        self.temporal_norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.temporal_attn = attention("temporal")
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), activation, drop)
+        self.norm1 = config.norm()
+        self.attn = config.attention("spatial")
+        self.temporal_norm = config.norm()
+        self.temporal_attn = config.attention("temporal")
+        self.norm2 = config.norm()
+        self.mlp = config.mlp()
         self.drop_path = DropPath(drop_path)
 
     def _spatial(self, x: torch.Tensor, frames: int) -> torch.Tensor:

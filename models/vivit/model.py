@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from vivit_kernels import TubeletEmbedding, UniformFrameEmbedding
 
 from .config import ViViTConfig, preset_config
-from .layers import Block, FactorisedSelfAttentionBlock
+from .layers import Block, BlockConfig, FactorisedSelfAttentionBlock
 
 _BLOCK_MODE = {"spatio_temporal": "joint", "factorised_encoder": "joint", "factorised_dot_product": "split"}
 
@@ -75,13 +75,9 @@ class ViViT(nn.Module):
         self.pos_drop = nn.Dropout(c.drop_rate)
 
         if c.variant == "factorised_self_attention":
-            rates = _drop_path_rates(c.drop_path_rate, c.depth)
             self.blocks = nn.ModuleList(
-                FactorisedSelfAttentionBlock(
-                    c.dim, c.num_heads, c.mlp_ratio, c.attention_order, c.mlp_activation, c.drop_rate,
-                    c.attn_drop_rate, rate, c.qkv_bias, c.norm_eps, c.backend,
-                )
-                for rate in rates
+                FactorisedSelfAttentionBlock(block_config(c), order=c.attention_order, drop_path=rate)
+                for rate in _drop_path_rates(c.drop_path_rate, c.depth)
             )
         else:
             self.blocks = _blocks(c, c.depth, _BLOCK_MODE[c.variant])
@@ -203,14 +199,24 @@ def _drop_path_rates(rate: float, depth: int) -> list[float]:
     return [rate * i / max(depth - 1, 1) for i in range(depth)]
 
 
-def _blocks(c: ViViTConfig, depth: int, mode: str) -> nn.ModuleList:
-    return nn.ModuleList(
-        Block(
-            c.dim, c.num_heads, c.mlp_ratio, mode, c.mlp_activation, c.drop_rate, c.attn_drop_rate, rate,
-            c.qkv_bias, c.norm_eps, c.backend,
-        )
-        for rate in _drop_path_rates(c.drop_path_rate, depth)
+def block_config(c: ViViTConfig) -> BlockConfig:
+    """The settings every block of a model of config `c` shares."""
+    return BlockConfig(
+        dim=c.dim,
+        num_heads=c.num_heads,
+        mlp_ratio=c.mlp_ratio,
+        activation=c.mlp_activation,
+        drop=c.drop_rate,
+        attn_drop=c.attn_drop_rate,
+        qkv_bias=c.qkv_bias,
+        norm_eps=c.norm_eps,
+        backend=c.backend,
     )
+
+
+def _blocks(c: ViViTConfig, depth: int, mode: str) -> nn.ModuleList:
+    config = block_config(c)
+    return nn.ModuleList(Block(config, mode=mode, drop_path=rate) for rate in _drop_path_rates(c.drop_path_rate, depth))
 
 
 def create_model(
@@ -219,3 +225,14 @@ def create_model(
     """A ViViT from a preset ("vivit_b", "vivit_l", "vivit_h"): ViT-B/16, L/16 or H/14 sizes at
     32 frames of 224 x 224 with 2-frame tubelets; `overrides` are ViViTConfig fields."""
     return ViViT(preset_config(name, variant, num_classes=num_classes, **overrides))
+
+
+def model_spec(preset: str, variant: str, num_classes: int, **overrides) -> dict:
+    """What `build_model` needs to rebuild a model: plain data, stored in every checkpoint."""
+    return {"preset": preset, "variant": variant, "num_classes": num_classes, "overrides": overrides}
+
+
+def build_model(spec: dict, **changes) -> ViViT:
+    """A model from a `model_spec` (e.g. a checkpoint's), with `changes` to its overrides."""
+    return create_model(spec["preset"], variant=spec["variant"], num_classes=spec["num_classes"],
+                        **{**spec["overrides"], **changes})

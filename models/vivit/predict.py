@@ -10,9 +10,10 @@ import argparse
 
 import torch
 
+from .checkpoint import load_model
 from .data.transforms import eval_transform
 from .data.video import decode, temporal_view_indices
-from .evaluate import load_model, predict_logits
+from .evaluation import predict_logits
 
 
 def predict(model: torch.nn.Module, path: str, data: dict, classes: list[str], *, top: int = 5,

@@ -3,6 +3,16 @@
 from . import reference  # noqa: F401  (registers "reference", the fallback)
 from . import triton  # noqa: F401  (first fused backend "auto" tries)
 from . import cpu  # noqa: F401  (the C++ kernels of csrc/: "auto" on CPU tensors)
-from .registry import Backend, BackendUnsupportedError, OpSupport, Request, get, names, register, select
+from .registry import Backend, BackendUnsupportedError, OpSupport, Request, Selected, get, names, register, select
 
-__all__ = ["Backend", "BackendUnsupportedError", "OpSupport", "Request", "get", "names", "register", "select"]
+__all__ = [
+    "Backend",
+    "BackendUnsupportedError",
+    "OpSupport",
+    "Request",
+    "Selected",
+    "get",
+    "names",
+    "register",
+    "select",
+]

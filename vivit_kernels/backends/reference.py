@@ -3,18 +3,28 @@
 import torch
 
 from .. import reference
+from ..checks import AttentionShape, TubeletShape
 from .registry import Backend, OpSupport, register
 
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _ANY_DEVICE = ("cpu", "cuda", "mps", "xpu", "meta")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
+    return reference.factorised_attention(q, k, v, shape.frames, shape.mode, shape.scale, shape.dropout_p)
+
+
+def tubelet_embedding(video, weight, bias, pos_embed, shape: TubeletShape) -> torch.Tensor:
+    return reference.tubelet_embedding(video, weight, bias, pos_embed)
+
 
 register(
     Backend(
         name="reference",
         auto=False,  # the fallback of "auto", never its first choice
         ops={
-            "attention": OpSupport(reference.factorised_attention, _ANY_DEVICE, _FLOATS, dropout=True),
-            "tubelet": OpSupport(reference.tubelet_embedding, _ANY_DEVICE, _FLOATS),
+            "attention": OpSupport(attention, _ANY_DEVICE, _FLOATS, dropout=True),
+            "tubelet": OpSupport(tubelet_embedding, _ANY_DEVICE, _FLOATS),
         },
     )
 )

@@ -1,9 +1,13 @@
 """The backend registry: who can run which op on which inputs, and why not.
 
-Each backend declares, per op, the devices, dtypes and head dims it takes (one place, read
-before dispatch). `backend="auto"` picks the first fused backend with no objection and falls
-back to the reference implementation with a warning that lists every objection; asking for
-a named backend that cannot take the input raises `BackendUnsupportedError` with its reasons.
+Each backend declares, per op, its limits: devices, dtypes, head dims, attention dropout, the
+index range of its kernels, and reasons that depend on the machine (a missing package, a failed
+build) or on the call (CPU tensors only under the Triton interpreter). A `Request` carries the
+call's device, dtype and checked shape; every limit is a reason read from it before anything
+runs. `backend="auto"` picks the first fused backend with no reason against it and falls back to
+the reference implementation with a warning that lists every reason; a named backend that
+cannot take the input raises `BackendUnsupportedError` with its reasons. Whatever is picked
+runs with one signature: `run(*tensors, shape)`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from ..checks import AttentionShape, TubeletShape
 
 OPS = ("attention", "tubelet")
 FALLBACK = "reference"
@@ -29,19 +35,44 @@ class Request:
     op: str  # one of OPS
     device: torch.device
     dtype: torch.dtype
-    head_dim: int | None = None  # attention only
-    dropout_p: float = 0.0  # attention only
+    shape: AttentionShape | TubeletShape
 
 
 @dataclass(frozen=True)
 class OpSupport:
-    """What a backend can run for one op, and the function that runs it."""
+    """What a backend can run for one op, and the callable that runs it: `run(*tensors, shape)`."""
 
     run: Callable[..., torch.Tensor]
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
-    head_dims: tuple[int, int] | None = None  # inclusive range; None = any
-    dropout: bool = False
+    head_dims: tuple[int, int] | None = None  # attention: inclusive range; None = any
+    dropout: bool = False  # attention: dropout on the probabilities
+    max_index: int | None = None  # largest element offset the kernels' index maps can hold (shape.index_spans)
+
+    def reasons(self, request: Request) -> list[str]:
+        """Why these declared limits exclude the request (empty when they do not)."""
+        reasons = []
+        if request.device.type not in self.devices:
+            reasons.append(f"device {request.device.type} not supported (supports {', '.join(self.devices)})")
+        if request.dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            reasons.append(f"dtype {str(request.dtype).removeprefix('torch.')} not supported (supports {names})")
+        shape = request.shape
+        if self.head_dims is not None and isinstance(shape, AttentionShape):
+            lo, hi = self.head_dims
+            if not lo <= shape.head_dim <= hi:
+                reasons.append(f"head dim {shape.head_dim} not supported (supports {lo} to {hi})")
+        if isinstance(shape, AttentionShape) and shape.dropout_p > 0.0 and not self.dropout:
+            reasons.append("attention dropout not supported")
+        if self.max_index is not None and isinstance(shape, TubeletShape):
+            for what, elements in shape.index_spans.items():
+                if elements > self.max_index + 1:
+                    reasons.append(f"{what} spans {elements} elements (supports at most {self.max_index + 1})")
+        return reasons
+
+
+def _no_reasons(request: Request) -> list[str]:
+    return []
 
 
 @dataclass(frozen=True)
@@ -51,11 +82,12 @@ class Backend:
     auto: bool = True  # may "auto" pick it? (the reference backend is the fallback instead)
     # Why the backend cannot run at all on this machine (missing package, failed build), or None.
     unavailable: Callable[[], str | None] = field(default=lambda: None)
-    # Reasons beyond the declarative fields (e.g. CPU tensors only under the Triton interpreter).
-    extra_reasons: Callable[[Request], list[str]] = field(default=lambda request: [])
-    # Reasons "auto" passes the backend over although it would run the input when named
-    # (e.g. interpreted Triton: correct, far too slow to be anyone's default).
-    auto_reasons: Callable[[Request], list[str]] = field(default=lambda request: [])
+    # Reasons beyond the declared fields (e.g. CPU tensors only under the Triton interpreter).
+    extra_reasons: Callable[[Request], list[str]] = _no_reasons
+    # Reasons "auto" passes the backend over although it runs the input when named (e.g.
+    # interpreted Triton: correct, far too slow to be anyone's default). Such a backend is
+    # never timed by the benchmarks either.
+    auto_reasons: Callable[[Request], list[str]] = _no_reasons
 
     def not_supported_reasons(self, request: Request) -> list[str]:
         support = self.ops.get(request.op)
@@ -63,22 +95,19 @@ class Backend:
             return [f"does not implement {request.op}"]
         # Declared limits first: they are free to check, while `unavailable` may load or build
         # the backend (a CUDA request must never trigger the CPU extension's build).
-        reasons = []
-        if request.device.type not in support.devices:
-            reasons.append(f"device {request.device.type} not supported (supports {', '.join(support.devices)})")
-        if request.dtype not in support.dtypes:
-            names = ", ".join(str(d).removeprefix("torch.") for d in support.dtypes)
-            reasons.append(f"dtype {str(request.dtype).removeprefix('torch.')} not supported (supports {names})")
-        if support.head_dims is not None and request.head_dim is not None:
-            lo, hi = support.head_dims
-            if not lo <= request.head_dim <= hi:
-                reasons.append(f"head dim {request.head_dim} not supported (supports {lo} to {hi})")
-        if request.dropout_p > 0.0 and not support.dropout:
-            reasons.append("attention dropout not supported")
+        reasons = support.reasons(request)
         if reasons:
             return reasons
         reason = self.unavailable()
         return [reason] if reason else self.extra_reasons(request)
+
+
+@dataclass(frozen=True)
+class Selected:
+    """The backend chosen for a request: its name and the op implementation to call."""
+
+    name: str
+    run: Callable[..., torch.Tensor]
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -102,8 +131,8 @@ def _describe(reasons: dict[str, list[str]]) -> str:
     return "; ".join(f"{name}: {', '.join(why)}" for name, why in reasons.items())
 
 
-def select(request: Request, backend: str = "auto") -> OpSupport:
-    """The op implementation that runs `request` on `backend` ("auto" or a registered name)."""
+def select(request: Request, backend: str = "auto") -> Selected:
+    """The backend that runs `request` on `backend` ("auto" or a registered name)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend != "auto":
@@ -111,7 +140,7 @@ def select(request: Request, backend: str = "auto") -> OpSupport:
         reasons = chosen.not_supported_reasons(request)
         if reasons:
             raise BackendUnsupportedError(f"{request.op}: backend {backend!r} cannot run this input: {', '.join(reasons)}")
-        return chosen.ops[request.op]
+        return Selected(backend, chosen.ops[request.op].run)
 
     refused: dict[str, list[str]] = {}
     for candidate in _BACKENDS.values():
@@ -119,7 +148,7 @@ def select(request: Request, backend: str = "auto") -> OpSupport:
             continue
         reasons = candidate.not_supported_reasons(request) or candidate.auto_reasons(request)
         if not reasons:
-            return candidate.ops[request.op]
+            return Selected(candidate.name, candidate.ops[request.op].run)
         refused[candidate.name] = reasons
     fallback = _BACKENDS[FALLBACK]
     reasons = fallback.not_supported_reasons(request)
@@ -129,6 +158,6 @@ def select(request: Request, backend: str = "auto") -> OpSupport:
     if refused:
         warnings.warn(
             f"{request.op}: no fused backend fits, using the reference implementation ({_describe(refused)})",
-            stacklevel=3,
+            stacklevel=4,
         )
-    return fallback.ops[request.op]
+    return Selected(FALLBACK, fallback.ops[request.op].run)

@@ -1,56 +1,78 @@
 """The Triton backend: fused attention and tubelet-embedding kernels for CUDA tensors.
 
-CPU tensors run too when the process interprets Triton (TRITON_INTERPRET=1), which is how the
-kernels are tested without a GPU; "auto" never picks the interpreter (it is far too slow to be
-anyone's default), only `backend="triton"` does. TRITON_INTERPRET is read per call: scripts such
-as `python -m vivit_kernels.report` set it after this package is imported.
+CPU tensors run too when this process interprets the kernels (`vivit_kernels.triton.interpreted()`:
+no CUDA device, or TRITON_INTERPRET=1), which is how they are tested without a GPU; "auto" never
+picks the interpreter (it is far too slow to be anyone's default), only `backend="triton"` does.
+The kernel modules, which need triton, are imported when a kernel first runs.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
-import os
 
 import torch
 
+# Before anything imports triton: the package decides whether triton is imported interpreted.
+from ..triton import INT32_MAX, interpreted, unusable  # isort: skip
+from ..ops import define_attention_ops, define_tubelet_ops
 from .registry import Backend, OpSupport, Request, register
 
 _INSTALLED = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DEVICES = ("cuda", "cpu")
 # Padded to the next power of two (>= 16) with masked lanes; the autotune configs are sized
 # (and checked for spills) up to a padded head dim of 128.
 _HEAD_DIMS = (16, 128)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _kernels(name: str):
+    return importlib.import_module(f"vivit_kernels.triton.{name}")
+
+
+def _attention_forward(q, k, v, frames, mode, scale):
+    return _kernels("attention").forward(q, k, v, frames, mode, scale)
+
+
+def _attention_backward(grad_out, q, k, v, out, lse, frames, mode, scale):
+    return _kernels("attention").backward(grad_out, q, k, v, out, lse, frames, mode, scale)
+
+
+def _tubelet_forward(video, weight, bias, pos_embed):
+    return _kernels("tubelet").forward(video, weight, bias, pos_embed)
+
+
+def _tubelet_backward_video(grad, video, weight):
+    return _kernels("tubelet").backward_video(grad, video, weight)
+
+
+def _tubelet_backward_weight(grad, video, weight, bias_grad):
+    return _kernels("tubelet").backward_weight(grad, video, weight, bias_grad)
+
+
+def _tubelet_backward_pos(grad):
+    return _kernels("tubelet").backward_pos(grad)
+
+
+ATTENTION = define_attention_ops("triton", _attention_forward, _attention_backward)
+TUBELET = define_tubelet_ops(
+    "triton", _tubelet_forward, _tubelet_backward_video, _tubelet_backward_weight, _tubelet_backward_pos
+)
 
 
 def _unavailable() -> str | None:
-    return None if _INSTALLED else "triton is not installed"
+    return unusable() if _INSTALLED else "triton is not installed"
 
 
 def _extra_reasons(request: Request) -> list[str]:
-    if request.device.type == "cpu" and not _interpreting():
-        return ["CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)"]
+    if request.device.type == "cpu" and not interpreted():
+        return ["CPU tensors run only under the Triton interpreter (no CUDA device, or TRITON_INTERPRET=1)"]
     return []
 
 
-def _attention(q, k, v, frames, mode, scale):
-    from ..triton.attention import attention
-
-    return attention(q, k, v, frames, mode, scale)
-
-
-def _tubelet(video, weight, bias, pos_embed):
-    from ..triton.tubelet import tubelet_embedding
-
-    return tubelet_embedding(video, weight, bias, pos_embed)
-
-
 def _auto_reasons(request: Request) -> list[str]:
-    if _interpreting():
-        return ["runs under the Triton interpreter (TRITON_INTERPRET=1): only when named, backend='triton'"]
+    if interpreted():
+        return ["the kernels run under the Triton interpreter here: only when named, backend='triton'"]
     return []
 
 
@@ -58,8 +80,8 @@ register(
     Backend(
         name="triton",
         ops={
-            "attention": OpSupport(_attention, ("cuda", "cpu"), _DTYPES, head_dims=_HEAD_DIMS),
-            "tubelet": OpSupport(_tubelet, ("cuda", "cpu"), _DTYPES),
+            "attention": OpSupport(ATTENTION, _DEVICES, _DTYPES, head_dims=_HEAD_DIMS),
+            "tubelet": OpSupport(TUBELET, _DEVICES, _DTYPES, max_index=INT32_MAX),
         },
         unavailable=_unavailable,
         extra_reasons=_extra_reasons,

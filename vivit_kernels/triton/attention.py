@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CompileSpec, cast_rounded, autotune_configs, check_device, interpreting, upcast_dot_operands
+from . import interpreted
+from .common import autotune_configs, cast_rounded, upcast_dot_operands
 
 LOG2E = 1.4426950408889634
 LOG2E_CONST = tl.constexpr(LOG2E)
@@ -327,7 +328,7 @@ def _fits(kernel: str, config: triton.Config, element_size: int, block_d: int) -
 
 def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
-        if interpreting():
+        if interpreted():
             return configs
         size = named_args["Q"].element_size()
         kept = [c for c in configs if _fits(kernel, c, size, kwargs["BLOCK_D"])]
@@ -356,7 +357,7 @@ _dq = triton.autotune(autotune_configs(_DQ_CONFIGS, _INTERPRETER_DQ), key=_KEY, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers.
+# Launchers, with the contract of `vivit_kernels.ops.attention` (the op layer calls them).
 
 
 def index_maps(mode: str, frames: int, tokens: int, heads: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
@@ -403,7 +404,6 @@ def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, mode: str, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v: (B, H, N, Dh), any strides -> out (B, H, N, Dh) view of a (B, N, H, Dh) buffer, lse (B, H, N) fp32."""
-    check_device(q, k, v)
     B, H, N, Dh = q.shape
     out = _alloc((B, N, H, Dh), q.dtype, q.device).transpose(1, 2)
     lse = _alloc((B, H, N), torch.float32, q.device)
@@ -428,7 +428,6 @@ def backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `forward`: dq, dk, dv as (B, H, N, Dh) views of (B, N, H, Dh) buffers."""
-    check_device(q, k, v)
     B, H, N, Dh = q.shape
     block_d = _block_d(Dh)
     upcast = upcast_dot_operands(q.dtype)
@@ -449,169 +448,3 @@ def backward(
         *_map_args(h_a, map_a, map_b), scale * LOG2E, scale, Dh, BLOCK_D=block_d, UPCAST=upcast,
     )  # fmt: skip
     return dq, dk, dv
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.library ops: opaque to torch.compile (no graph break), differentiable, counted by
-# FlopCounterMode. The autograd glue only saves tensors and calls the backward op.
-
-
-@torch.library.custom_op("vivit_kernels::triton_attention_forward", mutates_args=())
-def attention_forward_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, mode: str, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return forward(q, k, v, frames, mode, scale)
-
-
-@attention_forward_op.register_fake
-def _(q, k, v, frames, mode, scale):
-    B, H, N, Dh = q.shape
-    return q.new_empty((B, N, H, Dh)).transpose(1, 2), q.new_empty((B, H, N), dtype=torch.float32)
-
-
-@torch.library.custom_op("vivit_kernels::triton_attention_backward", mutates_args=())
-def attention_backward_op(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    frames: int,
-    mode: str,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backward(dout, q, k, v, out, lse, frames, mode, scale)
-
-
-@attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, frames, mode, scale):
-    B, H, N, Dh = q.shape
-    return tuple(q.new_empty((B, N, H, Dh)).transpose(1, 2) for _ in range(3))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, frames, mode, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.frames, ctx.mode, ctx.scale = frames, mode, scale
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(dout, q, k, v, out, lse, ctx.frames, ctx.mode, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def group_length_sum(mode: str, frames: int, tokens: int, heads: int) -> int:
-    """Sum over heads of the group length L each token attends to (FLOPs are 4 * B * N * Dh * this)."""
-    S = tokens // frames
-    lengths = {"joint": tokens, "spatial": S, "temporal": frames}
-    if mode == "split":
-        return heads // 2 * S + (heads - heads // 2) * frames
-    return heads * lengths[mode]
-
-
-def _register_flop_formulas() -> None:
-    from torch.utils.flop_counter import register_flop_formula
-
-    @register_flop_formula(torch.ops.vivit_kernels.triton_attention_forward)
-    def _forward_flops(q_shape, k_shape, v_shape, frames, mode, scale, *args, out_shape=None, **kwargs) -> int:
-        B, H, N, Dh = q_shape
-        return 4 * B * N * Dh * group_length_sum(mode, frames, N, H)
-
-    @register_flop_formula(torch.ops.vivit_kernels.triton_attention_backward)
-    def _backward_flops(dout_shape, q_shape, *args, out_shape=None, **kwargs) -> int:
-        B, H, N, Dh = q_shape
-        frames, mode = args[4], args[5]
-        return 10 * B * N * Dh * group_length_sum(mode, frames, N, H)  # 2.5x the forward
-
-
-_register_flop_formulas()
-
-
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, mode: str, scale: float | None = None
-) -> torch.Tensor:
-    """Fused factorised attention (differentiable). q, k, v: (B, H, N, Dh), any strides.
-
-    Returns (B, H, N, Dh), a view of a (B, N, H, Dh) buffer (what an output projection reads).
-    Inputs are assumed validated (`vivit_kernels.checks.check_attention`).
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _ = attention_forward_op(q, k, v, frames, mode, scale)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs for `python -m vivit_kernels.triton.inspect`.
-
-_TENSOR_POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
-_FP32_POINTERS = {"LSE", "DELTA"}
-_FLOAT_ARGS = {"qk_scale", "scale"}
-# Head-dim strides are 1 for every layout FactorisedAttention makes; Triton specialises an int
-# argument equal to 1 into a constant at launch, so the inspected code does the same.
-_UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sgd", "sdkd", "sdvd", "sdqd"}
-_HEAD_DIM_BLOCKS = (16, 32, 64, 128)
-_DTYPES = ("fp32", "fp16", "bf16")
-
-
-def _spec(name: str, fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int, candidate: bool) -> CompileSpec:
-    constexprs = {**constexprs, **{n: 1 for n in _UNIT_STRIDES if n in fn.arg_names}}
-    signature = {}
-    for arg in fn.arg_names:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in _TENSOR_POINTERS:
-            signature[arg] = f"*{dtype}"
-        elif arg in _FP32_POINTERS:
-            signature[arg] = "*fp32"
-        elif arg in _FLOAT_ARGS:
-            signature[arg] = "fp32"
-        else:
-            signature[arg] = "i32"
-    return CompileSpec(name, fn, signature, constexprs, num_warps, num_stages, dtype, candidate)
-
-
-def compile_specs() -> list[CompileSpec]:
-    """Every (kernel, autotune config, dtype, padded head dim) the launchers can run on a GPU."""
-    specs = []
-    kernels = (
-        ("fwd", _attention_fwd, _FWD_CONFIGS),
-        ("dkdv", _attention_bwd_dkdv, _DKDV_CONFIGS),
-        ("dq", _attention_bwd_dq, _DQ_CONFIGS),
-    )
-    for dtype in _DTYPES:
-        for block_d in _HEAD_DIM_BLOCKS:
-            for name, fn, configs in kernels:
-                for config in configs:
-                    blocks = {k: v for k, v in config.kwargs.items() if not k.startswith("_")}
-                    label = ", ".join(f"{k}={v}" for k, v in blocks.items())
-                    kernel = {"fwd": "attention_fwd", "dkdv": "attention_bwd_dkdv", "dq": "attention_bwd_dq"}[name]
-                    specs.append(
-                        _spec(
-                            f"{kernel}[{dtype}, {label}, BLOCK_D={block_d}, warps={config.num_warps}, "
-                            f"stages={config.num_stages}]",
-                            fn,
-                            dtype,
-                            {**blocks, "BLOCK_D": block_d, "UPCAST": False},
-                            config.num_warps,
-                            config.num_stages,
-                            _fits(name, config, 4 if dtype == "fp32" else 2, block_d),
-                        )
-                    )
-            specs.append(
-                _spec(
-                    f"attention_bwd_delta[{dtype}, BLOCK_M={_DELTA_BLOCK}, BLOCK_D={block_d}]",
-                    _attention_bwd_delta,
-                    dtype,
-                    {"BLOCK_M": _DELTA_BLOCK, "BLOCK_D": block_d},
-                    4,
-                    1,
-                    True,
-                )
-            )
-    return specs

@@ -1,14 +1,14 @@
 """`python -m vivit_kernels.triton.inspect`: compile every Triton kernel for sm_80 and sm_90, no GPU needed.
 
 The interpreter runs the kernels' arithmetic but not the GPU compiler, so it cannot see tl.dot
-shape rules, register pressure or shared memory. This tool compiles each `CompileSpec` that a
-module of this package lists (`compile_specs()`: every autotune config x dtype x static variant)
-with `triton.compile(..., target=GPUTarget("cuda", cc, 32))` and reads the cubin with the
+shape rules, register pressure or shared memory. This tool compiles each `CompileSpec` of
+`specs.py` (every kernel x autotune config x dtype x static variant) with `triton.compile(..., target=GPUTarget("cuda", cc, 32))` and reads the cubin with the
 `cuobjdump` shipped in Triton's NVIDIA backend: registers, stack, spill instructions (LDL/STL
 in the SASS) and tensor-core instructions (HMMA on sm_80, HGMMA on sm_90).
 
 Compiles run the real (non-interpreted) code path: TRITON_INTERPRET is forced off in this
-process and its workers, and the specs set the bf16 dot-upcast switch off.
+process and its workers (see `vivit_kernels.triton.interpreted`), and the specs set the bf16
+dot-upcast switch off.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "0"
 
 import argparse  # noqa: E402
-import importlib  # noqa: E402
 import json  # noqa: E402
-import pkgutil  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -58,20 +56,6 @@ class Row:
         return bool(self.spill_loads or self.spill_stores)
 
 
-def discover() -> list[tuple[str, int]]:
-    """(module, index) of every CompileSpec exposed by a module of vivit_kernels.triton."""
-    import vivit_kernels.triton as package
-
-    found = []
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name == "inspect":
-            continue
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        if callable(getattr(module, "compile_specs", None)):
-            found += [(module.__name__, i) for i in range(len(module.compile_specs()))]
-    return found
-
-
 def cuobjdump() -> str:
     import triton
 
@@ -85,14 +69,16 @@ def _resource_usage(text: str, function: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def compile_one(module_name: str, index: int, arch: int) -> Row:
-    """Compile one spec for sm_<arch> and read its cubin."""
+def compile_one(index: int, arch: int) -> Row:
+    """Compile spec number `index` of `specs.compile_specs()` for sm_<arch> and read its cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    spec = importlib.import_module(module_name).compile_specs()[index]
-    row = Row(module_name.rsplit(".", 1)[-1], spec.name, spec.dtype, arch, spec.autotune_candidate)
+    from vivit_kernels.triton.specs import compile_specs
+
+    spec = compile_specs()[index]
+    row = Row(spec.name.split("_", 1)[0], spec.name, spec.dtype, arch, spec.autotune_candidate)
     try:
         kernel = triton.compile(
             ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs),
@@ -120,16 +106,17 @@ def compile_one(module_name: str, index: int, arch: int) -> Row:
 
 def inspect(name_filter: str = "", archs=ARCHS, dtypes=None, jobs: int = 2, candidates_only: bool = False) -> list[Row]:
     """Compile every matching spec for every arch in a pool of `jobs` processes."""
+    from vivit_kernels.triton.specs import compile_specs
+
     work = []
-    for module_name, index in discover():
-        spec = importlib.import_module(module_name).compile_specs()[index]
+    for index, spec in enumerate(compile_specs()):
         if name_filter and not re.search(name_filter, spec.name):
             continue
         if dtypes and spec.dtype not in dtypes:
             continue
         if candidates_only and not spec.autotune_candidate:
             continue
-        work += [(module_name, index, arch) for arch in archs]
+        work += [(index, arch) for arch in archs]
     if jobs <= 1:
         return [compile_one(*w) for w in work]
     with ProcessPoolExecutor(jobs) as pool:

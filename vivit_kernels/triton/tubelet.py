@@ -42,15 +42,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.utils.flop_counter import register_flop_formula
 
-from .common import CompileSpec, cast_rounded, autotune_configs, check_device, upcast_dot_operands
+from ..checks import TubeletShape
+from .common import autotune_configs, cast_rounded, upcast_dot_operands
 
 
 # ----------------------------------------------------------------------------------------------
 # Index maps: a token p of a clip and a tube position k to element offsets inside one clip.
-# Offsets inside a clip are int32 (the launcher checks a clip spans < 2^31 elements); the
-# batch offset, which can exceed 2^31, is applied to the base pointer in int64.
+# Offsets inside a clip are int32 (the backend declares `INT32_MAX` as its limit, so a clip
+# spanning more never reaches these kernels); the batch offset, which can exceed 2^31, is applied to the base
+# pointer in int64.
 
 
 @triton.jit
@@ -295,30 +296,13 @@ def _tuned(kernel: str, dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers. Inputs are validated by `vivit_kernels.checks.check_tubelet`; `out`-style arguments
-# let tests hand in NaN-poisoned buffers.
+# Launchers, with the contract of `vivit_kernels.ops.tubelet`; `out`-style arguments let tests
+# hand in NaN-poisoned buffers.
 
-
-def _sizes(video: torch.Tensor, weight_shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
-    """(B, P, D, K, nt, nh, nw, t, h, w) of a call; P = nt * nh * nw tokens per clip."""
-    B, C, T, H, W = video.shape
-    D, _, t, h, w = weight_shape
-    nt, nh, nw = T // t, H // h, W // w
-    return B, nt * nh * nw, D, C * t * h * w, nt, nh, nw, t, h, w
-
-
-_INT32_MAX = 2**31 - 1
-
-
-def _check_int32_offsets(video: torch.Tensor, P: int, D: int, K: int) -> None:
-    """The kernels index inside one clip, the token grid of a clip and the weight with int32."""
-    span = sum((size - 1) * abs(stride) for size, stride in zip(video.shape[1:], video.stride()[1:]))
-    for what, elements in (("one clip of the video", span + 1), ("one clip's tokens", P * D), ("the weight", D * K)):
-        if elements > _INT32_MAX:
-            raise ValueError(
-                f"tubelet_embedding (triton): {what} spans {elements} elements; expected at most 2^31 - 1 "
-                f"(use backend='reference', or split the clip)"
-            )
+def _sizes(video: torch.Tensor, weight_shape) -> tuple[TubeletShape, int, int, int]:
+    """The call's shape, and (tokens per clip P, D, K)."""
+    shape = TubeletShape.of(video.shape, weight_shape)
+    return shape, shape.tokens_per_clip, shape.dim, shape.tube_size
 
 
 def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -326,25 +310,23 @@ def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def tubelet_forward(
+def forward(
     video: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     pos_embed: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """video (B, C, T, H, W) any strides, weight (D, C, t, h, w) -> tokens (B, nt, nh * nw, D).
+    """video (B, C, T, H, W) any strides, weight (D, C, t, h, w), pos_embed (P, D) -> tokens (B, nt, nh * nw, D).
 
-    `pos_embed` holds nt * nh * nw * D elements (any of the layouts `tubelet_embedding` takes).
     `out`, if given, is the contiguous (B, nt, nh * nw, D) buffer to write.
     """
-    check_device(video, weight)
-    B, P, D, K, nt, nh, nw, t, h, w = _sizes(video, weight.shape)
-    _check_int32_offsets(video, P, D, K)
+    shape, P, D, K = _sizes(video, weight.shape)
+    B, (_, nh, nw), (t, h, w) = shape.batch, shape.grid, shape.tubelet
     if out is None:
-        out = torch.empty(B, nt, nh * nw, D, device=video.device, dtype=video.dtype)
+        out = torch.empty(shape.output_shape, device=video.device, dtype=video.dtype)
     wmat = _weight_matrix(weight)
-    pos = pos_embed.reshape(P, D).contiguous() if pos_embed is not None else None
+    pos = pos_embed.contiguous() if pos_embed is not None else None
     bias_arg = bias.contiguous() if bias is not None else wmat  # any pointer: unused when HAS_BIAS is off
     pos_arg = pos if pos is not None else wmat
 
@@ -360,16 +342,15 @@ def tubelet_forward(
     return out
 
 
-def tubelet_backward_video(
+def backward_video(
     grad: torch.Tensor, video: torch.Tensor, weight: torch.Tensor, dvideo: torch.Tensor | None = None
 ) -> torch.Tensor:
     """d(video): grad (B, nt, S', D) -> like `video` (same strides when it is dense), with zeros
     where the floor semantics dropped frames, rows or columns."""
-    check_device(grad, video, weight)
-    B, P, D, K, nt, nh, nw, t, h, w = _sizes(video, weight.shape)
+    shape, P, D, K = _sizes(video, weight.shape)
+    B, (nt, nh, nw), (t, h, w) = shape.batch, shape.grid, shape.tubelet
     if dvideo is None:
         dvideo = torch.empty_like(video)
-    _check_int32_offsets(dvideo, P, D, K)
     _, _, T, H, W = video.shape
     # Only the remainders outside the whole tubelets: the kernel writes every covered element.
     if T > nt * t:
@@ -393,20 +374,19 @@ def tubelet_backward_video(
     return dvideo
 
 
-def tubelet_backward_weight(
+def backward_weight(
     grad: torch.Tensor,
     video: torch.Tensor,
-    weight_shape: tuple[int, ...] | torch.Size,
+    weight: torch.Tensor,
     bias_grad: bool,
     dweight: torch.Tensor | None = None,
     dbias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """d(weight) (D, C, t, h, w) contiguous and d(bias) (D,) (None unless `bias_grad`)."""
-    check_device(grad, video)
-    B, P, D, K, nt, nh, nw, t, h, w = _sizes(video, weight_shape)
-    _check_int32_offsets(video, P, D, K)
+) -> list[torch.Tensor]:
+    """[d(weight)] (D, C, t, h, w) contiguous, or [d(weight), d(bias) (D,)] with `bias_grad`."""
+    shape, P, D, K = _sizes(video, weight.shape)
+    B, (_, nh, nw), (t, h, w) = shape.batch, shape.grid, shape.tubelet
     if dweight is None:
-        dweight = torch.empty(weight_shape, device=video.device, dtype=video.dtype)
+        dweight = torch.empty(weight.shape, device=video.device, dtype=video.dtype)
     if bias_grad and dbias is None:
         dbias = torch.empty(D, device=video.device, dtype=video.dtype)
     grad = grad.contiguous()
@@ -420,192 +400,15 @@ def tubelet_backward_weight(
         *video.stride(),
         HAS_BIAS=bias_grad, UPCAST=upcast_dot_operands(video.dtype),
     )  # fmt: skip
-    return dweight, (dbias if bias_grad else None)
+    return [dweight, dbias] if bias_grad else [dweight]
 
 
-def tubelet_backward_pos(grad: torch.Tensor, dpos: torch.Tensor | None = None) -> torch.Tensor:
-    """d(pos_embed): grad (B, nt, S', D) summed over the batch -> (nt, S', D)."""
-    check_device(grad)
+def backward_pos(grad: torch.Tensor, dpos: torch.Tensor | None = None) -> torch.Tensor:
+    """d(pos_embed): grad (B, nt, S', D) summed over the batch -> (nt * S', D)."""
     grad = grad.contiguous()
     B, nt, S, D = grad.shape
     if dpos is None:
-        dpos = torch.empty(nt, S, D, device=grad.device, dtype=grad.dtype)
+        dpos = torch.empty(nt * S, D, device=grad.device, dtype=grad.dtype)
     grid = (triton.cdiv(nt * S, _POS_CONFIG["BLOCK_P"]), triton.cdiv(D, _POS_CONFIG["BLOCK_D"]))
     tubelet_bwd_pos_kernel[grid](grad, dpos, B, nt * S, D, UPCAST=upcast_dot_operands(grad.dtype), **_POS_CONFIG)
     return dpos
-
-
-# ----------------------------------------------------------------------------------------------
-# torch.library ops: opaque to torch.compile (fake impls give shapes), counted by FlopCounterMode,
-# differentiable through register_autograd. No logic lives in the autograd glue.
-
-
-def _token_shape(video: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int]:
-    B, _, T, H, W = video.shape
-    D, _, t, h, w = weight.shape
-    return B, T // t, (H // h) * (W // w), D
-
-
-@torch.library.custom_op("vivit_kernels::triton_tubelet_forward", mutates_args=())
-def triton_tubelet_forward(
-    video: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_embed: torch.Tensor | None
-) -> torch.Tensor:
-    """Tokens (B, nt, S', D) of video (B, C, T, H, W) and weight (D, C, t, h, w)."""
-    return tubelet_forward(video, weight, bias, pos_embed)
-
-
-@triton_tubelet_forward.register_fake
-def _(video, weight, bias, pos_embed):
-    return video.new_empty(_token_shape(video, weight))
-
-
-@torch.library.custom_op("vivit_kernels::triton_tubelet_backward_video", mutates_args=())
-def triton_tubelet_backward_video(grad: torch.Tensor, video: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """d(video), laid out like the video."""
-    return tubelet_backward_video(grad, video, weight)
-
-
-@triton_tubelet_backward_video.register_fake
-def _(grad, video, weight):
-    return torch.empty_like(video)
-
-
-@torch.library.custom_op("vivit_kernels::triton_tubelet_backward_weight", mutates_args=())
-def triton_tubelet_backward_weight(
-    grad: torch.Tensor, video: torch.Tensor, weight: torch.Tensor, bias_grad: bool
-) -> list[torch.Tensor]:
-    """[d(weight)] or [d(weight), d(bias)]."""
-    dweight, dbias = tubelet_backward_weight(grad, video, weight.shape, bias_grad)
-    return [dweight] if dbias is None else [dweight, dbias]
-
-
-@triton_tubelet_backward_weight.register_fake
-def _(grad, video, weight, bias_grad):
-    dweight = weight.new_empty(weight.shape)
-    return [dweight, weight.new_empty(weight.shape[0])] if bias_grad else [dweight]
-
-
-@torch.library.custom_op("vivit_kernels::triton_tubelet_backward_pos", mutates_args=())
-def triton_tubelet_backward_pos(grad: torch.Tensor) -> torch.Tensor:
-    """d(pos_embed) as (nt, S', D)."""
-    return tubelet_backward_pos(grad)
-
-
-@triton_tubelet_backward_pos.register_fake
-def _(grad):
-    return grad.new_empty(grad.shape[1:])
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    video, weight, bias, pos_embed = inputs
-    ctx.save_for_backward(video, weight)  # bias and pos_embed enter linearly: not needed
-    ctx.has_bias = bias is not None
-    ctx.pos_shape = pos_embed.shape if pos_embed is not None else None
-
-
-def _backward(ctx, grad):
-    video, weight = ctx.saved_tensors
-    need_video, need_weight, need_bias, need_pos = ctx.needs_input_grad
-    dvideo = dweight = dbias = dpos = None
-    if need_video:
-        dvideo = triton_tubelet_backward_video(grad, video, weight)
-    if need_weight or need_bias:
-        grads = triton_tubelet_backward_weight(grad, video, weight, ctx.has_bias and need_bias)
-        dweight = grads[0] if need_weight else None
-        dbias = grads[1] if len(grads) > 1 else None
-    if need_pos:
-        dpos = triton_tubelet_backward_pos(grad).reshape(ctx.pos_shape)
-    return dvideo, dweight, dbias, dpos
-
-
-triton_tubelet_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _gemm_flops(video_shape, weight_shape) -> int:
-    B, C, T, H, W = video_shape
-    D, _, t, h, w = weight_shape
-    return 2 * B * (T // t) * (H // h) * (W // w) * D * C * t * h * w
-
-
-@register_flop_formula(torch.ops.vivit_kernels.triton_tubelet_forward)
-def _forward_flops(video_shape, weight_shape, *args, **kwargs) -> int:
-    return _gemm_flops(video_shape, weight_shape)
-
-
-@register_flop_formula(torch.ops.vivit_kernels.triton_tubelet_backward_video)
-def _backward_video_flops(grad_shape, video_shape, weight_shape, *args, **kwargs) -> int:
-    return _gemm_flops(video_shape, weight_shape)
-
-
-@register_flop_formula(torch.ops.vivit_kernels.triton_tubelet_backward_weight)
-def _backward_weight_flops(grad_shape, video_shape, weight_shape, *args, **kwargs) -> int:
-    return _gemm_flops(video_shape, weight_shape)
-
-
-def tubelet_embedding(
-    video: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    pos_embed: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The backend entry point: differentiable tokens (B, nt, S', D); inputs already validated."""
-    return triton_tubelet_forward(video, weight, bias, pos_embed)
-
-
-# ----------------------------------------------------------------------------------------------
-# Ahead-of-time compilation: every kernel x autotune config x dtype the autotuner may run.
-
-
-_POINTERS = {"video", "weight", "bias", "pos", "out", "grad", "dvideo", "dweight", "dbias", "dpos"}
-
-
-def _signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
-    """Triton types of `fn`'s arguments, in order: pointers to `dtype`, i32 sizes and strides."""
-    return {
-        name: "constexpr" if name in constexprs else f"*{dtype}" if name in _POINTERS else "i32"
-        for name in fn.arg_names
-    }
-
-
-def compile_specs() -> list[CompileSpec]:
-    """One `CompileSpec` per (kernel, autotune config, dtype), with bias and pos_embed on, at
-    ViViT's 2 x 16 x 16 tubelet (the tubelet is a compile-time constant) and unit inner strides."""
-    static = {"t": 2, "h": 16, "w": 16, "stride_vw": 1, "stride_wk": 1}
-    switches = {
-        "fwd": {"HAS_BIAS": True, "HAS_POS": True, "UPCAST": False},
-        "bwd_video": {"UPCAST": False},
-        "bwd_weight": {"HAS_BIAS": True, "UPCAST": False},
-    }
-    specs = []
-    for dtype in ("fp32", "fp16", "bf16"):
-        bits = "32" if dtype == "fp32" else "16"
-        for kernel, fn in _KERNELS.items():
-            for config in _GPU_CONFIGS[kernel][bits]:
-                constexprs = {**switches[kernel], **config.kwargs}
-                constexprs.update({k: v for k, v in static.items() if k in fn.arg_names})
-                blocks = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
-                launch = f"warps={config.num_warps}, stages={config.num_stages}"
-                specs.append(
-                    CompileSpec(
-                        name=f"tubelet_{kernel}[{dtype}, {blocks}, {launch}]",
-                        fn=fn,
-                        signature=_signature(fn, dtype, constexprs),
-                        constexprs=constexprs,
-                        num_warps=config.num_warps,
-                        num_stages=config.num_stages,
-                        dtype=dtype,
-                    )
-                )
-        blocks = ", ".join(f"{key}={value}" for key, value in _POS_CONFIG.items())
-        specs.append(
-            CompileSpec(
-                name=f"tubelet_bwd_pos[{dtype}, {blocks}, warps=4, stages=2]",
-                fn=tubelet_bwd_pos_kernel,
-                signature=_signature(tubelet_bwd_pos_kernel, dtype, {"UPCAST": False, **_POS_CONFIG}),
-                constexprs={"UPCAST": False, **_POS_CONFIG},
-                num_warps=4,
-                num_stages=2,
-                dtype=dtype,
-            )
-        )
-    return specs

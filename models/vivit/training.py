@@ -1,0 +1,463 @@
+"""A training run: set-up and resume, epochs of optimiser steps, held-out evaluation and checkpoints.
+
+`Trainer(args, ctx)` sets everything up from the parsed `vivit-train` arguments (data, model,
+optimiser, schedule; the state of a checkpoint when resuming); `run()` trains to the last step
+and returns the summary. One process, or one of many under torchrun (DDP or FSDP): every
+process runs the same steps on its shard of each global batch; only the main process writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from . import distributed
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import MovingShapes, ShardedSampler, VideoFolder, collate
+from .evaluation import autocast, evaluate
+from .model import build_model, model_spec
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """Defaults that depend on the data: 8 frames of 32 px built-in, 32 of 224 for videos."""
+    builtin = not args.train_csv
+    args.num_frames = args.num_frames or (8 if builtin else 32)
+    args.img_size = args.img_size or (32 if builtin else 224)
+    if args.workers is None:
+        args.workers = 0 if builtin else min(4, os.cpu_count() or 1)
+
+
+def check_args(args: argparse.Namespace, ctx: distributed.Context) -> None:
+    def fail(message: str) -> None:
+        raise SystemExit(f"vivit-train: error: {message}")
+
+    per_step = ctx.world_size * args.accum_steps
+    if args.batch_size < 1 or args.batch_size % per_step:
+        fail(f"--batch-size {args.batch_size} must be a positive multiple of processes x --accum-steps = {per_step}")
+    if args.precision == "fp16" and ctx.device.type != "cuda":
+        fail("--precision fp16 needs a GPU (use bf16 or fp32 on CPU)")
+    if args.steps is not None and args.steps < 1:
+        fail(f"--steps must be positive, got {args.steps}")
+    if args.val_csv and not args.train_csv:
+        fail("--val-csv needs --train-csv (its labels define the classes)")
+
+
+def spec_from_args(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
+    """The `model_spec` of the model the arguments describe: stored in every checkpoint."""
+    overrides: dict[str, Any] = dict(img_size=args.img_size, num_frames=args.num_frames, tokeniser=args.tokeniser,
+                                     drop_rate=args.dropout, drop_path_rate=args.drop_path, backend=args.backend)
+    for arg, field in (("dim", "dim"), ("depth", "depth"), ("heads", "num_heads"), ("mlp_ratio", "mlp_ratio"),
+                       ("temporal_depth", "temporal_depth")):
+        if getattr(args, arg) is not None:
+            overrides[field] = getattr(args, arg)
+    if args.tubelet is not None:
+        overrides["tubelet"] = tuple(args.tubelet)
+    return model_spec(args.preset, args.variant, num_classes, **overrides)
+
+
+def build_datasets(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
+    """(train, held-out or None, class names). CSV problems raise before any training."""
+    if args.train_csv:
+        common = dict(root=args.data_root, num_frames=args.num_frames, size=args.img_size, mean=args.mean,
+                      std=args.std, seed=args.seed)
+        train = VideoFolder(args.train_csv, train=True, flip=not args.no_flip, **common)
+        val = None
+        if args.val_csv:
+            val = VideoFolder(args.val_csv, classes=train.classes, train=False, temporal_views=args.temporal_views,
+                              spatial_crops=args.spatial_crops, **common)
+        return train, val, train.classes
+    common = dict(num_frames=args.num_frames, size=args.img_size, mean=tuple(args.mean), std=tuple(args.std))
+    train = MovingShapes(args.synthetic_clips, seed=args.data_seed, **common)
+    val = None
+    if args.synthetic_val_clips:
+        val = MovingShapes(args.synthetic_val_clips, seed=args.data_seed + 1, **common)
+    return train, val, list(MovingShapes.classes)
+
+
+def make_loader(dataset, batch_size: int, sampler: ShardedSampler, workers: int, seed: int = 0) -> DataLoader:
+    # A private generator: creating an iterator must not draw from the global RNG, or a run
+    # resumed mid-epoch (one more iterator) would diverge from an uninterrupted one.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      drop_last=False, persistent_workers=False, generator=torch.Generator().manual_seed(seed))
+
+
+def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Weight decay on matrices only (not on norms, biases, positional embeddings, CLS tokens)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        plain = name.removeprefix("module.")
+        (no_decay if param.ndim <= 1 or plain.endswith(("pos_embed", "cls_token")) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def make_scheduler(args: argparse.Namespace, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0, then cosine decay to --min-lr (or constant)."""
+    warmup, floor = args.warmup_steps, args.min_lr / args.lr if args.lr else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if args.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- losses and logs
+
+
+def targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """Label-smoothed one-hot targets (B, K)."""
+    one_hot = F.one_hot(labels, num_classes).float()
+    return one_hot * (1.0 - smoothing) + smoothing / num_classes
+
+
+def mixup(video: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: float, smoothing: float):
+    """Mix each clip with another of the batch: x = lam x_i + (1 - lam) x_j, same for targets."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(video.shape[0]).to(video.device)
+    y = targets(labels, num_classes, smoothing)
+    return video.lerp(video[perm], 1.0 - lam), y.lerp(y[perm], 1.0 - lam)
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory (GPU), or this process's resident memory (CPU), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class Metrics:
+    """JSON-lines records (main process only)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _zero_window() -> dict[str, float]:
+    return {"loss": 0.0, "correct": 0.0, "count": 0.0}
+
+
+def _zero_epoch() -> dict[str, float]:
+    return {"loss": 0.0, "correct": 0.0, "count": 0.0, "skipped": 0.0}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"trained {s['steps']}/{s['total_steps']} steps on {s['world_size']} process(es) in {s['seconds']:.1f} s "
+             f"({s['clips_per_s']:.1f} clips/s, {s['memory_mb']:.0f} MB)"]
+    if "val_top1" in s:
+        lines.append(f"held-out: top-1 {100 * s['val_top1']:.1f}%  top-5 {100 * s['val_top5']:.1f}%  "
+                     f"({int(s['val_clips'])} clips)")
+    if s["skipped_videos"]:
+        lines.append(f"skipped {s['skipped_videos']} unreadable video(s)")
+    lines.append(f"checkpoint: {s['checkpoint']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Trainer:
+    """One training run as the `vivit-train` arguments say (see `run`)."""
+
+    def __init__(self, args: argparse.Namespace, ctx: distributed.Context) -> None:
+        fill_defaults(args)
+        check_args(args, ctx)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.args, self.ctx = args, ctx
+        self.out_dir = Path(args.output_dir)
+        if ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = Metrics(self.out_dir / "metrics.jsonl" if ctx.is_main else None)
+        self.ckpt_path = self.out_dir / "checkpoint.pt"
+
+        self.train_set, self.val_set, self.classes = build_datasets(args)  # a bad CSV fails here, before any step
+        self.spec = spec_from_args(args, len(self.classes))
+        self.model = self._build_model()
+        self.optimizer = make_optimizer(args, self.model)
+
+        # Clips per process per micro-step; the sampler shards each global batch over processes.
+        self.micro = args.batch_size // (ctx.world_size * args.accum_steps)
+        self.sampler = ShardedSampler(len(self.train_set), shuffle=True, seed=args.seed, rank=ctx.rank,
+                                      world_size=ctx.world_size)
+        self.items_per_step = self.micro * args.accum_steps  # per process
+        self.steps_per_epoch = self.sampler.per_rank // self.items_per_step
+        if self.steps_per_epoch < 1:
+            raise SystemExit(
+                f"vivit-train: error: {len(self.train_set)} training clips do not fill one batch of {args.batch_size}")
+        self.total_steps = args.steps or max(1, round(args.epochs * self.steps_per_epoch))
+        self.stop = min(self.total_steps, args.stop_at) if args.stop_at else self.total_steps
+        self.scheduler = make_scheduler(args, self.optimizer, self.total_steps)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.precision == "fp16")
+        self.step = 0
+        self._resume_or_seed()
+
+        self.progress = None
+        self.skipped_total, self.warned = 0, set()
+        self.run_clips = 0.0
+        self.last_eval: dict[str, float] | None = None
+
+    def _build_model(self) -> torch.nn.Module:
+        args, ctx = self.args, self.ctx
+        seed_everything(args.seed)  # the same initial weights on every process
+        model = build_model(self.spec)
+        if args.pretrained:
+            from .pretrained import load_image_pretrained
+
+            report = load_image_pretrained(model, args.pretrained, tubelet_init=args.init)
+            if ctx.is_main:
+                print(f"initialised from {args.pretrained} ({args.init}): {report}", file=sys.stderr)
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        model.to(ctx.device)
+        return distributed.wrap(model, ctx, "fsdp" if args.fsdp else "ddp")
+
+    def _resume_or_seed(self) -> None:
+        """Continue from --resume's checkpoint (model, optimiser, schedule, scaler, step, RNG states),
+        or start fresh with per-process seeds for dropout, drop-path and mixup."""
+        args, ctx = self.args, self.ctx
+        resume = args.resume
+        if resume == "auto":
+            resume = str(self.ckpt_path) if self.ckpt_path.is_file() else None
+        if ctx.is_main and not resume and self.metrics.path.exists():
+            self.metrics.path.unlink()  # a fresh run starts a fresh record
+        if not resume:
+            seed_everything(args.seed + ctx.rank)
+            return
+        state = load_checkpoint(resume)
+        distributed.load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"], ctx)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        rngs = state["rng"]
+        set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
+        if ctx.is_main:
+            print(f"resumed from {resume} at step {self.step}", file=sys.stderr)
+
+    # ------------------------------------------------------------------------- steps and epochs
+
+    def run(self) -> dict[str, Any]:
+        """Train from the current step to the last (or --stop-at), then checkpoint, evaluate and
+        summarise; returns the summary (also written to summary.json)."""
+        if self.ctx.is_main and not self.args.no_progress:
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                                 file=sys.stderr)
+        self.model.train()
+        run_start = time.perf_counter()
+        # Clips and losses since the last metrics record (which may lie in the previous epoch).
+        self.window, self.window_start = _zero_window(), run_start
+        while self.step < self.stop:
+            self.run_epoch()
+        if self.progress is not None:
+            self.progress.close()
+        return self.finish(time.perf_counter() - run_start)
+
+    def run_epoch(self) -> None:
+        """The steps of the current epoch from the current position (to its end or --stop-at)."""
+        args = self.args
+        epoch, position = divmod(self.step, self.steps_per_epoch)
+        self.sampler.set_epoch(epoch, position * self.items_per_step)
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(epoch)
+        batches = iter(make_loader(self.train_set, self.micro, self.sampler, args.workers, args.seed + epoch))
+        totals = _zero_epoch()
+        while position < self.steps_per_epoch and self.step < self.stop:
+            self.train_step(batches, totals)
+            self.step += 1
+            position += 1
+            self.log(epoch, totals)
+            if self.progress is not None:
+                self.progress.update(1)
+            self.evaluate_and_checkpoint()
+        self.end_epoch(epoch, totals)
+
+    def train_step(self, batches, totals: dict[str, float]) -> None:
+        """One optimiser step over --accum-steps micro-batches."""
+        args = self.args
+        self.optimizer.zero_grad(set_to_none=True)
+        ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        for micro_step in range(args.accum_steps):
+            batch = next(batches)
+            self._note_skipped(batch, totals)
+            sync = micro_step == args.accum_steps - 1 or not ddp  # DDP all-reduces on the last micro-step only
+            with nullcontext() if sync else self.model.no_sync():
+                self._micro_step(batch)
+        if args.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+    def _micro_step(self, batch: dict) -> None:
+        args, device = self.args, self.ctx.device
+        if batch["video"] is None:
+            # Every clip of this micro-batch was unreadable: a forward and backward of a blank
+            # clip with zero weight keeps the processes' collectives in step.
+            blank = torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size, device=device)
+            with autocast(device, args.precision):
+                loss = self.model(blank).float().sum() * 0.0
+            self.scaler.scale(loss).backward()
+            return
+        video = batch["video"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        num_classes = len(self.classes)
+        with autocast(device, args.precision):
+            if args.mixup > 0:
+                video, soft = mixup(video, labels, num_classes, args.mixup, args.label_smoothing)
+                logits = self.model(video)
+                loss = torch.sum(-soft * F.log_softmax(logits.float(), -1), -1).mean()
+            else:
+                logits = self.model(video)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+        self.scaler.scale(loss / args.accum_steps).backward()
+        n = labels.shape[0]
+        self.window["loss"] += loss.item() * n
+        self.window["correct"] += (logits.argmax(-1) == labels).sum().item()
+        self.window["count"] += n
+
+    def _note_skipped(self, batch: dict, totals: dict[str, float]) -> None:
+        for path, reason in batch["skipped"]:
+            totals["skipped"] += 1
+            if path not in self.warned:
+                self.warned.add(path)
+                warnings.warn(f"skipping unreadable video {path} ({reason})", stacklevel=1)
+
+    def log(self, epoch: int, totals: dict[str, float]) -> None:
+        """Every --log-every steps (and at the last): a metrics record, and the window summed over
+        processes into the epoch's totals; the progress bar every step."""
+        ctx, window = self.ctx, self.window
+        log_now = self.step % self.args.log_every == 0 or self.step == self.stop
+        if not log_now and self.progress is None:
+            return
+        sums = [window["loss"], window["correct"], window["count"]]
+        loss_sum, correct, count = distributed.all_reduce_sum(sums, ctx) if log_now else sums
+        now = time.perf_counter()
+        clips_per_s = count * (ctx.world_size if not log_now else 1) / max(now - self.window_start, 1e-9)
+        record = {"step": self.step, "epoch": epoch, "loss": loss_sum / max(count, 1), "acc": correct / max(count, 1),
+                  "lr": self.scheduler.get_last_lr()[0], "clips_per_s": clips_per_s, "memory_mb": memory_mb(ctx.device)}
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
+                                      clips_s=f"{clips_per_s:.1f}", mem=f"{record['memory_mb']:.0f}MB", refresh=False)
+        if not log_now:
+            return
+        self.metrics.write(record)
+        for key, value in (("loss", loss_sum), ("correct", correct), ("count", count)):
+            totals[key] += value
+        self.run_clips += count
+        self.window, self.window_start = _zero_window(), now
+
+    def end_epoch(self, epoch: int, totals: dict[str, float]) -> None:
+        """The epoch's record (also when --stop-at ends it early)."""
+        skipped = int(distributed.all_reduce_sum([totals["skipped"]], self.ctx)[0])
+        self.skipped_total += skipped
+        summary = {"event": "epoch", "epoch": epoch, "steps": self.step, "skipped_videos": skipped,
+                   "loss": totals["loss"] / max(totals["count"], 1), "acc": totals["correct"] / max(totals["count"], 1)}
+        self.metrics.write(summary)
+        if self.ctx.is_main:
+            message = (f"epoch {epoch}: step {self.step}, loss {summary['loss']:.4f}, acc {summary['acc']:.3f}, "
+                       f"{skipped} unreadable video(s) skipped")
+            (self.progress.write if self.progress is not None else print)(message)
+
+    # ------------------------------------------------------------------------- evaluation and checkpoints
+
+    def evaluate_and_checkpoint(self) -> None:
+        """After a step: a checkpoint every --checkpoint-every steps, an evaluation every --eval-every
+        (the last step's are left to `finish`)."""
+        args = self.args
+        if args.checkpoint_every and self.step % args.checkpoint_every == 0 and self.step < self.stop:
+            self.checkpoint()
+        if args.eval_every and self.step % args.eval_every == 0 and self.step < self.total_steps:
+            self.last_eval = self.held_out()
+            self.model.train()
+
+    def checkpoint(self) -> None:
+        """Everything the run needs to continue bit for bit. Collective: every process calls it."""
+        args, ctx = self.args, self.ctx
+        model_state, optim_state = distributed.full_state_dicts(self.model, self.optimizer, ctx)
+        rngs = [rng_state()]
+        if ctx.distributed:
+            rngs = [None] * ctx.world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
+        if ctx.is_main:
+            save_checkpoint({
+                "model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rngs, "step": self.step, "model_spec": self.spec,
+                "classes": self.classes,
+                "data": {"num_frames": args.num_frames, "img_size": args.img_size, "mean": list(args.mean),
+                         "std": list(args.std)},
+                "args": vars(args), "world_size": ctx.world_size,
+            }, self.ckpt_path)
+
+    def held_out(self) -> dict[str, float] | None:
+        if self.val_set is None:
+            return None
+        result = evaluate(self.model, self.val_set, self.ctx, batch_size=max(1, self.micro),
+                          precision=self.args.precision, workers=self.args.workers)
+        self.metrics.write({"event": "eval", "step": self.step, **result})
+        return result
+
+    def finish(self, elapsed: float) -> dict[str, Any]:
+        """The final checkpoint, the held-out evaluation of a finished run, and the run's summary."""
+        ctx = self.ctx
+        self.checkpoint()
+        finished = self.step >= self.total_steps
+        if finished:
+            self.last_eval = self.held_out()
+        divergence = distributed.max_param_divergence(self.model, ctx)
+        summary = {"event": "summary", "steps": self.step, "total_steps": self.total_steps, "finished": finished,
+                   "world_size": ctx.world_size, "seconds": elapsed, "clips_per_s": self.run_clips / max(elapsed, 1e-9),
+                   "memory_mb": memory_mb(ctx.device), "skipped_videos": self.skipped_total,
+                   "max_param_divergence_across_ranks": divergence, "checkpoint": str(self.ckpt_path)}
+        if self.last_eval is not None:
+            summary.update({f"val_{key}": value for key, value in self.last_eval.items()})
+        self.metrics.write(summary)
+        if ctx.is_main:
+            with open(self.out_dir / "summary.json", "w") as f:
+                json.dump(summary, f, indent=2)
+            print(format_summary(summary))
+        return summary

@@ -1,0 +1,89 @@
+"""Argument checks (vivit_kernels/checks.py): every bad input gets an error naming it, and a
+checked call's shape object carries what dispatch and the ops need."""
+
+import pytest
+import torch
+
+from vivit_kernels import factorised_attention, tubelet_embedding
+from vivit_kernels.checks import AttentionShape, TubeletShape, check_attention, check_tubelet, default_scale
+
+
+def _qkv(shape=(1, 4, 12, 8), dtype=torch.float32):
+    return [torch.randn(shape).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "make_args, error, message",
+    [
+        (lambda: (*_qkv(), 5, "joint"), ValueError, r"N=12 tokens is not divisible by frames=5"),
+        (lambda: (*_qkv(), 0, "joint"), ValueError, r"frames must be >= 1, got 0"),
+        (lambda: (*_qkv(), 2.0, "joint"), TypeError, r"frames must be an int, got float"),
+        (lambda: (*_qkv((1, 3, 12, 8)), 3, "split"), ValueError, r"even number of heads .* got H=3"),
+        (lambda: (*_qkv(), 3, "diagonal"), ValueError, r"unknown mode 'diagonal'; expected one of"),
+        (lambda: (*_qkv()[:2], torch.randn(1, 4, 12, 16), 3, "joint"), ValueError, r"one shape .* v \(1, 4, 12, 16\)"),
+        (lambda: (*_qkv((4, 12, 8)), 3, "joint"), ValueError, r"q must be 4-D \(B, H, N, Dh\), got shape \(4, 12, 8\)"),
+        (lambda: (*_qkv(dtype=torch.int64), 3, "joint"), TypeError, r"q must have a floating dtype, got torch.int64"),
+        (lambda: (*_qkv()[:2], torch.randn(1, 4, 12, 8).double(), 3, "joint"), TypeError, r"v has dtype torch.float64"),
+        (lambda: (None, *_qkv()[:2], 3, "joint"), TypeError, r"q must be a torch.Tensor, got NoneType"),
+    ],
+)
+def test_bad_attention_input_raises_clear_error(make_args, error, message):
+    with pytest.raises(error, match=message):
+        factorised_attention(*make_args())
+
+
+def test_bad_scale_and_backend_raise():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"scale must be a finite float or None, got nan"):
+        factorised_attention(q, k, v, 3, "joint", scale=float("nan"))
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda_magic'; expected 'auto' or one of 'reference'"):
+        factorised_attention(q, k, v, 3, "joint", backend="cuda_magic")
+
+
+def _video_weight(video_shape=(1, 3, 4, 8, 8), weight_shape=(6, 3, 2, 4, 4)):
+    return torch.randn(video_shape), torch.randn(weight_shape)
+
+
+@pytest.mark.parametrize(
+    "make_args, error, message",
+    [
+        (lambda: _video_weight((3, 4, 8, 8)), ValueError, r"video must be 5-D \(B, C, T, H, W\), got shape \(3, 4, 8, 8\)"),
+        (lambda: _video_weight(weight_shape=(6, 1, 2, 4, 4)), ValueError, r"weight has 1 input channels but video has C=3"),
+        (lambda: _video_weight((1, 3, 4, 3, 8)), ValueError, r"video H=3 is smaller than the tubelet's 4"),
+        (lambda: _video_weight((1, 3, 1, 8, 8)), ValueError, r"video T=1 is smaller than the tubelet's 2"),
+        (lambda: (*_video_weight(), torch.zeros(5)), ValueError, r"bias must have shape \(6,\) to match weight, got \(5,\)"),
+        (lambda: (*_video_weight(), None, torch.zeros(3, 4, 6)), ValueError, r"pos_embed has shape \(3, 4, 6\); expected"),
+        (lambda: (_video_weight()[0].half(), _video_weight()[1]), TypeError, r"weight has dtype torch.float32 but video"),
+        (lambda: (_video_weight()[0].long(), _video_weight()[1]), TypeError, r"video must have a floating dtype"),
+    ],
+)
+def test_bad_tubelet_input_raises_clear_error(make_args, error, message):
+    with pytest.raises(error, match=message):
+        tubelet_embedding(*make_args())
+
+
+def test_attention_shape_resolves_the_scale_and_counts_keys():
+    q = torch.zeros(2, 6, 5 * 7, 16)
+    shape = check_attention(q, q, q, 5, "split", None)
+    assert shape == AttentionShape(2, 6, 35, 16, 5, "split", default_scale(16))
+    assert default_scale(16) == 0.25
+    assert shape.spatial == 7 and shape.keys_per_query == 3 * 7 + 3 * 5
+    assert shape.forward_flops == 4 * 2 * 35 * 16 * (3 * 7 + 3 * 5)
+    assert shape.backward_flops == 2.5 * shape.forward_flops
+    lengths = {"joint": 35, "spatial": 7, "temporal": 5}
+    for mode, length in lengths.items():
+        assert check_attention(q, q, q, 5, mode, 0.5).keys_per_query == 6 * length
+        assert check_attention(q, q, q, 5, mode, 0.5).scale == 0.5
+
+
+def test_tubelet_shape_holds_the_grid_flops_and_index_spans():
+    video = torch.zeros(2, 16, 3, 64, 48).permute(0, 2, 1, 3, 4)[:, :, :7]  # (B, C, T, H, W) view of (B, T, C, H, W)
+    weight = torch.zeros(32, 3, 2, 16, 16)
+    shape = check_tubelet(video, weight, None, None)
+    assert shape.grid == (3, 4, 3) and shape.tokens == (3, 12) and shape.tokens_per_clip == 36
+    assert shape.tube_size == 3 * 2 * 16 * 16 and shape.output_shape == (2, 3, 12, 32)
+    assert shape.flops == 2 * 2 * 36 * 32 * shape.tube_size
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(video.shape[1:], video.stride()[1:]))
+    assert shape.clip_span == span
+    assert shape.index_spans == {"one clip of the video": span, "one clip's tokens": 36 * 32, "the weight": 32 * 1536}
+    assert TubeletShape.of(video.shape, weight.shape).grid == shape.grid

@@ -1,0 +1,148 @@
+"""The one autograd layer (vivit_kernels/ops/): every backend's ops pass torch.library's checks,
+count the stated FLOPs, save only what the contract says, and their fakes describe the real outputs.
+
+Parametrised over the backends with compiled kernels: "cpu" (csrc/) and "triton" (interpreted
+on CPU tensors without a GPU).
+"""
+
+import pytest
+import torch
+from conftest import packed_qkv
+
+from vivit_kernels import factorised_attention, saved_bytes, tubelet_embedding
+from vivit_kernels.backends import cpu
+from vivit_kernels.ops.attention import lse_dtype
+
+BACKENDS = ["cpu", "triton"]
+DEVICE = {"cpu": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "cpu":
+        cpu.load()
+    else:
+        pytest.importorskip("triton", reason="triton is not installed")
+    return request.param
+
+
+def _op(backend: str, name: str):
+    return getattr(torch.ops.vivit_kernels, f"{backend}_{name}").default
+
+
+def _qkv(backend, generator, B=1, H=2, T=3, S=7, Dh=24):
+    q, k, v, qkv = packed_qkv(B, H, T * S, Dh, dtype=torch.float32, generator=generator)
+    qkv = qkv.detach().to(DEVICE[backend]).requires_grad_()
+    return (*qkv.permute(2, 0, 3, 1, 4).unbind(0), qkv)
+
+
+def test_attention_ops_pass_opcheck(backend, generator):
+    """Schema, fake (meta) kernel, autograd registration and AOT dispatch of both ops."""
+    q, k, v, _ = _qkv(backend, generator)
+    torch.library.opcheck(_op(backend, "attention_forward"), (q, k, v, 3, "split", 0.2))
+    out, lse = (x.detach() for x in _op(backend, "attention_forward")(q, k, v, 3, "split", 0.2))
+    grad = torch.randn(out.shape, generator=generator).to(out)
+    q, k, v = (x.detach() for x in (q, k, v))
+    torch.library.opcheck(_op(backend, "attention_backward"), (grad, q, k, v, out, lse, 3, "split", 0.2))
+
+
+def test_attention_outputs_have_the_contract_layout(backend, generator):
+    """out and every gradient are (B, H, N, Dh) views of (B, N, H, Dh) buffers; lse is float32."""
+    q, k, v, _ = _qkv(backend, generator)
+    out, lse = _op(backend, "attention_forward")(q, k, v, 3, "joint", 0.2)
+    assert out.transpose(1, 2).is_contiguous() and lse.shape == q.shape[:3] and lse.dtype == lse_dtype(q.dtype)
+    grads = _op(backend, "attention_backward")(torch.ones_like(out), q, k, v, out, lse, 3, "joint", 0.2)
+    assert all(g.shape == q.shape and g.transpose(1, 2).is_contiguous() for g in grads)
+
+
+@pytest.mark.parametrize("mode, length", [("joint", 6 * 7), ("spatial", 7), ("temporal", 6), ("split", (7 + 6) / 2)])
+def test_flop_counter_counts_the_attention_ops(backend, mode, length, generator):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B, H, T, S, Dh = 2, 4, 6, 7, 16
+    q, k, v, _ = _qkv(backend, generator, B, H, T, S, Dh)
+    with FlopCounterMode(display=False) as counter:
+        factorised_attention(q, k, v, T, mode, backend=backend).sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    forward = 4 * B * H * T * S * length * Dh
+    assert counts[getattr(torch.ops.vivit_kernels, f"{backend}_attention_forward")] == forward
+    assert counts[getattr(torch.ops.vivit_kernels, f"{backend}_attention_backward")] == 2.5 * forward
+
+
+def test_attention_saves_only_inputs_output_and_lse(backend, generator):
+    B, H, T, S, Dh = 1, 2, 5, 14, 32
+    q, k, v, qkv = _qkv(backend, generator, B, H, T, S, Dh)
+    N = T * S
+    saved = saved_bytes(factorised_attention, q, k, v, T, "joint", backend=backend)
+    assert saved == qkv.numel() * 4 + B * N * H * Dh * 4 + B * H * N * 4  # the pack (one storage), out, lse
+    assert saved < saved_bytes(factorised_attention, q, k, v, T, "joint", backend="reference")
+
+
+def _tubelet_inputs(backend, generator):
+    device = DEVICE[backend]
+    video = torch.randn(2, 3, 5, 9, 8, generator=generator).to(device).requires_grad_()
+    weight = torch.randn(6, 3, 2, 4, 4, generator=generator).to(device).requires_grad_()
+    bias = torch.randn(6, generator=generator).to(device).requires_grad_()
+    pos_embed = torch.randn(2 * 2 * 2, 6, generator=generator).to(device).requires_grad_()
+    grad = torch.randn(2, 2, 4, 6, generator=generator).to(device)
+    return video, weight, bias, pos_embed, grad
+
+
+@pytest.mark.parametrize("op", ["forward", "forward_plain", "backward_video", "backward_weight", "backward_pos"])
+def test_tubelet_ops_pass_opcheck(backend, op, generator):
+    video, weight, bias, pos_embed, grad = _tubelet_inputs(backend, generator)
+    video_, weight_ = video.detach(), weight.detach()
+    name, args = {  # the backward ops are not differentiable themselves: no input requires grad there
+        "forward": ("forward", (video, weight, bias, pos_embed)),
+        "forward_plain": ("forward", (video, weight, None, None)),
+        "backward_video": ("backward_video", (grad, video_, weight_)),
+        "backward_weight": ("backward_weight", (grad, video_, weight_, True)),
+        "backward_pos": ("backward_pos", (grad,)),
+    }[op]
+    torch.library.opcheck(_op(backend, f"tubelet_{name}"), args)
+
+
+def test_tubelet_video_gradient_keeps_the_video_layout(backend, generator):
+    """A (B, T, C, H, W) decoder output viewed as (B, C, T, H, W) gets its gradient in that memory layout."""
+    video = torch.randn(2, 5, 3, 9, 8, generator=generator).to(DEVICE[backend]).transpose(1, 2)
+    weight = torch.randn(6, 3, 2, 4, 4, generator=generator).to(video)
+    grad = torch.randn(2, 2, 4, 6, generator=generator).to(video)
+    dvideo = _op(backend, "tubelet_backward_video")(grad, video, weight)
+    assert dvideo.stride() == video.stride()
+
+
+def test_flop_counter_counts_the_tubelet_gemms(backend, generator):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    video, weight, bias, _, _ = _tubelet_inputs(backend, generator)
+    gemm = 2 * (2 * 2 * 2 * 2) * 6 * (3 * 2 * 4 * 4)  # 2 * tokens * D * K
+    with FlopCounterMode(display=False) as counter:
+        tubelet_embedding(video, weight, bias, backend=backend).sum().backward()
+    assert counter.get_total_flops() == 3 * gemm  # forward, d(video) and d(weight): three GEMMs of one size
+    with FlopCounterMode(display=False) as counter:  # pixels rarely need a gradient: no d(video) then
+        tubelet_embedding(video.detach(), weight, bias, backend=backend).sum().backward()
+    assert counter.get_total_flops() == 2 * gemm
+
+
+def test_tubelet_saves_only_the_video_and_the_weight(backend, generator):
+    video, weight, bias, pos_embed, _ = _tubelet_inputs(backend, generator)
+    saved = saved_bytes(tubelet_embedding, video, weight, bias, pos_embed, backend=backend)
+    assert saved == (video.numel() + weight.numel()) * 4  # no unfolded copy, no bias or pos_embed
+
+
+def test_torch_compile_fullgraph_matches_eager(backend, generator):
+    q, k, v, _ = _qkv(backend, generator)
+    dout = torch.randn(q.shape, generator=generator).to(q)
+
+    def layer(q, k, v):
+        return factorised_attention(q, k, v, 3, "split", backend=backend) * 2.0
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (layer, compiled):
+        xs = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = fn(*xs)
+        out.backward(dout)
+        results.append([out.detach()] + [x.grad for x in xs])
+    for name, a, e in zip(("out", "dq", "dk", "dv"), results[1], results[0]):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, msg=name)

@@ -1,0 +1,161 @@
+"""Ahead-of-time compile specs: every kernel instance the autotuners may run, for `inspect.py`.
+
+One `CompileSpec` per (kernel, autotune config, dtype, static variant). The kernel modules keep
+the kernels, their autotune tables and launchers; this module only reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import attention, tubelet
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """One kernel instance to compile ahead of time for a GPU target."""
+
+    name: str  # e.g. "attention_fwd[fp16, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, warps=8, stages=3]"
+    fn: Any  # the @jit function (not the autotuner wrapping it)
+    signature: dict[str, str]  # argument name -> Triton type ("*fp16", "i32", "fp32", "constexpr")
+    constexprs: dict[str, Any]  # values of the constexpr arguments (block sizes, switches)
+    num_warps: int = 4
+    num_stages: int = 2
+    dtype: str = "fp32"  # the input dtype this instance serves: fp32, fp16 or bf16
+    autotune_candidate: bool = True  # may the autotuner pick it? (such configs must not spill)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention.
+
+_ATTENTION_TENSORS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
+_ATTENTION_FP32 = {"LSE", "DELTA"}
+_ATTENTION_FLOATS = {"qk_scale", "scale"}
+# Head-dim strides are 1 for every layout FactorisedAttention makes; Triton specialises an int
+# argument equal to 1 into a constant at launch, so the inspected code does the same.
+_UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sgd", "sdkd", "sdvd", "sdqd"}
+HEAD_DIM_BLOCKS = (16, 32, 64, 128)
+ATTENTION_KERNELS = (
+    ("fwd", "attention_fwd", attention._attention_fwd, attention._FWD_CONFIGS),
+    ("dkdv", "attention_bwd_dkdv", attention._attention_bwd_dkdv, attention._DKDV_CONFIGS),
+    ("dq", "attention_bwd_dq", attention._attention_bwd_dq, attention._DQ_CONFIGS),
+)
+
+
+def _attention_spec(name: str, fn, dtype: str, constexprs: dict, warps: int, stages: int, candidate: bool) -> CompileSpec:
+    constexprs = {**constexprs, **{n: 1 for n in _UNIT_STRIDES if n in fn.arg_names}}
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in _ATTENTION_TENSORS:
+            signature[arg] = f"*{dtype}"
+        elif arg in _ATTENTION_FP32:
+            signature[arg] = "*fp32"
+        elif arg in _ATTENTION_FLOATS:
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+    return CompileSpec(name, fn, signature, constexprs, warps, stages, dtype, candidate)
+
+
+def attention_specs() -> list[CompileSpec]:
+    """Every (kernel, autotune config, dtype, padded head dim) the attention launchers can run."""
+    specs = []
+    for dtype in DTYPES:
+        for block_d in HEAD_DIM_BLOCKS:
+            for kernel, label, fn, configs in ATTENTION_KERNELS:
+                for config in configs:
+                    blocks = dict(config.kwargs)
+                    text = ", ".join(f"{k}={v}" for k, v in blocks.items())
+                    specs.append(
+                        _attention_spec(
+                            f"{label}[{dtype}, {text}, BLOCK_D={block_d}, warps={config.num_warps}, "
+                            f"stages={config.num_stages}]",
+                            fn,
+                            dtype,
+                            {**blocks, "BLOCK_D": block_d, "UPCAST": False},
+                            config.num_warps,
+                            config.num_stages,
+                            attention._fits(kernel, config, 4 if dtype == "fp32" else 2, block_d),
+                        )
+                    )
+            specs.append(
+                _attention_spec(
+                    f"attention_bwd_delta[{dtype}, BLOCK_M={attention._DELTA_BLOCK}, BLOCK_D={block_d}]",
+                    attention._attention_bwd_delta,
+                    dtype,
+                    {"BLOCK_M": attention._DELTA_BLOCK, "BLOCK_D": block_d},
+                    4,
+                    1,
+                    True,
+                )
+            )
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Tubelet embedding.
+
+_TUBELET_POINTERS = {"video", "weight", "bias", "pos", "out", "grad", "dvideo", "dweight", "dbias", "dpos"}
+
+
+def _tubelet_signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
+    """Triton types of `fn`'s arguments, in order: pointers to `dtype`, i32 sizes and strides."""
+    return {
+        name: "constexpr" if name in constexprs else f"*{dtype}" if name in _TUBELET_POINTERS else "i32"
+        for name in fn.arg_names
+    }
+
+
+def tubelet_specs() -> list[CompileSpec]:
+    """One spec per (kernel, autotune config, dtype), with bias and pos_embed on, at ViViT's
+    2 x 16 x 16 tubelet (the tubelet is a compile-time constant) and unit inner strides."""
+    static = {"t": 2, "h": 16, "w": 16, "stride_vw": 1, "stride_wk": 1}
+    switches = {
+        "fwd": {"HAS_BIAS": True, "HAS_POS": True, "UPCAST": False},
+        "bwd_video": {"UPCAST": False},
+        "bwd_weight": {"HAS_BIAS": True, "UPCAST": False},
+    }
+    specs = []
+    for dtype in DTYPES:
+        bits = "32" if dtype == "fp32" else "16"
+        for kernel, fn in tubelet._KERNELS.items():
+            for config in tubelet._GPU_CONFIGS[kernel][bits]:
+                constexprs = {**switches[kernel], **config.kwargs}
+                constexprs.update({k: v for k, v in static.items() if k in fn.arg_names})
+                blocks = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
+                launch = f"warps={config.num_warps}, stages={config.num_stages}"
+                specs.append(
+                    CompileSpec(
+                        name=f"tubelet_{kernel}[{dtype}, {blocks}, {launch}]",
+                        fn=fn,
+                        signature=_tubelet_signature(fn, dtype, constexprs),
+                        constexprs=constexprs,
+                        num_warps=config.num_warps,
+                        num_stages=config.num_stages,
+                        dtype=dtype,
+                    )
+                )
+        pos = {"UPCAST": False, **tubelet._POS_CONFIG}
+        blocks = ", ".join(f"{key}={value}" for key, value in tubelet._POS_CONFIG.items())
+        specs.append(
+            CompileSpec(
+                name=f"tubelet_bwd_pos[{dtype}, {blocks}, warps=4, stages=2]",
+                fn=tubelet.tubelet_bwd_pos_kernel,
+                signature=_tubelet_signature(tubelet.tubelet_bwd_pos_kernel, dtype, pos),
+                constexprs=pos,
+                num_warps=4,
+                num_stages=2,
+                dtype=dtype,
+            )
+        )
+    return specs
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every spec of every kernel module: what `python -m vivit_kernels.triton.inspect` compiles."""
+    return attention_specs() + tubelet_specs()
