@@ -406,3 +406,7 @@ def training_case(spec: dict) -> Case:
 
 
 BUILDERS = {"attention": attention_case, "tubelet": tubelet_case, "training": training_case}
+
+from .loader import loader_case  # noqa: E402  (it builds on Case above)
+
+BUILDERS["loader"] = loader_case

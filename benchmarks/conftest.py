@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from .cases import BASELINE, TORCH_BASELINES, parse_target
+from .loader import OLD as LOADER_OLD
 from .measure import run_case
 
 RESULTS = pytest.StashKey[list]()
@@ -69,10 +70,16 @@ def _key(info: dict) -> tuple:
 
 
 def fill_speedups(rows: list[dict]) -> None:
-    """speedup_vs_einsum (and speedup_vs_torch: SDPA, Conv3d) = baseline median / median, where the baseline ran."""
+    """speedup_vs_einsum (and speedup_vs_torch: SDPA, Conv3d) = baseline median / median, where the baseline ran;
+    for the loader, clips_per_s and speedup_vs_old."""
     medians = {(_key(r), r["backend"]): r["median_s"] for r in rows}
     for row in rows:
         key, median = _key(row), row["median_s"]
+        if row["op"] == "loader":
+            old = medians.get((key, LOADER_OLD))
+            row["clips_per_s"] = 1 / median if median > 0 else None
+            row["speedup_vs_old"] = old / median if old and median > 0 else None
+            continue
         einsum = medians.get((key, BASELINE))
         row["speedup_vs_einsum"] = einsum / median if einsum and median > 0 else None
         torch_name = TORCH_BASELINES.get(row["op"])
@@ -95,6 +102,14 @@ def _bytes(value) -> str:
 
 def _time(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _markdown(header: tuple, lines: list[tuple]) -> list[str]:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
+    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    out += ["| " + " | ".join(str(x).ljust(w) for x, w in zip(line, widths)) + " |" for line in lines]
+    return out
 
 
 def format_table(rows: list[dict]) -> list[str]:
@@ -125,16 +140,37 @@ def format_table(rows: list[dict]) -> list[str]:
                 _bytes(r["saved_for_backward_bytes"]) if r["pass"] != "forward" else "-",
             )
         )
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
-    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
-    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    out += ["| " + " | ".join(str(x).ljust(w) for x, w in zip(line, widths)) + " |" for line in lines]
-    return out
+    return _markdown(header, lines)
+
+
+def format_loader_table(rows: list[dict]) -> list[str]:
+    """The loader rows: one per file and path, the old path first."""
+    header = ("file", "path", "video frames", "median / clip", "clips/s per worker", "vs old", "peak mem per worker")
+    rows = sorted((r for r in rows if r["op"] == "loader"), key=lambda r: (r["shape_name"], r["backend"] != LOADER_OLD))
+    lines = [
+        (
+            r["shape_name"],
+            r["backend"],
+            str(r["video_frames"]),
+            _time(r["median_s"]),
+            f"{r['clips_per_s']:.2f}",
+            "-" if r.get("speedup_vs_old") is None else f"{r['speedup_vs_old']:.1f}x",
+            _bytes(r["peak_bytes"]),
+        )
+        for r in rows
+    ]
+    return _markdown(header, lines) if lines else []
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = config.stash.get(RESULTS, [])
+    loader = format_loader_table(rows)
+    if loader:
+        terminalreporter.section("vivit-kernels: video loader, one worker (one core), training clips (medians)")
+        for line in loader:
+            terminalreporter.write_line(line)
+    rows = [r for r in rows if r["op"] != "loader"]
     if not rows:
         return
     methods = sorted({r["peak_method"] for r in rows})

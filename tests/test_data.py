@@ -1,5 +1,5 @@
 """vivit.data: the moving-shapes task, CSV listings, PyAV decoding, transforms, sampling, and
-one training + evaluation step on real mp4 files."""
+one training + evaluation step on real mp4 files (decoding itself: test_decoding.py)."""
 
 from __future__ import annotations
 
@@ -187,6 +187,9 @@ def test_train_and_evaluate_one_step_on_video_files(tmp_path, capsys):
     epoch = next(r for r in records if r.get("event") == "epoch")
     summary = records[-1]
     assert epoch["skipped_videos"] == 1
+    # Every step of this run waits for its batch (decoded in the main process, --workers 0).
+    step = next(r for r in records if "event" not in r)
+    assert 0 < step["data_wait_fraction"] < 1
     assert summary["event"] == "summary" and summary["steps"] == 1 and summary["val_clips"] == 5
     assert summary["skipped_videos"] == 1 and summary["val_skipped"] == 1
     capsys.readouterr()

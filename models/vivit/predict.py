@@ -19,9 +19,13 @@ from .evaluation import predict_logits
 def predict(model: torch.nn.Module, path: str, data: dict, classes: list[str], *, top: int = 5,
             temporal_views: int = 4, spatial_crops: int = 3) -> list[tuple[str, float]]:
     """[(label, probability)] of the `top` most likely classes of the video at `path`."""
-    frames = decode(path)
-    views = [eval_transform(frames[indices], data["img_size"], spatial_crops, mean=data["mean"], std=data["std"])
-             for indices in temporal_view_indices(len(frames), data["num_frames"], temporal_views)]
+    from .data.decoding import read_frames
+
+    # The views' frames in one decode of only those frames; all cores for a single video.
+    T = data["num_frames"]
+    frames, _ = read_frames(path, lambda count: torch.cat(temporal_view_indices(count, T, temporal_views)), threads=0)
+    views = [eval_transform(frames[j * T : (j + 1) * T], data["img_size"], spatial_crops, mean=data["mean"],
+                            std=data["std"]) for j in range(temporal_views)]
     device = next(model.parameters()).device
     logits = predict_logits(model, torch.cat(views)[None].to(device))[0]
     probs = logits.softmax(-1)

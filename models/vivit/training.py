@@ -316,12 +316,17 @@ class Trainer:
         self.end_epoch(epoch, totals)
 
     def train_step(self, batches, totals: dict[str, float]) -> None:
-        """One optimiser step over --accum-steps micro-batches."""
+        """One optimiser step over --accum-steps micro-batches. Adds the step's seconds and those
+        spent waiting for batches to the window (the progress line's data-wait fraction)."""
         args = self.args
+        step_start = time.perf_counter()
+        waited = 0.0
         self.optimizer.zero_grad(set_to_none=True)
         ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
         for micro_step in range(args.accum_steps):
+            wait_start = time.perf_counter()
             batch = next(batches)
+            waited += time.perf_counter() - wait_start
             self._note_skipped(batch, totals)
             sync = micro_step == args.accum_steps - 1 or not ddp  # DDP all-reduces on the last micro-step only
             with nullcontext() if sync else self.model.no_sync():
@@ -332,6 +337,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self.window["data_s"] = self.window.get("data_s", 0.0) + waited
+        self.window["step_s"] = self.window.get("step_s", 0.0) + time.perf_counter() - step_start
 
     def _micro_step(self, batch: dict) -> None:
         args, device = self.args, self.ctx.device
@@ -374,15 +381,19 @@ class Trainer:
         log_now = self.step % self.args.log_every == 0 or self.step == self.stop
         if not log_now and self.progress is None:
             return
-        sums = [window["loss"], window["correct"], window["count"]]
-        loss_sum, correct, count = distributed.all_reduce_sum(sums, ctx) if log_now else sums
+        sums = [window["loss"], window["correct"], window["count"], window.get("data_s", 0.0), window.get("step_s", 0.0)]
+        loss_sum, correct, count, data_s, step_s = distributed.all_reduce_sum(sums, ctx) if log_now else sums
         now = time.perf_counter()
         clips_per_s = count * (ctx.world_size if not log_now else 1) / max(now - self.window_start, 1e-9)
+        # Near 1, the steps wait on the loader (more --workers, or a faster decode, would help).
+        data_wait = data_s / step_s if step_s > 0 else 0.0
         record = {"step": self.step, "epoch": epoch, "loss": loss_sum / max(count, 1), "acc": correct / max(count, 1),
-                  "lr": self.scheduler.get_last_lr()[0], "clips_per_s": clips_per_s, "memory_mb": memory_mb(ctx.device)}
+                  "lr": self.scheduler.get_last_lr()[0], "clips_per_s": clips_per_s, "memory_mb": memory_mb(ctx.device),
+                  "data_wait_fraction": data_wait}
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
-                                      clips_s=f"{clips_per_s:.1f}", mem=f"{record['memory_mb']:.0f}MB", refresh=False)
+                                      clips_s=f"{clips_per_s:.1f}", data=f"{data_wait:.0%}",
+                                      mem=f"{record['memory_mb']:.0f}MB", refresh=False)
         if not log_now:
             return
         self.metrics.write(record)

@@ -1,6 +1,9 @@
-"""Video data: the built-in moving-shapes task, video folders listed in a CSV, transforms, sampling."""
+"""Video data: the built-in moving-shapes task, video folders listed in a CSV, decoding only the
+sampled frames, transforms, sampling."""
 
 from .collate import collate
+from .decoding import BACKENDS as VIDEO_BACKENDS
+from .decoding import backend_unavailable_reason, open_video, read_frames
 from .sampler import ShardedSampler
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
 from .synthetic import MovingShapes
@@ -21,4 +24,8 @@ __all__ = [
     "read_csv",
     "temporal_view_indices",
     "train_transform",
+    "VIDEO_BACKENDS",
+    "backend_unavailable_reason",
+    "open_video",
+    "read_frames",
 ]

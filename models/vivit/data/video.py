@@ -1,8 +1,9 @@
-"""A folder of video files listed in a CSV of `path,label` rows (Kinetics-style), decoded with PyAV.
+"""A folder of video files listed in a CSV of `path,label` rows (Kinetics-style).
 
 Training draws one clip per video: `num_frames` frames by jittered uniform sampling over the
 whole video, a random scale and crop, a random horizontal flip. Evaluation takes the multi-view
-set of ViViT: `temporal_views` clips x `spatial_crops` crops, whose logits are averaged.
+set of ViViT: `temporal_views` clips x `spatial_crops` crops, whose logits are averaged. Only
+the sampled frames are decoded (see `decoding.py`); the views of one video are decoded together.
 
 A file that cannot be decoded is not fatal: the item comes back as `None` with its path, and
 `collate` drops it and reports it in the batch. A missing file or an unknown label is a
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset
 
 from vivit_kernels import uniform_frame_indices
 
+from .decoding import DEFAULT_BACKEND, check_backend, decode_error_types, read_frames
 from .transforms import IMAGE_MEAN, IMAGE_STD, eval_transform, train_transform
 
 
@@ -76,8 +78,9 @@ def read_csv(
 
 
 def decode(path: str | Path) -> torch.Tensor:
-    """All frames of a video's first video stream: uint8 (T, H, W, 3), RGB.
+    """All frames of a video's first video stream: uint8 (T, H, W, 3), RGB, decoded with PyAV.
 
+    Memory grows with the video's length; a loader wants `read_frames` (only the sampled frames).
     Raises whatever PyAV raises for an unreadable file, or ValueError when no frame decodes.
     """
     import av  # imported here so the synthetic data needs no PyAV
@@ -110,12 +113,6 @@ def temporal_view_indices(clip_frames: int, num_frames: int, views: int) -> list
     return out
 
 
-def _decode_error_types() -> tuple[type[BaseException], ...]:
-    import av
-
-    return (av.FFmpegError, OSError, ValueError, EOFError, RuntimeError)
-
-
 class VideoFolder(Dataset):
     """Videos listed in a `path,label` CSV.
 
@@ -131,6 +128,8 @@ class VideoFolder(Dataset):
         mean, std: normalisation of the image model the network starts from.
         seed: augmentations of item i in epoch e are a pure function of (seed, e, i).
         flip: horizontal flips in training (off for data whose label depends on left/right).
+        backend: video decoder, "pyav" or "torchcodec" (see `decoding.py`).
+        decoder_threads: threads per decode; 1 suits loader workers, 0 lets FFmpeg choose.
     """
 
     def __init__(
@@ -148,8 +147,12 @@ class VideoFolder(Dataset):
         std=IMAGE_STD,
         seed: int = 0,
         flip: bool = True,
+        backend: str = DEFAULT_BACKEND,
+        decoder_threads: int = 1,
     ) -> None:
+        check_backend(backend)
         self.items, self.classes = read_csv(csv_path, root, classes)
+        self.backend, self.decoder_threads = backend, decoder_threads
         self.num_frames, self.size, self.train = num_frames, size, train
         self.temporal_views, self.spatial_crops = temporal_views, spatial_crops
         self.mean, self.std, self.seed, self.flip = tuple(mean), tuple(std), seed, flip
@@ -163,18 +166,29 @@ class VideoFolder(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, label = self.items[index]
+        T = self.num_frames
+        if self.train:
+            seed = hash((self.seed, self.epoch, index)) % 2**63
+            generator = torch.Generator()
+
+            def choose(count: int) -> torch.Tensor:
+                generator.manual_seed(seed)  # the same draw if the count is corrected
+                return uniform_frame_indices(count, T, jitter=True, generator=generator)
+        else:
+
+            def choose(count: int) -> torch.Tensor:
+                return torch.cat(temporal_view_indices(count, T, self.temporal_views))
+
         try:
-            frames = decode(path)
-        except _decode_error_types() as error:
+            frames, _ = read_frames(path, choose, self.backend, threads=self.decoder_threads)
+        except decode_error_types() as error:
             return {"video": None, "label": label, "path": str(path), "error": f"{type(error).__name__}: {error}"}
         if self.train:
-            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
-            indices = uniform_frame_indices(len(frames), self.num_frames, jitter=True, generator=generator)
-            video = train_transform(frames[indices], self.size, generator, mean=self.mean, std=self.std, flip=self.flip)
+            video = train_transform(frames, self.size, generator, mean=self.mean, std=self.std, flip=self.flip)
         else:
             views = [
-                eval_transform(frames[indices], self.size, self.spatial_crops, mean=self.mean, std=self.std)
-                for indices in temporal_view_indices(len(frames), self.num_frames, self.temporal_views)
+                eval_transform(frames[j * T : (j + 1) * T], self.size, self.spatial_crops, mean=self.mean, std=self.std)
+                for j in range(self.temporal_views)
             ]
             video = torch.cat(views)  # (temporal_views * spatial_crops, C, T, size, size)
         return {"video": video, "label": label, "path": str(path)}

@@ -1,0 +1,143 @@
+"""The video loader's case: one training clip of a Kinetics-like file, as one loader worker makes it.
+
+A clip is what `VideoFolder` returns in training: `num_frames` frames by jittered uniform
+sampling, scaled, cropped, flipped and normalised. "old" is the path before frame-accurate
+decoding (every frame of the video decoded to RGB, then the clip's frames picked); "pyav" and
+"torchcodec" decode only the clip's frames. A worker is one core: the timed call runs on one
+pinned CPU with one torch thread, so FFmpeg's automatic thread count is one as well.
+
+The files are generated once per machine (libx264 defaults: a keyframe every 250 frames and at
+each shot change, every 5 s here; 3 B-frames) and kept in the temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .cases import Case
+
+OLD = "old"
+LOADER_BACKENDS = (OLD, "pyav", "torchcodec")
+CLIP = "train clip"
+# Kinetics-like: 340 x 256 H.264 at 30 fps; a trimmed 10-s clip and a 5-min source video.
+LOADER_SHAPES = {
+    "10s": dict(seconds=10, width=340, height=256, fps=30, num_frames=32, size=224),
+    "5min": dict(seconds=300, width=340, height=256, fps=30, num_frames=32, size=224),
+}
+# --benchmark-disable: tiny files that still span several keyframes.
+LOADER_SMOKE = {
+    "10s": dict(seconds=1, width=64, height=48, fps=30, num_frames=8, size=32),
+    "5min": dict(seconds=3, width=64, height=48, fps=30, num_frames=8, size=32),
+}
+
+
+def loader_video(shape: dict) -> Path:
+    """The generated file of `shape`, written on first use (atomically: workers may share it)."""
+    from vivit.data.videofiles import write_video  # noqa: PLC0415
+
+    directory = Path(tempfile.gettempdir()) / "vivit-bench-videos"
+    directory.mkdir(exist_ok=True)
+    name = f"kinetics-like-{shape['width']}x{shape['height']}-{shape['fps']}fps-{shape['seconds']}s.mp4"
+    path = directory / name
+    if not path.is_file():
+        partial = directory / f".{name}.{os.getpid()}.mp4"
+        write_video(partial, shape["seconds"] * shape["fps"], width=shape["width"], height=shape["height"],
+                    fps=shape["fps"])
+        partial.replace(path)
+    return path
+
+
+def loader_skip_reason(spec: dict) -> str | None:
+    from vivit.data import backend_unavailable_reason  # noqa: PLC0415
+
+    return None if spec["backend"] == OLD else backend_unavailable_reason(spec["backend"])
+
+
+def old_clip(path: Path, shape: dict, seed: int) -> torch.Tensor:
+    """Today's path before frame-accurate decoding: decode every frame, then pick the clip's."""
+    from vivit.data import decode, train_transform  # noqa: PLC0415
+    from vivit_kernels import uniform_frame_indices  # noqa: PLC0415
+
+    frames = decode(path)
+    generator = torch.Generator().manual_seed(seed)
+    indices = uniform_frame_indices(len(frames), shape["num_frames"], jitter=True, generator=generator)
+    return train_transform(frames[indices], shape["size"], generator)
+
+
+def clip_fn(backend: str, path: Path, shape: dict) -> Callable[[int], torch.Tensor]:
+    """seed -> the training clip (C, T, size, size) of `path` through `backend`."""
+    if backend == OLD:
+        return lambda seed: old_clip(path, shape, seed)
+    from vivit.data import read_frames, train_transform  # noqa: PLC0415
+    from vivit_kernels import uniform_frame_indices  # noqa: PLC0415
+
+    def clip(seed: int) -> torch.Tensor:
+        generator = torch.Generator()
+
+        def choose(count: int) -> torch.Tensor:
+            generator.manual_seed(seed)
+            return uniform_frame_indices(count, shape["num_frames"], jitter=True, generator=generator)
+
+        frames, _ = read_frames(path, choose, backend)
+        return train_transform(frames, shape["size"], generator)
+
+    return clip
+
+
+def check_against_old(spec: dict, seeds=(0, 1)) -> None:
+    """Raise AssertionError unless `spec`'s backend makes the old path's clips, bit for bit."""
+    if spec["backend"] == OLD:
+        return
+    path = loader_video(spec["shape"])
+    new = clip_fn(spec["backend"], path, spec["shape"])
+    for seed in seeds:
+        if not torch.equal(new(seed), old_clip(path, spec["shape"], seed)):
+            raise AssertionError(f"loader {spec['backend']}: the clip of seed {seed} of {path.name} differs from the old path's")
+
+
+@contextmanager
+def one_worker():
+    """This thread on one CPU with one torch thread (decoder threads it starts inherit the CPU)."""
+    threads = torch.get_num_threads()
+    cpus = os.sched_getaffinity(0)
+    torch.set_num_threads(1)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(threads)
+
+
+def loader_case(spec: dict) -> Case:
+    shape = spec["shape"]
+    path = loader_video(shape)
+    clip = clip_fn(spec["backend"], path, shape)
+    seed = [0]
+
+    def setup() -> None:
+        seed[0] += 1  # a new clip of the same file each round, as an epoch draws them
+
+    def run() -> None:
+        with one_worker():
+            clip(seed[0])
+
+    from vivit.data import open_video  # noqa: PLC0415
+
+    with open_video(path) as video:
+        frames = video.num_frames
+    return Case(
+        setup=setup,
+        run=run,
+        saved_bytes=lambda: 0,
+        flops=0.0,
+        flop_formula="-",
+        device=torch.device("cpu"),
+        info={"video_frames": frames, "file_bytes": path.stat().st_size, "clip_frames": shape["num_frames"]},
+    )
