@@ -1,4 +1,5 @@
-"""vivit.checkpoint: atomic writes survive crashes and kills; RNG states round-trip."""
+"""vivit.checkpoint: atomic writes survive crashes and kills; RNG states round-trip; files hold only
+tensors and plain data, and a file that is unreadable or would run code when unpickled is refused."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from vivit.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vivit.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 def test_round_trip(tmp_path):
@@ -82,10 +83,54 @@ def test_sigkill_during_writes_never_leaves_an_unloadable_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
 
 
-def test_rng_state_round_trip():
-    state = rng_state()
-    expected = (random.random(), np.random.rand(), torch.rand(3))
+def test_rng_state_round_trip_through_a_file(tmp_path):
+    """The states are tensors and plain data: saved and read back with weights_only=True, they
+    restore every generator (NumPy's cached Gaussian too)."""
+    np.random.randn()  # leaves a cached Gaussian in NumPy's state
+    path = save_checkpoint({"rng": rng_state()}, tmp_path / "rng.pt")
+    expected = (random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn(), torch.rand(3))
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    set_rng_state(state)
-    again = (random.random(), np.random.rand(), torch.rand(3))
-    assert expected[0] == again[0] and expected[1] == again[1] and torch.equal(expected[2], again[2])
+    set_rng_state(torch.load(path, weights_only=True)["rng"])
+    again = (random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn(), torch.rand(3))
+    assert expected[:4] == again[:4] and torch.equal(expected[4], again[4])
+
+
+def test_save_refuses_anything_but_tensors_and_plain_data(tmp_path):
+    with pytest.raises(TypeError, match=r"checkpoint\['rng'\]\[0\] is a ndarray"):
+        save_checkpoint({"step": 1, "rng": [np.zeros(3)]}, tmp_path / "ckpt.pt")
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+class _RunsCode:
+    """Unpickled, this calls os.system: what a crafted checkpoint can do to a full unpickler."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def write_code_running_checkpoint(path, marker) -> None:
+    """A checkpoint-looking file that runs `touch marker` when unpickled."""
+    torch.save({"model": _RunsCode(marker), "model_spec": {}, "step": 1}, path)
+
+
+def test_a_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "code-ran"
+    write_code_running_checkpoint(tmp_path / "crafted.pt", marker)
+    with pytest.raises(CheckpointError, match=r"crafted\.pt: refers to posix\.system, which is not a tensor or plain data"):
+        load_checkpoint(tmp_path / "crafted.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text"])
+def test_an_unreadable_file_is_a_one_line_error(tmp_path, damage):
+    path = save_checkpoint({"w": torch.randn(1000)}, tmp_path / "ckpt.pt")
+    data = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "text": b"step,loss\n1,2.3\n"}[damage])
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(str(path))
+    assert ("empty file" if damage == "empty" else "not a readable checkpoint") in message

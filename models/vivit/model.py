@@ -232,7 +232,12 @@ def model_spec(preset: str, variant: str, num_classes: int, **overrides) -> dict
     return {"preset": preset, "variant": variant, "num_classes": num_classes, "overrides": overrides}
 
 
+def config_from_spec(spec: dict, **changes) -> ViViTConfig:
+    """The ViViTConfig of a `model_spec`, with `changes` to its overrides (no weights are made)."""
+    return preset_config(spec["preset"], spec["variant"], num_classes=spec["num_classes"],
+                         **{**spec["overrides"], **changes})
+
+
 def build_model(spec: dict, **changes) -> ViViT:
     """A model from a `model_spec` (e.g. a checkpoint's), with `changes` to its overrides."""
-    return create_model(spec["preset"], variant=spec["variant"], num_classes=spec["num_classes"],
-                        **{**spec["overrides"], **changes})
+    return ViViT(config_from_spec(spec, **changes))
