@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -15,12 +16,12 @@ transformers = pytest.importorskip("transformers", reason="transformers builds t
 pytestmark = pytest.mark.filterwarnings("ignore:.*no fused backend fits")
 
 
-def hf_vivit(num_labels: int = 5):
+def hf_vivit(num_labels: int = 5, **config_kwargs):
     """A small HF ViViT (uneven 32x48 frames) with random weights, every parameter non-trivial."""
-    config = transformers.VivitConfig(
-        image_size=[32, 48], num_frames=8, tubelet_size=[2, 8, 8], hidden_size=64, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=192, num_labels=num_labels,
-    )
+    config = transformers.VivitConfig(**{
+        "image_size": [32, 48], "num_frames": 8, "tubelet_size": [2, 8, 8], "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 192, "num_labels": num_labels, **config_kwargs,
+    })
     torch.manual_seed(0)
     model = transformers.VivitForVideoClassification(config).eval()
     with torch.no_grad():
@@ -52,14 +53,38 @@ def test_logits_match(tmp_path, layout, generator):
     assert relative_error(logits, expected) < 1e-5
 
 
-def test_sets_tanh_gelu_on_a_model_built_with_exact_gelu(generator):
-    hf = hf_vivit()
-    model = ViViT(vivit_config_from_hf(hf.config, mlp_activation="gelu")).eval()
-    load_hf_vivit(model, hf.state_dict())
-    assert all(block.mlp.act.approximate == "tanh" for block in model.blocks)
+def test_honours_the_checkpoints_exact_gelu(tmp_path, generator):
+    """A checkpoint whose config.json says hidden_act "gelu" (exact) keeps exact GELU: forcing HF
+    ViViT's usual tanh form would move the logits by ~5e-4. The model's config is not changed."""
+    hf = hf_vivit(hidden_act="gelu")
+    hf.save_pretrained(tmp_path)
+    model = ViViT(vivit_config_from_hf(json.loads((tmp_path / "config.json").read_text()))).eval()
+    before = copy.deepcopy(model.config)
+    load_hf_vivit(model, tmp_path)
+    assert model.config == before and model.config.mlp_activation == "gelu"
     clip = torch.randn(1, 8, 3, 32, 48, generator=generator)
     with torch.no_grad():
         assert relative_error(model(clip.permute(0, 2, 1, 3, 4)), hf(pixel_values=clip).logits) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "hf_kwargs, model_overrides, named",
+    [
+        # 16 frames of 16 x 48 and 8 of 32 x 48 both make 48 tubelets: only the config tells them apart.
+        (dict(num_frames=16, image_size=[16, 48]), dict(num_frames=8, img_size=(32, 48)),
+         r"img_size \(16, 48\) vs \(32, 48\), num_frames 16 vs 8"),
+        (dict(hidden_act="gelu"), dict(mlp_activation="gelu_tanh"), r"mlp_activation 'gelu' vs 'gelu_tanh'"),
+    ],
+    ids=["same-token-count-other-grid", "activation"],
+)
+def test_refuses_a_model_other_than_the_checkpoints_config(tmp_path, hf_kwargs, model_overrides, named):
+    hf = hf_vivit(**hf_kwargs)
+    hf.save_pretrained(tmp_path)
+    model = ViViT(vivit_config_from_hf(hf.config, **model_overrides))
+    with pytest.raises(ValueError, match=rf"config differs from the model's: {named} \(checkpoint vs model\)"):
+        load_hf_vivit(model, tmp_path)
+    with pytest.raises(ValueError, match=named):  # the config passed with a bare state dict is compared too
+        load_hf_vivit(model, hf.state_dict(), config=hf.config)
 
 
 def test_other_class_count_skips_head():

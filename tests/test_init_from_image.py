@@ -168,6 +168,19 @@ def test_head_kept_only_when_class_count_matches(tmp_path):
     assert torch.equal(other.head.weight, before)
 
 
+def test_fc_norm_image_model_warns_that_norm_stays_at_init(tmp_path):
+    """timm ViTs with fc_norm normalise after pooling and leave `norm` an identity: our norm (before
+    pooling) cannot take fc_norm's weights, stays at its initialisation, and the load says so."""
+    image_model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5, class_token=False,
+        global_pool="avg", fc_norm=True)
+    model = vivit("factorised_dot_product")
+    with pytest.warns(UserWarning, match=r"load_image_pretrained: 2 parameter\(s\) left at their initial values "
+                                         r"\(not in the checkpoint\): norm\.\*"):
+        report = load_image_pretrained(model, image_model.state_dict())
+    assert "fc_norm" in report.skipped["fc_norm.weight"] and "norm.weight" in report.missing
+
+
 def test_pos_embed_resampled_and_tiled():
     """A 4x4 image grid onto a 6x4 video grid of 4 frames: bilinear resample, then every frame
     holds the same grid; the CLS position is kept."""

@@ -199,6 +199,101 @@ def resample_pos_embed(grid_embed: torch.Tensor, old: tuple[int, int], new: tupl
     return image.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], D).to(grid_embed.dtype)
 
 
+def resample_video_pos_embed(
+    pos_embed: torch.Tensor, old: tuple[int, int, int], new: tuple[int, int, int], num_prefix_tokens: int = 0
+) -> torch.Tensor:
+    """A video's positional embedding on another token grid, resampled over time and space as a video.
+
+    (1, P + nt * nh * nw, D), time-major grid positions after P prefix (CLS) positions ->
+    (1, P + nt' * nh' * nw', D): trilinear over (t, h, w), prefix positions unchanged; the same
+    tensor when the grids are equal. A grid of one frame is resampled bilinearly in space, one
+    of 1 x 1 positions (model 2's temporal encoder) linearly in time.
+    """
+    old, new = tuple(old), tuple(new)
+    if pos_embed.dim() != 3 or pos_embed.shape[1] != num_prefix_tokens + math.prod(old):
+        raise ValueError(
+            f"pos_embed of shape {tuple(pos_embed.shape)} does not hold {num_prefix_tokens} prefix position(s) "
+            f"and a {old} grid"
+        )
+    if old == new:
+        return pos_embed
+    D = pos_embed.shape[-1]
+    grid = pos_embed[:, num_prefix_tokens:].reshape(1, *old, D).permute(0, 4, 1, 2, 3).float()
+    grid = F.interpolate(grid, size=new, mode="trilinear", align_corners=False)
+    grid = grid.permute(0, 2, 3, 4, 1).reshape(1, math.prod(new), D).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :num_prefix_tokens], grid], dim=1)
+
+
+def video_pos_grids(config: ViViTConfig) -> dict[str, tuple[int, int, int]]:
+    """The (t, h, w) grid each positional embedding of a model of `config` covers: model 2's
+    spatial encoder sees one frame and its temporal encoder one position per frame."""
+    nt, nh, nw = config.grid
+    if config.variant == "factorised_encoder":
+        return {"pos_embed": (1, nh, nw), "temporal.pos_embed": (nt, 1, 1)}
+    return {"pos_embed": (nt, nh, nw)}
+
+
+def video_to_video(
+    source: StateDict, source_config: ViViTConfig, target: StateDict, config: ViViTConfig
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """A ViViT state dict initialised from another ViViT's of the same architecture (fine-tuning a
+    video model on other data).
+
+    Args:
+        source: the pretrained video model's state dict (our layout; `hf_to_timm` converts a
+            Hugging Face ViViT's).
+        source_config: its config.
+        target: the model's own state dict (the key names, shapes and dtypes to fill).
+        config: the model's config. Only the input (num_frames, img_size) and num_classes may
+            differ from `source_config`; compare the rest first (`config_differences`).
+
+    Returns:
+        (state dict, LoadReport). Weights of the same shape load as they are; positional
+        embeddings on another token grid are resampled over time and space as a video
+        (`resample_video_pos_embed`); a head of another class count is skipped (the model
+        keeps its own, new head).
+
+    Raises:
+        ValueError naming the key and both shapes for any other tensor that does not fit.
+    """
+    out: dict[str, torch.Tensor] = {}
+    report = LoadReport()
+    old_grids, new_grids = video_pos_grids(source_config), video_pos_grids(config)
+    prefix = int(config.has_cls_token)
+    for key, want in target.items():
+        tensor = source.get(key)
+        if tensor is None:
+            report.missing.append(key)
+            continue
+        how = None
+        if key in new_grids and old_grids[key] != new_grids[key]:
+            tensor = resample_video_pos_embed(tensor, old_grids[key], new_grids[key], prefix)
+            how = f"resampled over time and space, {'x'.join(map(str, old_grids[key]))} -> " \
+                  f"{'x'.join(map(str, new_grids[key]))} (t x h x w)"
+        elif key.startswith("head.") and tensor.shape != want.shape:
+            report.skipped[key] = (f"class count differs: checkpoint {tuple(tensor.shape)}, model "
+                                   f"{tuple(want.shape)}: a new head")
+            continue
+        _place(out, report, key, tensor, want, how)
+    for key in source:
+        if key not in target:
+            report.skipped[key] = "not in the model"
+    return out, report
+
+
+def _place(out: dict[str, torch.Tensor], report: LoadReport, key: str, tensor: torch.Tensor, want: torch.Tensor,
+           how: str | None = None) -> None:
+    """out[key] = a copy of `tensor` in `want`'s dtype, reported as loaded (or adapted `how`);
+    ValueError naming the key and both shapes when they differ."""
+    if tuple(tensor.shape) != tuple(want.shape):
+        raise shape_error(key, tensor, want)
+    out[key] = tensor.detach().to(dtype=want.dtype).clone()
+    if how is None:
+        report.loaded.append(key)
+    else:
+        report.adapted[key] = how
+
+
 def tile_pos_embed(grid_embed: torch.Tensor, frames: int) -> torch.Tensor:
     """(1, S, D) -> (1, frames * S, D): the image grid repeated for every frame, frame-major."""
     return grid_embed.repeat(1, frames, 1)
@@ -281,13 +376,7 @@ def image_to_video(
     used: set[str] = set()
 
     def put(key: str, tensor: torch.Tensor, how: str | None = None) -> None:
-        if tuple(tensor.shape) != tuple(target[key].shape):
-            raise shape_error(key, tensor, target[key])
-        out[key] = tensor.detach().to(dtype=target[key].dtype).clone()
-        if how is None:
-            report.loaded.append(key)
-        else:
-            report.adapted[key] = how
+        _place(out, report, key, tensor, target[key], how)
 
     for key, want in target.items():
         if key == "patch_embed.proj.weight":
@@ -331,7 +420,10 @@ def image_to_video(
             report.missing.append(key)
     for key in image:
         if key not in used:
-            report.skipped.setdefault(key, "not in the model")
+            # timm's fc_norm normalises the pooled feature; our norm acts on the tokens before pooling.
+            why = ("the image model normalises after pooling (fc_norm), this model before (norm): not equivalent"
+                   if key.startswith("fc_norm.") else "not in the model")
+            report.skipped.setdefault(key, why)
     return out, report
 
 

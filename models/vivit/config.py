@@ -86,6 +86,8 @@ class ViViTConfig:
                 raise ValueError(f"ViViTConfig: {name} must be a positive int, got {value!r}")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(f"ViViTConfig: num_classes must be an int >= 0, got {self.num_classes!r}")
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or not self.mlp_ratio > 0:
+            raise ValueError(f"ViViTConfig: mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"ViViTConfig: dim={self.dim} is not divisible by num_heads={self.num_heads}")
         if self.variant == "factorised_dot_product" and self.num_heads % 2:
@@ -104,9 +106,11 @@ class ViViTConfig:
                 raise ValueError(f"ViViTConfig: {name} must be in [0, 1), got {value!r}")
         t, h, w = self.tubelet
         if self.tokeniser == "tubelet" and self.num_frames < t:
-            raise ValueError(f"ViViTConfig: num_frames={self.num_frames} is shorter than the tubelet length t={t}")
+            raise ValueError(
+                f"ViViTConfig: num_frames={self.num_frames} is shorter than the tubelet length t={t} of tubelet={self.tubelet}"
+            )
         if self.img_size[0] < h or self.img_size[1] < w:
-            raise ValueError(f"ViViTConfig: img_size={self.img_size} is smaller than the patch ({h}, {w})")
+            raise ValueError(f"ViViTConfig: img_size={self.img_size} is smaller than the patch ({h}, {w}) of tubelet={self.tubelet}")
 
     @property
     def has_cls_token(self) -> bool:
@@ -118,6 +122,32 @@ class ViViTConfig:
         t, h, w = self.tubelet
         nt = self.num_frames if self.tokeniser == "uniform" else self.num_frames // t
         return nt, self.img_size[0] // h, self.img_size[1] // w
+
+
+# Fields that say how a model runs, not what it computes: two configs that differ only here
+# hold the same weights and give the same logits (up to rounding).
+EXECUTION_FIELDS = ("backend", "grad_checkpointing")
+# Regularisation used only in training: the weights and the eval-mode function do not depend on it.
+TRAINING_ONLY_FIELDS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
+
+
+def config_differences(
+    a: ViViTConfig, b: ViViTConfig, ignore: tuple[str, ...] = EXECUTION_FIELDS
+) -> list[tuple[str, object, object]]:
+    """[(field, value in a, value in b)] of every ViViTConfig field on which `a` and `b` differ,
+    in declaration order, leaving out `ignore`."""
+    return [(f.name, getattr(a, f.name), getattr(b, f.name)) for f in fields(ViViTConfig)
+            if f.name not in ignore and getattr(a, f.name) != getattr(b, f.name)]
+
+
+def format_differences(differences: list[tuple[str, object, object]], names: dict[str, str] | None = None) -> str:
+    """"dim 64 vs 32, variant 'a' vs 'b'" from `config_differences`; `names` renames fields (e.g. to options)."""
+    names = names or {}
+    return ", ".join(f"{names.get(field, field)} {_show(a)} vs {_show(b)}" for field, a, b in differences)
+
+
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def _pair(value, name: str) -> tuple[int, int]:
