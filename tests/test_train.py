@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from vivit.checkpoint import load_checkpoint
+from vivit.cli import UserError
 from vivit.train import build_parser, train
+from vivit.training import Trainer
 
 TINY = ["--dim", "32", "--depth", "2", "--heads", "2", "--tubelet", "2", "8", "8", "--no-progress", "--workers", "0"]
 
@@ -71,6 +74,41 @@ def test_resume_continues_bit_for_bit(tmp_path, optimizer):
     assert losses("straight") == losses("split")
 
 
+def test_a_killed_run_resumed_matches_a_straight_one_record_for_record(tmp_path, monkeypatch):
+    """A run killed after its step-4 checkpoint and resumed redoes steps 5 and 6: the weights are
+    the straight run's (the held-out evaluation at step 4 draws from the global RNG, and the
+    checkpoint holds the state after that draw), and metrics.jsonl holds every record once."""
+    checkpoint = Trainer.checkpoint
+
+    def checkpoint_and_keep_a_copy(self):
+        checkpoint(self)
+        shutil.copy(self.ckpt_path, tmp_path / f"step{self.step}.pt")
+
+    monkeypatch.setattr(Trainer, "checkpoint", checkpoint_and_keep_a_copy)
+    common = [*TINY, "--steps", "6", "--batch-size", "8", "--synthetic-clips", "40", "--synthetic-val-clips", "8",
+              "--checkpoint-every", "2", "--eval-every", "2", "--dropout", "0.1", "--mixup", "0.4", "--log-every", "1"]
+    run(tmp_path, "straight", *common)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    # What the kill at step 6 left: every record logged so far, and the checkpoint of step 4.
+    shutil.copy(tmp_path / "straight" / "metrics.jsonl", killed)
+    shutil.copy(tmp_path / "step4.pt", killed / "checkpoint.pt")
+    run(tmp_path, "killed", *common, "--resume", "auto")
+
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
+    b = load_checkpoint(killed / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+    def records(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        # Epoch records after a resume total the resumed part of the epoch only: compare where they fall.
+        return [(r.get("event"), r.get("step", r.get("steps")), None if r.get("event") == "epoch" else
+                 r.get("loss", r.get("top1"))) for r in map(json.loads, lines)]
+
+    assert records("killed") == records("straight")
+    assert [step for event, step, _ in records("killed") if event is None] == [1, 2, 3, 4, 5, 6]
+
+
 def test_gradient_accumulation_matches_one_large_batch(tmp_path):
     # SGD: its update is linear in the gradient, so the weights differ by the gradients' rounding
     # (~1e-7). AdamW divides by sqrt(v): an element whose gradient is near zero turns that
@@ -86,9 +124,9 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
 
 
 def test_bad_arguments_are_errors_naming_the_option(tmp_path):
-    with pytest.raises(SystemExit, match="--batch-size 6 must be a positive multiple of .* --accum-steps = 4"):
+    with pytest.raises(UserError, match="--batch-size 6 must be a positive multiple of .* --accum-steps = 4"):
         run(tmp_path, "bad", *TINY, "--batch-size", "6", "--accum-steps", "4")
-    with pytest.raises(SystemExit, match="fp16 needs a GPU"):
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
         run(tmp_path, "bad", *TINY, "--precision", "fp16", "--device", "cpu")
 
 
@@ -107,6 +145,40 @@ def test_initialise_from_an_image_checkpoint(tmp_path, init):
     weight = load_checkpoint(tmp_path / "pre" / "checkpoint.pt")["model"]["patch_embed.proj.weight"]
     expected = {"inflate": inflate, "central_frame": central_frame}[init](vit.patch_embed.proj.weight.detach(), 2)
     torch.testing.assert_close(weight, expected, rtol=0, atol=0)
+
+
+def test_fine_tune_from_a_video_checkpoint(tmp_path, capsys):
+    """--pretrained given a video model loads it as one: a vivit-train checkpoint onto 48 px
+    frames resamples its positional embedding as a video (4x4x4 -> 4x6x6 tokens); a Hugging Face
+    ViViT directory (8 frames of 32 px, 5 labels) on the same grid loads as it is, with its tanh
+    GELU, and gets a new head for the built-in data's 8 classes."""
+    from vivit import hf_to_timm
+    from vivit.adapt import resample_video_pos_embed
+
+    one_step = [*TINY, "--steps", "1", "--batch-size", "8", "--synthetic-clips", "8", "--synthetic-val-clips", "0"]
+    run(tmp_path, "source", *one_step)
+    source = load_checkpoint(tmp_path / "source" / "checkpoint.pt")["model"]
+    run(tmp_path, "larger", *one_step, "--lr", "0", "--img-size", "48",
+        "--pretrained", str(tmp_path / "source" / "checkpoint.pt"))
+    assert "pos_embed: resampled over time and space, 4x4x4 -> 4x6x6" in capsys.readouterr().err
+    tuned = load_checkpoint(tmp_path / "larger" / "checkpoint.pt")["model"]
+    assert torch.equal(tuned["pos_embed"], resample_video_pos_embed(source["pos_embed"], (4, 4, 4), (4, 6, 6)))
+    assert all(torch.equal(tuned[key], source[key]) for key in source if key != "pos_embed")
+
+    transformers = pytest.importorskip("transformers", reason="transformers writes the Hugging Face ViViT")
+    config = transformers.VivitConfig(image_size=32, num_frames=8, tubelet_size=[2, 8, 8], hidden_size=32,
+                                      num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=5)
+    torch.manual_seed(0)
+    hf = transformers.VivitForVideoClassification(config)
+    hf.save_pretrained(tmp_path / "hf")
+    run(tmp_path, "from_hf", *one_step, "--lr", "0", "--variant", "spatio_temporal", "--mlp-ratio", "2",
+        "--pretrained", str(tmp_path / "hf"))
+    assert "skipped head.weight: class count differs: checkpoint (5, 32), model (8, 32): a new head" in \
+        capsys.readouterr().err
+    state = load_checkpoint(tmp_path / "from_hf" / "checkpoint.pt")
+    converted, _ = hf_to_timm(hf.state_dict())
+    assert all(torch.equal(state["model"][key], converted[key]) for key in converted if not key.startswith("head."))
+    assert state["model_spec"]["overrides"]["mlp_activation"] == "gelu_tanh"
 
 
 @pytest.mark.parametrize(

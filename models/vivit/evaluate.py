@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from . import distributed
-from .checkpoint import load_model
-from .data import DataError, MovingShapes, VideoFolder
-from .evaluation import evaluate, saved_bytes_report
+from .cli import INPUT, Range, UserError, add_debug_flag, check_ranges, existing_path, load_checked, resolve_device, run
+from .data import SYNTHETIC_CLASSES, MovingShapes, VideoFolder
+from .evaluation import PRECISIONS, evaluate, saved_bytes_report
+
+_RANGES = {"synthetic_clips": Range(1), "temporal_views": Range(1), "spatial_crops": Range(1), "batch_size": Range(1),
+           "workers": Range(0)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,39 +29,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spatial-crops", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch (each with all its views)")
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--saved-bytes", action="store_true",
                    help="also report bytes saved for backward: fused kernels vs naive attention")
+    add_debug_flag(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    model, state = load_model(args.checkpoint, device)
-    data = state["data"]
-    try:
-        if args.csv:
-            dataset = VideoFolder(args.csv, root=args.data_root, classes=state["classes"], train=False,
-                                  num_frames=data["num_frames"], size=data["img_size"], mean=data["mean"],
-                                  std=data["std"], temporal_views=args.temporal_views,
-                                  spatial_crops=args.spatial_crops)
-        else:
-            seed = state["args"].get("data_seed", 0) + 1  # the held-out seed of training
-            dataset = MovingShapes(args.synthetic_clips, num_frames=data["num_frames"], size=data["img_size"],
-                                   seed=seed, mean=tuple(data["mean"]), std=tuple(data["std"]))
-    except DataError as error:
-        raise SystemExit(f"vivit-eval: error: {error}") from None
+def evaluate_checkpoint(args: argparse.Namespace) -> None:
+    """`vivit-eval` once its arguments are parsed."""
+    check_ranges(args, _RANGES)
+    existing_path(args.csv, "csv")
+    existing_path(args.data_root, "data_root", "directory")
+    device = resolve_device(args.device)
+    model, state = load_checked(args.checkpoint, device)
+    data, classes = state["data"], list(state["classes"])
+    if args.csv:
+        # Labels must be the checkpoint's: a label it does not know is an error naming the CSV line.
+        dataset = VideoFolder(args.csv, root=args.data_root, classes=classes, train=False,
+                              num_frames=data["num_frames"], size=data["img_size"], mean=data["mean"],
+                              std=data["std"], temporal_views=args.temporal_views, spatial_crops=args.spatial_crops)
+    else:
+        if classes != list(SYNTHETIC_CLASSES):
+            shown = ", ".join(classes[:6]) + (", ..." if len(classes) > 6 else "")
+            raise UserError(f"--checkpoint {args.checkpoint} was trained on {len(classes)} classes ({shown}), not the "
+                            f"built-in data's {len(SYNTHETIC_CLASSES)}: pass --csv with videos of its classes")
+        seed = state.get("args", {}).get("data_seed", 0) + 1  # the held-out seed of training
+        dataset = MovingShapes(args.synthetic_clips, num_frames=data["num_frames"], size=data["img_size"],
+                               seed=seed, mean=tuple(data["mean"]), std=tuple(data["std"]))
     ctx = distributed.Context(device=device)
     result = evaluate(model, dataset, ctx, batch_size=args.batch_size, precision=args.precision,
                       workers=args.workers)
+    if not result["clips"]:
+        raise UserError(f"--csv {args.csv}: none of its {int(result['skipped'])} videos could be decoded (each is "
+                        "named in a warning above)", INPUT)
     print(f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  on {int(result['clips'])} videos "
           f"({result['clips_per_s']:.1f} videos/s)" + (f", {int(result['skipped'])} unreadable skipped"
                                                         if result["skipped"] else ""))
     if args.saved_bytes:
-        item = dataset[0]["video"]
+        item = next(video for video in (dataset[i]["video"] for i in range(len(dataset))) if video is not None)
         clip = (item if item.dim() == 5 else item[None])[:1]
         report = saved_bytes_report(state["model_spec"], clip.to(device))
         mib = 2**20
@@ -70,6 +78,10 @@ def main(argv: list[str] | None = None) -> None:
             fused, naive = report[f"fused_{key}"], report[f"naive_{key}"]
             print(f"  {what}: {fused / mib:.2f} MiB vs {naive / mib:.2f} MiB ({naive / max(fused, 1):.2f}x)")
     sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    run("vivit-eval", build_parser(), evaluate_checkpoint, argv)
 
 
 if __name__ == "__main__":

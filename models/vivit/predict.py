@@ -7,10 +7,11 @@ clips, then a softmax. Prints one line per label: probability, then the label.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model
+from .cli import INPUT, Range, UserError, add_debug_flag, check_ranges, load_checked, resolve_device, run
 from .data.transforms import eval_transform
 from .data.video import decode, temporal_view_indices
 from .evaluation import predict_logits
@@ -33,6 +34,51 @@ def predict(model: torch.nn.Module, path: str, data: dict, classes: list[str], *
     return [(classes[i], float(p)) for p, i in zip(best.values.tolist(), best.indices.tolist())]
 
 
+def check_video_file(path: str) -> None:
+    """UserError unless `path` is a file PyAV opens, with a video stream whose first frame decodes:
+    a missing, empty, corrupt or non-video file is named before the model is loaded."""
+    import av
+
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"video {path}: no such file")
+    if not file.is_file():
+        raise UserError(f"video {path}: not a file (expected a video file)")
+    if file.stat().st_size == 0:
+        raise UserError(f"video {path}: empty file (0 bytes), not a video", INPUT)
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise UserError(f"video {path}: has no video stream", INPUT)
+            next(container.decode(video=0))
+    except (av.FFmpegError, OSError, EOFError) as error:
+        raise UserError(f"video {path}: cannot be decoded ({type(error).__name__}: {error})", INPUT) from None
+    except StopIteration:
+        raise UserError(f"video {path}: no frame decodes", INPUT) from None
+
+
+def predict_file(args: argparse.Namespace) -> None:
+    """`vivit-predict` once its arguments are parsed."""
+    import av
+
+    check_ranges(args, _RANGES)
+    device = resolve_device(args.device)
+    check_video_file(args.video)
+    model, state = load_checked(args.checkpoint, device)
+    try:
+        ranked = predict(model, args.video, state["data"], list(state["classes"]), top=args.top,
+                         temporal_views=args.temporal_views, spatial_crops=args.spatial_crops)
+    except (av.FFmpegError, OSError, EOFError, ValueError) as error:
+        # A file that breaks after its first frame: the decoder's errors. The model cannot raise
+        # here, as the checkpoint's clip size was checked against its model when it was loaded.
+        raise UserError(f"video {args.video}: cannot be decoded ({type(error).__name__}: {error})", INPUT) from None
+    for label, prob in ranked:
+        print(f"{prob:.4f}  {label}")
+
+
+_RANGES = {"top": Range(1), "temporal_views": Range(1), "spatial_crops": Range(1)}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="vivit-predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -42,17 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temporal-views", type=int, default=4)
     p.add_argument("--spatial-crops", type=int, default=3)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    args = p.parse_args(argv)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
-    model, state = load_model(args.checkpoint, device)
-    try:
-        ranked = predict(model, args.video, state["data"], state["classes"], top=args.top,
-                         temporal_views=args.temporal_views, spatial_crops=args.spatial_crops)
-    except FileNotFoundError as error:
-        raise SystemExit(f"vivit-predict: error: {error}") from None
-    for label, prob in ranked:
-        print(f"{prob:.4f}  {label}")
+    add_debug_flag(p)
+    run("vivit-predict", p, predict_file, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from . import distributed
-from .data import IMAGE_MEAN, IMAGE_STD, DataError
+from .cli import add_debug_flag, check_device, run
+from .data import IMAGE_MEAN, IMAGE_STD
 from .evaluation import PRECISIONS
 from .training import Trainer
 
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--temporal-depth", type=int, help="model 2: blocks of the temporal encoder")
     m.add_argument("--tubelet", type=int, nargs=3, metavar=("T", "H", "W"))
     m.add_argument("--tokeniser", default="tubelet", choices=["tubelet", "uniform"])
-    m.add_argument("--pretrained", help="image ViT checkpoint (timm layout) to initialise from")
+    m.add_argument("--pretrained", help="weights to start from: an image ViT (timm or Hugging Face), or a video "
+                   "model to fine-tune (a Hugging Face ViViT save_pretrained directory or a vivit-train checkpoint)")
     m.add_argument("--init", default="central_frame", choices=["central_frame", "inflate"],
                    help="tubelet initialisation from the 2D patch embedding")
     m.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
@@ -91,11 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dist-timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
     r.add_argument("--threads", type=int, help="CPU threads per process (torch.set_num_threads)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_debug_flag(r)
     return p
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Run training as `args` says; returns the final summary (also written to summary.json)."""
+    """Run training as `args` says; returns the final summary (also written to summary.json).
+
+    Raises UserError (vivit.cli) for a mistake in the arguments or inputs: before the first step,
+    except for videos that turn out unreadable when decoded."""
+    check_device(args.device)
     ctx = distributed.setup(args.device, args.dist_timeout)
     threads = torch.get_num_threads()
     try:
@@ -106,11 +113,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        train(args)
-    except DataError as error:
-        raise SystemExit(f"vivit-train: error: {error}") from None
+    run("vivit-train", build_parser(), train, argv)
     if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # The process group is destroyed and every file is closed; skip interpreter finalisation,
         # where gloo's worker threads can still abort the process after a successful run.
