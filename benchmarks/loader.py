@@ -1,10 +1,14 @@
 """The video loader's case: one training clip of a Kinetics-like file, as one loader worker makes it.
 
 A clip is what `VideoFolder` returns in training: `num_frames` frames by jittered uniform
-sampling, scaled, cropped, flipped and normalised. "old" is the path before frame-accurate
-decoding (every frame of the video decoded to RGB, then the clip's frames picked); "pyav" and
-"torchcodec" decode only the clip's frames. A worker is one core: the timed call runs on one
-pinned CPU with one torch thread, so FFmpeg's automatic thread count is one as well.
+sampling, scaled, cropped, flipped and normalised. The paths:
+- "old": the loader before frame-accurate decoding, unchanged: every frame of the video decoded
+  to RGB, the clip's frames picked, then resized and cropped in float32.
+- "old decode": the same full decode, with today's transforms (uint8 resize, float crop only),
+  so that its row against the backends' isolates decoding.
+- "pyav", "torchcodec": only the clip's frames decoded, today's transforms.
+A worker is one core: the timed call runs on one pinned CPU with one torch thread, so FFmpeg's
+automatic thread count is one as well.
 
 The files are generated once per machine (libx264 defaults: a keyframe every 250 frames and at
 each shot change, every 5 s here; 3 B-frames) and kept in the temporary directory.
@@ -20,10 +24,8 @@ from typing import Callable
 
 import torch
 
-from .cases import Case
-
-OLD = "old"
-LOADER_BACKENDS = (OLD, "pyav", "torchcodec")
+OLD, OLD_DECODE = "old", "old decode"
+LOADER_BACKENDS = (OLD, OLD_DECODE, "pyav", "torchcodec")
 CLIP = "train clip"
 # Kinetics-like: 340 x 256 H.264 at 30 fps; a trimmed 10-s clip and a 5-min source video.
 LOADER_SHAPES = {
@@ -56,23 +58,44 @@ def loader_video(shape: dict) -> Path:
 def loader_skip_reason(spec: dict) -> str | None:
     from vivit.data import backend_unavailable_reason  # noqa: PLC0415
 
-    return None if spec["backend"] == OLD else backend_unavailable_reason(spec["backend"])
+    return None if spec["backend"] in (OLD, OLD_DECODE) else backend_unavailable_reason(spec["backend"])
 
 
-def old_clip(path: Path, shape: dict, seed: int) -> torch.Tensor:
-    """Today's path before frame-accurate decoding: decode every frame, then pick the clip's."""
+def float_train_transform(frames: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """The training transform of the old loader: the whole clip to float32, resized, then cropped."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    short = max(size, round(size * float(torch.empty(1, dtype=torch.float64).uniform_(1.0, 1.25, generator=generator))))
+    clip = frames.permute(3, 0, 1, 2).float().div_(255.0)  # (C, T, H, W)
+    H, W = clip.shape[-2:]
+    out_hw = (max(short, round(H * short / min(H, W))), max(short, round(W * short / min(H, W))))
+    if out_hw != (H, W):
+        clip = F.interpolate(clip.permute(1, 0, 2, 3), size=out_hw, mode="bilinear", align_corners=False,
+                             antialias=True).permute(1, 0, 2, 3)
+    top = int(torch.randint(clip.shape[-2] - size + 1, (1,), generator=generator))
+    left = int(torch.randint(clip.shape[-1] - size + 1, (1,), generator=generator))
+    clip = clip[:, :, top : top + size, left : left + size]
+    if bool(torch.rand(1, generator=generator) < 0.5):
+        clip = clip.flip(-1)
+    return (clip - 0.5) / 0.5
+
+
+def old_clip(path: Path, shape: dict, seed: int, transform: Callable | None = None) -> torch.Tensor:
+    """The full-decode path: decode every frame, pick the clip's, then `transform` (default: today's)."""
     from vivit.data import decode, train_transform  # noqa: PLC0415
     from vivit_kernels import uniform_frame_indices  # noqa: PLC0415
 
     frames = decode(path)
     generator = torch.Generator().manual_seed(seed)
     indices = uniform_frame_indices(len(frames), shape["num_frames"], jitter=True, generator=generator)
-    return train_transform(frames[indices], shape["size"], generator)
+    return (transform or train_transform)(frames[indices], shape["size"], generator)
 
 
 def clip_fn(backend: str, path: Path, shape: dict) -> Callable[[int], torch.Tensor]:
     """seed -> the training clip (C, T, size, size) of `path` through `backend`."""
     if backend == OLD:
+        return lambda seed: old_clip(path, shape, seed, float_train_transform)
+    if backend == OLD_DECODE:
         return lambda seed: old_clip(path, shape, seed)
     from vivit.data import read_frames, train_transform  # noqa: PLC0415
     from vivit_kernels import uniform_frame_indices  # noqa: PLC0415
@@ -90,15 +113,22 @@ def clip_fn(backend: str, path: Path, shape: dict) -> Callable[[int], torch.Tens
     return clip
 
 
+_OLD_CLIPS: dict[tuple, torch.Tensor] = {}  # the backends share the old path's (slow) reference clips
+
+
 def check_against_old(spec: dict, seeds=(0, 1)) -> None:
-    """Raise AssertionError unless `spec`'s backend makes the old path's clips, bit for bit."""
-    if spec["backend"] == OLD:
+    """Raise AssertionError unless `spec`'s backend makes the full decode's clips, bit for bit
+    (with today's transforms; the old float32 transform is within a uint8 step of them)."""
+    if spec["backend"] in (OLD, OLD_DECODE):
         return
     path = loader_video(spec["shape"])
     new = clip_fn(spec["backend"], path, spec["shape"])
     for seed in seeds:
-        if not torch.equal(new(seed), old_clip(path, spec["shape"], seed)):
-            raise AssertionError(f"loader {spec['backend']}: the clip of seed {seed} of {path.name} differs from the old path's")
+        key = (path, tuple(sorted(spec["shape"].items())), seed)
+        if key not in _OLD_CLIPS:
+            _OLD_CLIPS[key] = old_clip(path, spec["shape"], seed)
+        if not torch.equal(new(seed), _OLD_CLIPS[key]):
+            raise AssertionError(f"loader {spec['backend']}: the clip of seed {seed} of {path.name} differs from the full decode's")
 
 
 @contextmanager
@@ -115,7 +145,9 @@ def one_worker():
         torch.set_num_threads(threads)
 
 
-def loader_case(spec: dict) -> Case:
+def loader_case(spec: dict):
+    from .cases import Case  # noqa: PLC0415  (cases registers this builder)
+
     shape = spec["shape"]
     path = loader_video(shape)
     clip = clip_fn(spec["backend"], path, shape)

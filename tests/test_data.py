@@ -147,6 +147,18 @@ def test_transforms_crop_and_normalise():
     assert out.shape == (3, 4, 32, 32) and -1.0 <= out.min() and out.max() <= 1.0
 
 
+def test_uint8_resize_is_within_one_step_of_float32():
+    """The transforms resize uint8 frames (torch's fast path); the float32 resize is the reference."""
+    from vivit.data.transforms import resize_short_side
+
+    frames = torch.randint(0, 256, (3, 3, 50, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fast = resize_short_side(frames.contiguous(memory_format=torch.channels_last), 23)
+    ref = torch.nn.functional.interpolate(frames.float(), size=(23, 32), mode="bilinear", align_corners=False,
+                                          antialias=True)
+    assert fast.shape == (3, 3, 23, 32) and fast.dtype == torch.uint8
+    assert (fast.float() - ref).abs().max() <= 1.0
+
+
 def test_sharded_batches_make_the_single_process_batch():
     single = ShardedSampler(37, seed=5)
     ranks = [ShardedSampler(37, seed=5, rank=r, world_size=2) for r in range(2)]

@@ -72,15 +72,25 @@ def test_pyav_returns_the_frames_a_full_decode_numbers(files, kind):
     path, source, full = files[kind]
     with open_video(path) as video:
         assert video.num_frames == len(full)
-        assert video.table_source == source
         for seed in range(3):
             indices = uniform_frame_indices(len(full), 8, jitter=True, generator=torch.Generator().manual_seed(seed))
             assert torch.equal(video.get(indices), full[indices])
         backwards = list(range(len(full)))[::-1]  # every frame, last first, from one open reader
         assert torch.equal(video.get(backwards), full[backwards])
         assert torch.equal(video.get([3, 3, 0]), full[[3, 3, 0]])  # repeats (clips longer than the video)
+        assert video.table_source == source  # and no fallback on the way (right frames, but slow)
     if kind == "truncated":
         assert len(full) < 80  # the header's 90 frames are not all there
+
+
+@pytest.mark.parametrize("kind", ["mp4", "mkv"])
+def test_frame_threads_give_the_same_frames(files, kind):
+    """threads=0 (FFmpeg's choice: frame threads, as vivit-predict uses) with per-packet frame skipping."""
+    path, _, full = files[kind]
+    indices = torch.tensor([len(full) - 1, 2, 30, 31, 45, 0])
+    with open_video(path, threads=0) as video:
+        assert torch.equal(video.get(indices), full[indices])
+        assert video.table_source != "decode"
 
 
 def test_a_wrong_index_costs_time_not_frames(files, monkeypatch):

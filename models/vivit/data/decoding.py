@@ -28,7 +28,7 @@ header costs time, never a wrong frame.
 from __future__ import annotations
 
 import bisect
-import os
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -176,6 +176,8 @@ class FrameTable:
 
     def __post_init__(self) -> None:
         self.index_of = {p: i for i, p in enumerate(self.pts)}
+        self._key_pts = [key[0] for key in self.keys]
+        self._keys_ascend = all(a < b for a, b in zip(self._key_pts, self._key_pts[1:]))
 
     def position(self, packet) -> int | None:
         """Decode position of a packet, None for one the table does not list."""
@@ -183,6 +185,8 @@ class FrameTable:
 
     def keyframe_before(self, pts: int) -> tuple[int, int]:
         """The last keyframe (in decode order) at or before presentation time `pts`, else the first."""
+        if self._keys_ascend:  # keyframes shown in decode order, as nearly always
+            return self.keys[max(bisect.bisect_right(self._key_pts, pts) - 1, 0)]
         best = None
         for key in self.keys:
             if key[0] <= pts and (best is None or key[1] > best[1]):
@@ -244,22 +248,20 @@ class PyAVReader(VideoReader):
     def __init__(self, path: str | Path, *, threads: int = 1) -> None:
         import av
 
-        self.path = Path(path)
-        self._av = av
-        self._container = av.open(str(self.path))
-        try:
-            if not self._container.streams.video:
-                raise ValueError("no video stream")
-            self._stream = self._container.streams.video[0]
-            context = self._stream.codec_context
-            context.thread_count = threads
-            context.thread_type = "AUTO" if threads != 1 else "SLICE"
-            self._sources = ["index", "scan", "decode"]
-            self._table: FrameTable | None = None
-            self._count: int | None = None  # frames counted by a full decode (source 3)
-        except BaseException:
+        self.path, self._av, self._threads = Path(path), av, threads
+        self._sources = ["index", "scan", "decode"]
+        self._table: FrameTable | None = None
+        self._count: int | None = None  # frames counted by a full decode (source 3)
+        self._open()
+
+    def _open(self) -> None:
+        self._container = self._av.open(str(self.path))
+        if not self._container.streams.video:
             self._container.close()
-            raise
+            raise ValueError("no video stream")
+        self._stream = self._container.streams.video[0]
+        self._stream.codec_context.thread_count = self._threads
+        self._stream.codec_context.thread_type = "AUTO" if self._threads != 1 else "SLICE"
 
     def close(self) -> None:
         self._container.close()
@@ -314,21 +316,22 @@ class PyAVReader(VideoReader):
     def _decode_by_table(self, wanted: list[int]) -> dict[int, np.ndarray]:
         """Seek to the keyframe before each wanted frame not reached yet, decode forward, convert
         only the wanted frames. Frames that nothing references are not even decoded."""
-        table, container, stream = self._table, self._container, self._stream
-        context = stream.codec_context
+        table = self._table
+        context = self._stream.codec_context
         want = {table.pts[i]: i for i in wanted}
         pending = sorted(want)  # wanted timestamps not decoded yet
         out: dict[int, np.ndarray] = {}
         packets, last, key = None, None, None  # last: decode position of the last packet fed
         while pending:
-            next_key = table.keyframe_before(pending[0])
+            target = pending[0]
+            next_key = following = table.keyframe_before(target)
             if packets is None or (next_key != key and last is not None and last < next_key[1]):
                 # Every wanted frame before pending[0] is out, and none after it was fed yet:
                 # skipping to its keyframe loses nothing. Demuxers seek by presentation time;
                 # landing on an earlier keyframe only costs decoding.
                 key = next_key
-                container.seek(key[0], stream=stream, backward=True)
-                packets, last = self._from_keyframe(), None
+                packets, last = self._packets_from(key), None
+                context = self._stream.codec_context  # a new one if the reader had to reopen the file
             for packet in packets:
                 position = table.position(packet)
                 if position is None and packet.size:
@@ -348,12 +351,28 @@ class PyAVReader(VideoReader):
                         raise _TableWrong
                 if not pending:
                     break
-                following = table.keyframe_before(pending[0])
+                if pending[0] != target:
+                    target, following = pending[0], table.keyframe_before(pending[0])
                 if following != key and last is not None and last < following[1]:
                     break  # the next wanted frame starts at a keyframe not reached yet: seek there
             else:
                 raise _TableWrong  # the stream ended before a wanted frame
         return {want[p]: image for p, image in out.items()}
+
+    def _packets_from(self, key: tuple[int, int]):
+        """Packets from keyframe `key` or an earlier one. A demuxer that seeks by guessing (MPEG-TS)
+        can land past it: then seek to earlier keyframes, and at last read from the start."""
+        table = self._table
+        k = table.keys.index(key)
+        for earlier in table.keys[k : max(k - 3, -1) : -1]:
+            self._container.seek(earlier[0], stream=self._stream, backward=True)
+            packets = self._from_keyframe()
+            first = next(packets, None)
+            position = None if first is None else table.position(first)
+            if position is not None and position <= key[1]:
+                return itertools.chain([first], packets)
+        self._restart()
+        return self._from_keyframe()
 
     def _from_keyframe(self):
         """Packets of the stream from the first keyframe after the seek, then an empty packet
@@ -388,12 +407,8 @@ class PyAVReader(VideoReader):
 
     def _restart(self) -> None:
         """Back to the first packet with a fresh decoder (reopening works for unseekable streams too)."""
-        threads = self._stream.codec_context.thread_count
         self._container.close()
-        self._container = self._av.open(str(self.path))
-        self._stream = self._container.streams.video[0]
-        self._stream.codec_context.thread_count = threads
-        self._stream.codec_context.thread_type = "AUTO" if threads != 1 else "SLICE"
+        self._open()
 
 
 # ----------------------------------------------------------------------------- torchcodec
