@@ -1,6 +1,7 @@
 """vivit.data.decoding: only the requested frames, numbered as a full decode numbers them, on the
-files a loader meets (B-frames over several keyframes, variable frame rate, no frame count, no
-index, no timestamps, a header promising frames the file lacks); torchcodec against PyAV."""
+files a loader meets (B-frames over several keyframes, an audio track, variable frame rate, no
+frame count, no index, no timestamps, a header promising frames the file lacks); torchcodec
+against PyAV."""
 
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def _make(kind: str, directory) -> tuple:
     if kind == "mp4":  # constant frame rate: the MP4 index gives count and timestamps
         path = write_video(directory / "cfr.mp4", 90, options=GOP, **SIZE)
         return path, "index", decode(path)
+    if kind == "audio":  # an AAC track interleaved, as in downloaded clips
+        path = write_video(directory / "audio.mp4", 60, options=GOP, audio=True, **SIZE)
+        return path, "index", decode(path)
     if kind == "vfr":  # variable frame rate: the index's count is right, its timestamps need a scan
         path = write_video(directory / "vfr.mp4", 60, pts_ms=variable_rate_pts_ms(60), options=GOP, **SIZE)
         return path, "scan", decode(path)
@@ -58,7 +62,7 @@ def _make(kind: str, directory) -> tuple:
     raise ValueError(kind)
 
 
-KINDS = ["mp4", "vfr", "mkv", "ts", "h264", "truncated"]
+KINDS = ["mp4", "audio", "vfr", "mkv", "ts", "h264", "truncated"]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +122,7 @@ def test_a_wrong_index_costs_time_not_frames(files, monkeypatch):
     assert indices.tolist() == [len(full) - 1, len(full) // 2, 5] and torch.equal(frames, full[indices])
 
 
-@pytest.mark.parametrize("kind", ["mp4", "vfr", "mkv"])
+@pytest.mark.parametrize("kind", ["mp4", "audio", "vfr", "mkv"])
 def test_torchcodec_matches_pyav(files, kind):
     reason = backend_unavailable_reason("torchcodec")
     if reason:

@@ -48,6 +48,7 @@ def write_video(
     codec: str = "libx264",
     options: dict[str, str] | None = None,
     container_options: dict[str, str] | None = None,
+    audio: bool = False,
 ) -> Path:
     """Encode `frames` frames of `render_frame` into `path` (the container follows the suffix).
 
@@ -57,6 +58,7 @@ def write_video(
         options: encoder options (libx264 defaults otherwise: keyframes every 250 frames and at
             shot changes, 3 B-frames), e.g. {"g": "30", "bf": "0"}.
         container_options: muxer options, e.g. {"movflags": "faststart"} (index before the data).
+        audio: add a silent AAC track, interleaved with the video as in downloaded clips.
     """
     import av
 
@@ -68,13 +70,22 @@ def write_video(
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if pts_ms is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
+        sound = container.add_stream("aac", rate=48000) if audio else None
+        samples = 48000 // fps
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(render_frame(i, width, height, seed=seed, fps=fps), format="rgb24")
             if pts_ms is not None:
                 frame.pts, frame.time_base = pts_ms[i], Fraction(1, 1000)
             for packet in stream.encode(frame):
                 container.mux(packet)
+            if sound is not None:
+                chunk = av.AudioFrame.from_ndarray(np.zeros((1, samples), dtype=np.float32), format="fltp", layout="mono")
+                chunk.sample_rate, chunk.pts = 48000, i * samples
+                for packet in sound.encode(chunk):
+                    container.mux(packet)
         for packet in stream.encode():
+            container.mux(packet)
+        for packet in sound.encode() if sound is not None else ():
             container.mux(packet)
     return path
 
