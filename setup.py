@@ -4,6 +4,7 @@ Installs two packages: `vivit_kernels` (the ops) and `vivit` (the ViViT models, 
 """
 
 import importlib.util
+import shutil
 import warnings
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def build_cpu_kernels(package: Path) -> None:
     for path in library.parent.iterdir():  # keep the library, not the objects and ninja files
         if path != library and path.is_file() and package != HERE / "vivit_kernels":
             path.unlink()
+    for stale in library.parent.parent.glob(f"{extension.PREFIX}*"):  # builds of earlier sources
+        if stale != library.parent:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 class BuildPy(build_py):

@@ -142,9 +142,9 @@ def attention_flops(mode: str, shape: dict, pass_name: str) -> float:
 
 
 def attention_score_bytes(mode: str, shape: dict, dtype: torch.dtype) -> int:
-    """Bytes of one full score (or probability) tensor of the naive einsum path: B * N * (L summed over heads)."""
+    """Bytes of one full score (or probability) tensor of the naive einsum path: every (query, key) pair."""
     call = attention_shape(mode, shape)
-    return call.batch * call.tokens * call.keys_per_query * torch.finfo(dtype).bits // 8
+    return call.batch * call.scores * torch.finfo(dtype).bits // 8
 
 
 def registry_skip_reason(op: str, backend: str, device: torch.device, dtype: torch.dtype, shape) -> str | None:

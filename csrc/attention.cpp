@@ -4,17 +4,24 @@
 // probabilities from it (FlashAttention-2: delta = rowsum(dO * O), then dV, dK, dQ).
 //
 // Every mode is one kernel: a head's tokens fall into `groups` groups of `length` tokens, group g
-// holding tokens g * group_stride + i * step. Spatial: T groups of S consecutive tokens; temporal:
-// S groups of T tokens S apart; joint: one group of all N; split: spatial heads then temporal
-// heads, all in one parallel loop. A block of a group's tokens is then a matrix whose row stride
-// is `step` tokens, which BLAS (or the small loops in kernels.h) reads in place: q, k, v are read
-// through their strides, packed-qkv views included, and never copied.
+// holding tokens base + g * group_stride + i * step (base: the P prefix tokens before the grid).
+// Spatial: T groups of S tokens of one frame; temporal: S groups of the T tokens of one position;
+// joint: one group of all N; split: spatial heads then temporal heads, all in one parallel loop.
+// The token layout (time- or space-major) only changes the two strides. A spatial group also
+// holds the prefix tokens, as queries and as keys: a grid query sees them, and a prefix query
+// attends to each frame's group in turn; those per-frame outputs are averaged afterwards, and in
+// backward the prefix rows' gradients of each group are summed afterwards (partials per group:
+// no group writes another's rows, so nothing is reduced across threads). In temporal heads the
+// prefix tokens form one more group of their own. A block of a group's tokens is a matrix whose
+// row stride is `step` tokens, which BLAS (or the small loops in kernels.h) reads in place: q, k,
+// v are read through their strides, packed-qkv views included, and never copied.
 
 #include "kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <algorithm>
 #include <atomic>
@@ -33,22 +40,45 @@ constexpr int64_t kMaxBlock = 256, kMaxKeyBlock = 512;
 constexpr double kMinCostPerThread = 1 << 20;  // in multiply-adds
 
 struct Grouping {
-  int64_t groups, length, step, group_stride;
+  int64_t groups, length, step, group_stride, base;
+  int64_t prefix;  // prefix tokens [0, prefix) that every group also holds (spatial heads), else 0
 };
 
-Grouping grouping(c10::string_view mode, int64_t head, int64_t heads, int64_t frames, int64_t spatial) {
-  if (mode == "split") mode = head < heads / 2 ? "spatial" : "temporal";
-  if (mode == "joint") return {1, frames * spatial, 1, 0};
-  if (mode == "spatial") return {frames, spatial, 1, spatial};
+// A block of tokens of a (B, H, N, Dh) view: `count` tokens from `first`, `step` tokens apart.
+struct Rows {
+  int64_t first, count, step;
+};
+
+// The groupings of one head: its grid groups, and in temporal heads the prefix on its own.
+std::vector<Grouping> groupings(c10::string_view mode, c10::string_view layout, int64_t frames, int64_t spatial,
+                                int64_t prefix) {
+  const bool time_major = layout == "time_major";
+  TORCH_CHECK(time_major || layout == "space_major", "factorised_attention: unknown layout '", layout, "'");
+  const int64_t T = frames, S = spatial, P = prefix;
+  if (mode == "joint") return {{1, P + T * S, 1, 0, 0, 0}};
+  if (mode == "spatial") return {time_major ? Grouping{T, S, 1, S, P, P} : Grouping{T, S, T, 1, P, P}};
   TORCH_CHECK(mode == "temporal", "factorised_attention: unknown mode '", mode, "'");
-  return {spatial, frames, spatial, 1};
+  std::vector<Grouping> out = {time_major ? Grouping{S, T, S, 1, P, 0} : Grouping{S, T, 1, T, P, 0}};
+  if (P) out.push_back({1, P, 1, 0, 0, 0});
+  return out;
 }
 
-// Runs of heads that share a grouping. Work items go group by group, every head of a run in turn:
+// Runs of heads that share a mode. Work items go group by group, every head of a run in turn:
 // one token's heads sit side by side in memory, so 8-token temporal groups read whole cache lines.
-std::vector<std::pair<int64_t, int64_t>> head_ranges(c10::string_view mode, int64_t heads) {
-  if (mode == "split") return {{0, heads / 2}, {heads / 2, heads}};
-  return {{0, heads}};
+struct HeadRange {
+  int64_t h0, h1;
+  c10::string_view mode;
+};
+
+std::vector<HeadRange> head_ranges(c10::string_view mode, int64_t heads) {
+  if (mode == "split") return {{0, heads / 2, "spatial"}, {heads / 2, heads, "temporal"}};
+  return {{0, heads, mode}};
+}
+
+// The heads whose prefix queries attend frame by frame (averaged): the spatial ones, [0, Ha).
+int64_t averaged_heads(c10::string_view mode, int64_t heads, int64_t prefix) {
+  if (!prefix) return 0;
+  return mode == "spatial" ? heads : mode == "split" ? heads / 2 : 0;
 }
 
 // Equal blocks of at most `max_rows` rows (196 -> one block, 1568 -> 7 blocks of 224).
@@ -66,16 +96,44 @@ struct View {
   T* row(int64_t b, int64_t h, int64_t n) const { return data + b * sb + h * sh + n * sn; }
 };
 
-// Groups g .. g + groups - 1 of head h: short (temporal) groups go 16 to an item, so an item's
-// log-sum-exp entries fill whole cache lines and the per-item costs are shared.
+// Per-group rows of the prefix tokens, (B, Ha, G, P, Dh) or (B, Ha, G, P), contiguous.
+template <typename T>
+struct Partials {
+  T* data;
+  int64_t heads, groups, prefix, width;
+  T* at(int64_t b, int64_t h, int64_t g, int64_t p = 0) const {
+    return data + (((b * heads + h) * groups + g) * prefix + p) * width;
+  }
+};
+
+// The blocks of at most `max_rows` tokens of group g: the prefix tokens' (spatial heads; a prefix
+// block's `first` is then also its index among the prefix tokens), then the members'.
+template <typename F>
+void for_blocks(const Grouping& grp, int64_t g, int64_t max_rows, F&& f) {
+  if (grp.prefix) {
+    const int64_t blk = block_size(grp.prefix, max_rows);
+    for (int64_t p0 = 0; p0 < grp.prefix; p0 += blk) f(Rows{p0, std::min(blk, grp.prefix - p0), 1}, true);
+  }
+  const int64_t first = grp.base + g * grp.group_stride, blk = block_size(grp.length, max_rows);
+  for (int64_t i0 = 0; i0 < grp.length; i0 += blk)
+    f(Rows{first + i0 * grp.step, std::min(blk, grp.length - i0), grp.step}, false);
+}
+
+// A block of query rows of group(s) g .. g + groups - 1 of a head's grouping: `rows` members
+// from member `first_row` of each group, or (prefix_rows) prefix queries `first_row` .. of group g.
+// Short (temporal) groups go 16 to an item, so an item's log-sum-exp entries fill whole cache
+// lines and the per-item costs are shared.
 struct WorkItem {
-  int64_t b, h, g, groups, first_row, rows;
+  int64_t b, h, grouping, g, groups, first_row, rows;
+  bool prefix_rows;
   double cost;
 };
 
 constexpr int64_t kShortGroup = 32, kShortGroupsPerItem = 16;
 
-int64_t groups_per_item(const Grouping& grp) { return grp.length <= kShortGroup ? kShortGroupsPerItem : 1; }
+int64_t groups_per_item(const Grouping& grp) {
+  return grp.length <= kShortGroup && !grp.prefix ? kShortGroupsPerItem : 1;
+}
 
 // Runs every item once. Threads take the next item from a shared counter rather than fixed shares:
 // "split" mixes heavy spatial groups with light temporal ones, and on a busy machine one thread may
@@ -94,40 +152,73 @@ void run_items(const std::vector<WorkItem>& items, const F& body) {
   });
 }
 
+// The call's geometry, shared by forward and backward: each run of heads with its groupings.
+struct Geometry {
+  int64_t B, H, N, Dh, P, Ha, G;  // Ha heads [0, Ha) average their prefix queries over G groups
+  std::vector<std::pair<HeadRange, std::vector<Grouping>>> runs;
+
+  Geometry(const at::Tensor& q, int64_t frames, int64_t prefix, c10::string_view layout, c10::string_view mode)
+      : B(q.size(0)), H(q.size(1)), N(q.size(2)), Dh(q.size(3)), P(prefix), Ha(averaged_heads(mode, q.size(1), prefix)),
+        G(Ha ? frames : 0) {
+    for (const auto& range : head_ranges(mode, H))
+      runs.emplace_back(range, groupings(range.mode, layout, frames, (N - prefix) / frames, prefix));
+  }
+  const Grouping& grouping(int64_t h, int64_t index) const {
+    for (const auto& [range, groups] : runs)
+      if (h < range.h1) return groups[index];
+    TORCH_CHECK(false, "factorised_attention: head out of range");
+  }
+  // Items group by group, every head of a run in turn; `per_group` adds the items of a group.
+  template <typename F>
+  std::vector<WorkItem> items(F&& per_group) const {
+    std::vector<WorkItem> out;
+    for (int64_t b = 0; b < B; ++b)
+      for (const auto& [range, groups] : runs)
+        for (size_t index = 0; index < groups.size(); ++index) {
+          const Grouping& grp = groups[index];
+          const int64_t run = groups_per_item(grp);
+          for (int64_t g = 0; g < grp.groups; g += run) per_group(out, b, range, int64_t(index), grp, g, std::min(run, grp.groups - g));
+        }
+    return out;
+  }
+};
+
 template <typename T>
-void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, T* out, T* lse, int64_t B, int64_t H,
-                    int64_t frames, int64_t spatial, int64_t Dh, c10::string_view mode, T scale) {
-  const int64_t N = frames * spatial;
-  std::vector<WorkItem> items;
-  for (int64_t b = 0; b < B; ++b)
-    for (auto [h0, h1] : head_ranges(mode, H)) {
-      const Grouping grp = grouping(mode, h0, H, frames, spatial);
-      const int64_t blk = block_size(grp.length);
-      const int64_t run = groups_per_item(grp);
-      for (int64_t g = 0; g < grp.groups; g += run)
-        for (int64_t i0 = 0; i0 < grp.length; i0 += blk)
-          for (int64_t h = h0; h < h1; ++h) {
-            const int64_t rows = std::min(blk, grp.length - i0), groups = std::min(run, grp.groups - g);
-            items.push_back({b, h, g, groups, i0, rows, 2.0 * groups * rows * (grp.length + 8) * Dh});
-          }
+void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, const View<T>& out, T* lse,
+                    const Partials<T>& prefix_out, const Partials<T>& prefix_lse, const Geometry& geo, T scale) {
+  const int64_t H = geo.H, N = geo.N, Dh = geo.Dh;
+  const auto items = geo.items([&](std::vector<WorkItem>& out_items, int64_t b, const HeadRange& range, int64_t index,
+                                   const Grouping& grp, int64_t g, int64_t groups) {
+    const int64_t keys = grp.prefix + grp.length, blk = block_size(grp.length);
+    for (int64_t i0 = 0; i0 < grp.length; i0 += blk)
+      for (int64_t h = range.h0; h < range.h1; ++h) {
+        const int64_t rows = std::min(blk, grp.length - i0);
+        out_items.push_back({b, h, index, g, groups, i0, rows, false, 2.0 * groups * rows * (keys + 8) * Dh});
+      }
+    if (grp.prefix) {
+      const int64_t pblk = block_size(grp.prefix);
+      for (int64_t p0 = 0; p0 < grp.prefix; p0 += pblk)
+        for (int64_t h = range.h0; h < range.h1; ++h) {
+          const int64_t rows = std::min(pblk, grp.prefix - p0);
+          out_items.push_back({b, h, index, g, 1, p0, rows, true, 2.0 * rows * (keys + 8) * Dh});
+        }
     }
+  });
   run_items(items, [&](const WorkItem& work) {
     thread_local std::vector<T> scores, acc, row_max, row_sum;
     scores.resize(kMaxBlock * kMaxKeyBlock), acc.resize(kMaxBlock * Dh), row_max.resize(kMaxBlock), row_sum.resize(kMaxBlock);
+    const int64_t b = work.b, h = work.h, M = work.rows;
+    const Grouping& grp = geo.grouping(h, work.grouping);
     for (int64_t g = work.g; g < work.g + work.groups; ++g) {
-      const WorkItem* item = &work;
-      const int64_t b = item->b, h = item->h, M = item->rows;
-      const Grouping grp = grouping(mode, h, H, frames, spatial);
-      const int64_t key_blk = block_size(grp.length, kMaxKeyBlock);
-      const int64_t first = g * grp.group_stride + item->first_row * grp.step;
-      const T* Q = q.row(b, h, first);
+      const Rows rows = work.prefix_rows ? Rows{work.first_row, M, 1}
+                                         : Rows{grp.base + g * grp.group_stride + work.first_row * grp.step, M, grp.step};
+      const T* Q = q.row(b, h, rows.first);
       std::fill(row_max.begin(), row_max.begin() + M, -std::numeric_limits<T>::infinity());
       std::fill(row_sum.begin(), row_sum.begin() + M, T(0));
       std::fill(acc.begin(), acc.begin() + M * Dh, T(0));
-      for (int64_t j0 = 0; j0 < grp.length; j0 += key_blk) {
-        const int64_t Nb = std::min(key_blk, grp.length - j0);
-        const int64_t key = g * grp.group_stride + j0 * grp.step;
-        gemm<T>(false, true, M, Nb, Dh, T(1), Q, grp.step * q.sn, k.row(b, h, key), grp.step * k.sn, T(0),
+      for_blocks(grp, g, kMaxKeyBlock, [&](const Rows& keys, bool) {
+        const int64_t Nb = keys.count;
+        gemm<T>(false, true, M, Nb, Dh, T(1), Q, rows.step * q.sn, k.row(b, h, keys.first), keys.step * k.sn, T(0),
                 scores.data(), Nb);
         // Online softmax: rescale what was accumulated under the old running max.
         for (int64_t i = 0; i < M; ++i) {
@@ -140,148 +231,186 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, T* out
           if (correction != T(1))
             for (int64_t d = 0; d < Dh; ++d) acc[i * Dh + d] *= correction;
         }
-        gemm<T>(false, false, M, Dh, Nb, T(1), scores.data(), Nb, v.row(b, h, key), grp.step * v.sn, T(1), acc.data(),
-                Dh);
-      }
+        gemm<T>(false, false, M, Dh, Nb, T(1), scores.data(), Nb, v.row(b, h, keys.first), keys.step * v.sn, T(1),
+                acc.data(), Dh);
+      });
       for (int64_t i = 0; i < M; ++i) {
-        const int64_t n = first + i * grp.step;
-        T* o = out + ((b * N + n) * H + h) * Dh;  // (B, N, H, Dh)
+        const int64_t n = rows.first + i * rows.step;
+        T* o = work.prefix_rows ? prefix_out.at(b, h, g, n) : out.row(b, h, n);
         const T inv = T(1) / row_sum[i];
         for (int64_t d = 0; d < Dh; ++d) o[d] = acc[i * Dh + d] * inv;
-        lse[(b * H + h) * N + n] = row_max[i] + std::log(row_sum[i]);
+        (work.prefix_rows ? *prefix_lse.at(b, h, g, n) : lse[(b * H + h) * N + n]) = row_max[i] + std::log(row_sum[i]);
       }
     }
   });
+  // The averaged prefix queries: their rows of out hold the mean over the groups (their lse rows
+  // are unused, written 0).
+  for (int64_t b = 0; b < geo.B; ++b)
+    for (int64_t h = 0; h < geo.Ha; ++h)
+      for (int64_t p = 0; p < geo.P; ++p) {
+        T* o = out.row(b, h, p);
+        std::fill(o, o + Dh, T(0));
+        for (int64_t g = 0; g < geo.G; ++g)
+          for (int64_t d = 0; d < Dh; ++d) o[d] += prefix_out.at(b, h, g, p)[d];
+        for (int64_t d = 0; d < Dh; ++d) o[d] /= T(geo.G);
+        lse[(b * H + h) * N + p] = T(0);
+      }
 }
 
 template <typename T>
 void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, const View<T>& v, const View<T>& out,
-                     const T* lse, const View<T>& dq, const View<T>& dk, const View<T>& dv, int64_t B, int64_t H, int64_t frames, int64_t spatial,
-                     int64_t Dh, c10::string_view mode, T scale) {
-  const int64_t N = frames * spatial;
-  // One item per group: it alone writes the group's rows of dq, dk, dv, so no reduction is needed.
-  std::vector<WorkItem> items;
-  for (int64_t b = 0; b < B; ++b)
-    for (auto [h0, h1] : head_ranges(mode, H)) {
-      const Grouping grp = grouping(mode, h0, H, frames, spatial);
-      const int64_t run = groups_per_item(grp);
-      for (int64_t g = 0; g < grp.groups; g += run)
-        for (int64_t h = h0; h < h1; ++h) {
-          const int64_t groups = std::min(run, grp.groups - g);
-          items.push_back({b, h, g, groups, 0, grp.length, 5.0 * groups * grp.length * (grp.length + 8) * Dh});
-        }
-    }
+                     const T* lse, const Partials<T>& prefix_out, const Partials<T>& prefix_lse, const View<T>& dq,
+                     const View<T>& dk, const View<T>& dv, const Partials<T>& pdq, const Partials<T>& pdk,
+                     const Partials<T>& pdv, const Geometry& geo, T scale) {
+  const int64_t H = geo.H, N = geo.N, Dh = geo.Dh;
+  // One item per group: it alone writes the group's rows of dq, dk, dv (the prefix rows of a
+  // spatial group go to that group's partials), so no reduction is needed inside the loop.
+  const auto items = geo.items([&](std::vector<WorkItem>& out_items, int64_t b, const HeadRange& range, int64_t index,
+                                   const Grouping& grp, int64_t g, int64_t groups) {
+    const int64_t L = grp.prefix + grp.length;
+    for (int64_t h = range.h0; h < range.h1; ++h)
+      out_items.push_back({b, h, index, g, groups, 0, grp.length, false, 5.0 * groups * L * (L + 8) * Dh});
+  });
   run_items(items, [&](const WorkItem& work) {
-    thread_local std::vector<T> probs, dprobs, delta;
-    probs.resize(kMaxBlock * kMaxBlock), dprobs.resize(kMaxBlock * kMaxBlock), delta.resize(kMaxBlock);
+    thread_local std::vector<T> probs, dprobs, delta, row_lse, scaled;
+    probs.resize(kMaxBlock * kMaxBlock), dprobs.resize(kMaxBlock * kMaxBlock), delta.resize(kMaxBlock),
+        row_lse.resize(kMaxBlock), scaled.resize(kMaxBlock * Dh);
+    const int64_t b = work.b, h = work.h;
+    const Grouping& grp = geo.grouping(h, work.grouping);
     for (int64_t g = work.g; g < work.g + work.groups; ++g) {
-      const WorkItem* item = &work;
-      const int64_t b = item->b, h = item->h;
-      const Grouping grp = grouping(mode, h, H, frames, spatial);
-      // Square blocks: the backward keeps two score-sized blocks (probabilities and their gradient).
-      const int64_t blk = block_size(grp.length), key_blk = blk;
-      const int64_t first = g * grp.group_stride, step = grp.step;
-      for (int64_t i0 = 0; i0 < grp.length; i0 += blk) {
-        const int64_t M = std::min(blk, grp.length - i0), qn = first + i0 * step;
-        const T* Q = q.row(b, h, qn);
-        const T* dO = dout.row(b, h, qn);
+      bool first_query_block = true;
+      for_blocks(grp, g, kMaxBlock, [&](const Rows& qr, bool prefix_queries) {
+        const int64_t M = qr.count;
+        const T* Q = q.row(b, h, qr.first);
+        // A prefix query's output is the mean of its G groups' outputs: each group's share of
+        // its gradient is grad / G.
+        const T* dO = dout.row(b, h, qr.first);
+        int64_t ldo = qr.step * dout.sn;
+        if (prefix_queries) {
+          for (int64_t i = 0; i < M; ++i)
+            for (int64_t d = 0; d < Dh; ++d) scaled[i * Dh + d] = dout.row(b, h, qr.first + i)[d] / T(geo.G);
+          dO = scaled.data(), ldo = Dh;
+        }
         for (int64_t i = 0; i < M; ++i) {
-          const T* o = out.row(b, h, qn + i * step);
-          const T* dout_row = dO + i * step * dout.sn;
+          const int64_t n = qr.first + i * qr.step;
+          const T* o = prefix_queries ? prefix_out.at(b, h, g, n) : out.row(b, h, n);
+          const T* dout_row = dO + i * ldo;
           T sum = 0;
 #pragma omp simd reduction(+ : sum)
           for (int64_t d = 0; d < Dh; ++d) sum += o[d] * dout_row[d];
           delta[i] = sum;
+          row_lse[i] = prefix_queries ? *prefix_lse.at(b, h, g, n) : lse[(b * H + h) * N + n];
         }
-        const T* row_lse = lse + (b * H + h) * N;
-        for (int64_t j0 = 0; j0 < grp.length; j0 += key_blk) {
-          const int64_t Nb = std::min(key_blk, grp.length - j0), kn = first + j0 * step;
-          const T* K = k.row(b, h, kn);
-          gemm<T>(false, true, M, Nb, Dh, T(1), Q, step * q.sn, K, step * k.sn, T(0), probs.data(), Nb);
-          gemm<T>(false, true, M, Nb, Dh, T(1), dO, step * dout.sn, v.row(b, h, kn), step * v.sn, T(0),
-                  dprobs.data(), Nb);
+        T* dQ = prefix_queries ? pdq.at(b, h, g, qr.first) : dq.row(b, h, qr.first);
+        const int64_t ldq = prefix_queries ? Dh : qr.step * dq.sn;
+        bool first_key_block = true;
+        for_blocks(grp, g, kMaxBlock, [&](const Rows& kr, bool prefix_keys) {
+          const int64_t Nb = kr.count;
+          const T* K = k.row(b, h, kr.first);
+          gemm<T>(false, true, M, Nb, Dh, T(1), Q, qr.step * q.sn, K, kr.step * k.sn, T(0), probs.data(), Nb);
+          gemm<T>(false, true, M, Nb, Dh, T(1), dO, ldo, v.row(b, h, kr.first), kr.step * v.sn, T(0), dprobs.data(), Nb);
           for (int64_t i = 0; i < M; ++i) {
-            const T l = row_lse[qn + i * step], di = delta[i];
+            const T di = delta[i];
             T* p = probs.data() + i * Nb;
             T* dp = dprobs.data() + i * Nb;
-            exp_sum(p, Nb, scale, l);
+            exp_sum(p, Nb, scale, row_lse[i]);
             for (int64_t j = 0; j < Nb; ++j) dp[j] = p[j] * (dp[j] - di);  // dS: gradient of the scaled logits
           }
-          // The first block to reach a row of dk, dv (i0 == 0) or dq (j0 == 0) overwrites it: no zero fill.
-          const T dkv_beta = i0 == 0 ? T(0) : T(1), dq_beta = j0 == 0 ? T(0) : T(1);
-          gemm<T>(true, false, Nb, Dh, M, T(1), probs.data(), Nb, dO, step * dout.sn, dkv_beta, dv.row(b, h, kn),
-                  step * dv.sn);
-          gemm<T>(true, false, Nb, Dh, M, scale, dprobs.data(), Nb, Q, step * q.sn, dkv_beta, dk.row(b, h, kn),
-                  step * dk.sn);
-          gemm<T>(false, false, M, Dh, Nb, scale, dprobs.data(), Nb, K, step * k.sn, dq_beta, dq.row(b, h, qn),
-                  step * dq.sn);
-        }
-      }
+          T* dK = prefix_keys ? pdk.at(b, h, g, kr.first) : dk.row(b, h, kr.first);
+          T* dV = prefix_keys ? pdv.at(b, h, g, kr.first) : dv.row(b, h, kr.first);
+          const int64_t ldk = prefix_keys ? Dh : kr.step * dk.sn, ldv = prefix_keys ? Dh : kr.step * dv.sn;
+          // The first block to reach a row of dk, dv (the first query block) or dq (the first key
+          // block) overwrites it: no zero fill.
+          const T kv_beta = first_query_block ? T(0) : T(1), q_beta = first_key_block ? T(0) : T(1);
+          gemm<T>(true, false, Nb, Dh, M, T(1), probs.data(), Nb, dO, ldo, kv_beta, dV, ldv);
+          gemm<T>(true, false, Nb, Dh, M, scale, dprobs.data(), Nb, Q, qr.step * q.sn, kv_beta, dK, ldk);
+          gemm<T>(false, false, M, Dh, Nb, scale, dprobs.data(), Nb, K, kr.step * k.sn, q_beta, dQ, ldq);
+          first_key_block = false;
+        });
+        first_query_block = false;
+      });
     }
   });
+  // The prefix rows of the spatial heads: the sum of their groups' partials.
+  for (int64_t b = 0; b < geo.B; ++b)
+    for (int64_t h = 0; h < geo.Ha; ++h)
+      for (int64_t p = 0; p < geo.P; ++p)
+        for (auto [dst, part] : {std::pair{&dq, &pdq}, std::pair{&dk, &pdk}, std::pair{&dv, &pdv}}) {
+          T* row = dst->row(b, h, p);
+          std::fill(row, row + Dh, T(0));
+          for (int64_t g = 0; g < geo.G; ++g)
+            for (int64_t d = 0; d < Dh; ++d) row[d] += part->at(b, h, g, p)[d];
+        }
 }
 
 // Rows of Dh must be contiguous for BLAS; anything else (rare) is copied once.
 at::Tensor rows_contiguous(const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t frames) {
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t frames, int64_t prefix) {
   for (const auto* x : {&q, &k, &v}) {
     TORCH_CHECK(x->dim() == 4 && x->sizes() == q.sizes(), "factorised_attention: q, k, v must be (B, H, N, Dh)");
     TORCH_CHECK(x->device().is_cpu() && x->scalar_type() == q.scalar_type(),
                 "factorised_attention: q, k, v must be CPU tensors of one dtype");
   }
-  TORCH_CHECK(frames >= 1 && q.size(2) % frames == 0, "factorised_attention: N must be divisible by frames");
+  TORCH_CHECK(frames >= 1 && prefix >= 0 && q.size(2) > prefix && (q.size(2) - prefix) % frames == 0,
+              "factorised_attention: N - prefix must be divisible by frames");
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, int64_t frames,
-                                           c10::string_view mode, double scale) {
-  check_inputs(q_, k_, v_, frames);
-  const at::Tensor q = rows_contiguous(q_), k = rows_contiguous(k_), v = rows_contiguous(v_);
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dh = q.size(3);
-  // (B, N, H, Dh): the layout the output projection reads; returned as a (B, H, N, Dh) view.
-  at::Tensor out = at::empty({B, N, H, Dh}, q.options());
-  at::Tensor lse = at::empty({B, H, N}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "vivit_kernels::cpu_attention_forward", [&] {
-    forward_kernel<scalar_t>(View<scalar_t>(q), View<scalar_t>(k), View<scalar_t>(v), out.data_ptr<scalar_t>(),
-                             lse.data_ptr<scalar_t>(), B, H, frames, N / frames, Dh, mode, scalar_t(scale));
-  });
-  return {out.transpose(1, 2), lse};
-}
-
-// Writes dq, dk, dv (B, H, N, Dh views; rows of Dh contiguous) in full.
-void backward_into(const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                   const at::Tensor& out_, const at::Tensor& lse_, int64_t frames, c10::string_view mode, double scale,
-                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
-  check_inputs(q_, k_, v_, frames);
-  check_inputs(grad_out_, out_, q_, frames);
-  const at::Tensor q = rows_contiguous(q_), k = rows_contiguous(k_), v = rows_contiguous(v_);
-  const at::Tensor grad_out = rows_contiguous(grad_out_), out = rows_contiguous(out_), lse = lse_.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dh = q.size(3);
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, N}) && lse.scalar_type() == q.scalar_type(),
-              "factorised_attention: lse must be (B, H, N) in q's dtype");
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "vivit_kernels::cpu_attention_backward", [&] {
-    backward_kernel<scalar_t>(View<scalar_t>(grad_out), View<scalar_t>(q), View<scalar_t>(k), View<scalar_t>(v),
-                              View<scalar_t>(out), lse.data_ptr<scalar_t>(), View<scalar_t>(dq), View<scalar_t>(dk),
-                              View<scalar_t>(dv), B, H, frames, N / frames, Dh, mode, scalar_t(scale));
-  });
+template <typename T>
+Partials<T> partials(const at::Tensor& x, const Geometry& geo, int64_t width) {
+  return {x.data_ptr<T>(), geo.Ha, geo.G, geo.P, width};
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     int64_t frames, c10::string_view mode, double scale) {
-  return forward(q, k, v, frames, mode, scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, int64_t frames, int64_t prefix,
+    c10::string_view layout, c10::string_view mode, double scale) {
+  check_inputs(q_, k_, v_, frames, prefix);
+  const at::Tensor q = rows_contiguous(q_), k = rows_contiguous(k_), v = rows_contiguous(v_);
+  const Geometry geo(q, frames, prefix, layout, mode);
+  // (B, N, H, Dh): the layout the output projection reads; returned as a (B, H, N, Dh) view.
+  at::Tensor out = at::empty({geo.B, geo.N, geo.H, geo.Dh}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({geo.B, geo.H, geo.N}, q.options());
+  // Empty (0,) when no prefix query is averaged (the ops' contract).
+  at::Tensor prefix_out = geo.Ha ? at::empty({geo.B, geo.Ha, geo.G, geo.P, geo.Dh}, q.options()) : at::empty({0}, q.options());
+  at::Tensor prefix_lse = geo.Ha ? at::empty({geo.B, geo.Ha, geo.G, geo.P}, q.options()) : at::empty({0}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "vivit_kernels::cpu_attention_forward", [&] {
+    forward_kernel<scalar_t>(View<scalar_t>(q), View<scalar_t>(k), View<scalar_t>(v), View<scalar_t>(out),
+                             lse.data_ptr<scalar_t>(), partials<scalar_t>(prefix_out, geo, geo.Dh),
+                             partials<scalar_t>(prefix_lse, geo, 1), geo, scalar_t(scale));
+  });
+  return {out, lse, prefix_out, prefix_lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, int64_t frames, c10::string_view mode, double scale) {
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dh = q.size(3);
+    const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& prefix_out_, const at::Tensor& prefix_lse_,
+    int64_t frames, int64_t prefix, c10::string_view layout, c10::string_view mode, double scale) {
+  check_inputs(q_, k_, v_, frames, prefix);
+  check_inputs(grad_out_, out_, q_, frames, prefix);
+  const at::Tensor q = rows_contiguous(q_), k = rows_contiguous(k_), v = rows_contiguous(v_);
+  const at::Tensor grad_out = rows_contiguous(grad_out_), out = rows_contiguous(out_), lse = lse_.contiguous();
+  const at::Tensor prefix_out = prefix_out_.contiguous(), prefix_lse = prefix_lse_.contiguous();
+  const Geometry geo(q, frames, prefix, layout, mode);
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({geo.B, geo.H, geo.N}) && lse.scalar_type() == q.scalar_type(),
+              "factorised_attention: lse must be (B, H, N) in q's dtype");
+  TORCH_CHECK(prefix_out.numel() == geo.B * geo.Ha * geo.G * geo.P * geo.Dh &&
+                  prefix_lse.numel() == geo.B * geo.Ha * geo.G * geo.P,
+              "factorised_attention: prefix_out / prefix_lse do not match the call");
   // The layout of out: (B, H, N, Dh) views of (B, N, H, Dh) buffers.
-  at::Tensor dq = at::empty({B, N, H, Dh}, q.options()).transpose(1, 2);
-  at::Tensor dk = at::empty({B, N, H, Dh}, q.options()).transpose(1, 2);
-  at::Tensor dv = at::empty({B, N, H, Dh}, q.options()).transpose(1, 2);
-  backward_into(grad_out, q, k, v, out, lse, frames, mode, scale, dq, dk, dv);
+  at::Tensor dq = at::empty({geo.B, geo.N, geo.H, geo.Dh}, q.options()).transpose(1, 2);
+  at::Tensor dk = at::empty({geo.B, geo.N, geo.H, geo.Dh}, q.options()).transpose(1, 2);
+  at::Tensor dv = at::empty({geo.B, geo.N, geo.H, geo.Dh}, q.options()).transpose(1, 2);
+  // Each spatial group's share of the prefix rows' gradients, summed afterwards.
+  at::Tensor pdq = at::empty_like(prefix_out), pdk = at::empty_like(prefix_out), pdv = at::empty_like(prefix_out);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "vivit_kernels::cpu_attention_backward", [&] {
+    const auto part = [&](const at::Tensor& x) { return partials<scalar_t>(x, geo, geo.Dh); };
+    backward_kernel<scalar_t>(View<scalar_t>(grad_out), View<scalar_t>(q), View<scalar_t>(k), View<scalar_t>(v),
+                              View<scalar_t>(out), lse.data_ptr<scalar_t>(), part(prefix_out),
+                              partials<scalar_t>(prefix_lse, geo, 1), View<scalar_t>(dq), View<scalar_t>(dk),
+                              View<scalar_t>(dv), part(pdq), part(pdk), part(pdv), geo, scalar_t(scale));
+  });
   return {dq, dk, dv};
 }
 

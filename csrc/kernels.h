@@ -49,15 +49,19 @@ bool fortran_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T
   return true;
 }
 
-// attention.cpp: q, k, v (B, H, N, Dh) with any strides. Returns out as a (B, H, N, Dh) view of
-// a (B, N, H, Dh) buffer, and the row log-sum-exp (B, H, N) of the scaled logits.
-std::tuple<at::Tensor, at::Tensor> attention_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t frames, c10::string_view mode, double scale);
+// attention.cpp, the contract of vivit_kernels/ops/attention.py: q, k, v (B, H, N, Dh) with any
+// strides, N = prefix + frames * S. Returns out as a (B, H, N, Dh) view of a (B, N, H, Dh) buffer,
+// the row log-sum-exp (B, H, N) of the scaled logits, and the per-frame outputs (B, Ha, G, P, Dh)
+// and log-sum-exps (B, Ha, G, P) of the prefix queries of the spatial heads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t frames, int64_t prefix,
+    c10::string_view layout, c10::string_view mode, double scale);
 
 // dq, dk, dv, each a (B, H, N, Dh) view of a (B, N, H, Dh) buffer, like out.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, int64_t frames, c10::string_view mode, double scale);
+    const at::Tensor& lse, const at::Tensor& prefix_out, const at::Tensor& prefix_lse, int64_t frames, int64_t prefix,
+    c10::string_view layout, c10::string_view mode, double scale);
 
 // tubelet.cpp: video (B, C, T, H, W) any strides, weight (D, C, t, h, w), bias (D,), pos_embed (nt * S', D).
 // Returns tokens (B, nt, S', D).

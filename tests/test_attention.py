@@ -83,7 +83,7 @@ def test_bad_module_arguments_raise():
         attn(torch.randn(1, 12, 48))
     with pytest.raises(ValueError, match=r"x has dim 32, expected 48"):
         attn(torch.randn(1, 3, 4, 32))
-    with pytest.raises(ValueError, match=r"N=12 tokens is not divisible by frames=5"):
+    with pytest.raises(ValueError, match=r"N=12 tokens with num_prefix_tokens=0 do not fit frames=5"):
         attn(torch.randn(1, 12, 48), frames=5)
 
 
@@ -92,8 +92,8 @@ def test_backend_names_the_choice_without_computing(generator):
     assert attention_backend(q, k, v, 3, "split") == "cpu"
     assert attention_backend(q, k, v, 3, "split", backend="reference") == "reference"
     with pytest.warns(UserWarning, match="no fused backend fits"):
-        assert attention_backend(q.double(), k.double(), v.double(), 3, "split", dropout_p=0.1) == "reference"
-    with pytest.raises(ValueError, match="N=12 tokens is not divisible by frames=5"):
+        assert attention_backend(q.double(), k.double(), v.double(), 3, "split", dropout_p=0.1) == "sdpa"
+    with pytest.raises(ValueError, match="N=12 tokens with num_prefix_tokens=0 do not fit frames=5"):
         attention_backend(q, k, v, 5, "split")
 
 
@@ -108,3 +108,96 @@ def test_module_stands_in_a_timm_block(generator):
     torch.testing.assert_close(block(x), reference_out, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"attn_mask / is_causal are not supported"):
         block(x, is_causal=True)
+
+
+COMPILE_SCRIPT = """
+import torch, vivit_kernels
+torch.manual_seed(0)
+attn = vivit_kernels.FactorisedAttention(64, 4, mode="split", tokens_per_frame=6, num_prefix_tokens=1)
+compiled = torch.compile(attn, fullgraph=True)  # inductor, the first call of this process
+x = torch.randn(2, 1 + 3 * 6, 64, requires_grad=True)
+out = compiled(x)
+out.sum().backward()
+grad, x.grad = x.grad, None
+expected = attn(x)
+expected.sum().backward()
+torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-6)
+print("backend", vivit_kernels.attention_backend(*[torch.zeros(2, 4, 19, 16)] * 3, 3, "split", num_prefix_tokens=1))
+"""
+
+
+def test_torch_compile_fullgraph_on_the_first_call_of_a_fresh_process():
+    """Dispatch runs under tracing: nothing it does on a first call (loading the C++ library)
+    may break the graph."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "backend cpu" in result.stdout
+
+
+def test_module_derives_frames_from_tokens_per_frame(generator):
+    """The patch grid is fixed, clip lengths are not: T follows from each input's N."""
+    attn = FactorisedAttention(32, 4, mode="split", tokens_per_frame=5, num_prefix_tokens=1)
+    for frames in (2, 3):
+        x = torch.randn(2, 1 + frames * 5, 32, generator=generator)
+        explicit = FactorisedAttention(32, 4, mode="split", num_prefix_tokens=1)
+        explicit.load_state_dict(attn.state_dict())
+        torch.testing.assert_close(attn(x), explicit(x, frames=frames))
+
+
+@pytest.mark.parametrize(
+    "kwargs, tokens, call_frames, message",
+    [
+        (dict(frames=8, tokens_per_frame=196), 4 * 196, None,
+         r"N=784 tokens with num_prefix_tokens=0 do not fit frames=8, tokens_per_frame=196"),
+        (dict(tokens_per_frame=196, num_prefix_tokens=1), 4 * 196, None,
+         r"N=784 tokens with num_prefix_tokens=1 do not fit tokens_per_frame=196"),
+        (dict(tokens_per_frame=196), 1569, None, r"N=1569 .* \(a class token\? pass num_prefix_tokens\)"),
+        (dict(tokens_per_frame=196), 784, 8, r"N=784 tokens with num_prefix_tokens=0 do not fit frames=8, tokens_per_frame=196"),
+    ],
+)
+def test_module_refuses_a_grid_that_does_not_fit(kwargs, tokens, call_frames, message):
+    """A module built for 8 frames of 14 x 14 given a 4-frame clip: an error naming N, frames,
+    tokens_per_frame and the prefix, never a silently wrong grid."""
+    attn = FactorisedAttention(32, 4, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        attn(torch.randn(1, tokens, 32), frames=call_frames)
+
+
+def test_module_grid_input_has_no_room_for_prefix_tokens():
+    attn = FactorisedAttention(32, 4, num_prefix_tokens=1, frames=2)
+    with pytest.raises(ValueError, match=r"a \(B, T, S, D\) input has no prefix tokens"):
+        attn(torch.randn(1, 2, 5, 32))
+
+
+def _plain_attention(attn, x, frames, mode, prefix=0, layout="time_major"):
+    """What the module computes, written out with torch ops and the oracle: the check of its options."""
+    B, N, D = x.shape
+    H, Dh = attn.num_heads, attn.head_dim
+    bias = attn.qkv.bias if attn.q_bias is None else torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+    q, k, v = torch.nn.functional.linear(x, attn.qkv.weight, bias).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = masked_attention(q, k, v, frames, mode, None, prefix, layout).float()
+    return attn.proj(out.transpose(1, 2).reshape(B, N, H * Dh))
+
+
+def test_module_options_of_other_libraries(generator):
+    """qk norm (timm), no key bias (VideoMAE), inner width != dim (vit-pytorch), no output bias."""
+    torch.manual_seed(0)
+    attn = FactorisedAttention(
+        48, 4, mode="split", head_dim=20, qk_norm=True, key_bias=False, proj_bias=False,
+        tokens_per_frame=5, num_prefix_tokens=2, layout="space_major",
+    )
+    for param in (attn.q_bias, attn.v_bias, attn.q_norm.weight, attn.k_norm.bias):
+        torch.nn.init.normal_(param)
+    assert attn.qkv.out_features == 3 * 80 and attn.proj.in_features == 80 and attn.proj.bias is None
+    assert "k_bias" not in attn.state_dict() and "qkv.bias" not in attn.state_dict()
+    x = torch.randn(2, 2 + 3 * 5, 48, generator=generator, requires_grad=True)
+    out = attn(x)
+    expected = _plain_attention(attn, x, 3, "split", prefix=2, layout="space_major")
+    assert relative_error(out, expected) < 1e-5
+    out.sum().backward()
+    assert attn.k_bias.grad is None and not attn.k_bias.requires_grad and (attn.k_bias == 0).all()

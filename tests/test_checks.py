@@ -15,7 +15,7 @@ def _qkv(shape=(1, 4, 12, 8), dtype=torch.float32):
 @pytest.mark.parametrize(
     "make_args, error, message",
     [
-        (lambda: (*_qkv(), 5, "joint"), ValueError, r"N=12 tokens is not divisible by frames=5"),
+        (lambda: (*_qkv(), 5, "joint"), ValueError, r"N=12 tokens with num_prefix_tokens=0 do not fit frames=5"),
         (lambda: (*_qkv(), 0, "joint"), ValueError, r"frames must be >= 1, got 0"),
         (lambda: (*_qkv(), 2.0, "joint"), TypeError, r"frames must be an int, got float"),
         (lambda: (*_qkv((1, 3, 12, 8)), 3, "split"), ValueError, r"even number of heads .* got H=3"),
@@ -67,12 +67,12 @@ def test_attention_shape_resolves_the_scale_and_counts_keys():
     shape = check_attention(q, q, q, 5, "split", None)
     assert shape == AttentionShape(2, 6, 35, 16, 5, "split", default_scale(16))
     assert default_scale(16) == 0.25
-    assert shape.spatial == 7 and shape.keys_per_query == 3 * 7 + 3 * 5
-    assert shape.forward_flops == 4 * 2 * 35 * 16 * (3 * 7 + 3 * 5)
+    assert shape.spatial == 7 and shape.scores == 35 * (3 * 7 + 3 * 5)
+    assert shape.forward_flops == 4 * 2 * 16 * shape.scores
     assert shape.backward_flops == 2.5 * shape.forward_flops
     lengths = {"joint": 35, "spatial": 7, "temporal": 5}
     for mode, length in lengths.items():
-        assert check_attention(q, q, q, 5, mode, 0.5).keys_per_query == 6 * length
+        assert check_attention(q, q, q, 5, mode, 0.5).scores == 6 * 35 * length
         assert check_attention(q, q, q, 5, mode, 0.5).scale == 0.5
 
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODES, masked_attention, packed_qkv, relative_error
+from conftest import MODES, PREFIX_CASES, masked_attention, oracle_and_grads, packed_qkv, relative_error
 
 from vivit_kernels import BackendUnsupportedError, attention_backend, saved_bytes, factorised_attention, tubelet_backend, tubelet_embedding
 from vivit_kernels import reference as naive
@@ -224,3 +224,19 @@ def test_tubelet_without_bias_or_pos_embed_and_gradcheck(generator):
     bias = torch.randn(3, dtype=torch.float64, generator=generator, requires_grad=True)
     pos_embed = torch.randn(1, 4, 3, dtype=torch.float64, generator=generator, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *x: tubelet_embedding(*x, backend="cpu"), (video, weight, bias, pos_embed))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("prefix, frames, spatial, layout", PREFIX_CASES)
+def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, spatial, layout, mode, generator, poisoned):
+    """Class / register tokens before the grid, time- or space-major grids: every mode's rule
+    (spatial prefix queries averaged over frames, temporal prefix among itself), forward and all
+    gradients, against the masked dense oracle."""
+    B, H, Dh = 2, 4, 24
+    q, k, v, _ = packed_qkv(B, H, prefix + frames * spatial, Dh, dtype=torch.float64, generator=generator)
+    grad_out = torch.randn(q.shape, dtype=torch.float64, generator=generator)
+    out = factorised_attention(q, k, v, frames, mode, num_prefix_tokens=prefix, layout=layout, backend="cpu")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected = oracle_and_grads(q, k, v, grad_out, frames, mode, prefix, layout)
+    for name, actual, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+        assert relative_error(actual, want) < 1e-12, f"{name}: {relative_error(actual, want):.2e}"

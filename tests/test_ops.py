@@ -30,28 +30,37 @@ def _op(backend: str, name: str):
     return getattr(torch.ops.vivit_kernels, f"{backend}_{name}").default
 
 
-def _qkv(backend, generator, B=1, H=2, T=3, S=7, Dh=24):
-    q, k, v, qkv = packed_qkv(B, H, T * S, Dh, dtype=torch.float32, generator=generator)
+def _qkv(backend, generator, B=1, H=2, T=3, S=7, Dh=24, P=0):
+    q, k, v, qkv = packed_qkv(B, H, P + T * S, Dh, dtype=torch.float32, generator=generator)
     qkv = qkv.detach().to(DEVICE[backend]).requires_grad_()
     return (*qkv.permute(2, 0, 3, 1, 4).unbind(0), qkv)
 
 
-def test_attention_ops_pass_opcheck(backend, generator):
+# (frames, prefix, layout, mode, scale): the ops' grid arguments, without and with prefix tokens.
+GRIDS = [(3, 0, "time_major", "split", 0.2), (3, 2, "space_major", "split", 0.2), (3, 1, "time_major", "spatial", 0.3)]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"P{g[1]}-{g[2]}-{g[3]}")
+def test_attention_ops_pass_opcheck(backend, grid, generator):
     """Schema, fake (meta) kernel, autograd registration and AOT dispatch of both ops."""
-    q, k, v, _ = _qkv(backend, generator)
-    torch.library.opcheck(_op(backend, "attention_forward"), (q, k, v, 3, "split", 0.2))
-    out, lse = (x.detach() for x in _op(backend, "attention_forward")(q, k, v, 3, "split", 0.2))
-    grad = torch.randn(out.shape, generator=generator).to(out)
+    q, k, v, _ = _qkv(backend, generator, P=grid[1])
+    torch.library.opcheck(_op(backend, "attention_forward"), (q, k, v, *grid))
+    saved = [x.detach() for x in _op(backend, "attention_forward")(q, k, v, *grid)]
+    grad = torch.randn(saved[0].shape, generator=generator).to(saved[0])
     q, k, v = (x.detach() for x in (q, k, v))
-    torch.library.opcheck(_op(backend, "attention_backward"), (grad, q, k, v, out, lse, 3, "split", 0.2))
+    torch.library.opcheck(_op(backend, "attention_backward"), (grad, q, k, v, *saved, *grid))
 
 
 def test_attention_outputs_have_the_contract_layout(backend, generator):
-    """out and every gradient are (B, H, N, Dh) views of (B, N, H, Dh) buffers; lse is float32."""
-    q, k, v, _ = _qkv(backend, generator)
-    out, lse = _op(backend, "attention_forward")(q, k, v, 3, "joint", 0.2)
+    """out and every gradient are (B, H, N, Dh) views of (B, N, H, Dh) buffers; lse is float32; the
+    averaged prefix rows come per frame, for the spatial heads only."""
+    q, k, v, _ = _qkv(backend, generator, H=4, P=2)
+    grid = (3, 2, "time_major", "split", 0.2)
+    out, lse, prefix_out, prefix_lse = _op(backend, "attention_forward")(q, k, v, *grid)
     assert out.transpose(1, 2).is_contiguous() and lse.shape == q.shape[:3] and lse.dtype == lse_dtype(q.dtype)
-    grads = _op(backend, "attention_backward")(torch.ones_like(out), q, k, v, out, lse, 3, "joint", 0.2)
+    assert prefix_out.shape == (1, 2, 3, 2, 24) and prefix_lse.shape == (1, 2, 3, 2)
+    torch.testing.assert_close(out[:, :2, :2], prefix_out.mean(2))
+    grads = _op(backend, "attention_backward")(torch.ones_like(out), q, k, v, out, lse, prefix_out, prefix_lse, *grid)
     assert all(g.shape == q.shape and g.transpose(1, 2).is_contiguous() for g in grads)
 
 

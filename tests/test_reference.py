@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODES, masked_attention, packed_qkv, relative_error
+from conftest import MODES, PREFIX_CASES, masked_attention, oracle_and_grads, packed_qkv, relative_error
 
 from vivit_kernels import reference
 
@@ -69,3 +69,19 @@ def test_tubelet_matches_conv3d(clip, tubelet, channels, generator):
     expected_grads = torch.autograd.grad(expected, (video, weight, bias, pos_embed), grad_out)
     for grad, expected_grad in zip(grads, expected_grads):
         assert relative_error(grad, expected_grad) < 1e-12
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("prefix, frames, spatial, layout", PREFIX_CASES)
+def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, spatial, layout, mode, generator):
+    """Class / register tokens before the grid, time- or space-major grids: every mode's rule
+    (spatial prefix queries averaged over frames, temporal prefix among itself), forward and all
+    gradients, against the masked dense oracle."""
+    B, H, Dh = 2, 4, 8
+    q, k, v, _ = packed_qkv(B, H, prefix + frames * spatial, Dh, dtype=torch.float64, generator=generator)
+    grad_out = torch.randn(q.shape, dtype=torch.float64, generator=generator)
+    out = reference.factorised_attention(q, k, v, frames, mode, num_prefix_tokens=prefix, layout=layout)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected = oracle_and_grads(q, k, v, grad_out, frames, mode, prefix, layout)
+    for name, actual, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+        assert relative_error(actual, want) < 1e-12, f"{name}: {relative_error(actual, want):.2e}"

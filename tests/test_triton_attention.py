@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import MODES, masked_attention, packed_qkv, relative_error
+from conftest import MODES, PREFIX_CASES, masked_attention, oracle_and_grads, packed_qkv, relative_error
 
 from vivit_kernels import factorised_attention, reference
 from vivit_kernels.backends import BackendUnsupportedError, Request, get, select
@@ -25,10 +25,11 @@ triton_attention = pytest.importorskip("vivit_kernels.triton.attention", reason=
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inputs(B, H, T, S, Dh, layout, generator, dtype=torch.float32, magnitude=1.0):
+def _inputs(B, H, T, S, Dh, layout, generator, dtype=torch.float32, magnitude=1.0, prefix=0):
     """q, k, v (B, H, N, Dh) leaves-or-views with grad, and a random upstream gradient."""
-    q, k, v, qkv = packed_qkv(B, H, T * S, Dh, dtype=torch.float32, generator=generator, requires_grad=False)
-    dout = torch.randn(B, H, T * S, Dh, generator=generator).to(DEVICE, dtype)
+    N = prefix + T * S
+    q, k, v, qkv = packed_qkv(B, H, N, Dh, dtype=torch.float32, generator=generator, requires_grad=False)
+    dout = torch.randn(B, H, N, Dh, generator=generator).to(DEVICE, dtype)
     if layout == "packed":
         qkv = (qkv * magnitude).to(DEVICE, dtype).requires_grad_()
         return (*qkv.permute(2, 0, 3, 1, 4).unbind(0), dout)
@@ -214,7 +215,21 @@ def test_auto_picks_triton_for_cuda_tensors(op, dtype, monkeypatch):
 
     monkeypatch.setattr(triton_backend, "interpreted", lambda: False)
     assert select(_request(op, "cuda", dtype), "auto").name == "triton"
-    # A head dim the kernels do not take falls back to the reference, saying why.
+    # A head dim the kernels do not take falls back to torch SDPA, saying why.
     if op == "attention":
-        with pytest.warns(UserWarning, match=r"triton: head dim 256 not supported \(supports 16 to 128\)"):
-            assert select(_request(op, "cuda", dtype, head_dim=256), "auto").name == "reference"
+        with pytest.warns(UserWarning, match=r"using torch SDPA \(triton: head dim 256 not supported \(supports 16 to 128\)"):
+            assert select(_request(op, "cuda", dtype, head_dim=256), "auto").name == "sdpa"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("prefix, frames, spatial, layout", PREFIX_CASES)
+def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, spatial, layout, mode, poisoned_buffers, generator):
+    """Class / register tokens before the grid, time- or space-major grids, every output buffer
+    poisoned: forward and all gradients against the masked dense oracle (fp32 vs float64)."""
+    q, k, v, dout = _inputs(1, 4, frames, spatial, 24, "packed", generator, prefix=prefix)
+    out = factorised_attention(q, k, v, frames, mode, num_prefix_tokens=prefix, layout=layout, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    expected = oracle_and_grads(q, k, v, dout, frames, mode, prefix, layout)
+    for name, actual, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+        assert not actual.isnan().any(), f"{name} has unwritten (NaN) elements"
+        assert _error(actual, want) < 1e-5, f"{name}: {_error(actual, want):.2e}"

@@ -5,10 +5,20 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import backends
-from .checks import AttentionShape, check_attention, check_heads, check_mode
+from .checks import (
+    AttentionShape,
+    check_attention,
+    check_heads,
+    check_layout,
+    check_mode,
+    check_positive_int,
+    check_prefix,
+    grid_mismatch,
+)
 
 
 def factorised_attention(
@@ -19,6 +29,8 @@ def factorised_attention(
     mode: str,
     scale: float | None = None,
     *,
+    num_prefix_tokens: int = 0,
+    layout: str = "time_major",
     dropout_p: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -27,23 +39,35 @@ def factorised_attention(
     Args:
         q, k, v: (B, H, N, Dh), any strides; views of one packed (B, N, 3, H, Dh) qkv
             projection are the normal case and are read without a copy by the fused backends.
-        frames: T. The N = T * S tokens are time-major: token n = t * S + s.
-        mode: "joint" (all N tokens), "spatial" (the S tokens of the same frame),
-            "temporal" (the T tokens at the same spatial index), or "split" (heads [0, H/2)
-            spatial, heads [H/2, H) temporal; H must be even).
+        frames: T. N = P + T * S tokens: P prefix tokens (class, register tokens), then the
+            (T x S) grid.
+        mode: which tokens attend to which (see the table below); "split" needs an even H.
         scale: logit scale, Dh ** -0.5 when None (as in F.scaled_dot_product_attention).
-        dropout_p: dropout on the attention probabilities (reference backend only).
-        backend: "auto", "reference", or another registered backend ("triton", "cpu").
+        num_prefix_tokens: P, tokens [0, P) outside the grid (timm's name).
+        layout: order of the grid tokens: "time_major" (token P + t * S + s; ViViT, timm) or
+            "space_major" (token P + s * T + t; TimeSformer). Read in place either way.
+        dropout_p: dropout on the attention probabilities (reference and sdpa backends).
+        backend: "auto", or a registered backend ("triton", "cpu", "sdpa", "reference").
+
+        ============  =============================  =====================================
+        mode          a grid token attends to        a prefix token attends to
+        ============  =============================  =====================================
+        joint         all N tokens                   all N tokens
+        spatial       the prefix + its frame's S     the prefix + each frame in turn; its T
+                                                     outputs are averaged (TimeSformer)
+        temporal      its position's T tokens        the prefix
+        split         heads [0, H/2) spatial, heads [H/2, H) temporal
+        ============  =============================  =====================================
 
     Returns:
         (B, H, N, Dh), the dtype and device of q.
 
     Non-finite input never crashes: a NaN or inf in q/k/v makes NaN the output rows whose group
-    contains it. The reference and cpu backends keep it to those rows; the triton backend packs
-    short groups (shorter than its tile) into one tile, where a non-finite v (and, in backward, any
-    non-finite input) also reaches the other groups of that tile.
+    contains it. The reference, sdpa and cpu backends keep it to those rows; the triton backend
+    packs short groups (shorter than its tile) into one tile, where a non-finite v (and, in
+    backward, any non-finite input) also reaches the other groups of that tile.
     """
-    selected, shape = _dispatch(q, k, v, frames, mode, scale, dropout_p, backend)
+    selected, shape = _dispatch(q, k, v, frames, mode, scale, num_prefix_tokens, layout, dropout_p, backend)
     return selected.run(q, k, v, shape)
 
 
@@ -54,29 +78,41 @@ def attention_backend(*args, **kwargs) -> str:
     return _dispatch(**call.arguments)[0].name
 
 
-def _dispatch(q, k, v, frames, mode, scale, dropout_p, backend) -> tuple[backends.Selected, AttentionShape]:
-    shape = check_attention(q, k, v, frames, mode, scale, dropout_p)
+def _dispatch(
+    q, k, v, frames, mode, scale, num_prefix_tokens, layout, dropout_p, backend
+) -> tuple[backends.Selected, AttentionShape]:
+    shape = check_attention(q, k, v, frames, mode, scale, dropout_p, num_prefix_tokens, layout)
     return backends.select(backends.Request("attention", q.device, q.dtype, shape), backend), shape
 
 
 class FactorisedAttention(nn.Module):
     """Multi-head self-attention over video tokens, factorised over space and time.
 
-    A drop-in for timm's `Attention`: the parameters are `qkv` and `proj`, so a timm
-    `Attention` state dict loads unchanged (with mode="joint" it computes the same function).
+    A drop-in for timm's `Attention`: the parameters are `qkv`, `proj` (and `q_norm`, `k_norm`
+    with qk_norm), so a timm `Attention` state dict loads unchanged; with mode="joint" it
+    computes the same function. Without a key bias (VideoMAE, BEiT) the query and value biases
+    are `q_bias` and `v_bias` and the key bias is a zero buffer that is never trained.
 
     Args:
         dim: token width D.
-        num_heads: number of heads H; D must be divisible by it (and H even for "split").
+        num_heads: number of heads H (even for "split").
         mode: "joint", "spatial", "temporal" or "split" (see `factorised_attention`).
-        qkv_bias: learn a bias for the qkv projection.
+        qkv_bias: learn biases for the q, k, v projections.
         attn_drop: dropout on the attention probabilities (the fused kernels do not implement
-            it: with attn_drop > 0 training runs the reference path).
+            it: with attn_drop > 0 training runs torch SDPA).
         proj_drop: dropout after the output projection.
         scale: logit scale, head_dim ** -0.5 when None.
-        frames: T for (B, N, D) inputs when `forward` is not told it, so the module can stand
-            where a timm `Attention` stood and be called as `attn(x)`.
+        frames: T for (B, N, D) inputs when `forward` is not told it.
         backend: backend for the attention op ("auto" picks the fastest that fits).
+        tokens_per_frame: S, the patch grid of one frame (the image's, fixed): T is then derived
+            from each input's N, so clips of any length are read right.
+        num_prefix_tokens: P, tokens before the grid (class / register tokens).
+        layout: "time_major" or "space_major" order of the grid tokens.
+        head_dim: width of a head; default dim // num_heads (the inner width H * head_dim may
+            differ from dim, as in vit-pytorch).
+        qk_norm: LayerNorm over the head dim of q and k before attention (timm's qk_norm).
+        proj_bias: learn a bias for the output projection.
+        key_bias: with qkv_bias, learn a key bias too (False: VideoMAE / BEiT style).
     """
 
     def __init__(
@@ -90,22 +126,68 @@ class FactorisedAttention(nn.Module):
         scale: float | None = None,
         frames: int | None = None,
         backend: str = "auto",
+        *,
+        tokens_per_frame: int | None = None,
+        num_prefix_tokens: int = 0,
+        layout: str = "time_major",
+        head_dim: int | None = None,
+        qk_norm: bool = False,
+        proj_bias: bool = True,
+        key_bias: bool = True,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"FactorisedAttention: dim={dim} is not divisible by num_heads={num_heads}")
-        check_mode("FactorisedAttention", mode)
-        check_heads("FactorisedAttention", mode, num_heads, "num_heads")
+        op = "FactorisedAttention"
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"{op}: dim={dim} is not divisible by num_heads={num_heads}")
+            head_dim = dim // num_heads
+        check_positive_int(op, "head_dim", head_dim)
+        check_mode(op, mode)
+        check_heads(op, mode, num_heads, "num_heads")
+        check_layout(op, layout)
+        check_prefix(op, num_prefix_tokens)
+        for name, value in (("frames", frames), ("tokens_per_frame", tokens_per_frame)):
+            if value is not None:
+                check_positive_int(op, name, value)
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim
         self.mode = mode
         self.scale = scale
         self.frames = frames
+        self.tokens_per_frame = tokens_per_frame
+        self.num_prefix_tokens = num_prefix_tokens
+        self.layout = layout
         self.backend = backend
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        inner = num_heads * head_dim
+        separate_biases = qkv_bias and not key_bias
+        self.qkv = nn.Linear(dim, inner * 3, bias=qkv_bias and key_bias)
+        if separate_biases:
+            self.q_bias = nn.Parameter(torch.zeros(inner))
+            self.register_buffer("k_bias", torch.zeros(inner), persistent=False)
+            self.v_bias = nn.Parameter(torch.zeros(inner))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+        self.q_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(inner, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    def grid_frames(self, tokens: int, frames: int | None = None) -> int:
+        """T for an input of `tokens` tokens: derived from tokens_per_frame when the module has
+        it (and checked against `frames` / the module's frames), else `frames` or the module's."""
+        frames = self.frames if frames is None else frames
+        S, P = self.tokens_per_frame, self.num_prefix_tokens
+        if S is None:
+            if frames is None:
+                raise ValueError(
+                    "FactorisedAttention: a (B, N, D) input needs frames=T or tokens_per_frame=S "
+                    "(or pass x as (B, T, S, D))"
+                )
+            return frames
+        if tokens <= P or (tokens - P) % S or (frames is not None and frames * S + P != tokens):
+            raise ValueError(grid_mismatch("FactorisedAttention", tokens, P, frames, S))
+        return (tokens - P) // S
 
     def forward(
         self,
@@ -114,34 +196,40 @@ class FactorisedAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
-        """x: (B, T, S, D), or (B, N, D) with `frames` = T given here or at construction.
+        """x: (B, T, S, D), or (B, N, D) with N = P + T * S (T from `frames`, the module's frames
+        or its tokens_per_frame).
 
         Returns x's shape. `attn_mask` and `is_causal` exist for timm's `Block`, which passes
         them; the mode is the mask, so only their defaults are accepted.
         """
+        op = "FactorisedAttention"
         if attn_mask is not None or is_causal:
             raise ValueError(
-                "FactorisedAttention: attn_mask / is_causal are not supported; the mode "
-                f"({self.mode!r}) defines which tokens attend to which"
+                f"{op}: attn_mask / is_causal are not supported; the mode ({self.mode!r}) defines which tokens "
+                "attend to which"
             )
         if x.dim() == 4:
+            if self.num_prefix_tokens:
+                raise ValueError(f"{op}: a (B, T, S, D) input has no prefix tokens; pass (B, N, D) with them first")
             B, T, S, D = x.shape
             if frames is not None and frames != T:
-                raise ValueError(f"FactorisedAttention: x has T={T} frames but frames={frames} was given")
+                raise ValueError(f"{op}: x has T={T} frames but frames={frames} was given")
+            if self.tokens_per_frame is not None and S != self.tokens_per_frame:
+                raise ValueError(f"{op}: x has S={S} tokens per frame, expected tokens_per_frame={self.tokens_per_frame}")
             frames, N = T, T * S
         elif x.dim() == 3:
             B, N, D = x.shape
-            frames = self.frames if frames is None else frames
-            if frames is None:
-                raise ValueError("FactorisedAttention: a (B, N, D) input needs frames=T (or pass x as (B, T, S, D))")
+            frames = self.grid_frames(N, frames)
         else:
-            raise ValueError(f"FactorisedAttention: x must be (B, T, S, D) or (B, N, D), got shape {tuple(x.shape)}")
+            raise ValueError(f"{op}: x must be (B, T, S, D) or (B, N, D), got shape {tuple(x.shape)}")
         if D != self.qkv.in_features:
-            raise ValueError(f"FactorisedAttention: x has dim {D}, expected {self.qkv.in_features}")
+            raise ValueError(f"{op}: x has dim {D}, expected {self.qkv.in_features}")
 
+        bias = self.qkv.bias if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
         # (B, N, 3, H, Dh) -> three (B, H, N, Dh) views of the packed projection: no copy.
-        qkv = self.qkv(x.reshape(B, N, D)).reshape(B, N, 3, self.num_heads, self.head_dim)
+        qkv = F.linear(x.reshape(B, N, D), self.qkv.weight, bias).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
         out = factorised_attention(
             q,
             k,
@@ -149,13 +237,19 @@ class FactorisedAttention(nn.Module):
             frames,
             self.mode,
             self.scale,
+            num_prefix_tokens=self.num_prefix_tokens,
+            layout=self.layout,
             dropout_p=self.attn_drop if self.training else 0.0,
             backend=self.backend,
         )
         # Fused backends return a (B, H, N, Dh) view of a (B, N, H, Dh) buffer: this reshape is free.
-        out = self.proj(out.transpose(1, 2).reshape(B, N, D))
+        out = self.proj(out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
         return self.proj_drop(out).reshape(x.shape)
 
     def extra_repr(self) -> str:
-        frames = "" if self.frames is None else f", frames={self.frames}"
-        return f"mode={self.mode!r}, num_heads={self.num_heads}, head_dim={self.head_dim}{frames}, backend={self.backend!r}"
+        extras = [f"mode={self.mode!r}", f"num_heads={self.num_heads}", f"head_dim={self.head_dim}"]
+        for name, default in (("frames", None), ("tokens_per_frame", None), ("num_prefix_tokens", 0),
+                              ("layout", "time_major")):
+            if getattr(self, name) != default:
+                extras.append(f"{name}={getattr(self, name)!r}")
+        return ", ".join(extras + [f"backend={self.backend!r}"])

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 
 MODES = ("joint", "spatial", "temporal", "split")
+# The order of the grid tokens after the prefix: time-major, token P + t * S + s (ViViT, timm),
+# or space-major, token P + s * T + t (TimeSformer).
+LAYOUTS = ("time_major", "space_major")
 
 
 def default_scale(head_dim: int) -> float:
@@ -24,11 +27,10 @@ def default_scale(head_dim: int) -> float:
 
 @dataclass(frozen=True)
 class AttentionShape:
-    """One `factorised_attention` call: q, k, v (B, H, N, Dh) over N = frames * spatial tokens.
+    """One `factorised_attention` call: q, k, v (B, H, N, Dh), N = prefix + frames * spatial tokens.
 
-    `scale` is resolved (never None). The group of a query holds `group_lengths` keys per head:
-    N (joint), S (spatial), T (temporal), or S for the first half of the heads and T for the
-    second (split).
+    `scale` is resolved (never None). Tokens [0, prefix) are outside the grid; the grid follows
+    in `layout` order.
     """
 
     batch: int
@@ -39,36 +41,63 @@ class AttentionShape:
     mode: str
     scale: float
     dropout_p: float = 0.0
+    prefix: int = 0
+    layout: str = "time_major"
 
     @classmethod
-    def of(cls, q_shape, frames: int, mode: str, scale: float | None = None, dropout_p: float = 0.0) -> AttentionShape:
+    def of(
+        cls,
+        q_shape,
+        frames: int,
+        mode: str,
+        scale: float | None = None,
+        dropout_p: float = 0.0,
+        prefix: int = 0,
+        layout: str = "time_major",
+    ) -> AttentionShape:
         """The shape of a call whose q has `q_shape` (for FLOP formulas, given sizes only)."""
         B, H, N, Dh = q_shape
-        return cls(B, H, N, Dh, frames, mode, default_scale(Dh) if scale is None else float(scale), dropout_p)
+        scale = default_scale(Dh) if scale is None else float(scale)
+        return cls(B, H, N, Dh, frames, mode, scale, dropout_p, prefix, layout)
 
     @property
     def spatial(self) -> int:
-        """S, tokens per frame."""
-        return self.tokens // self.frames
+        """S, grid tokens per frame."""
+        return (self.tokens - self.prefix) // self.frames
+
+    def _scores_per_head(self, mode: str) -> int:
+        P, T, S, N = self.prefix, self.frames, self.spatial, self.tokens
+        if mode == "joint":
+            return N * N
+        if mode == "spatial":  # T groups of the prefix and a frame, each query (prefix ones too) in each
+            return T * (P + S) ** 2
+        return S * T * T + P * P  # temporal: S groups of T frames, and the prefix among itself
 
     @property
-    def keys_per_query(self) -> int:
-        """The group length L summed over heads: each token attends to this many keys in all."""
-        lengths = {"joint": self.tokens, "spatial": self.spatial, "temporal": self.frames}
+    def averaged_prefix(self) -> tuple[int, int]:
+        """(heads, groups) whose prefix queries attend group by group, their outputs averaged over
+        the groups: the spatial heads (the first ones) and the T frames; (0, 0) when none do."""
+        if not self.prefix or self.mode not in ("spatial", "split"):
+            return 0, 0
+        return (self.heads if self.mode == "spatial" else self.heads // 2), self.frames
+
+    @property
+    def scores(self) -> int:
+        """(query, key) pairs scored per batch element, summed over heads."""
         if self.mode == "split":
             half = self.heads // 2
-            return half * self.spatial + (self.heads - half) * self.frames
-        return self.heads * lengths[self.mode]
+            return half * self._scores_per_head("spatial") + (self.heads - half) * self._scores_per_head("temporal")
+        return self.heads * self._scores_per_head(self.mode)
 
     @property
     def forward_flops(self) -> int:
-        """4 * B * N * Dh * (sum over heads of L): two matrix products of 2 FLOPs per multiply-add."""
-        return 4 * self.batch * self.tokens * self.head_dim * self.keys_per_query
+        """4 * B * Dh * scores: two matrix products of 2 FLOPs per multiply-add."""
+        return 4 * self.batch * self.head_dim * self.scores
 
     @property
     def backward_flops(self) -> int:
         """2.5x the forward (FlashAttention's count: five products, recomputing the scores)."""
-        return 10 * self.batch * self.tokens * self.head_dim * self.keys_per_query
+        return 10 * self.batch * self.head_dim * self.scores
 
 
 def tubelet_grid(clip: tuple[int, int, int], tubelet: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -176,7 +205,32 @@ def check_heads(op: str, mode: str, heads: int, name: str = "H") -> None:
         )
 
 
-def check_attention(q, k, v, frames, mode, scale, dropout_p: float = 0.0) -> AttentionShape:
+def check_layout(op: str, layout) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"{op}: unknown layout {layout!r}; expected one of {', '.join(map(repr, LAYOUTS))}")
+
+
+def check_prefix(op: str, prefix) -> None:
+    if isinstance(prefix, bool) or not isinstance(prefix, int):
+        raise TypeError(f"{op}: num_prefix_tokens must be an int, got {type(prefix).__name__}")
+    if prefix < 0:
+        raise ValueError(f"{op}: num_prefix_tokens must be >= 0, got {prefix}")
+
+
+def grid_mismatch(op: str, tokens: int, prefix: int, frames: int | None = None, spatial: int | None = None) -> str:
+    """The message for N tokens that are not prefix + frames * tokens_per_frame."""
+    given = ", ".join(f"{name}={value}" for name, value in (("frames", frames), ("tokens_per_frame", spatial))
+                      if value is not None)
+    hint = " (a class token? pass num_prefix_tokens)" if prefix == 0 else ""
+    return (
+        f"{op}: N={tokens} tokens with num_prefix_tokens={prefix} do not fit {given}; expected "
+        f"N = num_prefix_tokens + frames * tokens_per_frame{hint}"
+    )
+
+
+def check_attention(
+    q, k, v, frames, mode, scale, dropout_p: float = 0.0, num_prefix_tokens: int = 0, layout: str = "time_major"
+) -> AttentionShape:
     op = "factorised_attention"
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(op, name, x, 4, "(B, H, N, Dh)")
@@ -187,21 +241,21 @@ def check_attention(q, k, v, frames, mode, scale, dropout_p: float = 0.0) -> Att
         )
     _check_same(op, {"q": q, "k": k, "v": v})
     check_mode(op, mode)
+    check_layout(op, layout)
     check_positive_int(op, "frames", frames)
+    check_prefix(op, num_prefix_tokens)
     B, H, N, Dh = q.shape
     if N == 0 or Dh == 0 or B == 0:
         raise ValueError(f"{op}: q has an empty dimension, shape {tuple(q.shape)}; expected B, N, Dh >= 1")
-    if N % frames:
-        raise ValueError(
-            f"{op}: N={N} tokens is not divisible by frames={frames}; expected N = frames * spatial tokens"
-        )
+    if N <= num_prefix_tokens or (N - num_prefix_tokens) % frames:
+        raise ValueError(grid_mismatch(op, N, num_prefix_tokens, frames))
     check_heads(op, mode, H)
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise TypeError(f"{op}: scale must be a finite float or None, got {scale!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
-    return AttentionShape.of(q.shape, frames, mode, scale, float(dropout_p))
+    return AttentionShape.of(q.shape, frames, mode, scale, float(dropout_p), num_prefix_tokens, layout)
 
 
 def check_video(op: str, video) -> None:

@@ -15,20 +15,21 @@ from .checks import default_scale
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T * scale) v over the last two dims: (..., L, Dh) -> (..., L, Dh)."""
-    scores = torch.einsum("...id,...jd->...ij", q, k) * scale
+    """softmax(q k^T * scale) v over the last two dims: (..., L, Dh) -> (..., L, Dh).
+
+    Scores, softmax and the weighted sum run in float32 at least: half-precision logits of
+    magnitude ~1e4 would overflow (inf, then NaN), where the fused kernels accumulate in float32.
+    """
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("...id,...jd->...ij", q.to(compute), k.to(compute)) * scale
     probs = scores.softmax(dim=-1)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    return torch.einsum("...ij,...jd->...id", probs, v)
+    return torch.einsum("...ij,...jd->...id", probs, v.to(compute)).to(q.dtype)
 
 
-# Each mode regroups the time-major token axis (t s) so that one attention group sits in the
-# second-to-last dim; "joint" keeps every token in one group.
-_GROUPINGS = {
-    "spatial": ("b h (t s) d -> b h t s d", "b h t s d -> b h (t s) d"),  # a frame's S tokens
-    "temporal": ("b h (t s) d -> b h s t d", "b h s t d -> b h (t s) d"),  # one spatial index, T frames
-}
+# The grid tokens, (t s) time-major or (s t) space-major, as a (frames, spatial) grid.
+GRID = {"time_major": "b h (t s) d", "space_major": "b h (s t) d"}
 
 
 def factorised_attention(
@@ -39,19 +40,46 @@ def factorised_attention(
     mode: str,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    num_prefix_tokens: int = 0,
+    layout: str = "time_major",
 ) -> torch.Tensor:
-    """Attention over a (frames x space) token grid. q, k, v: (B, H, N, Dh), N = frames * S, time-major."""
+    """Attention over [prefix tokens] + a (frames x space) token grid.
+
+    q, k, v: (B, H, N, Dh), N = P + frames * S; tokens [0, P) are the prefix (class or register
+    tokens), the rest the grid in `layout` order (time-major: t * S + s; space-major: s * T + t).
+    joint: every token attends to all N. spatial: a grid token attends to the prefix and its
+    frame; a prefix token attends to the prefix and each frame in turn, and its T outputs are
+    averaged (TimeSformer). temporal: a grid token attends to its spatial position's T tokens, a
+    prefix token to the prefix. split: the first half of the heads spatial, the second temporal.
+    """
     scale = default_scale(q.shape[-1]) if scale is None else scale
     if mode == "joint":
         return attend(q, k, v, scale, dropout_p)
     if mode == "split":
         half = q.shape[1] // 2
-        spatial = factorised_attention(q[:, :half], k[:, :half], v[:, :half], frames, "spatial", scale, dropout_p)
-        temporal = factorised_attention(q[:, half:], k[:, half:], v[:, half:], frames, "temporal", scale, dropout_p)
-        return torch.cat([spatial, temporal], dim=1)
-    group, ungroup = _GROUPINGS[mode]
-    q, k, v = (rearrange(x, group, t=frames) for x in (q, k, v))
-    return rearrange(attend(q, k, v, scale, dropout_p), ungroup)
+        heads = (slice(None, half), "spatial"), (slice(half, None), "temporal")
+        return torch.cat(
+            [
+                factorised_attention(q[:, h], k[:, h], v[:, h], frames, part, scale, dropout_p, num_prefix_tokens, layout)
+                for h, part in heads
+            ],
+            dim=1,
+        )
+    P = num_prefix_tokens
+    grid = GRID[layout]
+    prefix = [x[:, :, :P] for x in (q, k, v)]
+    # (b h t s d): one frame per index of dim 2.
+    frames_ = [rearrange(x[:, :, P:], f"{grid} -> b h t s d", t=frames) for x in (q, k, v)]
+    if mode == "spatial":
+        # Each frame's group is the prefix followed by the frame's tokens.
+        groups = [torch.cat([p.unsqueeze(2).expand(-1, -1, frames, -1, -1), f], dim=3) for p, f in zip(prefix, frames_)]
+        out = attend(*groups, scale, dropout_p)  # (b h t P+S d)
+        prefix_out, grid_out = out[:, :, :, :P].mean(dim=2), out[:, :, :, P:]
+    else:  # temporal: a grid token's group is its spatial position across frames; the prefix attends to itself
+        columns = [f.transpose(2, 3) for f in frames_]  # (b h s t d)
+        grid_out = attend(*columns, scale, dropout_p).transpose(2, 3)
+        prefix_out = attend(*prefix, scale, dropout_p)
+    return torch.cat([prefix_out, rearrange(grid_out, f"b h t s d -> {grid}")], dim=2)
 
 
 def tubelet_embedding(

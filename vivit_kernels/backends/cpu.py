@@ -27,6 +27,9 @@ def load() -> None:
     _extension.load()
 
 
+# Run as it is, not traced, under torch.compile: loading a library (a filesystem stat, a dlopen)
+# is not something a graph can hold, and whether it loaded is a constant of the process.
+@torch.compiler.assume_constant_result
 def _unavailable() -> str | None:
     try:
         load()

@@ -11,7 +11,9 @@ _ANY_DEVICE = ("cpu", "cuda", "mps", "xpu", "meta")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
-    return reference.factorised_attention(q, k, v, shape.frames, shape.mode, shape.scale, shape.dropout_p)
+    return reference.factorised_attention(
+        q, k, v, shape.frames, shape.mode, shape.scale, shape.dropout_p, shape.prefix, shape.layout
+    )
 
 
 def tubelet_embedding(video, weight, bias, pos_embed, shape: TubeletShape) -> torch.Tensor:
@@ -21,7 +23,8 @@ def tubelet_embedding(video, weight, bias, pos_embed, shape: TubeletShape) -> to
 register(
     Backend(
         name="reference",
-        auto=False,  # the fallback of "auto", never its first choice
+        auto=False,  # "auto"'s last resort, never its choice: the oracle and the benchmarks' baseline
+        fused=False,
         ops={
             "attention": OpSupport(attention, _ANY_DEVICE, _FLOATS, dropout=True),
             "tubelet": OpSupport(tubelet_embedding, _ANY_DEVICE, _FLOATS),

@@ -79,7 +79,8 @@ def _no_reasons(request: Request) -> list[str]:
 class Backend:
     name: str
     ops: dict[str, OpSupport]
-    auto: bool = True  # may "auto" pick it? (the reference backend is the fallback instead)
+    auto: bool = True  # may "auto" pick it? (the reference backend is the last resort instead)
+    fused: bool = True  # a fused kernel; "auto" warns when it picks one that is not
     # Why the backend cannot run at all on this machine (missing package, failed build), or None.
     unavailable: Callable[[], str | None] = field(default=lambda: None)
     # Reasons beyond the declared fields (e.g. CPU tensors only under the Triton interpreter).
@@ -143,21 +144,13 @@ def select(request: Request, backend: str = "auto") -> Selected:
         return Selected(backend, chosen.ops[request.op].run)
 
     refused: dict[str, list[str]] = {}
-    for candidate in _BACKENDS.values():
-        if not candidate.auto:
+    for candidate in [*(b for b in _BACKENDS.values() if b.auto), _BACKENDS[FALLBACK]]:
+        reasons = candidate.not_supported_reasons(request) or (candidate.auto_reasons(request) if candidate.auto else [])
+        if reasons:
+            refused[candidate.name] = reasons
             continue
-        reasons = candidate.not_supported_reasons(request) or candidate.auto_reasons(request)
-        if not reasons:
-            return Selected(candidate.name, candidate.ops[request.op].run)
-        refused[candidate.name] = reasons
-    fallback = _BACKENDS[FALLBACK]
-    reasons = fallback.not_supported_reasons(request)
-    if reasons:
-        refused[FALLBACK] = reasons
-        raise BackendUnsupportedError(f"{request.op}: no backend can run this input ({_describe(refused)})")
-    if refused:
-        warnings.warn(
-            f"{request.op}: no fused backend fits, using the reference implementation ({_describe(refused)})",
-            stacklevel=4,
-        )
-    return Selected(FALLBACK, fallback.ops[request.op].run)
+        if not candidate.fused and refused:
+            what = "torch SDPA" if candidate.name == "sdpa" else f"the {candidate.name} implementation"
+            warnings.warn(f"{request.op}: no fused backend fits, using {what} ({_describe(refused)})", stacklevel=4)
+        return Selected(candidate.name, candidate.ops[request.op].run)
+    raise BackendUnsupportedError(f"{request.op}: no backend can run this input ({_describe(refused)})")

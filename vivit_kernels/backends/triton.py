@@ -30,12 +30,12 @@ def _kernels(name: str):
     return importlib.import_module(f"vivit_kernels.triton.{name}")
 
 
-def _attention_forward(q, k, v, frames, mode, scale):
-    return _kernels("attention").forward(q, k, v, frames, mode, scale)
+def _attention_forward(*args):
+    return _kernels("attention").forward(*args)
 
 
-def _attention_backward(grad_out, q, k, v, out, lse, frames, mode, scale):
-    return _kernels("attention").backward(grad_out, q, k, v, out, lse, frames, mode, scale)
+def _attention_backward(*args):
+    return _kernels("attention").backward(*args)
 
 
 def _tubelet_forward(video, weight, bias, pos_embed):

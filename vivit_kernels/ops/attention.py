@@ -1,13 +1,19 @@
 """Factorised attention as custom ops: `{backend}_attention_forward` and `{backend}_attention_backward`.
 
-Every backend's kernels follow one contract:
-- forward(q, k, v, frames, mode, scale) -> (out, lse): q, k, v (B, H, N, Dh) with any strides;
-  out (B, H, N, Dh) as a view of a (B, N, H, Dh) buffer (the layout the output projection
-  reads, so its reshape to (B, N, H * Dh) is free); lse (B, H, N), the natural-log log-sum-exp
-  of each query's scaled logits, in float32 (float64 for float64 inputs).
-- backward(grad_out, q, k, v, out, lse, frames, mode, scale) -> (dq, dk, dv), each a (B, H, N, Dh)
-  view of a (B, N, H, Dh) buffer. Probabilities are recomputed from lse (FlashAttention-2), so
-  autograd saves q, k, v, out and lse: O(N) per head, nothing N x L.
+Every backend's kernels follow one contract (`vivit_kernels.checks.AttentionShape` names the
+sizes; G = frames, and (Ha, G) = `averaged_prefix`: the heads whose P prefix queries attend
+frame by frame):
+- forward(q, k, v, frames, prefix, layout, mode, scale) -> (out, lse, prefix_out, prefix_lse):
+  q, k, v (B, H, N, Dh) with any strides; out (B, H, N, Dh) as a view of a (B, N, H, Dh) buffer
+  (the layout the output projection reads, so its reshape to (B, N, H * Dh) is free); lse
+  (B, H, N), the natural-log log-sum-exp of each query's scaled logits, in float32 (float64 for
+  float64 inputs); prefix_out (B, Ha, G, P, Dh) and prefix_lse (B, Ha, G, P), each frame's
+  output and log-sum-exp of those prefix queries (their rows of out hold the mean over frames;
+  their rows of lse are unused), or empty (0,) tensors when no prefix query is averaged.
+- backward(grad_out, q, k, v, out, lse, prefix_out, prefix_lse, frames, prefix, layout, mode,
+  scale) -> (dq, dk, dv), each a (B, H, N, Dh) view of a (B, N, H, Dh) buffer. Probabilities are
+  recomputed from the log-sum-exps (FlashAttention-2), so autograd saves q, k, v, out, lse and
+  the per-frame prefix rows: O(N) per head, nothing N x L.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import torch
 from ..checks import AttentionShape
 from .library import define, register_autograd
 
-FORWARD_SCHEMA = "(Tensor q, Tensor k, Tensor v, int frames, str mode, float scale) -> (Tensor, Tensor)"
+_GRID = "int frames, int prefix, str layout, str mode, float scale"
+FORWARD_SCHEMA = f"(Tensor q, Tensor k, Tensor v, {_GRID}) -> (Tensor, Tensor, Tensor, Tensor)"
 BACKWARD_SCHEMA = (
-    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int frames, str mode, float scale)"
-    " -> (Tensor, Tensor, Tensor)"
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor prefix_out, Tensor prefix_lse, "
+    f"{_GRID}) -> (Tensor, Tensor, Tensor)"
 )
 
 
@@ -46,25 +53,51 @@ class AttentionOps:
     backward: Any
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
-        out, _ = self.forward(q, k, v, shape.frames, shape.mode, shape.scale)
+        out, *_ = self.forward(q, k, v, *grid_args(shape))
         return out
 
 
-def _fake_forward(q, k, v, frames, mode, scale):
-    return projection_layout(q), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
+def grid_args(shape: AttentionShape) -> tuple:
+    """The ops' grid arguments (frames, prefix, layout, mode, scale) of a call."""
+    return shape.frames, shape.prefix, shape.layout, shape.mode, shape.scale
 
 
-def _fake_backward(grad_out, q, k, v, out, lse, frames, mode, scale):
+def _shape(q_shape, frames, prefix, layout, mode, scale) -> AttentionShape:
+    return AttentionShape.of(q_shape, frames, mode, scale, prefix=prefix, layout=layout)
+
+
+def prefix_shapes(shape: AttentionShape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of prefix_out (B, Ha, G, P, Dh) and prefix_lse (B, Ha, G, P), or (0,) (0,)."""
+    heads, groups = shape.averaged_prefix
+    if not heads:
+        return (0,), (0,)
+    rows = (shape.batch, heads, groups, shape.prefix)
+    return (*rows, shape.head_dim), rows
+
+
+def prefix_buffers(q: torch.Tensor, frames: int, prefix: int, layout: str, mode: str, scale: float):
+    """Uninitialised prefix_out and prefix_lse of a call."""
+    out_shape, lse_shape = prefix_shapes(_shape(q.shape, frames, prefix, layout, mode, scale))
+    return q.new_empty(out_shape), q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
+
+
+def _fake_forward(q, k, v, frames, prefix, layout, mode, scale):
+    lse = q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
+    return (projection_layout(q), lse, *prefix_buffers(q, frames, prefix, layout, mode, scale))
+
+
+def _fake_backward(grad_out, q, k, v, out, lse, prefix_out, prefix_lse, frames, prefix, layout, mode, scale):
     return projection_layout(q), projection_layout(q), projection_layout(q)
 
 
-def _forward_flops(q_shape, k_shape, v_shape, frames, mode, scale, *args, out_shape=None, **kwargs) -> int:
-    return AttentionShape.of(q_shape, frames, mode, scale).forward_flops
+def _forward_flops(q_shape, k_shape, v_shape, frames, prefix, layout, mode, scale, *args, out_shape=None,
+                   **kwargs) -> int:  # fmt: skip
+    return _shape(q_shape, frames, prefix, layout, mode, scale).forward_flops
 
 
-def _backward_flops(grad_shape, q_shape, k_shape, v_shape, o_shape, lse_shape, frames, mode, scale, *args,
-                    out_shape=None, **kwargs) -> int:  # fmt: skip
-    return AttentionShape.of(q_shape, frames, mode, scale).backward_flops
+def _backward_flops(grad_shape, q_shape, k_shape, v_shape, o_shape, lse_shape, po_shape, pl_shape, frames, prefix,
+                    layout, mode, scale, *args, out_shape=None, **kwargs) -> int:  # fmt: skip
+    return _shape(q_shape, frames, prefix, layout, mode, scale).backward_flops
 
 
 def define_attention_ops(backend: str, forward: Callable | None = None, backward: Callable | None = None) -> AttentionOps:
@@ -77,15 +110,13 @@ def define_attention_ops(backend: str, forward: Callable | None = None, backward
     backward_op = define(f"{backend}_attention_backward", BACKWARD_SCHEMA, backward, _fake_backward, _backward_flops)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, frames, mode, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.grid = (frames, mode, scale)
+        q, k, v, *grid = inputs
+        ctx.save_for_backward(q, k, v, *output)
+        ctx.grid = grid
 
-    def differentiate(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, *ctx.grid)
-        return dq, dk, dv, None, None, None
+    def differentiate(ctx, grad_out, *_grad_statistics):
+        dq, dk, dv = backward_op(grad_out, *ctx.saved_tensors, *ctx.grid)
+        return dq, dk, dv, None, None, None, None, None
 
     register_autograd(forward_op, differentiate, setup_context)
     return AttentionOps(forward_op, backward_op)

@@ -1,20 +1,26 @@
 """Fused factorised attention in Triton: one flash-attention kernel family for every mode.
 
-A head's N = T * S tokens split into G attention groups of L tokens each; member i of group g
-is token g * GROUP_STRIDE + i * MEMBER_STRIDE:
+A head's N = P + T * S tokens (P prefix tokens, then the grid) split into G attention groups;
+member i of group g is token BASE + g * GROUP_STRIDE + i * MEMBER_STRIDE, and a group of a
+spatial head also holds the P prefix tokens (X = P "extra" members, tokens 0 .. P - 1, first):
 
-    mode      G   L   GROUP_STRIDE  MEMBER_STRIDE
-    joint     1   N   0             1
-    spatial   T   S   S             1      (the S tokens of frame g)
-    temporal  S   T   1             S      (the T frames of spatial index g)
+    mode      G   L   GROUP_STRIDE  MEMBER_STRIDE  BASE  X     (time-major; space-major swaps the strides' roles)
+    joint     1   N   0             1              0     0
+    spatial   T   S   S             1              P     P     (the prefix and the S tokens of frame g)
+    temporal  S   T   1             S              P     0     (the T frames of spatial position g)
+
+A spatial group's prefix queries write their output and log-sum-exp per frame (the launcher
+averages the outputs: TimeSformer's class token), and in backward their gradient rows per frame
+(the launcher sums them), so no program writes another's rows. A temporal head's prefix tokens
+attend among themselves: a second, small launch with the map (1, P, 0, 1, 0, 0).
 
 "split" runs heads [0, H/2) with the spatial map and [H/2, H) with the temporal map in the same
 launch. Every kernel walks the tokens of a head in group-major order ("rows": row r is member
-r % L of group r // L). When groups are shorter than the block, P = BLOCK // L whole groups
-share one block (a "pack") and a block-diagonal mask keeps them apart, so short temporal groups
-still fill the tensor-core tiles; when groups are longer, a group spans several blocks and a pack
-is one group. The grid is flat: (programs of every head, B), programs of the first-map heads
-first, so no program exits early whatever the mode (see NOTES.md).
+r % RL of group r // RL, RL = X + L). When groups are shorter than the block, BLOCK // RL whole
+groups share one block (a "pack") and a block-diagonal mask keeps them apart, so short temporal
+groups still fill the tensor-core tiles; when groups are longer, a group spans several blocks and
+a pack is one group. The grid is flat: (programs of every head, B), programs of the first-map
+heads first, so no program exits early whatever the mode (see NOTES.md).
 
 Forward: online softmax in base 2 (the scale carries log2(e) so exp2 is used), saves the
 natural-log log-sum-exp in float32. Backward (FlashAttention-2): delta = rowsum(dO * O), then a
@@ -29,6 +35,8 @@ import triton
 import triton.language as tl
 
 from . import interpreted
+from ..checks import AttentionShape
+from ..ops.attention import prefix_shapes
 from .common import autotune_configs, cast_rounded, upcast_dot_operands
 
 LOG2E = 1.4426950408889634
@@ -40,41 +48,57 @@ LOG2E_CONST = tl.constexpr(LOG2E)
 
 
 @triton.jit
-def _programs_per_head(G, L, BLOCK: tl.constexpr):
-    """Programs covering one head's G groups of L tokens with blocks of BLOCK rows."""
-    P = tl.maximum(BLOCK // L, 1)  # groups per pack
-    blocks_per_pack = tl.cdiv(tl.minimum(P, G) * L, BLOCK)
+def _programs_per_head(G, RL, BLOCK: tl.constexpr):
+    """Programs covering one head's G groups of RL rows with blocks of BLOCK rows."""
+    P = tl.maximum(BLOCK // RL, 1)  # groups per pack
+    blocks_per_pack = tl.cdiv(tl.minimum(P, G) * RL, BLOCK)
     return tl.cdiv(G, P) * blocks_per_pack
 
 
 @triton.jit
 def _locate(
-    pid, H_A, G_A, L_A, GS_A, MS_A, G_B, L_B, GS_B, MS_B, BLOCK: tl.constexpr
+    pid, H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B, BLOCK: tl.constexpr
 ):
-    """Program id -> (head, map of the head, first group of the pack, rows in the pack, first row of the block)."""
-    progs_a = _programs_per_head(G_A, L_A, BLOCK)
-    progs_b = _programs_per_head(G_B, L_B, BLOCK)
+    """Program id -> (head, its map's row length, strides, base and extra members, first group of
+    the pack, rows in the pack, first row of the block)."""
+    progs_a = _programs_per_head(G_A, L_A + X_A, BLOCK)
+    progs_b = _programs_per_head(G_B, L_B + X_B, BLOCK)
     in_a = pid < H_A * progs_a
     rest = pid - H_A * progs_a
     head = tl.where(in_a, pid // progs_a, H_A + rest // progs_b)
     local = tl.where(in_a, pid % progs_a, rest % progs_b)
     G = tl.where(in_a, G_A, G_B)
-    L = tl.where(in_a, L_A, L_B)
+    X = tl.where(in_a, X_A, X_B)
+    RL = tl.where(in_a, L_A, L_B) + X
     GS = tl.where(in_a, GS_A, GS_B)
     MS = tl.where(in_a, MS_A, MS_B)
-    P = tl.maximum(BLOCK // L, 1)
-    blocks_per_pack = tl.cdiv(tl.minimum(P, G) * L, BLOCK)
+    BASE = tl.where(in_a, BASE_A, BASE_B)
+    P = tl.maximum(BLOCK // RL, 1)
+    blocks_per_pack = tl.cdiv(tl.minimum(P, G) * RL, BLOCK)
     pack = local // blocks_per_pack
     group0 = pack * P
-    pack_len = tl.minimum(P, G - group0) * L
+    pack_len = tl.minimum(P, G - group0) * RL
     row0 = (local % blocks_per_pack) * BLOCK
-    return head, L, GS, MS, group0, pack_len, row0
+    return head, RL, GS, MS, BASE, X, group0, pack_len, row0
 
 
 @triton.jit
-def _tokens(rows, group0, L, GS, MS):
-    """Token index (int64) of each row of a pack."""
-    return ((group0 + rows // L) * GS + (rows % L) * MS).to(tl.int64)
+def _tokens(rows, group0, RL, GS, MS, BASE, X, PREFIX: tl.constexpr):
+    """Token index (int64) of each row of a pack: the group's extra (prefix) members first. PREFIX
+    (compile time): may a group have extra members? Without, the kernels carry none of their cost."""
+    i = rows % RL
+    g = group0 + rows // RL
+    if PREFIX:
+        tok = tl.where(i < X, i, BASE + g * GS + (i - X) * MS)
+    else:
+        tok = BASE + g * GS + i * MS
+    return tok.to(tl.int64)
+
+
+@triton.jit
+def _partial_rows(rows, b, head, group0, RL, H_A, G_A, X_A):
+    """Row of each (prefix) row in the per-group partial buffers, (B, H_A, G_A, X_A)-contiguous."""
+    return (((b * H_A + head) * G_A + group0 + rows // RL) * X_A + rows % RL).to(tl.int64)
 
 
 @triton.jit
@@ -87,25 +111,28 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels.
+# Kernels. PO/PL (forward) and PDQ/PDK/PDV/PD/PL (backward) are the per-group buffers of the
+# prefix rows of map A's groups, (B, H_A, G_A, X_A[, D]) contiguous; unused (never touched)
+# when X_A is 0.
 
 
 @triton.jit
 def _attention_fwd(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, PO, PL,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, slb, slh,
-    H_A, G_A, L_A, GS_A, MS_A, G_B, L_B, GS_B, MS_B,
+    H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B,
     qk_scale, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    PREFIX: tl.constexpr,
 ):  # fmt: skip
-    head, L, GS, MS, group0, pack_len, row0 = _locate(
-        tl.program_id(0), H_A, G_A, L_A, GS_A, MS_A, G_B, L_B, GS_B, MS_B, BLOCK_M
+    head, RL, GS, MS, BASE, X, group0, pack_len, row0 = _locate(
+        tl.program_id(0), H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B, BLOCK_M
     )
     b = tl.program_id(1).to(tl.int64)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < pack_len
-    row_group = rows // L
-    q_tok = _tokens(rows, group0, L, GS, MS)
+    row_group = rows // RL
+    q_tok = _tokens(rows, group0, RL, GS, MS, BASE, X, PREFIX)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
 
@@ -122,10 +149,10 @@ def _attention_fwd(
     for start in range(0, pack_len, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < pack_len
-        k_tok = _tokens(cols, group0, L, GS, MS)
+        k_tok = _tokens(cols, group0, RL, GS, MS, BASE, X, PREFIX)
         kt = tl.load(K + k_tok[None, :] * skn + d[:, None] * skd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         s = _dot(q, kt, UPCAST) * qk_scale
-        allowed = col_ok[None, :] & (row_group[:, None] == (cols // L)[None, :])
+        allowed = col_ok[None, :] & (row_group[:, None] == (cols // RL)[None, :])
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -136,11 +163,20 @@ def _attention_fwd(
         m_i = m_new
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padded rows only
-    out = acc / l_i[:, None]
-    tl.store(O + b * sob + head * soh + q_tok[:, None] * son + d[None, :] * sod, cast_rounded(out, O.dtype.element_ty, UPCAST),
-             mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+    out = cast_rounded(acc / l_i[:, None], O.dtype.element_ty, UPCAST)
     # Natural-log LSE of the scaled logits: (m + log2 l) is its base-2 value.
-    tl.store(LSE + b * slb + head * slh + q_tok, (m_i + tl.log2(l_i)) / LOG2E_CONST, mask=row_ok)
+    lse = (m_i + tl.log2(l_i)) / LOG2E_CONST
+    member = row_ok
+    if PREFIX:
+        is_prefix = (rows % RL) < X
+        member = row_ok & ~is_prefix
+        prefix = row_ok & is_prefix
+        part = _partial_rows(rows, b, head, group0, RL, H_A, G_A, X_A)
+        tl.store(PO + part[:, None] * D + d[None, :], out, mask=prefix[:, None] & d_ok[None, :])
+        tl.store(PL + part, lse, mask=prefix)
+    tl.store(O + b * sob + head * soh + q_tok[:, None] * son + d[None, :] * sod, out,
+             mask=member[:, None] & d_ok[None, :])  # fmt: skip
+    tl.store(LSE + b * slb + head * slh + q_tok, lse, mask=member)
 
 
 @triton.jit
@@ -165,23 +201,44 @@ def _attention_bwd_delta(
 
 
 @triton.jit
+def _row_statistics(LSE, DELTA, PL, PD, rows, q_tok, b, head, group0, RL, X, H_A, G_A, X_A, row_ok,
+                    PREFIX: tl.constexpr):  # fmt: skip
+    """Per query row: log2-sum-exp, delta, and the factor its gradient contributions carry: 1/G for a
+    prefix row of a spatial group (its output is the mean of G groups' outputs), else 1."""
+    if PREFIX:
+        is_prefix = (rows % RL) < X
+        part = _partial_rows(rows, b, head, group0, RL, H_A, G_A, X_A)
+        member, prefix = row_ok & ~is_prefix, row_ok & is_prefix
+        lse = tl.where(is_prefix, tl.load(PL + part, mask=prefix, other=0.0), tl.load(LSE + q_tok, mask=member, other=0.0))
+        delta = tl.where(is_prefix, tl.load(PD + part, mask=prefix, other=0.0),
+                         tl.load(DELTA + q_tok, mask=member, other=0.0))  # fmt: skip
+        share = tl.where(is_prefix, 1.0 / G_A, 1.0)
+    else:
+        lse = tl.load(LSE + q_tok, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + q_tok, mask=row_ok, other=0.0)
+        share = tl.full(rows.shape, 1.0, tl.float32)
+    return lse * LOG2E_CONST, delta, share
+
+
+@triton.jit
 def _attention_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, PL, PD, PDK, PDV,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-    H_A, G_A, L_A, GS_A, MS_A, G_B, L_B, GS_B, MS_B,
+    H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B,
     qk_scale, scale, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    PREFIX: tl.constexpr,
 ):  # fmt: skip
     """A block of keys; loops over the queries of its pack (the only ones that see these keys)."""
-    head, L, GS, MS, group0, pack_len, row0 = _locate(
-        tl.program_id(0), H_A, G_A, L_A, GS_A, MS_A, G_B, L_B, GS_B, MS_B, BLOCK_N
+    head, RL, GS, MS, BASE, X, group0, pack_len, row0 = _locate(
+        tl.program_id(0), H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B, BLOCK_N
     )
     b = tl.program_id(1).to(tl.int64)
     cols = row0 + tl.arange(0, BLOCK_N)
     col_ok = cols < pack_len
-    col_group = cols // L
-    k_tok = _tokens(cols, group0, L, GS, MS)
+    col_group = cols // RL
+    k_tok = _tokens(cols, group0, RL, GS, MS, BASE, X, PREFIX)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     kv_mask = col_ok[:, None] & d_ok[None, :]
@@ -197,52 +254,67 @@ def _attention_bwd_dkdv(
     for start in range(0, pack_len, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < pack_len
-        q_tok = _tokens(rows, group0, L, GS, MS)
+        q_tok = _tokens(rows, group0, RL, GS, MS, BASE, X, PREFIX)
+        lse2, delta, share = _row_statistics(
+            LSE, DELTA, PL, PD, rows, q_tok, b, head, group0, RL, X, H_A, G_A, X_A, row_ok, PREFIX
+        )
         qt = tl.load(Q + q_tok[None, :] * sqn + d[:, None] * sqd, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
         do = tl.load(DO + q_tok[:, None] * sgn + d[None, :] * sgd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        lse2 = tl.load(LSE + q_tok, mask=row_ok, other=0.0) * LOG2E_CONST
-        delta = tl.load(DELTA + q_tok, mask=row_ok, other=0.0)
         # Transposed tiles (keys x queries): P^T recomputed from the saved LSE.
         st = _dot(k, qt, UPCAST) * qk_scale
-        allowed = row_ok[None, :] & (col_group[:, None] == (rows // L)[None, :])
+        allowed = row_ok[None, :] & (col_group[:, None] == (rows // RL)[None, :])
         pt = tl.exp2(tl.where(allowed, st - lse2[None, :], float("-inf")))  # masked before exp2: no overflow
-        dv += _dot(cast_rounded(pt, do.dtype, UPCAST), do, UPCAST)
         dpt = _dot(v, tl.trans(do), UPCAST)
         dst = pt * (dpt - delta[None, :])
+        if PREFIX:
+            pt *= share[None, :]
+            dst *= share[None, :]
+        dv += _dot(cast_rounded(pt, do.dtype, UPCAST), do, UPCAST)
         dk += _dot(cast_rounded(dst, qt.dtype, UPCAST), tl.trans(qt), UPCAST)
 
     dk *= scale
+    member = col_ok
+    if PREFIX:
+        is_prefix = (cols % RL) < X
+        member = col_ok & ~is_prefix
+        prefix = (col_ok & is_prefix)[:, None] & d_ok[None, :]
+        part = _partial_rows(cols, b, head, group0, RL, H_A, G_A, X_A)
+        tl.store(PDK + part[:, None] * D + d[None, :], dk, mask=prefix)
+        tl.store(PDV + part[:, None] * D + d[None, :], dv, mask=prefix)
     tl.store(DK + b * sdkb + head * sdkh + k_tok[:, None] * sdkn + d[None, :] * sdkd,
-             cast_rounded(dk, DK.dtype.element_ty, UPCAST), mask=kv_mask)  # fmt: skip
+             cast_rounded(dk, DK.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])  # fmt: skip
     tl.store(DV + b * sdvb + head * sdvh + k_tok[:, None] * sdvn + d[None, :] * sdvd,
-             cast_rounded(dv, DV.dtype.element_ty, UPCAST), mask=kv_mask)  # fmt: skip
+             cast_rounded(dv, DV.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])  # fmt: skip
 
 
 @triton.jit
 def _attention_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, PL, PD, PDQ,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
     sdqb, sdqh, sdqn, sdqd,
-    H_A, G_A, L_A, GS_A, MS_A, G_B, L_B, GS_B, MS_B,
+    H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B,
     qk_scale, scale, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    PREFIX: tl.constexpr,
 ):  # fmt: skip
     """A block of queries; loops over the keys of its pack, like the forward."""
-    head, L, GS, MS, group0, pack_len, row0 = _locate(
-        tl.program_id(0), H_A, G_A, L_A, GS_A, MS_A, G_B, L_B, GS_B, MS_B, BLOCK_M
+    head, RL, GS, MS, BASE, X, group0, pack_len, row0 = _locate(
+        tl.program_id(0), H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B, BLOCK_M
     )
     b = tl.program_id(1).to(tl.int64)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < pack_len
-    row_group = rows // L
-    q_tok = _tokens(rows, group0, L, GS, MS)
+    row_group = rows // RL
+    q_tok = _tokens(rows, group0, RL, GS, MS, BASE, X, PREFIX)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     q_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * sqb + head * sqh + q_tok[:, None] * sqn + d[None, :] * sqd, mask=q_mask, other=0.0)
     do = tl.load(DO + b * sgb + head * sgh + q_tok[:, None] * sgn + d[None, :] * sgd, mask=q_mask, other=0.0)
-    lse2 = tl.load(LSE + b * slb + head * slh + q_tok, mask=row_ok, other=0.0) * LOG2E_CONST
-    delta = tl.load(DELTA + b * slb + head * slh + q_tok, mask=row_ok, other=0.0)
+    lse2, delta, share = _row_statistics(
+        LSE + b * slb + head * slh, DELTA + b * slb + head * slh, PL, PD, rows, q_tok, b, head, group0, RL, X,
+        H_A, G_A, X_A, row_ok, PREFIX,
+    )
     K += b * skb + head * skh
     V += b * svb + head * svh
 
@@ -250,7 +322,7 @@ def _attention_bwd_dq(
     for start in range(0, pack_len, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < pack_len
-        k_tok = _tokens(cols, group0, L, GS, MS)
+        k_tok = _tokens(cols, group0, RL, GS, MS, BASE, X, PREFIX)
         # K is loaded transposed (head dim x keys), as in the forward, and transposed back for
         # dS K: loading K row-major and transposing it for Q K^T costs registers that made the
         # fp32 kernel spill at head dim 128.
@@ -258,15 +330,22 @@ def _attention_bwd_dq(
         kt = tl.load(K + k_tok[None, :] * skn + d[:, None] * skd, mask=kvt_mask, other=0.0)
         vt = tl.load(V + k_tok[None, :] * svn + d[:, None] * svd, mask=kvt_mask, other=0.0)
         s = _dot(q, kt, UPCAST) * qk_scale
-        allowed = col_ok[None, :] & (row_group[:, None] == (cols // L)[None, :])
+        allowed = col_ok[None, :] & (row_group[:, None] == (cols // RL)[None, :])
         p = tl.exp2(tl.where(allowed, s - lse2[:, None], float("-inf")))
         dp = _dot(do, vt, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _dot(cast_rounded(ds, kt.dtype, UPCAST), tl.trans(kt), UPCAST)
 
     dq *= scale
+    member = row_ok
+    if PREFIX:
+        dq *= share[:, None]
+        is_prefix = (rows % RL) < X
+        member = row_ok & ~is_prefix
+        part = _partial_rows(rows, b, head, group0, RL, H_A, G_A, X_A)
+        tl.store(PDQ + part[:, None] * D + d[None, :], dq, mask=(row_ok & is_prefix)[:, None] & d_ok[None, :])
     tl.store(DQ + b * sdqb + head * sdqh + q_tok[:, None] * sdqn + d[None, :] * sdqd,
-             cast_rounded(dq, DQ.dtype.element_ty, UPCAST), mask=q_mask)  # fmt: skip
+             cast_rounded(dq, DQ.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,8 +397,8 @@ _LIMITS = {
 _PRIMARY = {"fwd": ("BLOCK_M", "BLOCK_N"), "dkdv": ("BLOCK_N", "BLOCK_M"), "dq": ("BLOCK_M", "BLOCK_N")}
 
 
-def _fits(kernel: str, config: triton.Config, element_size: int, block_d: int) -> bool:
-    """May the autotuner run `config` of `kernel` for this dtype width and padded head dim?"""
+def _fits(kernel: str, config: triton.Config, element_size: int, block_d: int, prefix: bool = False) -> bool:
+    """May the autotuner run `config` of `kernel` for this dtype width, padded head dim and prefix variant?"""
     primary, loop = _PRIMARY[kernel]
     key = (config.kwargs[primary], config.kwargs[loop], config.num_warps, config.num_stages)
     half, full = _LIMITS[kernel][key]
@@ -343,7 +422,7 @@ _INTERPRETER_FWD = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})
 _INTERPRETER_DKDV = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64})
 _INTERPRETER_DQ = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})
 _DELTA_BLOCK = 32
-_KEY = ["L_A", "L_B", "BLOCK_D"]
+_KEY = ["L_A", "X_A", "L_B", "BLOCK_D"]
 
 _fwd = triton.autotune(autotune_configs(_FWD_CONFIGS, _INTERPRETER_FWD), key=_KEY, prune_configs_by=_pruner("fwd"))(
     _attention_fwd
@@ -360,28 +439,41 @@ _dq = triton.autotune(autotune_configs(_DQ_CONFIGS, _INTERPRETER_DQ), key=_KEY, 
 # Launchers, with the contract of `vivit_kernels.ops.attention` (the op layer calls them).
 
 
-def index_maps(mode: str, frames: int, tokens: int, heads: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """(heads using map A, map A, map B); a map is (groups, group length, group stride, member stride)."""
-    T, N = frames, tokens
-    S = N // T
-    maps = {"joint": (1, N, 0, 1), "spatial": (T, S, S, 1), "temporal": (S, T, 1, S)}
-    if mode == "split":
-        return heads // 2, maps["spatial"], maps["temporal"]
-    # Map B is never used (no head past H_A); it only has to keep the program arithmetic finite.
-    return heads, maps[mode], (1, 1, 0, 1)
+def index_maps(shape: AttentionShape) -> list[tuple[int, int, int, tuple, tuple]]:
+    """The launches of a call: (first head, heads, heads using map A, map A, map B) each. A map
+    is (groups, group length, group stride, member stride, base, extra prefix members)."""
+    T, S, P, H = shape.frames, shape.spatial, shape.prefix, shape.heads
+    time_major = shape.layout == "time_major"
+    maps = {
+        "joint": (1, shape.tokens, 0, 1, 0, 0),
+        "spatial": (T, S, S, 1, P, P) if time_major else (T, S, 1, T, P, P),
+        "temporal": (S, T, 1, S, P, 0) if time_major else (S, T, T, 1, P, 0),
+    }
+    # A map B nobody uses (no head past H_A) only has to keep the program arithmetic finite.
+    unused = (1, 1, 0, 1, 0, 0)
+    if shape.mode == "split":
+        launches = [(0, H, H // 2, maps["spatial"], maps["temporal"])]
+        temporal_heads = (H // 2, H - H // 2)
+    else:
+        launches = [(0, H, H, maps[shape.mode], unused)]
+        temporal_heads = (0, H) if shape.mode == "temporal" else None
+    if P and temporal_heads:  # the temporal heads' prefix tokens: one group of their own
+        h0, heads = temporal_heads
+        launches.append((h0, heads, heads, (1, P, 0, 1, 0, 0), unused))
+    return launches
 
 
-def _host_programs_per_head(groups: int, length: int, block: int) -> int:
+def _host_programs_per_head(groups: int, row_length: int, block: int) -> int:
     """`_programs_per_head` for the launch grid."""
-    packed = max(block // length, 1)
-    return triton.cdiv(groups, packed) * triton.cdiv(min(packed, groups) * length, block)
+    packed = max(block // row_length, 1)
+    return triton.cdiv(groups, packed) * triton.cdiv(min(packed, groups) * row_length, block)
 
 
 def _grid(heads: int, batch: int, h_a: int, map_a: tuple, map_b: tuple, block: str):
     def grid(meta):
         bs = meta[block]
-        progs_a = _host_programs_per_head(map_a[0], map_a[1], bs)
-        progs = h_a * progs_a + (heads - h_a) * _host_programs_per_head(map_b[0], map_b[1], bs)
+        progs_a = _host_programs_per_head(map_a[0], map_a[1] + map_a[5], bs)
+        progs = h_a * progs_a + (heads - h_a) * _host_programs_per_head(map_b[0], map_b[1] + map_b[5], bs)
         return (progs, batch)
 
     return grid
@@ -396,24 +488,42 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _map_args(h_a: int, map_a: tuple, map_b: tuple) -> tuple[int, ...]:
-    return (h_a, *map_a, *map_b)
+def _or(x: torch.Tensor, stand_in: torch.Tensor) -> torch.Tensor:
+    """x, or a stand-in when x is empty: a kernel argument no program touches must still be a real pointer."""
+    return x if x.numel() else stand_in
+
+
+def _heads(x: torch.Tensor, h0: int, heads: int) -> torch.Tensor:
+    """Heads [h0, h0 + heads) of a (B, H, ...) tensor: a view, so a launch can cover some heads only."""
+    return x.narrow(1, h0, heads)
 
 
 def forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, mode: str, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v: (B, H, N, Dh), any strides -> out (B, H, N, Dh) view of a (B, N, H, Dh) buffer, lse (B, H, N) fp32."""
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, prefix: int, layout: str, mode: str, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v: (B, H, N, Dh), any strides -> out (a (B, H, N, Dh) view of a (B, N, H, Dh) buffer),
+    lse (B, H, N) fp32, and the per-frame prefix rows prefix_out (B, Ha, T, P, Dh), prefix_lse (B, Ha, T, P)."""
+    shape = AttentionShape.of(q.shape, frames, mode, scale, prefix=prefix, layout=layout)
     B, H, N, Dh = q.shape
+    averaged_heads, groups = shape.averaged_prefix
     out = _alloc((B, N, H, Dh), q.dtype, q.device).transpose(1, 2)
     lse = _alloc((B, H, N), torch.float32, q.device)
-    h_a, map_a, map_b = index_maps(mode, frames, N, H)
-    _fwd[_grid(H, B, h_a, map_a, map_b, "BLOCK_M")](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
-        *_map_args(h_a, map_a, map_b), scale * LOG2E, Dh,
-        BLOCK_D=_block_d(Dh), UPCAST=upcast_dot_operands(q.dtype),
-    )  # fmt: skip
-    return out, lse
+    out_shape, lse_shape = prefix_shapes(shape)
+    prefix_out = _alloc(out_shape, q.dtype, q.device)
+    prefix_lse = _alloc(lse_shape, torch.float32, q.device)
+    po, pl = _or(prefix_out, out), _or(prefix_lse, lse)
+    for h0, heads, h_a, map_a, map_b in index_maps(shape):
+        qh, kh, vh, oh, lh = (_heads(x, h0, heads) for x in (q, k, v, out, lse))
+        _fwd[_grid(heads, B, h_a, map_a, map_b, "BLOCK_M")](
+            qh, kh, vh, oh, lh, po, pl,
+            *qh.stride(), *kh.stride(), *vh.stride(), *oh.stride(), lh.stride(0), lh.stride(1),
+            h_a, *map_a, *map_b, scale * LOG2E, Dh,
+            BLOCK_D=_block_d(Dh), UPCAST=upcast_dot_operands(q.dtype), PREFIX=map_a[5] > 0,
+        )  # fmt: skip
+    if averaged_heads:  # a spatial head's prefix query: the mean of its per-frame outputs
+        out[:, :averaged_heads, :prefix] = prefix_out.float().mean(2).to(q.dtype)
+        lse[:, :averaged_heads, :prefix] = 0.0  # unused
+    return out, lse, prefix_out, prefix_lse
 
 
 def backward(
@@ -423,12 +533,18 @@ def backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    prefix_out: torch.Tensor,
+    prefix_lse: torch.Tensor,
     frames: int,
+    prefix: int,
+    layout: str,
     mode: str,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `forward`: dq, dk, dv as (B, H, N, Dh) views of (B, N, H, Dh) buffers."""
+    shape = AttentionShape.of(q.shape, frames, mode, scale, prefix=prefix, layout=layout)
     B, H, N, Dh = q.shape
+    averaged_heads, groups = shape.averaged_prefix
     block_d = _block_d(Dh)
     upcast = upcast_dot_operands(q.dtype)
     delta = _alloc((B, H, N), torch.float32, q.device)
@@ -436,15 +552,27 @@ def backward(
         out, dout, delta, *out.stride(), *dout.stride(), delta.stride(0), delta.stride(1), N, Dh,
         BLOCK_M=_DELTA_BLOCK, BLOCK_D=block_d,
     )  # fmt: skip
+    # The averaged prefix rows, per frame: delta against that frame's output (the 1/T share of the
+    # gradient is applied in the kernels), and fp32 partial gradients, summed below.
+    prefix_delta = (dout[:, :averaged_heads, None, :prefix].float() * prefix_out.float()).sum(-1) if averaged_heads \
+        else prefix_lse  # (B, Ha, T, P)
     dq, dk, dv = (_alloc((B, N, H, Dh), q.dtype, q.device).transpose(1, 2) for _ in range(3))
-    h_a, map_a, map_b = index_maps(mode, frames, N, H)
-    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1))
-    _dkdv[_grid(H, B, h_a, map_a, map_b, "BLOCK_N")](
-        q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
-        *_map_args(h_a, map_a, map_b), scale * LOG2E, scale, Dh, BLOCK_D=block_d, UPCAST=upcast,
-    )  # fmt: skip
-    _dq[_grid(H, B, h_a, map_a, map_b, "BLOCK_M")](
-        q, k, v, dout, lse, delta, dq, *common, *dq.stride(),
-        *_map_args(h_a, map_a, map_b), scale * LOG2E, scale, Dh, BLOCK_D=block_d, UPCAST=upcast,
-    )  # fmt: skip
+    pdq, pdk, pdv = (_alloc(prefix_out.shape, torch.float32, q.device) for _ in range(3))
+    pl, pd, pdq_, pdk_, pdv_ = (_or(x, delta) for x in (prefix_lse, prefix_delta, pdq, pdk, pdv))
+    for h0, heads, h_a, map_a, map_b in index_maps(shape):
+        qh, kh, vh, gh, lh, deltah = (_heads(x, h0, heads) for x in (q, k, v, dout, lse, delta))
+        common = (*qh.stride(), *kh.stride(), *vh.stride(), *gh.stride(), lh.stride(0), lh.stride(1))
+        maps = (h_a, *map_a, *map_b, scale * LOG2E, scale, Dh)
+        dqh, dkh, dvh = (_heads(x, h0, heads) for x in (dq, dk, dv))
+        _dkdv[_grid(heads, B, h_a, map_a, map_b, "BLOCK_N")](
+            qh, kh, vh, gh, lh, deltah, dkh, dvh, pl, pd, pdk_, pdv_,
+            *common, *dkh.stride(), *dvh.stride(), *maps, BLOCK_D=block_d, UPCAST=upcast, PREFIX=map_a[5] > 0,
+        )  # fmt: skip
+        _dq[_grid(heads, B, h_a, map_a, map_b, "BLOCK_M")](
+            qh, kh, vh, gh, lh, deltah, dqh, pl, pd, pdq_,
+            *common, *dqh.stride(), *maps, BLOCK_D=block_d, UPCAST=upcast, PREFIX=map_a[5] > 0,
+        )  # fmt: skip
+    if averaged_heads:
+        for grad, partial in ((dq, pdq), (dk, pdk), (dv, pdv)):
+            grad[:, :averaged_heads, :prefix] = partial.sum(2).to(q.dtype)
     return dq, dk, dv

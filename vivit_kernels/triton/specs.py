@@ -31,8 +31,8 @@ class CompileSpec:
 # ---------------------------------------------------------------------------------------------
 # Attention.
 
-_ATTENTION_TENSORS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
-_ATTENTION_FP32 = {"LSE", "DELTA"}
+_ATTENTION_TENSORS = {"Q", "K", "V", "O", "PO", "DO", "DK", "DV", "DQ"}
+_ATTENTION_FP32 = {"LSE", "DELTA", "PL", "PD", "PDK", "PDV", "PDQ"}
 _ATTENTION_FLOATS = {"qk_scale", "scale"}
 # Head-dim strides are 1 for every layout FactorisedAttention makes; Triton specialises an int
 # argument equal to 1 into a constant at launch, so the inspected code does the same.
@@ -63,26 +63,30 @@ def _attention_spec(name: str, fn, dtype: str, constexprs: dict, warps: int, sta
 
 
 def attention_specs() -> list[CompileSpec]:
-    """Every (kernel, autotune config, dtype, padded head dim) the attention launchers can run."""
+    """Every (kernel, autotune config, dtype, padded head dim, prefix variant) the attention
+    launchers can run. PREFIX (groups with extra prefix members) is a compile-time switch: calls
+    without prefix tokens run the plain variant."""
     specs = []
     for dtype in DTYPES:
         for block_d in HEAD_DIM_BLOCKS:
-            for kernel, label, fn, configs in ATTENTION_KERNELS:
-                for config in configs:
-                    blocks = dict(config.kwargs)
-                    text = ", ".join(f"{k}={v}" for k, v in blocks.items())
-                    specs.append(
-                        _attention_spec(
-                            f"{label}[{dtype}, {text}, BLOCK_D={block_d}, warps={config.num_warps}, "
-                            f"stages={config.num_stages}]",
-                            fn,
-                            dtype,
-                            {**blocks, "BLOCK_D": block_d, "UPCAST": False},
-                            config.num_warps,
-                            config.num_stages,
-                            attention._fits(kernel, config, 4 if dtype == "fp32" else 2, block_d),
+            for prefix in (False, True):
+                for kernel, label, fn, configs in ATTENTION_KERNELS:
+                    for config in configs:
+                        blocks = dict(config.kwargs)
+                        text = ", ".join(f"{k}={v}" for k, v in blocks.items())
+                        variant = ", PREFIX" if prefix else ""
+                        specs.append(
+                            _attention_spec(
+                                f"{label}[{dtype}, {text}, BLOCK_D={block_d}{variant}, warps={config.num_warps}, "
+                                f"stages={config.num_stages}]",
+                                fn,
+                                dtype,
+                                {**blocks, "BLOCK_D": block_d, "UPCAST": False, "PREFIX": prefix},
+                                config.num_warps,
+                                config.num_stages,
+                                attention._fits(kernel, config, 4 if dtype == "fp32" else 2, block_d, prefix),
+                            )
                         )
-                    )
             specs.append(
                 _attention_spec(
                     f"attention_bwd_delta[{dtype}, BLOCK_M={attention._DELTA_BLOCK}, BLOCK_D={block_d}]",
