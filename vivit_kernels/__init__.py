@@ -2,6 +2,7 @@
 
 from .attention import FactorisedAttention, attention_backend, factorised_attention
 from .backends import BackendUnsupportedError
+from .convert import convert
 from .memory import saved_bytes
 from .tubelet import TubeletEmbedding, UniformFrameEmbedding, tubelet_backend, tubelet_embedding, uniform_frame_indices
 
@@ -11,6 +12,7 @@ __all__ = [
     "TubeletEmbedding",
     "UniformFrameEmbedding",
     "attention_backend",
+    "convert",
     "factorised_attention",
     "saved_bytes",
     "tubelet_backend",

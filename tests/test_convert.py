@@ -1,0 +1,404 @@
+"""vivit_kernels.convert: each family built from a small random config, converted, and compared with
+the original library's model in fp32 (outputs and every parameter gradient, <= 1e-5 relative) on
+the cpu and reference backends; then what cannot be converted."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from conftest import relative_error
+from torch import nn
+
+from vivit_kernels import FactorisedAttention, convert
+
+timm = pytest.importorskip("timm", reason="timm builds the reference ViTs")
+transformers = pytest.importorskip("transformers", reason="transformers builds the reference video models")
+vivit_pytorch = pytest.importorskip("vit_pytorch.vivit", reason="vit-pytorch builds the reference ViViT")
+
+BACKENDS = ["cpu", "reference"]
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    """The cpu backend's C++ library (built once if needed); its cases skip only when no toolchain exists."""
+    from vivit_kernels import _extension
+    from vivit_kernels.backends import cpu
+
+    if _extension.find() is None and _extension._cannot_build():
+        pytest.skip(f"C++ kernels neither built nor buildable here: {_extension._cannot_build()}")
+    cpu.load()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second OpenMP thread only waits, and on a busy machine that costs seconds per test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter random and of unit-scale effect: weights ~ N(0, 1/fan_in), biases and norm
+    shifts ~ N(0, 0.3), norm scales ~ 1 + N(0, 0.3), embeddings ~ N(0, 0.5). The libraries
+    initialise biases to zero, where a dropped bias would go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+
+    def fill(p: torch.Tensor, mean: float, std: float) -> None:
+        p.copy_(mean + std * torch.randn(p.shape, generator=g))
+
+    with torch.no_grad():
+        seen = set()
+        for module in model.modules():
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+                fill(weight, 0.0, weight[0].numel() ** -0.5)
+            elif isinstance(module, nn.LayerNorm) and weight is not None:
+                fill(weight, 1.0, 0.3)
+            else:
+                continue
+            seen.add(weight)
+            if isinstance(bias, nn.Parameter):
+                fill(bias, 0.0, 0.3)
+                seen.add(bias)
+        for p in model.parameters():
+            if p not in seen:
+                fill(p, 0.0, 0.5)
+    return model
+
+
+def grads_in_converted_layout(original: nn.Module, **options) -> dict[str, torch.Tensor]:
+    """The original's parameter gradients, named and laid out as the converted model's parameters:
+    a copy whose parameters hold the gradients, converted the same way (conversion only moves
+    parameter entries: packs, renames, reuses). NaN where the original's parameter got no gradient."""
+    shadow = copy.deepcopy(original)
+    with torch.no_grad():
+        for p, q in zip(shadow.parameters(), original.parameters(), strict=True):
+            p.copy_(q.grad if q.grad is not None else torch.full_like(p, float("nan")))
+    return {name: p.detach() for name, p in convert(shadow, **options).named_parameters()}
+
+
+def assert_parity(original, inputs, forward, options, *, forward_converted=None, train=False) -> dict:
+    """Convert a copy of `original`; outputs and every parameter gradient must match the original's.
+    Returns the relative errors by name ("output", then the parameters)."""
+    original.train(train)
+    converted = convert(copy.deepcopy(original), **options)
+    assert converted.training == train
+    assert sum(p.numel() for p in converted.parameters()) == sum(p.numel() for p in original.parameters())
+    expected = forward(original, inputs)
+    actual = (forward_converted or forward)(converted, inputs)
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
+    (expected * grad).sum().backward()
+    (actual * grad).sum().backward()
+    errors = {"output": relative_error(actual, expected)}
+    reference = grads_in_converted_layout(original, **options)
+    params = dict(converted.named_parameters())
+    assert params.keys() == reference.keys()
+    for name, p in params.items():
+        if reference[name].isnan().all():  # unused by `forward` (only part of the model ran)
+            assert p.grad is None, f"{name} got a gradient the original's did not"
+            continue
+        assert p.grad is not None, f"{name} got no gradient"
+        if name.endswith("k_norm.bias"):
+            # A key bias shifts a query's scores all alike, so its true gradient is zero: both sides
+            # are rounding noise, measured against the scale of the norm's weight gradient.
+            scale = reference[name.removesuffix("bias") + "weight"].abs().max()
+            errors[name] = ((p.grad - reference[name]).abs().max() / scale).item()
+        else:
+            errors[name] = relative_error(p.grad, reference[name])
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOLERANCE, f"{worst}: relative error {errors[worst]:.2e}"
+    return errors
+
+
+def converted_layers(model: nn.Module) -> list[FactorisedAttention]:
+    return [m for m in model.modules() if isinstance(m, FactorisedAttention)]
+
+
+# -------------------------------------------------------------------------------- timm ViT
+
+
+def timm_vit(**overrides) -> nn.Module:
+    options = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=5) | overrides
+    return randomised(timm.models.vision_transformer.VisionTransformer(**options))
+
+
+TIMM_CONFIGS = {
+    "class+registers, qk_norm, no proj bias": dict(reg_tokens=2, qk_norm=True, proj_bias=False, qkv_bias=True),
+    "no class token, no qkv bias": dict(class_token=False, global_pool="avg", qkv_bias=False),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", TIMM_CONFIGS)
+@pytest.mark.parametrize("mode", ["joint", "spatial"])
+def test_timm_vit_on_images(mode, config, backend, generator):
+    """joint keeps the function; so does spatial on an image batch (one frame, every prefix token)."""
+    model = timm_vit(**TIMM_CONFIGS[config])
+    images = torch.randn(2, 3, 32, 32, generator=generator)
+    assert_parity(model, images, lambda m, x: m(x), dict(mode=mode, backend=backend), train=True)
+    layer = convert(copy.deepcopy(model), mode=mode).blocks[0].attn
+    if config.startswith("class"):
+        assert isinstance(layer.q_norm, nn.LayerNorm) and layer.proj.bias is None
+    if mode == "spatial":
+        assert (layer.num_prefix_tokens, layer.tokens_per_frame) == (model.num_prefix_tokens, 16)
+
+
+def test_timm_vit_converts_in_place_reusing_parameters():
+    model = timm_vit(qk_norm=True)
+    qkv, q_norm = model.blocks[1].attn.qkv, model.blocks[1].attn.q_norm
+    assert convert(model, mode="split") is model
+    attn = model.blocks[1].attn
+    assert type(attn) is FactorisedAttention and attn.qkv is qkv and attn.q_norm is q_norm
+    assert "blocks.1.attn.qkv.weight" in model.state_dict()  # timm's names: its checkpoints still load
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_timm_vit_spatial_over_frames_is_the_image_model_per_frame(backend, generator):
+    """Without prefix tokens, spatial attention over a time-major (B, T * S, D) clip is the image
+    ViT applied to each frame on its own."""
+    model = timm_vit(class_token=False, global_pool="avg", qkv_bias=True)
+    B, T, S, D = 2, 3, 16, 48
+    tokens = torch.randn(B, T * S, D, generator=generator)
+    assert_parity(
+        model, tokens,
+        forward=lambda m, x: m.blocks(x.reshape(B * T, S, D)).reshape(B, T * S, D),
+        forward_converted=lambda m, x: m.blocks(x),
+        options=dict(mode="spatial", backend=backend),
+    )
+
+
+def test_timm_vit_with_a_class_token_over_frames():
+    """The default ViT (class token) on a clip: T is read off N = 1 + T * S; a count that fits no
+    grid is an error naming N, P and S."""
+    model = convert(timm_vit(), mode="split")
+    assert model.blocks(torch.randn(2, 1 + 4 * 16, 48)).shape == (2, 65, 48)
+    with pytest.raises(ValueError, match=r"N=64 tokens with num_prefix_tokens=1 .*tokens_per_frame=16"):
+        model.blocks(torch.randn(2, 4 * 16, 48))
+
+
+def test_timm_vit_refusals():
+    with pytest.raises(ValueError, match="image model, so mode is required"):
+        convert(timm_vit())
+    with pytest.raises(ValueError, match="frames / tokens_per_frame have no meaning"):
+        convert(timm_vit(), mode="joint", frames=8)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn: FactorisedAttention: mode .split. needs an even number of heads"):
+        convert(timm_vit(num_heads=3), mode="split")
+    with pytest.raises(ValueError, match="dynamic_img_size.* needs frames=T or tokens_per_frame=S"):
+        convert(timm_vit(dynamic_img_size=True), mode="spatial")
+
+    model = timm_vit()
+    first = model.blocks[0].attn
+    model.blocks[1].attn = timm.layers.Attention(48, num_heads=4, scale_norm=True, norm_layer=nn.LayerNorm)
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn: scale_norm=True"):
+        convert(model, mode="spatial")
+    assert model.blocks[0].attn is first  # nothing was replaced
+    model.blocks[1].attn = nn.Identity()
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn: Block has torch\.nn\.modules\.linear\.Identity; only timm's Attention"):
+        convert(model, mode="spatial")
+    model = convert(timm_vit(), mode="spatial")
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn is already a FactorisedAttention"):
+        convert(model, mode="spatial")
+
+
+# ---------------------------------------------------------------------- transformers TimeSformer
+
+
+def timesformer(**overrides) -> nn.Module:
+    options = dict(image_size=32, patch_size=8, num_frames=3, hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=4, intermediate_size=64) | overrides
+    return randomised(transformers.TimesformerModel(transformers.TimesformerConfig(**options)))
+
+
+def hidden(model, video):
+    return model(video).last_hidden_state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "space_only", "joint_space_time"])
+def test_timesformer(attention_type, backend, generator):
+    model = timesformer(attention_type=attention_type)
+    video = torch.randn(2, 3, 3, 32, 32, generator=generator)
+    assert_parity(model, video, hidden, dict(backend=backend), train=True)
+
+
+def test_timesformer_divided_layers():
+    """Temporal then spatial FactorisedAttention on the whole space-major sequence, the class token
+    as the prefix; the original's modules reused; gradient checkpointing still applies."""
+    model = timesformer()
+    qkv = model.encoder.layer[0].temporal_attention.attention.qkv
+    convert(model)
+    layer = model.encoder.layer[0]
+    assert isinstance(layer, transformers.models.timesformer.modeling_timesformer.TimesformerLayer)
+    temporal, spatial = layer.temporal_attention, layer.attention
+    assert (temporal.mode, spatial.mode) == ("temporal", "spatial") and temporal.qkv is qkv
+    for attn in (temporal, spatial):
+        assert (attn.layout, attn.num_prefix_tokens, attn.frames) == ("space_major", 1, 3)
+    restored = pickle.loads(pickle.dumps(model))
+    assert type(restored.encoder.layer[0]) is type(layer)
+
+    calls = []
+    temporal.register_forward_hook(lambda *_: calls.append(1))
+    model.train()
+    # transformers 5 renamed it; older versions have only the old name.
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model(torch.randn(1, 3, 3, 32, 32)).last_hidden_state.sum().backward()
+    assert len(calls) == 2  # the forward, and its replay in backward
+
+
+def test_timesformer_clip_length_from_tokens_per_frame():
+    """With tokens_per_frame, T is read off each input: a 5-frame clip runs through a model
+    configured for 3 (the original layer would misread it)."""
+    model = convert(timesformer(), tokens_per_frame=16)
+    x = torch.randn(2, 1 + 16 * 5, 32)
+    assert model.encoder(x).last_hidden_state.shape == x.shape
+
+
+def test_timesformer_drop_path_is_drawn_per_group():
+    """Training with stochastic depth: each temporal residual group (sample, position) and each
+    spatial one (sample, frame) is kept or dropped whole, as in the original's batches."""
+    model = timesformer(num_hidden_layers=1)
+    # (The config types drop_path_rate as an int, so the layer's module is set directly.)
+    model.encoder.layer[0].drop_path = transformers.models.timesformer.modeling_timesformer.TimesformerDropPath(0.5)
+    layer = convert(model).train().encoder.layer[0]
+    B, S, T, D = 8, 16, 3, 32
+    x = torch.randn(B, 1 + S * T, D)
+    inputs = {}
+    for name in ("temporal_dense", "layernorm_before", "layernorm_after"):
+        getattr(layer, name).register_forward_hook(lambda m, args, out, name=name: inputs.setdefault(name, args[0]))
+    layer(x)
+    temporal = inputs["temporal_dense"].reshape(B, S, T, D)  # the temporal residual, before temporal_dense
+    spatial = (inputs["layernorm_after"] - inputs["layernorm_before"])[:, 1:].reshape(B, S, T, D)
+    for residual, group_axis, other_axis in ((temporal, 2, 1), (spatial, 1, 2)):
+        dropped = (residual == 0).all(-1)  # (B, S, T)
+        # Whole groups go together, and groups of one sample are drawn independently.
+        assert (dropped == dropped.narrow(group_axis, 0, 1)).all()
+        mixed = dropped.any(other_axis) & ~dropped.all(other_axis)
+        assert mixed.any()
+
+
+def test_timesformer_refusals():
+    with pytest.raises(ValueError, match="TimeSformer keeps its own attention pattern, so mode must be None"):
+        convert(timesformer(), mode="spatial")
+    with pytest.raises(ValueError, match="frames / tokens_per_frame have no meaning"):
+        convert(timesformer(attention_type="space_only"), frames=3)
+    model = convert(timesformer())
+    with pytest.raises(ValueError, match="TimesformerLayer .*output_attentions=True is not supported"):
+        model(torch.randn(1, 3, 3, 32, 32), output_attentions=True)
+    with pytest.raises(ValueError, match="found no TimesformerLayer to convert"):
+        convert(model)
+
+
+# --------------------------------------------------------------------------- transformers ViViT
+
+
+def hf_vivit(task: bool = False, **overrides) -> nn.Module:
+    options = dict(image_size=32, num_frames=4, tubelet_size=[2, 8, 8], hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=4, intermediate_size=64) | overrides
+    config = transformers.VivitConfig(**options)
+    return randomised(transformers.VivitForVideoClassification(config) if task else transformers.VivitModel(config))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hf_vivit(backend, generator):
+    video = torch.randn(2, 4, 3, 32, 32, generator=generator)
+    assert_parity(hf_vivit(), video, hidden, dict(backend=backend), train=True)
+    assert_parity(hf_vivit(task=True, num_labels=5, qkv_bias=False), video, lambda m, x: m(x).logits,
+                  dict(backend=backend, mode="joint"))
+
+
+def test_hf_vivit_refusals():
+    with pytest.raises(ValueError, match="mode must be None or 'joint', got 'split'"):
+        convert(hf_vivit(), mode="split")
+    model = convert(hf_vivit())
+    assert all(layer.qkv.out_features == 96 for layer in converted_layers(model))
+    with pytest.raises(ValueError, match="VivitAttention .*output_attentions=True is not supported"):
+        model(torch.randn(1, 4, 3, 32, 32), output_attentions=True)
+
+
+# ------------------------------------------------------------------------ transformers VideoMAE
+
+
+def videomae(cls=transformers.VideoMAEModel, **overrides) -> nn.Module:
+    options = dict(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=4, intermediate_size=64, decoder_hidden_size=24, decoder_num_hidden_layers=1,
+                   decoder_num_attention_heads=3, decoder_intermediate_size=48) | overrides
+    return randomised(cls(transformers.VideoMAEConfig(**options)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("qv_bias", [True, False])
+def test_videomae(qv_bias, backend, generator):
+    video = torch.randn(2, 4, 3, 32, 32, generator=generator)
+    assert_parity(videomae(qv_bias=qv_bias), video, hidden, dict(backend=backend), train=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_videomae_pretraining_encoder_and_decoder(backend, generator):
+    """The pre-training model: visible tokens only in the encoder, all of them in the decoder."""
+    video = torch.randn(2, 4, 3, 32, 32, generator=generator)
+    masked = torch.zeros(2, 32, dtype=torch.bool)
+    masked[:, ::3] = True
+    model = videomae(transformers.VideoMAEForPreTraining)
+    errors = assert_parity(model, video, lambda m, x: m(x, bool_masked_pos=masked).logits, dict(backend=backend))
+    assert "decoder.decoder_layers.0.attention.qkv.weight" in errors
+
+
+def test_videomae_key_bias_is_zero_and_never_trained():
+    model = convert(videomae())
+    layer = converted_layers(model)[0]
+    assert "k_bias" not in dict(model.named_parameters()) and "attention.k_bias" not in str(model.state_dict().keys())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(1, 4, 3, 32, 32)).last_hidden_state.sum().backward()
+    optimizer.step()
+    assert (layer.k_bias == 0).all() and layer.q_bias.grad is not None
+
+
+# ------------------------------------------------------------------------ vit-pytorch ViViT
+
+
+def vit_pytorch_vivit(variant: str, pool: str = "cls", heads: int = 3, dim_head: int = 12) -> nn.Module:
+    return randomised(vivit_pytorch.ViViT(
+        image_size=32, image_patch_size=8, frames=4, frame_patch_size=2, num_classes=5, dim=32, spatial_depth=2,
+        temporal_depth=2, heads=heads, mlp_dim=64, dim_head=dim_head, pool=pool, variant=variant,
+    ))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("variant", ["factorized_encoder", "factorized_self_attention"])
+def test_vit_pytorch_vivit(variant, pool, backend, generator):
+    """Inner width heads * dim_head = 36 != dim = 32; pre-LayerNorm inside the attention."""
+    video = torch.randn(2, 3, 4, 32, 32, generator=generator)
+    assert_parity(vit_pytorch_vivit(variant, pool), video, lambda m, x: m(x), dict(backend=backend), train=True)
+
+
+def test_vit_pytorch_single_head_has_no_output_projection(generator):
+    model = vit_pytorch_vivit("factorized_self_attention", heads=1, dim_head=32)
+    video = torch.randn(2, 3, 4, 32, 32, generator=generator)
+    assert_parity(model, video, lambda m, x: m(x), dict(backend="reference"))
+
+
+def test_vit_pytorch_modes_and_refusals():
+    model = convert(vit_pytorch_vivit("factorized_self_attention"))
+    assert [m.mode for m in converted_layers(model)] == ["spatial", "temporal"] * 2
+    with pytest.raises(ValueError, match="FactorizedTransformer .*an attention mask is not supported"):
+        model(torch.randn(1, 3, 4, 32, 32), mask=torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mode must be None, got 'joint'"):
+        convert(vit_pytorch_vivit("factorized_encoder"), mode="joint")
+
+
+# ------------------------------------------------------------------------------- any model
+
+
+def test_unknown_models_and_arguments():
+    with pytest.raises(TypeError, match=r"torch\.nn\.modules\.container\.Sequential is not a model convert knows"):
+        convert(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        convert(timm_vit(), mode="diagonal")
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        convert(timm_vit(), mode="joint", backend="cuda")
