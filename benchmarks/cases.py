@@ -24,7 +24,8 @@ FORWARD, BACKWARD = "forward", "forward+backward"
 PASSES = (FORWARD, BACKWARD)
 BASELINE = "reference"  # the naive einsum implementation every speedup is relative to
 # The torch implementation a user would otherwise call: speedups against it are reported too.
-TORCH_BASELINES = {"attention": "sdpa", "tubelet": "conv3d"}
+# For a converted model (op "dropin") it is the model as its library built it.
+TORCH_BASELINES = {"attention": "sdpa", "tubelet": "conv3d", "dropin": "original"}
 
 # Device/dtype targets: fp32 on the CPU; fp16 and bf16 on CUDA GPUs.
 TARGETS = ("cpu-float32", "cuda-float16", "cuda-bfloat16")
@@ -374,17 +375,26 @@ def training_case(spec: dict) -> Case:
         grad_checkpointing=False,
         **shape.get("overrides", {}),
     ).to(device)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     video = torch.randn(B, 3, T, size, size, generator=g).to(device)
     labels = torch.randint(0, 400, (B,), generator=g).to(device)
+    return train_step_case(model, lambda: model(video), labels, device, dtype)
+
+
+def train_step_case(
+    model: torch.nn.Module, logits: Callable[[], torch.Tensor], labels: torch.Tensor, device: torch.device,
+    dtype: torch.dtype,
+) -> Case:
+    """One training step of `model` (on `device`): cross-entropy of `logits()` against `labels`, its
+    backward and an AdamW update; zero_grad runs untimed before it."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     # fp32 on the CPU; on GPUs the usual mixed precision (autocast to the target dtype).
     autocast = device.type == "cuda" and dtype != torch.float32
 
     def loss() -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            return F.cross_entropy(model(video), labels)
+            return F.cross_entropy(logits(), labels)
 
     def run() -> None:
         loss().backward()
@@ -410,3 +420,7 @@ BUILDERS = {"attention": attention_case, "tubelet": tubelet_case, "training": tr
 from .loader import loader_case  # noqa: E402  (it builds on Case above)
 
 BUILDERS["loader"] = loader_case
+
+from .dropin import dropin_case  # noqa: E402  (it builds on Case above)
+
+BUILDERS["dropin"] = dropin_case
