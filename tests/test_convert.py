@@ -148,6 +148,17 @@ def test_timm_vit_on_images(mode, config, backend, generator):
         assert (layer.num_prefix_tokens, layer.tokens_per_frame) == (model.num_prefix_tokens, 16)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_timm_attention_with_its_own_head_dim(backend, generator):
+    """attn_head_dim: 4 heads of 16, an inner width of 64 in a 48-wide model."""
+    model = timm_vit()
+    for block in model.blocks:
+        block.attn = timm.layers.Attention(48, num_heads=4, attn_head_dim=16, qkv_bias=True)
+    randomised(model)
+    images = torch.randn(2, 3, 32, 32, generator=generator)
+    assert_parity(model, images, lambda m, x: m(x), dict(mode="spatial", backend=backend))
+
+
 def test_timm_vit_converts_in_place_reusing_parameters():
     model = timm_vit(qk_norm=True)
     qkv, q_norm = model.blocks[1].attn.qkv, model.blocks[1].attn.q_norm
