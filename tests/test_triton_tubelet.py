@@ -172,6 +172,91 @@ def test_poisoned_outputs_and_gradients_are_fully_written(generator):
     assert (dvideo[:, :, 6:] == 0).all() and (dvideo[:, :, :, 10:] == 0).all() and (dvideo[..., 14:] == 0).all()
 
 
+@pytest.fixture
+def allocations(monkeypatch):
+    """Every buffer the tubelet launchers allocate comes NaN-filled; their shapes are recorded."""
+    shapes = []
+
+    def poisoned(shape, dtype, device):
+        shapes.append(tuple(shape))
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernels, "_alloc", poisoned)
+    return shapes
+
+
+# (C, tubelet, (B, T, H, W), D, split): 40 tokens per clip are 3 interpreter tiles of 16, 6 in
+# all: 4 chunks of 2 tiles (one of them straddling the two clips, the last one empty) and 5
+# chunks (two empty); 7 tiles of a 100-token clip in 3 uneven chunks.
+SPLIT_CASES = [
+    (3, (2, 4, 4), (2, 5, 17, 21), 40, 4),
+    (3, (2, 4, 4), (2, 5, 17, 21), 40, 5),
+    (1, (1, 5, 7), (1, 4, 25, 35), 24, 3),
+]
+
+
+@pytest.mark.parametrize("C, tubelet, size, D, split", SPLIT_CASES)
+def test_weight_gradient_split_over_tokens_matches_conv3d(C, tubelet, size, D, split, allocations, generator):
+    """d(weight) and d(bias) with the token reduction cut into `split` chunks of fp32 partials
+    (poisoned, like the outputs) match F.conv3d's gradients in float64."""
+    leaves = _inputs(C, tubelet, size, D, generator)
+    video, weight, bias, _ = leaves
+    grad_out = _grad_out(leaves, generator)
+    _, conv_grads = _grads(_conv3d_tokens, _float64(leaves), grad_out.cpu())
+    dweight, dbias = kernels.backward_weight(grad_out.float(), video, weight, True, split=split)
+    assert (split, D, weight[0].numel()) in allocations and (split, D) in allocations
+    assert relative_error(dweight.cpu(), conv_grads[1]) < FP32_TOL
+    assert relative_error(dbias.cpu(), conv_grads[2]) < FP32_TOL
+    if split == 4:  # without d(bias): no bias partials
+        allocations.clear()
+        (dweight_only,) = kernels.backward_weight(grad_out.float(), video, weight, False, split=split)
+        assert (split, D) not in allocations
+        assert relative_error(dweight_only.cpu(), conv_grads[1]) < FP32_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_split_weight_gradient_in_low_precision(dtype, allocations, generator):
+    """fp16/bf16 inputs: the partials stay fp32 and the sum is rounded once, so the split
+    gradient is as close to the float64 truth as the one-pass one (within 2x the reference's)."""
+    leaves = _inputs(3, (2, 4, 4), (2, 5, 17, 21), 40, generator, dtype=dtype)
+    video, weight, bias, _ = leaves
+    grad_out = _grad_out(leaves, generator)
+    _, truth = _grads(_conv3d_tokens, _float64(leaves), grad_out.cpu())
+    _, ref = _grads(reference.tubelet_embedding, [x.cpu() for x in leaves], grad_out.cpu())
+    dweight, dbias = kernels.backward_weight(grad_out.to(dtype), video, weight, True, split=4)
+    assert dweight.dtype == dbias.dtype == dtype
+    assert relative_error(dweight.cpu(), truth[1]) <= 2 * relative_error(ref[1], truth[1])
+    assert relative_error(dbias.cpu(), truth[2]) <= 2 * relative_error(ref[2], truth[2])
+
+
+def test_weight_split_rule():
+    """SPLIT fills about four waves of 132 SMs with the config that launches the fewest
+    programs, keeps at least 1024 tokens per chunk, and is 1 for small problems."""
+    D, K = 768, 3 * 2 * 16 * 16  # ViViT-B: 6 x 12 = 72 tiles of 128 x 128
+    assert kernels.weight_split(8, 16 * 196, D, K, torch.float16) == 8  # 576 programs: 4.4 waves of 132
+    assert kernels.weight_split(8, 16 * 196, D, K, torch.float32) == 4  # fp32 tiles are at most 128 x 64: 144
+    assert kernels.weight_split(1, 16 * 196, D, K, torch.float16) == 3  # 3136 tokens: chunks of >= 1024
+    assert kernels.weight_split(1, 8 * 196, D, K, torch.bfloat16) == 1  # 1568 tokens: one pass
+    assert kernels.weight_split(256, 16 * 196, 16, 16, torch.float16) == 4 * 132  # one tile: four full waves
+    with pytest.raises(ValueError, match="split"):
+        kernels.backward_weight(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2, 2), torch.zeros(2, 1, 1, 2, 2), True,
+                                split=0)  # fmt: skip
+
+
+def test_launcher_splits_by_the_rule(allocations, generator):
+    """Without `split`, a problem of 2048 tokens runs in weight_split's 2 chunks (one 16 x 32 tile of
+    d(weight), so the interpreter stays quick), and still matches F.conv3d."""
+    leaves = _inputs(2, (1, 4, 4), (1, 8, 64, 64), 16, generator)
+    video, weight, bias, _ = leaves
+    assert kernels.weight_split(1, 2048, 16, 32, torch.float32) == 2
+    grad_out = _grad_out(leaves, generator)
+    _, conv_grads = _grads(_conv3d_tokens, _float64(leaves), grad_out.cpu())
+    dweight, dbias = kernels.backward_weight(grad_out.float(), video, weight, True)
+    assert (2, 16, 32) in allocations
+    assert relative_error(dweight.cpu(), conv_grads[1]) < FP32_TOL
+    assert relative_error(dbias.cpu(), conv_grads[2]) < FP32_TOL
+
+
 def test_public_api_and_module_run_on_triton(generator):
     video, weight, bias, pos_embed = leaves = _inputs(3, (2, 4, 4), (1, 4, 9, 13), 24, generator)
     expected = _conv3d_tokens(*_float64(leaves)).to(video.device)
@@ -210,7 +295,7 @@ INSPECT_SUBSET = (
     r"|tubelet_fwd\[fp32, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16,"
     r"|tubelet_bwd_video\[(fp16|bf16), BLOCK_M=128, BLOCK_K=64, BLOCK_D=64,"
     r"|tubelet_bwd_video\[fp32, BLOCK_M=64, BLOCK_K=128, BLOCK_D=16,"
-    r"|tubelet_bwd_weight\[(fp16|bf16), BLOCK_D=128, BLOCK_K=128, BLOCK_M=32,"
+    r"|tubelet_bwd_weight\[(fp16|bf16), BLOCK_D=128, BLOCK_K=128, BLOCK_M=32,"  # one pass and PARTIAL
     r"|tubelet_bwd_weight\[fp32, BLOCK_D=128, BLOCK_K=64, BLOCK_M=16,"
     r"|tubelet_bwd_pos\[fp16,"
 )
@@ -229,7 +314,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
         for kernel in ("tubelet_fwd", "tubelet_bwd_video", "tubelet_bwd_weight", "tubelet_bwd_pos")
         for arch in (80, 90)
     }
-    assert len(rows) == 2 * 10
+    assert len(rows) == 2 * 13
     for r in rows:
         where = f"{r['name']} sm_{r['arch']}"
         assert not r["error"], f"{where}: {r['error']}"

@@ -105,45 +105,57 @@ def attention_specs() -> list[CompileSpec]:
 # Tubelet embedding.
 
 _TUBELET_POINTERS = {"video", "weight", "bias", "pos", "out", "grad", "dvideo", "dweight", "dbias", "dpos"}
+_TUBELET_PARTIALS = {"dweight", "dbias"}  # fp32 per-chunk sums when d(weight) is split (PARTIAL)
 
 
 def _tubelet_signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
-    """Triton types of `fn`'s arguments, in order: pointers to `dtype`, i32 sizes and strides."""
+    """Triton types of `fn`'s arguments, in order: pointers to `dtype` (fp32 for split
+    d(weight)'s partials), i32 sizes and strides."""
+
+    def pointer(name: str) -> str:
+        return "*fp32" if constexprs.get("PARTIAL") and name in _TUBELET_PARTIALS else f"*{dtype}"
+
     return {
-        name: "constexpr" if name in constexprs else f"*{dtype}" if name in _TUBELET_POINTERS else "i32"
+        name: "constexpr" if name in constexprs else pointer(name) if name in _TUBELET_POINTERS else "i32"
         for name in fn.arg_names
     }
 
 
 def tubelet_specs() -> list[CompileSpec]:
-    """One spec per (kernel, autotune config, dtype), with bias and pos_embed on, at ViViT's
-    2 x 16 x 16 tubelet (the tubelet is a compile-time constant) and unit inner strides."""
+    """One spec per (kernel, autotune config, dtype, variant), with bias and pos_embed on, at
+    ViViT's 2 x 16 x 16 tubelet (the tubelet is a compile-time constant) and unit inner strides.
+    d(weight) has two variants: one pass (SPLIT = 1, which a launch makes a constant) and the
+    token reduction split into fp32 partials (PARTIAL), what ViViT-B sizes run."""
     static = {"t": 2, "h": 16, "w": 16, "stride_vw": 1, "stride_wk": 1}
-    switches = {
-        "fwd": {"HAS_BIAS": True, "HAS_POS": True, "UPCAST": False},
-        "bwd_video": {"UPCAST": False},
-        "bwd_weight": {"HAS_BIAS": True, "UPCAST": False},
+    variants = {
+        "fwd": [({"HAS_BIAS": True, "HAS_POS": True, "UPCAST": False}, "")],
+        "bwd_video": [({"UPCAST": False}, "")],
+        "bwd_weight": [
+            ({"HAS_BIAS": True, "PARTIAL": False, "UPCAST": False, "SPLIT": 1}, ""),
+            ({"HAS_BIAS": True, "PARTIAL": True, "UPCAST": False}, ", PARTIAL"),
+        ],
     }
     specs = []
     for dtype in DTYPES:
         bits = "32" if dtype == "fp32" else "16"
         for kernel, fn in tubelet._KERNELS.items():
             for config in tubelet._GPU_CONFIGS[kernel][bits]:
-                constexprs = {**switches[kernel], **config.kwargs}
-                constexprs.update({k: v for k, v in static.items() if k in fn.arg_names})
-                blocks = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
-                launch = f"warps={config.num_warps}, stages={config.num_stages}"
-                specs.append(
-                    CompileSpec(
-                        name=f"tubelet_{kernel}[{dtype}, {blocks}, {launch}]",
-                        fn=fn,
-                        signature=_tubelet_signature(fn, dtype, constexprs),
-                        constexprs=constexprs,
-                        num_warps=config.num_warps,
-                        num_stages=config.num_stages,
-                        dtype=dtype,
+                for switches, label in variants[kernel]:
+                    constexprs = {**switches, **config.kwargs}
+                    constexprs.update({k: v for k, v in static.items() if k in fn.arg_names})
+                    blocks = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
+                    launch = f"warps={config.num_warps}, stages={config.num_stages}"
+                    specs.append(
+                        CompileSpec(
+                            name=f"tubelet_{kernel}[{dtype}, {blocks}{label}, {launch}]",
+                            fn=fn,
+                            signature=_tubelet_signature(fn, dtype, constexprs),
+                            constexprs=constexprs,
+                            num_warps=config.num_warps,
+                            num_stages=config.num_stages,
+                            dtype=dtype,
+                        )
                     )
-                )
         pos = {"UPCAST": False, **tubelet._POS_CONFIG}
         blocks = ", ".join(f"{key}={value}" for key, value in tubelet._POS_CONFIG.items())
         specs.append(

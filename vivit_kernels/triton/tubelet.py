@@ -14,8 +14,9 @@ are dropped (nt = T // t, nh = H // h, nw = W // w) and get a zero gradient.
 Backward, with dY the token gradient (M, D):
 - d(video)[A-position (m, k)] = (dY W)[m, k]: tubes do not overlap (kernel == stride), so every
   video element receives at most one value; no atomics. Dropped positions are zeroed.
-- d(weight) = dY^T A, with A gathered again (a GEMM over the M tokens), d(bias) = column sums of
-  dY (fused into the same loop), d(pos_embed) = dY summed over the batch.
+- d(weight) = dY^T A, with A gathered again (a GEMM over the M tokens, split into chunks of
+  tokens summed in a fixed order so the grid fills the GPU: see `weight_split`), d(bias) = column
+  sums of dY (fused into the same loop), d(pos_embed) = dY summed over the batch.
 Autograd saves the video and the weight only.
 
 The tubelet (t, h, w) is a compile-time constant (one compilation per tubelet shape, and a
@@ -176,15 +177,21 @@ def tubelet_bwd_video_kernel(
 def tubelet_bwd_weight_kernel(
     grad, video, dweight, dbias,
     B, P, D, K, nh, nw, t: tl.constexpr, h: tl.constexpr, w: tl.constexpr,
-    stride_vb, stride_vc, stride_vt, stride_vh, stride_vw,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    stride_vb, stride_vc, stride_vt, stride_vh, stride_vw, SPLIT,
+    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """dweight[d, k] = sum_{b, p} grad[b, p, d] * video[b, A(p, k)] (A gathered again, never
-    stored); dbias[d] = sum_{b, p} grad[b, p, d], written by the programs of the first K block.
-    dweight is (D, K) contiguous, grad (B, P, D) contiguous."""
+    stored); dbias[d] = sum_{b, p} grad[b, p, d], accumulated by the programs of the first K block.
+
+    The reduction runs over B * cdiv(P, BLOCK_M) token tiles (each inside one clip), cut into
+    SPLIT contiguous chunks, one per program along grid axis 2. With PARTIAL (SPLIT > 1) each
+    program stores its fp32 sum to dweight[split] (SPLIT, D, K) and dbias[split] (SPLIT, D), which
+    the launcher adds up in a fixed order; otherwise (SPLIT = 1) it stores the result, rounded
+    once, to dweight (D, K) and dbias (D,). grad is (B, P, D) contiguous."""
     pid_d = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
@@ -193,33 +200,43 @@ def tubelet_bwd_weight_kernel(
     cols = _tube_offsets(offs_k, t, h, w, stride_vc, stride_vt, stride_vh, stride_vw)
     acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    clip = video
-    dy_clip = grad
-    for _ in range(0, B):
-        for p0 in range(0, P, BLOCK_M):
-            mask_m = p0 + offs_m < P
-            # grad loaded transposed, (BLOCK_D, BLOCK_M), as the left operand of dY^T A.
-            dyt = tl.load(
-                dy_clip + (p0 + offs_m[None, :]) * D + offs_d[:, None],
-                mask=mask_d[:, None] & mask_m[None, :],
-                other=0.0,
-            )
-            rows = _token_offsets(
-                tl.where(mask_m, p0 + offs_m, 0), nh, nw, t, h, w, stride_vt, stride_vh, stride_vw
-            )
-            a = tl.load(clip + rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            if HAS_BIAS:
-                bias_acc += tl.sum(dyt.to(tl.float32), axis=1)
-            if UPCAST:
-                dyt = dyt.to(tl.float32)
-                a = a.to(tl.float32)
-            acc = tl.dot(dyt, a, acc, input_precision="tf32x3")
-        clip += stride_vb  # pointer arithmetic is 64-bit: no overflow across a large batch
-        dy_clip += P * D
-    tile = offs_d[:, None] * K + offs_k[None, :]
-    tl.store(dweight + tile, cast_rounded(acc, dweight.dtype.element_ty, UPCAST), mask=mask_d[:, None] & mask_k[None, :])
-    if HAS_BIAS:
-        tl.store(dbias + offs_d, cast_rounded(bias_acc, dbias.dtype.element_ty, UPCAST), mask=mask_d & (pid_k == 0))
+    blocks = tl.cdiv(P, BLOCK_M)
+    tiles = B * blocks
+    chunk = tl.cdiv(tiles, SPLIT)
+    first = pid_s * chunk
+    # The last chunks may be short or empty: an empty one stores zeros.
+    for tile in range(first, tl.minimum(first + chunk, tiles)):
+        b = (tile // blocks).to(tl.int64)  # int64: the batch offset can exceed 2^31
+        p0 = (tile % blocks) * BLOCK_M
+        mask_m = p0 + offs_m < P
+        # grad loaded transposed, (BLOCK_D, BLOCK_M), as the left operand of dY^T A.
+        dyt = tl.load(
+            grad + b * P * D + (p0 + offs_m[None, :]) * D + offs_d[:, None],
+            mask=mask_d[:, None] & mask_m[None, :],
+            other=0.0,
+        )
+        rows = _token_offsets(tl.where(mask_m, p0 + offs_m, 0), nh, nw, t, h, w, stride_vt, stride_vh, stride_vw)
+        a = tl.load(
+            video + b * stride_vb + rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
+        if HAS_BIAS:
+            bias_acc += tl.sum(dyt.to(tl.float32), axis=1)
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = tl.dot(dyt, a, acc, input_precision="tf32x3")
+    tile_dk = offs_d[:, None] * K + offs_k[None, :]
+    mask_dk = mask_d[:, None] & mask_k[None, :]
+    mask_bias = mask_d & (pid_k == 0)
+    if PARTIAL:
+        split = pid_s.to(tl.int64)
+        tl.store(dweight + split * D * K + tile_dk, acc, mask=mask_dk)
+        if HAS_BIAS:
+            tl.store(dbias + split * D + offs_d, bias_acc, mask=mask_bias)
+    else:
+        tl.store(dweight + tile_dk, cast_rounded(acc, dweight.dtype.element_ty, UPCAST), mask=mask_dk)
+        if HAS_BIAS:
+            tl.store(dbias + offs_d, cast_rounded(bias_acc, dbias.dtype.element_ty, UPCAST), mask=mask_bias)
 
 
 @triton.jit
@@ -281,10 +298,11 @@ _INTERPRETER_CONFIGS = {
 }
 _POS_CONFIG = {"BLOCK_P": 32, "BLOCK_D": 64}
 _KERNELS = {"fwd": tubelet_fwd_kernel, "bwd_video": tubelet_bwd_video_kernel, "bwd_weight": tubelet_bwd_weight_kernel}
-# One autotuner per kernel and precision family, tuned per problem size.
+# One autotuner per kernel and precision family, tuned per problem size (and, for d(weight), split).
+_KEYS = {"fwd": ["P", "D", "K"], "bwd_video": ["P", "D", "K"], "bwd_weight": ["P", "D", "K", "SPLIT"]}
 _TUNED = {
     (kernel, bits): triton.autotune(
-        autotune_configs(_GPU_CONFIGS[kernel][bits], _INTERPRETER_CONFIGS[kernel]), key=["P", "D", "K"]
+        autotune_configs(_GPU_CONFIGS[kernel][bits], _INTERPRETER_CONFIGS[kernel]), key=_KEYS[kernel]
     )(fn)
     for kernel, fn in _KERNELS.items()
     for bits in ("16", "32")
@@ -303,6 +321,31 @@ def _sizes(video: torch.Tensor, weight_shape) -> tuple[TubeletShape, int, int, i
     """The call's shape, and (tokens per clip P, D, K)."""
     shape = TubeletShape.of(video.shape, weight_shape)
     return shape, shape.tokens_per_clip, shape.dim, shape.tube_size
+
+
+# d(weight)'s grid is (D / BLOCK_D, K / BLOCK_K, SPLIT). The D x K tiles alone are 72 programs
+# at ViViT-B with 128 x 128 tiles, under one wave of an A100 (108 SMs) or H100 (132), each
+# reducing every token. SPLIT cuts that reduction so that the config with the fewest programs
+# still makes WAVES waves of SMS programs (one program of the large tiles fits on an SM at a
+# time), while every chunk keeps at least MIN_SPLIT_TOKENS tokens, so a program's fp32 partial
+# (BLOCK_D x BLOCK_K) stays small against the tiles it reads. SMS is fixed, not read from the
+# device, so the result does not depend on the GPU it runs on.
+SMS = 132
+WAVES = 4
+MIN_SPLIT_TOKENS = 1024
+
+
+def weight_split(batch: int, tokens_per_clip: int, dim: int, tube_size: int, dtype: torch.dtype) -> int:
+    """SPLIT = min(cdiv(WAVES * SMS, fewest D x K tiles of a config), tokens // MIN_SPLIT_TOKENS),
+    at least 1: small problems run one pass and write no partials."""
+    configs = _GPU_CONFIGS["bwd_weight"]["32" if dtype == torch.float32 else "16"]
+    tiles = min(triton.cdiv(dim, c.kwargs["BLOCK_D"]) * triton.cdiv(tube_size, c.kwargs["BLOCK_K"]) for c in configs)
+    return max(1, min(triton.cdiv(WAVES * SMS, tiles), batch * tokens_per_clip // MIN_SPLIT_TOKENS))
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Buffers the kernels write (tests replace this with a NaN-filled allocation)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -324,7 +367,7 @@ def forward(
     shape, P, D, K = _sizes(video, weight.shape)
     B, (_, nh, nw), (t, h, w) = shape.batch, shape.grid, shape.tubelet
     if out is None:
-        out = torch.empty(shape.output_shape, device=video.device, dtype=video.dtype)
+        out = _alloc(shape.output_shape, video.dtype, video.device)
     wmat = _weight_matrix(weight)
     pos = pos_embed.contiguous() if pos_embed is not None else None
     bias_arg = bias.contiguous() if bias is not None else wmat  # any pointer: unused when HAS_BIAS is off
@@ -381,25 +424,39 @@ def backward_weight(
     bias_grad: bool,
     dweight: torch.Tensor | None = None,
     dbias: torch.Tensor | None = None,
+    split: int | None = None,
 ) -> list[torch.Tensor]:
-    """[d(weight)] (D, C, t, h, w) contiguous, or [d(weight), d(bias) (D,)] with `bias_grad`."""
+    """[d(weight)] (D, C, t, h, w) contiguous, or [d(weight), d(bias) (D,)] with `bias_grad`.
+
+    `split` overrides `weight_split` (tests use it to split small problems)."""
     shape, P, D, K = _sizes(video, weight.shape)
     B, (_, nh, nw), (t, h, w) = shape.batch, shape.grid, shape.tubelet
+    split = weight_split(B, P, D, K, video.dtype) if split is None else split
+    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"backward_weight: split must be a positive int, got {split!r}")
     if dweight is None:
-        dweight = torch.empty(weight.shape, device=video.device, dtype=video.dtype)
+        dweight = _alloc(weight.shape, video.dtype, video.device)
     if bias_grad and dbias is None:
-        dbias = torch.empty(D, device=video.device, dtype=video.dtype)
+        dbias = _alloc((D,), video.dtype, video.device)
     grad = grad.contiguous()
+    partial = split > 1
+    # fp32 partial sums per chunk of tokens, or the outputs themselves when there is one chunk.
+    dweight_out = _alloc((split, D, K), torch.float32, video.device) if partial else dweight
+    dbias_out = (_alloc((split, D), torch.float32, video.device) if partial else dbias) if bias_grad else dweight_out
 
     def grid(meta):
-        return triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(K, meta["BLOCK_K"])
+        return triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(K, meta["BLOCK_K"]), split
 
     _tuned("bwd_weight", video.dtype)[grid](
-        grad, video, dweight, dbias if bias_grad else dweight,
+        grad, video, dweight_out, dbias_out,
         B, P, D, K, nh, nw, t, h, w,
-        *video.stride(),
-        HAS_BIAS=bias_grad, UPCAST=upcast_dot_operands(video.dtype),
+        *video.stride(), split,
+        HAS_BIAS=bias_grad, PARTIAL=partial, UPCAST=upcast_dot_operands(video.dtype),
     )  # fmt: skip
+    if partial:  # a fixed-order fp32 sum over the chunks, then one rounding: deterministic, no atomics
+        dweight.view(D, K).copy_(dweight_out.sum(0))
+        if bias_grad:
+            dbias.copy_(dbias_out.sum(0))
     return [dweight, dbias] if bias_grad else [dweight]
 
 
@@ -408,7 +465,7 @@ def backward_pos(grad: torch.Tensor, dpos: torch.Tensor | None = None) -> torch.
     grad = grad.contiguous()
     B, nt, S, D = grad.shape
     if dpos is None:
-        dpos = torch.empty(nt * S, D, device=grad.device, dtype=grad.dtype)
+        dpos = _alloc((nt * S, D), grad.dtype, grad.device)
     grid = (triton.cdiv(nt * S, _POS_CONFIG["BLOCK_P"]), triton.cdiv(D, _POS_CONFIG["BLOCK_D"]))
     tubelet_bwd_pos_kernel[grid](grad, dpos, B, nt * S, D, UPCAST=upcast_dot_operands(grad.dtype), **_POS_CONFIG)
     return dpos
