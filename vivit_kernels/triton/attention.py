@@ -37,7 +37,7 @@ import triton.language as tl
 from . import interpreted
 from ..checks import AttentionShape
 from ..ops.attention import prefix_shapes
-from .common import autotune_configs, cast_rounded, upcast_dot_operands
+from .common import autotune_configs, cast_rounded, on_input_device, upcast_dot_operands
 
 LOG2E = 1.4426950408889634
 LOG2E_CONST = tl.constexpr(LOG2E)
@@ -498,6 +498,7 @@ def _heads(x: torch.Tensor, h0: int, heads: int) -> torch.Tensor:
     return x.narrow(1, h0, heads)
 
 
+@on_input_device
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, prefix: int, layout: str, mode: str, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -526,6 +527,7 @@ def forward(
     return out, lse, prefix_out, prefix_lse
 
 
+@on_input_device
 def backward(
     dout: torch.Tensor,
     q: torch.Tensor,

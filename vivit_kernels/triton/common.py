@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -13,6 +17,25 @@ def autotune_configs(gpu_configs: list[triton.Config], interpreter_config: trito
     """The autotuner's candidates: the GPU list, or one config under the interpreter, which
     would otherwise run every config (slowly) and time nothing meaningful."""
     return [interpreter_config] if interpreted() else gpu_configs
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """`device` made the current CUDA device, and so its current stream the one used: a Triton
+    launch runs on the current device's current stream, not on its tensors' device (tensors on
+    cuda:1 under current device 0 fail or race). Nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_input_device(launcher: Callable) -> Callable:
+    """Decorator for a launcher: run it under `device_guard` of its first argument's device (the
+    ops' checks put every tensor of a call on one device)."""
+
+    @functools.wraps(launcher)
+    def launch(first: torch.Tensor, *args, **kwargs):
+        with device_guard(first.device):
+            return launcher(first, *args, **kwargs)
+
+    return launch
 
 
 def upcast_dot_operands(dtype: torch.dtype) -> bool:

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ..checks import TubeletShape
-from .common import autotune_configs, cast_rounded, upcast_dot_operands
+from .common import autotune_configs, cast_rounded, on_input_device, upcast_dot_operands
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,6 +353,7 @@ def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+@on_input_device
 def forward(
     video: torch.Tensor,
     weight: torch.Tensor,
@@ -385,6 +386,7 @@ def forward(
     return out
 
 
+@on_input_device
 def backward_video(
     grad: torch.Tensor, video: torch.Tensor, weight: torch.Tensor, dvideo: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -417,6 +419,7 @@ def backward_video(
     return dvideo
 
 
+@on_input_device
 def backward_weight(
     grad: torch.Tensor,
     video: torch.Tensor,
@@ -460,6 +463,7 @@ def backward_weight(
     return [dweight, dbias] if bias_grad else [dweight]
 
 
+@on_input_device
 def backward_pos(grad: torch.Tensor, dpos: torch.Tensor | None = None) -> torch.Tensor:
     """d(pos_embed): grad (B, nt, S', D) summed over the batch -> (nt * S', D)."""
     grad = grad.contiguous()
