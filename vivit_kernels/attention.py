@@ -19,6 +19,7 @@ from .checks import (
     check_prefix,
     grid_mismatch,
 )
+from .ops.library import autocast_inputs
 
 
 def factorised_attention(
@@ -67,7 +68,7 @@ def factorised_attention(
     packs short groups (shorter than its tile) into one tile, where a non-finite v (and, in
     backward, any non-finite input) also reaches the other groups of that tile.
     """
-    selected, shape = _dispatch(q, k, v, frames, mode, scale, num_prefix_tokens, layout, dropout_p, backend)
+    selected, shape, (q, k, v) = _dispatch(q, k, v, frames, mode, scale, num_prefix_tokens, layout, dropout_p, backend)
     return selected.run(q, k, v, shape)
 
 
@@ -80,9 +81,11 @@ def attention_backend(*args, **kwargs) -> str:
 
 def _dispatch(
     q, k, v, frames, mode, scale, num_prefix_tokens, layout, dropout_p, backend
-) -> tuple[backends.Selected, AttentionShape]:
+) -> tuple[backends.Selected, AttentionShape, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    if isinstance(q, torch.Tensor):  # autocast casts as for SDPA, before a backend is chosen for the dtype
+        q, k, v = autocast_inputs((q, k, v), q.device.type)
     shape = check_attention(q, k, v, frames, mode, scale, dropout_p, num_prefix_tokens, layout)
-    return backends.select(backends.Request("attention", q.device, q.dtype, shape), backend), shape
+    return backends.select(backends.Request("attention", q.device, q.dtype, shape), backend), shape, (q, k, v)
 
 
 class FactorisedAttention(nn.Module):

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import backends
 from .checks import TubeletShape, check_tubelet, check_video, tubelet_grid
+from .ops.library import autocast_inputs
 
 
 def tubelet_embedding(
@@ -34,7 +35,7 @@ def tubelet_embedding(
         (B, nt, S', D) with nt = T // t and S' = (H // h) * (W // w): like Conv3d, trailing
         frames, rows and columns that do not fill a whole tubelet are dropped.
     """
-    selected, shape = _dispatch(video, weight, bias, pos_embed, backend)
+    selected, shape, (video, weight, bias, pos_embed) = _dispatch(video, weight, bias, pos_embed, backend)
     return selected.run(video, weight, bias, pos_embed, shape)
 
 
@@ -45,9 +46,12 @@ def tubelet_backend(*args, **kwargs) -> str:
     return _dispatch(**call.arguments)[0].name
 
 
-def _dispatch(video, weight, bias, pos_embed, backend) -> tuple[backends.Selected, TubeletShape]:
+def _dispatch(video, weight, bias, pos_embed, backend) -> tuple[backends.Selected, TubeletShape, tuple]:
+    if isinstance(video, torch.Tensor):  # autocast casts as for nn.Conv3d, before a backend is chosen for the dtype
+        video, weight, bias, pos_embed = autocast_inputs((video, weight, bias, pos_embed), video.device.type)
     shape = check_tubelet(video, weight, bias, pos_embed)
-    return backends.select(backends.Request("tubelet", video.device, video.dtype, shape), backend), shape
+    selected = backends.select(backends.Request("tubelet", video.device, video.dtype, shape), backend)
+    return selected, shape, (video, weight, bias, pos_embed)
 
 
 def _triple(value: int | tuple[int, int, int], name: str) -> tuple[int, int, int]:

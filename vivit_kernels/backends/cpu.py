@@ -14,8 +14,13 @@ from .. import _extension
 from ..ops import define_attention_ops, define_tubelet_ops
 from .registry import Backend, OpSupport, register
 
-ATTENTION = define_attention_ops("cpu")
-TUBELET = define_tubelet_ops("cpu")
+# The kernels take fp32 and fp64 only, so inside a CPU autocast region the ops run in fp32
+# (autocast's rule for ops without a low-precision kernel): bf16 activations are accepted and
+# fp64 stays fp64. `factorised_attention` / `tubelet_embedding` cast to the region's dtype before
+# choosing a backend, so "auto" reaches these ops under autocast only with fp64 inputs.
+_AUTOCAST = {"cpu": torch.float32}
+ATTENTION = define_attention_ops("cpu", autocast=_AUTOCAST)
+TUBELET = define_tubelet_ops("cpu", autocast=_AUTOCAST)
 
 _DTYPES = (torch.float32, torch.float64)
 # Any head dim runs; per-thread scratch grows as 256 x Dh, hence a bound.

@@ -54,10 +54,14 @@ def _tubelet_backward_pos(grad):
     return _kernels("tubelet").backward_pos(grad)
 
 
-ATTENTION = define_attention_ops("triton", _attention_forward, _attention_backward)
+# Under autocast the ops follow torch's policy for SDPA and convolution: inputs cast to the region's
+# dtype (CPU too, where the kernels run interpreted).
+_AUTOCAST = {"cuda": None, "cpu": None}
+ATTENTION = define_attention_ops("triton", _attention_forward, _attention_backward, autocast=_AUTOCAST)
 TUBELET = define_tubelet_ops(
-    "triton", _tubelet_forward, _tubelet_backward_video, _tubelet_backward_weight, _tubelet_backward_pos
-)
+    "triton", _tubelet_forward, _tubelet_backward_video, _tubelet_backward_weight, _tubelet_backward_pos,
+    autocast=_AUTOCAST,
+)  # fmt: skip
 
 
 def _unavailable() -> str | None:

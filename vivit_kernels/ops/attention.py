@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..checks import AttentionShape
-from .library import define, register_autograd
+from .library import define, register_autocast, register_autograd
 
 _GRID = "int frames, int prefix, str layout, str mode, float scale"
 FORWARD_SCHEMA = f"(Tensor q, Tensor k, Tensor v, {_GRID}) -> (Tensor, Tensor, Tensor, Tensor)"
@@ -100,11 +100,17 @@ def _backward_flops(grad_shape, q_shape, k_shape, v_shape, o_shape, lse_shape, p
     return _shape(q_shape, frames, prefix, layout, mode, scale).backward_flops
 
 
-def define_attention_ops(backend: str, forward: Callable | None = None, backward: Callable | None = None) -> AttentionOps:
+def define_attention_ops(
+    backend: str,
+    forward: Callable | None = None,
+    backward: Callable | None = None,
+    autocast: dict[str, torch.dtype | None] | None = None,
+) -> AttentionOps:
     """Declare `{backend}_attention_forward/backward`, differentiable, with fakes and FLOP formulas.
 
     `forward` / `backward` are the launchers (see the module docstring for their contract), or
-    None when a compiled library registers the kernels.
+    None when a compiled library registers the kernels. `autocast` maps a device type to the
+    dtype q, k, v are cast to inside its autocast regions (None: the region's, as for SDPA).
     """
     forward_op = define(f"{backend}_attention_forward", FORWARD_SCHEMA, forward, _fake_forward, _forward_flops)
     backward_op = define(f"{backend}_attention_backward", BACKWARD_SCHEMA, backward, _fake_backward, _backward_flops)
@@ -119,4 +125,6 @@ def define_attention_ops(backend: str, forward: Callable | None = None, backward
         return dq, dk, dv, None, None, None, None, None
 
     register_autograd(forward_op, differentiate, setup_context)
+    for device_type, dtype in (autocast or {}).items():
+        register_autocast(forward_op, device_type, dtype)
     return AttentionOps(forward_op, backward_op)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..checks import TubeletShape
-from .library import define, register_autograd
+from .library import define, register_autocast, register_autograd
 
 FORWARD_SCHEMA = "(Tensor video, Tensor weight, Tensor? bias, Tensor? pos_embed) -> Tensor"
 BACKWARD_VIDEO_SCHEMA = "(Tensor grad, Tensor video, Tensor weight) -> Tensor"
@@ -84,10 +84,13 @@ def define_tubelet_ops(
     backward_video: Callable | None = None,
     backward_weight: Callable | None = None,
     backward_pos: Callable | None = None,
+    autocast: dict[str, torch.dtype | None] | None = None,
 ) -> TubeletOps:
     """Declare `{backend}_tubelet_forward` and `_backward_{video,weight,pos}`, differentiable, with
     fakes and FLOP formulas. The launchers follow the module docstring's contract, or are None
-    when a compiled library registers the kernels."""
+    when a compiled library registers the kernels. `autocast` maps a device type to the dtype
+    video, weight, bias and pos_embed are cast to inside its autocast regions (None: the
+    region's, as for convolution)."""
     name = f"{backend}_tubelet"
     ops = TubeletOps(
         define(f"{name}_forward", FORWARD_SCHEMA, forward, _fake_forward, _forward_flops),
@@ -116,4 +119,6 @@ def define_tubelet_ops(
         return dvideo, dweight, dbias, dpos
 
     register_autograd(ops.forward, differentiate, setup_context)
+    for device_type, dtype in (autocast or {}).items():
+        register_autocast(ops.forward, device_type, dtype)
     return ops
