@@ -6,7 +6,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.vivit-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 install: $(STAMP)
 
@@ -33,6 +33,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
+
+# For a GPU owner: every CUDA test, the compile inspection and the CUDA benchmarks, one report
+# (runs/gpu-check/report.md and report.json). QUICK=1 runs a subset. Without a CUDA device it says
+# so, runs the inspection only and exits 0 when that passes.
+GPU_CHECK_DIR ?= runs/gpu-check
+gpu-check: $(STAMP)
+	$(PYTHON) tools/gpu_check.py --out $(GPU_CHECK_DIR) $(if $(QUICK),--quick)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .benchmarks vivit_kernels/_csrc

@@ -1,0 +1,100 @@
+"""`make gpu-check` (tools/gpu_check.py): its no-CUDA path end to end, and the report it builds
+from each part's output, without a GPU and without running the whole inspection."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
+
+
+def test_without_cuda_it_says_so_skips_tests_and_benchmarks_and_exits_0(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no CUDA device, whatever the machine has
+    command = [sys.executable, "tools/gpu_check.py", "--parts", "tests,bench", "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no CUDA device here" in result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["device"] is None and report["ok"]
+    assert set(report["parts"]) == {"tests", "bench"}
+    for part in report["parts"].values():
+        assert part == {"status": "skipped", "reason": "no CUDA device on this machine"}
+    table = (tmp_path / "report.md").read_text()
+    assert "| tests | skipped |" in table and "| bench | skipped |" in table and "Device: none" in table
+
+
+def test_unknown_part_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--parts", "tests,gpu", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "unknown part(s) gpu" in capsys.readouterr().err
+
+
+def test_pytest_part_reports_counts_and_each_failure(tmp_path):
+    tests = tmp_path / "test_sample.py"
+    tests.write_text(
+        "import pytest\n"
+        "def test_ok(): pass\n"
+        "def test_wrong(): assert 1 == 2, 'off by one'\n"
+        "def test_later(): pytest.skip('no GPU')\n"
+    )
+    part = gpu_check.pytest_part("tests", [str(tests)], tmp_path)
+    assert part["status"] == "failed" and part["exit_status"] == 1
+    assert (part["tests"], part["passed"], part["failures"], part["skipped"]) == (3, 1, 1, 1)
+    assert len(part["failures_list"]) == 1 and "test_wrong: AssertionError: off by one" in part["failures_list"][0]
+    assert (tmp_path / "tests.log").exists()
+
+
+ROWS = [
+    {"name": "attention_fwd[fp16, BLOCK_M=128]", "arch": 90, "autotune_candidate": True, "registers": 200,
+     "shared": 65536, "spill_loads": 0, "spill_stores": 0, "error": None},
+    {"name": "attention_fwd[fp32, BLOCK_M=128]", "arch": 90, "autotune_candidate": False, "registers": 255,
+     "shared": 32768, "spill_loads": 4, "spill_stores": 4, "error": None},  # pruned: its spills do not count
+    {"name": "attention_bwd_dq[fp16, BLOCK_M=64]", "arch": 90, "autotune_candidate": True, "registers": 255,
+     "shared": 1024, "spill_loads": 1, "spill_stores": 1, "error": None},
+    {"name": "tubelet_fwd[bf16, BLOCK_M=64]", "arch": 90, "autotune_candidate": True, "error": "CompilationError: x"},
+]  # fmt: skip
+
+
+def test_inspect_part_compiles_for_this_gpu_and_reports_what_fails(tmp_path, monkeypatch):
+    commands = []
+
+    def fake_run(command, log):
+        commands.append(command)
+        return 1, 1.0, "table\n" + json.dumps(ROWS) + "\n"
+
+    monkeypatch.setattr(gpu_check, "_run", fake_run)
+    device = {"name": "H100", "arch": 90, "sms": 132, "memory_gib": 79.6, "count": 1, "torch": "2.x"}
+    part = gpu_check.inspect_part(tmp_path, device, True, ["--filter", "fwd"])
+    assert commands[0][-5:] == ["--arch", "90", "--candidates", "--filter", "fwd"] and "--json" in commands[0]
+    assert part["status"] == "failed" and part["compiles"] == 4
+    assert part["errors"] == ["tubelet_fwd[bf16, BLOCK_M=64] sm_90: CompilationError: x"]
+    assert part["candidate_spills"] == ["attention_bwd_dq[fp16, BLOCK_M=64] sm_90: LDL 1 STL 1"]
+    assert part["kernels"]["attention_fwd"] == {"compiles": 2, "max_registers": 255, "max_shared_kib": 64.0}
+    gpu_check.inspect_part(tmp_path, None, False, [])  # no GPU: every architecture the tool knows
+    assert "--arch" not in commands[1] and "--candidates" not in commands[1]
+    assert gpu_check.main(["--parts", "inspect", "--out", str(tmp_path)]) == 1  # a failing part fails the run
+    assert not json.loads((tmp_path / "report.json").read_text())["ok"]
+
+    benchmarks = tmp_path / "bench.json"
+    benchmarks.write_text(json.dumps({"benchmarks": [{"name": "test_attention[vivit_b-cuda-float16-split-forward-triton]",
+                                                       "stats": {"median": 0.000125},
+                                                       "extra_info": {"flop_per_s": 4.2e14, "speedup_vs_torch": 3.14159}}]}))  # fmt: skip
+    rows = gpu_check.summarise_benchmarks(benchmarks)
+    assert rows == [{"name": "test_attention[vivit_b-cuda-float16-split-forward-triton]", "median_ms": 0.125,
+                     "tflop_per_s": 420.0, "speedup_vs_torch": 3.14, "speedup_vs_einsum": None}]  # fmt: skip
+    report = {"device": device, "quick": True, "seconds": 2.0,
+              "parts": {"inspect": part, "bench": {"status": "passed", "seconds": 1.0, "tests": 1, "passed": 1,
+                                                   "failures": 0, "errors": 0, "skipped": 0, "benchmarks": rows}}}  # fmt: skip
+    table = gpu_check.markdown(report)
+    assert "| inspect | failed | 1.0 | 4 compiles, 1 errors, 1 autotune candidates spilling |" in table
+    assert "- attention_bwd_dq[fp16, BLOCK_M=64] sm_90: LDL 1 STL 1" in table
+    assert "| test_attention[vivit_b-cuda-float16-split-forward-triton] | 0.125 | 420.0 | 3.14 | - |" in table

@@ -1,0 +1,259 @@
+"""`make gpu-check`: one command for a GPU owner, one report (report.json and report.md).
+
+Parts, in this order (`--parts` picks some):
+  inspect  `python -m vivit_kernels.triton.inspect`: every kernel compiled as a launch would,
+           registers, spills, shared memory. It needs no GPU and runs anywhere; on a GPU only
+           that GPU's architecture is compiled (the full table is the CPU-side tool's job).
+  tests    every test that runs on CUDA: the Triton kernels compiled on the device in fp32, fp16
+           and bf16 against float64 references (tests/test_cuda_kernels.py: real bf16 dots,
+           ViViT-B sizes, determinism, a second device, CUDA autocast; test_triton_attention.py,
+           test_triton_tubelet.py on the device) and the ops on CUDA (test_ops.py: opcheck,
+           torch.compile).
+  bench    `pytest benchmarks/ --benchmark-only` on the CUDA targets.
+
+`--quick` runs a subset: the ViViT-B and device-level cases of test_cuda_kernels.py, the autotune
+candidates of the inspection, the fp16 forward benchmarks. Without a CUDA device the tests and
+benchmarks are reported as skipped, with the reason, and the exit status is that of the parts that
+ran (0 when they passed).
+
+    python tools/gpu_check.py [--quick] [--parts inspect,tests,bench] [--out runs/gpu-check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("inspect", "tests", "bench")
+CUDA_TESTS = ["tests/test_cuda_kernels.py", "tests/test_triton_attention.py", "tests/test_triton_tubelet.py",
+              "tests/test_ops.py"]  # fmt: skip
+# Compiles for sm_80/sm_90: the inspect part does that, for every kernel.
+CUDA_TESTS_DESELECT = ["tests/test_triton_tubelet.py::test_kernels_compile_for_sm80_and_sm90_without_spills"]
+QUICK_TESTS = (["tests/test_cuda_kernels.py"],
+               "B1H12T16S196 or 2x3x16x224x224 or deterministic or another_device or autocast")  # fmt: skip
+BENCH_SELECT = {False: "cuda", True: "cuda and float16 and not bfloat16 and not backward"}
+
+
+def cuda_device() -> dict | None:
+    """The CUDA device the checks run on (name, capability, SMs), or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "arch": 10 * props.major + props.minor,
+        "sms": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "count": torch.cuda.device_count(),
+        "torch": torch.__version__,
+    }
+
+
+def _run(command: list[str], log: Path) -> tuple[int, float, str]:
+    """Run `command` in the repository root; stdout and stderr to `log`. (exit status, seconds, stdout)."""
+    start = time.monotonic()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    log.write_text(f"$ {shlex.join(command)}\n{result.stdout}\n--- stderr ---\n{result.stderr}")
+    return result.returncode, time.monotonic() - start, result.stdout
+
+
+def skipped(reason: str) -> dict:
+    return {"status": "skipped", "reason": reason}
+
+
+def summarise_inspection(rows: list[dict]) -> dict:
+    """Counts, and the rows that fail the inspection's rules: errors, and autotune candidates
+    that spill (the tool's exit status also covers shared memory)."""
+    errors = [f"{r['name']} sm_{r['arch']}: {r['error']}" for r in rows if r.get("error")]
+    spills = [
+        f"{r['name']} sm_{r['arch']}: LDL {r['spill_loads']} STL {r['spill_stores']}"
+        for r in rows
+        if not r.get("error") and r.get("autotune_candidate") and (r.get("spill_loads") or r.get("spill_stores"))
+    ]
+    kernels: dict[str, dict] = {}
+    for r in rows:
+        if r.get("error"):
+            continue
+        k = kernels.setdefault(r["name"].split("[")[0], {"compiles": 0, "max_registers": 0, "max_shared_kib": 0.0})
+        k["compiles"] += 1
+        k["max_registers"] = max(k["max_registers"], r.get("registers") or 0)
+        k["max_shared_kib"] = max(k["max_shared_kib"], round((r.get("shared") or 0) / 1024, 1))
+    return {"compiles": len(rows), "errors": errors, "candidate_spills": spills, "kernels": kernels}
+
+
+def inspect_part(out: Path, device: dict | None, quick: bool, extra: list[str]) -> dict:
+    command = [sys.executable, "-m", "vivit_kernels.triton.inspect", "--json", "--jobs", str(os.cpu_count() or 2)]
+    if device is not None:
+        from vivit_kernels.triton.inspect import ARCHS
+
+        if device["arch"] in ARCHS:
+            command += ["--arch", str(device["arch"])]
+    if quick:
+        command.append("--candidates")
+    command += extra
+    code, seconds, stdout = _run(command, out / "inspect.log")
+    part = {"command": shlex.join(command), "exit_status": code, "seconds": round(seconds, 1)}
+    try:
+        rows = json.loads(stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {**part, "status": "failed", "reason": f"no JSON rows from the inspection (see {out / 'inspect.log'})"}
+    part.update(summarise_inspection(rows))
+    (out / "inspect.json").write_text(json.dumps(rows))
+    return {**part, "status": "passed" if code == 0 else "failed"}
+
+
+def summarise_junit(path: Path) -> dict:
+    """Counts and failures of a pytest --junitxml report."""
+    root = ElementTree.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    counts = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
+    failures = []
+    for case in root.iter("testcase"):
+        for bad in list(case.findall("failure")) + list(case.findall("error")):
+            message = (bad.get("message") or "").strip().splitlines()
+            failures.append(f"{case.get('classname')}::{case.get('name')}: {message[0] if message else bad.tag}")
+    return {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+            "failures_list": failures}  # fmt: skip
+
+
+def pytest_part(name: str, args: list[str], out: Path) -> dict:
+    """Run pytest with `args`, its junit report read back."""
+    junit = out / f"{name}.xml"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *args]
+    code, seconds, _ = _run(command, out / f"{name}.log")
+    part = {"command": shlex.join(command), "exit_status": code, "seconds": round(seconds, 1)}
+    if not junit.exists():
+        return {**part, "status": "failed", "reason": f"pytest wrote no report (see {out / (name + '.log')})"}
+    part.update(summarise_junit(junit))
+    return {**part, "status": "passed" if code == 0 else "failed"}
+
+
+def tests_part(out: Path, quick: bool, extra: list[str]) -> dict:
+    if quick:
+        files, select = QUICK_TESTS
+        args = [*files, "-k", select]
+    else:
+        args = [*CUDA_TESTS, *(f"--deselect={d}" for d in CUDA_TESTS_DESELECT)]
+    return pytest_part("tests", [*args, "-rs", *extra], out)
+
+
+def summarise_benchmarks(path: Path) -> list[dict]:
+    """One row per benchmark of a --benchmark-json file: median, FLOP/s, speedups."""
+    rows = []
+    for bench in json.loads(path.read_text()).get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        rows.append({
+            "name": bench["name"],
+            "median_ms": round(bench["stats"]["median"] * 1e3, 3),
+            "tflop_per_s": round(info["flop_per_s"] / 1e12, 1) if info.get("flop_per_s") else None,
+            "speedup_vs_torch": round(info["speedup_vs_torch"], 2) if info.get("speedup_vs_torch") else None,
+            "speedup_vs_einsum": round(info["speedup_vs_einsum"], 2) if info.get("speedup_vs_einsum") else None,
+        })  # fmt: skip
+    return rows
+
+
+def bench_part(out: Path, quick: bool, extra: list[str]) -> dict:
+    data = out / "bench.json"
+    args = ["benchmarks", "--benchmark-only", "-k", BENCH_SELECT[quick], f"--benchmark-json={data}", *extra]
+    part = pytest_part("bench", args, out)
+    if data.exists():
+        part["benchmarks"] = summarise_benchmarks(data)
+    return part
+
+
+def _cell(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def markdown(report: dict) -> str:
+    device = report["device"]
+    lines = ["# gpu-check", ""]
+    lines.append(
+        f"Device: {device['name']} (sm_{device['arch']}, {device['sms']} SMs, {device['memory_gib']} GiB, "
+        f"{device['count']} visible), torch {device['torch']}." if device else "Device: none (no CUDA device here)."
+    )
+    lines += [f"Mode: {'quick' if report['quick'] else 'full'}; {report['seconds']} s in all.", ""]
+    lines += ["| part | status | seconds | summary |", "|---|---|---|---|"]
+    for name, part in report["parts"].items():
+        if part["status"] == "skipped":
+            summary = part["reason"]
+        elif "compiles" in part:
+            summary = (f"{part['compiles']} compiles, {len(part['errors'])} errors, "
+                       f"{len(part['candidate_spills'])} autotune candidates spilling")  # fmt: skip
+        elif "tests" in part:
+            summary = (f"{part['passed']} passed, {part['failures'] + part['errors']} failed, "
+                       f"{part['skipped']} skipped")  # fmt: skip
+        else:
+            summary = part.get("reason", "")
+        lines.append(f"| {name} | {part['status']} | {_cell(part.get('seconds'))} | {summary} |")
+    for name, part in report["parts"].items():
+        if name == "inspect":
+            problems = part.get("errors", []) + part.get("candidate_spills", [])
+        else:
+            problems = part.get("failures_list", [])
+        if problems:
+            lines += ["", f"## {name}: failures", ""] + [f"- {p}" for p in problems]
+    inspection = report["parts"].get("inspect", {})
+    if inspection.get("kernels"):
+        lines += ["", "## inspect: per kernel", "", "| kernel | compiles | max registers | max shared KiB |",
+                  "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {k} | {v['compiles']} | {v['max_registers']} | {v['max_shared_kib']} |"
+                  for k, v in inspection["kernels"].items()]  # fmt: skip
+    benchmarks = report["parts"].get("bench", {}).get("benchmarks")
+    if benchmarks:
+        lines += ["", "## bench", "", "| benchmark | median ms | TFLOP/s | vs SDPA/Conv3d | vs einsum |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {b['name']} | {b['median_ms']} | {_cell(b['tflop_per_s'])} | {_cell(b['speedup_vs_torch'])} | "
+                  f"{_cell(b['speedup_vs_einsum'])} |" for b in benchmarks]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--quick", action="store_true", help="a quicker subset of every part")
+    parser.add_argument("--out", default="runs/gpu-check", help="folder for report.json, report.md and the logs")
+    for part in PARTS:
+        parser.add_argument(f"--{part}-args", default="", help=f"extra arguments for the {part} part's command")
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; expected some of {', '.join(PARTS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    device = cuda_device()
+    if device is None:
+        print("gpu-check: no CUDA device here: the tests and benchmarks are skipped; the inspection runs anyway")
+    no_cuda = skipped("no CUDA device on this machine")
+    runners = {"inspect": lambda extra: inspect_part(out, device, args.quick, extra),
+               "tests": lambda extra: tests_part(out, args.quick, extra) if device else no_cuda,
+               "bench": lambda extra: bench_part(out, args.quick, extra) if device else no_cuda}  # fmt: skip
+    report = {"device": device, "quick": args.quick, "parts": {}}
+    for name in (p for p in PARTS if p in parts):
+        part = runners[name](shlex.split(getattr(args, f"{name}_args")))
+        report["parts"][name] = part
+        print(f"gpu-check: {name}: {part['status']}" + (f" ({part['seconds']} s)" if "seconds" in part else "")
+              + (f": {part['reason']}" if part.get("reason") else ""))  # fmt: skip
+    report["seconds"] = round(time.monotonic() - start, 1)
+    report["ok"] = all(p["status"] != "failed" for p in report["parts"].values())
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    print(f"gpu-check: {'passed' if report['ok'] else 'FAILED'}; report in {out / 'report.md'} and report.json")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
