@@ -24,6 +24,7 @@
 #include <ATen/ops/empty_like.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -383,10 +384,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward(
   return {out, lse, prefix_out, prefix_lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& prefix_out_, const at::Tensor& prefix_lse_,
-    int64_t frames, int64_t prefix, c10::string_view layout, c10::string_view mode, double scale) {
+namespace {
+
+// Writes dq, dk, dv ((B, H, N, Dh) views whose rows of Dh are contiguous) in full.
+void backward_into(const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                   const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& prefix_out_,
+                   const at::Tensor& prefix_lse_, int64_t frames, int64_t prefix, c10::string_view layout,
+                   c10::string_view mode, double scale, const at::Tensor& dq, const at::Tensor& dk,
+                   const at::Tensor& dv) {
   check_inputs(q_, k_, v_, frames, prefix);
   check_inputs(grad_out_, out_, q_, frames, prefix);
   const at::Tensor q = rows_contiguous(q_), k = rows_contiguous(k_), v = rows_contiguous(v_);
@@ -398,10 +403,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   TORCH_CHECK(prefix_out.numel() == geo.B * geo.Ha * geo.G * geo.P * geo.Dh &&
                   prefix_lse.numel() == geo.B * geo.Ha * geo.G * geo.P,
               "factorised_attention: prefix_out / prefix_lse do not match the call");
-  // The layout of out: (B, H, N, Dh) views of (B, N, H, Dh) buffers.
-  at::Tensor dq = at::empty({geo.B, geo.N, geo.H, geo.Dh}, q.options()).transpose(1, 2);
-  at::Tensor dk = at::empty({geo.B, geo.N, geo.H, geo.Dh}, q.options()).transpose(1, 2);
-  at::Tensor dv = at::empty({geo.B, geo.N, geo.H, geo.Dh}, q.options()).transpose(1, 2);
   // Each spatial group's share of the prefix rows' gradients, summed afterwards.
   at::Tensor pdq = at::empty_like(prefix_out), pdk = at::empty_like(prefix_out), pdv = at::empty_like(prefix_out);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "vivit_kernels::cpu_attention_backward", [&] {
@@ -411,7 +412,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
                               partials<scalar_t>(prefix_lse, geo, 1), View<scalar_t>(dq), View<scalar_t>(dk),
                               View<scalar_t>(dv), part(pdq), part(pdk), part(pdv), geo, scalar_t(scale));
   });
+}
+
+// q, k, v as (B, H, N, Dh) views of a (B, N, 3 * H * Dh) packed projection.
+std::array<at::Tensor, 3> unpack(const at::Tensor& qkv, int64_t heads) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % (3 * heads) == 0,
+              "factorised_attention: qkv must be (B, N, 3 * H * Dh)");
+  const auto views = qkv.unflatten(2, {3, heads, qkv.size(2) / (3 * heads)}).permute({2, 0, 3, 1, 4}).unbind(0);
+  return {views[0], views[1], views[2]};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& prefix_out, const at::Tensor& prefix_lse, int64_t frames, int64_t prefix,
+    c10::string_view layout, c10::string_view mode, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dh = q.size(3);
+  // The layout of out: (B, H, N, Dh) views of (B, N, H, Dh) buffers.
+  at::Tensor dq = at::empty({B, N, H, Dh}, q.options()).transpose(1, 2);
+  at::Tensor dk = at::empty({B, N, H, Dh}, q.options()).transpose(1, 2);
+  at::Tensor dv = at::empty({B, N, H, Dh}, q.options()).transpose(1, 2);
+  backward_into(grad_out, q, k, v, out, lse, prefix_out, prefix_lse, frames, prefix, layout, mode, scale, dq, dk, dv);
   return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_packed_forward(
+    const at::Tensor& qkv, int64_t heads, int64_t frames, int64_t prefix, c10::string_view layout,
+    c10::string_view mode, double scale) {
+  const auto [q, k, v] = unpack(qkv, heads);
+  auto [out, lse, prefix_out, prefix_lse] = attention_forward(q, k, v, frames, prefix, layout, mode, scale);
+  // (B, H, N, Dh) view of a (B, N, H, Dh) buffer -> (B, N, H * Dh): a view, no copy.
+  return {out.transpose(1, 2).flatten(2), lse, prefix_out, prefix_lse};
+}
+
+at::Tensor attention_packed_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+                                     const at::Tensor& lse, const at::Tensor& prefix_out, const at::Tensor& prefix_lse,
+                                     int64_t heads, int64_t frames, int64_t prefix, c10::string_view layout,
+                                     c10::string_view mode, double scale) {
+  const auto [q, k, v] = unpack(qkv, heads);
+  const int64_t B = q.size(0), N = q.size(2), Dh = q.size(3);
+  // The gradient of the packed projection, written in place by the kernels: no stack, no copy.
+  at::Tensor dqkv = at::empty({B, N, 3 * heads * Dh}, q.options());
+  const auto [dq, dk, dv] = unpack(dqkv, heads);
+  const auto as_heads = [&](const at::Tensor& x) { return x.unflatten(2, {heads, Dh}).transpose(1, 2); };
+  backward_into(as_heads(grad_out), q, k, v, as_heads(out), lse, prefix_out, prefix_lse, frames, prefix, layout, mode,
+                scale, dq, dk, dv);
+  return dqkv;
 }
 
 }  // namespace vivit_kernels

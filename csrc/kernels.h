@@ -63,6 +63,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& lse, const at::Tensor& prefix_out, const at::Tensor& prefix_lse, int64_t frames, int64_t prefix,
     c10::string_view layout, c10::string_view mode, double scale);
 
+// The same on the packed projection: qkv (B, N, 3 * H * Dh) with any strides; out (B, N, H * Dh)
+// and the gradient of qkv (B, N, 3 * H * Dh), written by the kernels in place.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_packed_forward(
+    const at::Tensor& qkv, int64_t heads, int64_t frames, int64_t prefix, c10::string_view layout,
+    c10::string_view mode, double scale);
+at::Tensor attention_packed_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+                                     const at::Tensor& lse, const at::Tensor& prefix_out, const at::Tensor& prefix_lse,
+                                     int64_t heads, int64_t frames, int64_t prefix, c10::string_view layout,
+                                     c10::string_view mode, double scale);
+
 // tubelet.cpp: video (B, C, T, H, W) any strides, weight (D, C, t, h, w), bias (D,), pos_embed (nt * S', D).
 // Returns tokens (B, nt, S', D).
 at::Tensor tubelet_forward(

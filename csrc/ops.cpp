@@ -9,6 +9,8 @@
 TORCH_LIBRARY_IMPL(vivit_kernels, CPU, m) {
   m.impl("cpu_attention_forward", &vivit_kernels::attention_forward);
   m.impl("cpu_attention_backward", &vivit_kernels::attention_backward);
+  m.impl("cpu_attention_packed_forward", &vivit_kernels::attention_packed_forward);
+  m.impl("cpu_attention_packed_backward", &vivit_kernels::attention_packed_backward);
   m.impl("cpu_tubelet_forward", &vivit_kernels::tubelet_forward);
   m.impl("cpu_tubelet_backward_video", &vivit_kernels::tubelet_backward_video);
   m.impl("cpu_tubelet_backward_weight", &vivit_kernels::tubelet_backward_weight);

@@ -155,3 +155,61 @@ def test_torch_compile_fullgraph_matches_eager(backend, generator):
         results.append([out.detach()] + [x.grad for x in xs])
     for name, a, e in zip(("out", "dq", "dk", "dv"), results[1], results[0]):
         torch.testing.assert_close(a, e, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"P{g[1]}-{g[2]}-{g[3]}")
+def test_packed_ops_pass_opcheck(backend, grid, generator):
+    """The packed-projection ops: (B, N, 3 * H * Dh) in, (B, N, H * Dh) out, one gradient buffer."""
+    *_, qkv = _qkv(backend, generator, P=grid[1])
+    packed = qkv.detach().flatten(2).requires_grad_()  # (B, N, 3 * H * Dh), as a linear layer makes it
+    torch.library.opcheck(_op(backend, "attention_packed_forward"), (packed, 2, *grid))
+    saved = [x.detach() for x in _op(backend, "attention_packed_forward")(packed, 2, *grid)]
+    assert saved[0].shape == (1, packed.shape[1], 2 * 24) and saved[0].is_contiguous()
+    grad = torch.randn(saved[0].shape, generator=generator).to(saved[0])
+    torch.library.opcheck(_op(backend, "attention_packed_backward"), (grad, packed.detach(), *saved, 2, *grid))
+
+
+def test_packed_op_writes_the_projection_gradient_in_place(backend, generator):
+    """The packed path's backward is the op's kernel: no stack of three gradients into the pack,
+    no copy of it (the q/k/v path through autograd's unbind has both)."""
+    from vivit_kernels import factorised_attention_packed
+    from vivit_kernels.ops.attention import unpack_qkv
+
+    *_, qkv = _qkv(backend, generator, H=4, P=1)
+    packed = qkv.detach().flatten(2).requires_grad_()
+
+    def backward_ops(fn) -> set[str]:
+        out = fn()
+        with torch.profiler.profile() as profile:
+            out.backward(torch.ones_like(out))
+        return {event.name for event in profile.events()}
+
+    packed_ops = backward_ops(lambda: factorised_attention_packed(packed, 4, 3, "split", num_prefix_tokens=1,
+                                                                  backend=backend))  # fmt: skip
+    unbound = backward_ops(lambda: factorised_attention(*unpack_qkv(packed, 4), 3, "split", num_prefix_tokens=1,
+                                                        backend=backend))  # fmt: skip
+    assert f"vivit_kernels::{backend}_attention_packed_backward" in packed_ops
+    assert "aten::stack" in unbound and not {"aten::stack", "aten::cat"} & packed_ops
+
+
+def test_packed_op_saves_the_projection_output_and_lse(backend, generator):
+    from vivit_kernels import factorised_attention_packed
+
+    *_, qkv = _qkv(backend, generator, H=4, T=5, S=14, Dh=32)
+    packed = qkv.detach().flatten(2).requires_grad_()
+    saved = saved_bytes(factorised_attention_packed, packed, 4, 5, "split", backend=backend)
+    B, N, width = packed.shape
+    assert saved == (B * N * width + B * N * width // 3 + B * 4 * N) * 4  # qkv, out, lse: O(N) per head
+
+
+def test_flop_counter_counts_the_packed_ops(backend, generator):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vivit_kernels import factorised_attention_packed
+
+    *_, qkv = _qkv(backend, generator, B=2, H=4, T=6, S=7, Dh=16)
+    packed = qkv.detach().flatten(2).requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        factorised_attention_packed(packed, 4, 6, "split", backend=backend).sum().backward()
+    forward = 4 * 2 * 4 * 6 * 7 * (7 + 6) / 2 * 16
+    assert counter.get_total_flops() == 3.5 * forward

@@ -1,6 +1,8 @@
 """Fused factorised attention and tubelet embedding for video transformers (ViViT)."""
 
-from .attention import FactorisedAttention, attention_backend, factorised_attention
+# First: it decides whether triton runs interpreted (no CUDA device) before anything imports triton.
+from . import triton as _triton  # noqa: F401  # isort: skip
+from .attention import FactorisedAttention, attention_backend, factorised_attention, factorised_attention_packed
 from .backends import BackendUnsupportedError
 from .convert import convert
 from .memory import saved_bytes
@@ -14,6 +16,7 @@ __all__ = [
     "attention_backend",
     "convert",
     "factorised_attention",
+    "factorised_attention_packed",
     "saved_bytes",
     "tubelet_backend",
     "tubelet_embedding",

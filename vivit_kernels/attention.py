@@ -12,6 +12,7 @@ from . import backends
 from .checks import (
     AttentionShape,
     check_attention,
+    check_attention_packed,
     check_heads,
     check_layout,
     check_mode,
@@ -70,6 +71,39 @@ def factorised_attention(
     """
     selected, shape, (q, k, v) = _dispatch(q, k, v, frames, mode, scale, num_prefix_tokens, layout, dropout_p, backend)
     return selected.run(q, k, v, shape)
+
+
+def factorised_attention_packed(
+    qkv: torch.Tensor,
+    num_heads: int,
+    frames: int,
+    mode: str,
+    scale: float | None = None,
+    *,
+    num_prefix_tokens: int = 0,
+    layout: str = "time_major",
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`factorised_attention` on the packed projection a layer computes: the normal path.
+
+    Args:
+        qkv: (B, N, 3 * H * Dh), any strides: the output of a D -> 3 * H * Dh linear layer,
+            q, k, v side by side, each (H, Dh) head-major (timm's and our `qkv` layout).
+        num_heads: H.
+        frames, mode, scale, num_prefix_tokens, layout, dropout_p, backend: as `factorised_attention`.
+
+    Returns:
+        (B, N, H * Dh), the input of the output projection. The fused backends read q, k, v as
+        views of `qkv`, return a buffer laid out as the output projection reads it, and in
+        backward write the gradient of `qkv` in place as one buffer (no stack of three gradients,
+        no copy into the projection's gradient).
+    """
+    if isinstance(qkv, torch.Tensor):  # autocast casts as for SDPA, before a backend is chosen for the dtype
+        (qkv,) = autocast_inputs((qkv,), qkv.device.type)
+    shape = check_attention_packed(qkv, num_heads, frames, mode, scale, dropout_p, num_prefix_tokens, layout)
+    selected = backends.select(backends.Request("attention_packed", qkv.device, qkv.dtype, shape), backend)
+    return selected.run(qkv, shape)
 
 
 def attention_backend(*args, **kwargs) -> str:
@@ -228,26 +262,34 @@ class FactorisedAttention(nn.Module):
         if D != self.qkv.in_features:
             raise ValueError(f"{op}: x has dim {D}, expected {self.qkv.in_features}")
 
-        bias = self.qkv.bias if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        # (B, N, 3, H, Dh) -> three (B, H, N, Dh) views of the packed projection: no copy.
-        qkv = F.linear(x.reshape(B, N, D), self.qkv.weight, bias).reshape(B, N, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = factorised_attention(
-            q,
-            k,
-            v,
-            frames,
-            self.mode,
-            self.scale,
+        out = self.attend(F.linear(x.reshape(B, N, D), self.qkv.weight, self.qkv_bias), frames)
+        return out.reshape(x.shape)
+
+    @property
+    def qkv_bias(self) -> torch.Tensor | None:
+        """The bias of the qkv projection (q, k, v side by side), with the zero key bias when there is none."""
+        return self.qkv.bias if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+
+    def attend(self, qkv: torch.Tensor, frames: int) -> torch.Tensor:
+        """Attention and the output projection on the packed projection qkv (B, N, 3 * H * Dh) ->
+        (B, N, D): what follows `qkv`. A block that computes qkv itself (e.g. with
+        `vivit_kernels.norm_linear`, keeping less for backward) calls this."""
+        options = dict(
             num_prefix_tokens=self.num_prefix_tokens,
             layout=self.layout,
             dropout_p=self.attn_drop if self.training else 0.0,
             backend=self.backend,
         )
-        # Fused backends return a (B, H, N, Dh) view of a (B, N, H, Dh) buffer: this reshape is free.
-        out = self.proj(out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
-        return self.proj_drop(out).reshape(x.shape)
+        B, N, _ = qkv.shape
+        if isinstance(self.q_norm, nn.Identity):
+            # The packed op: q, k, v read in place, its gradient written into qkv's.
+            out = factorised_attention_packed(qkv, self.num_heads, frames, self.mode, self.scale, **options)
+        else:
+            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            out = factorised_attention(self.q_norm(q), self.k_norm(k), v, frames, self.mode, self.scale, **options)
+            # Fused backends return a (B, H, N, Dh) view of a (B, N, H, Dh) buffer: this reshape is free.
+            out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
         extras = [f"mode={self.mode!r}", f"num_heads={self.num_heads}", f"head_dim={self.head_dim}"]

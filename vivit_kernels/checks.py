@@ -240,13 +240,34 @@ def check_attention(
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     _check_same(op, {"q": q, "k": k, "v": v})
+    return _check_grid(op, q.shape, frames, mode, scale, dropout_p, num_prefix_tokens, layout)
+
+
+def check_attention_packed(
+    qkv, num_heads, frames, mode, scale, dropout_p: float = 0.0, num_prefix_tokens: int = 0,
+    layout: str = "time_major",
+) -> AttentionShape:  # fmt: skip
+    op = "factorised_attention_packed"
+    _check_tensor(op, "qkv", qkv, 3, "(B, N, 3 * H * Dh)")
+    check_positive_int(op, "num_heads", num_heads)
+    B, N, width = qkv.shape
+    if width % (3 * num_heads):
+        raise ValueError(
+            f"{op}: qkv has width {width}, not divisible by 3 * num_heads = {3 * num_heads}; expected (B, N, 3 * H * Dh)"
+        )
+    return _check_grid(op, (B, num_heads, N, width // (3 * num_heads)), frames, mode, scale, dropout_p,
+                       num_prefix_tokens, layout)  # fmt: skip
+
+
+def _check_grid(op, q_shape, frames, mode, scale, dropout_p, num_prefix_tokens, layout) -> AttentionShape:
+    """The checks of the token grid and the call's options, and its shape."""
     check_mode(op, mode)
     check_layout(op, layout)
     check_positive_int(op, "frames", frames)
     check_prefix(op, num_prefix_tokens)
-    B, H, N, Dh = q.shape
+    B, H, N, Dh = q_shape
     if N == 0 or Dh == 0 or B == 0:
-        raise ValueError(f"{op}: q has an empty dimension, shape {tuple(q.shape)}; expected B, N, Dh >= 1")
+        raise ValueError(f"{op}: the input has an empty dimension (B={B}, N={N}, Dh={Dh}); expected B, N, Dh >= 1")
     if N <= num_prefix_tokens or (N - num_prefix_tokens) % frames:
         raise ValueError(grid_mismatch(op, N, num_prefix_tokens, frames))
     check_heads(op, mode, H)
@@ -255,7 +276,7 @@ def check_attention(
             raise TypeError(f"{op}: scale must be a finite float or None, got {scale!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
-    return AttentionShape.of(q.shape, frames, mode, scale, float(dropout_p), num_prefix_tokens, layout)
+    return AttentionShape.of(q_shape, frames, mode, scale, float(dropout_p), num_prefix_tokens, layout)
 
 
 def check_video(op: str, video) -> None:

@@ -48,6 +48,7 @@ register(
         name="cpu",
         ops={
             "attention": OpSupport(ATTENTION, ("cpu",), _DTYPES, head_dims=_HEAD_DIMS),
+            "attention_packed": OpSupport(ATTENTION.packed, ("cpu",), _DTYPES, head_dims=_HEAD_DIMS),
             "tubelet": OpSupport(TUBELET, ("cpu",), _DTYPES),
         },
         unavailable=_unavailable,

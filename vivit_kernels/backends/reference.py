@@ -4,6 +4,7 @@ import torch
 
 from .. import reference
 from ..checks import AttentionShape, TubeletShape
+from ..ops.attention import packed_from
 from .registry import Backend, OpSupport, register
 
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -27,6 +28,7 @@ register(
         fused=False,
         ops={
             "attention": OpSupport(attention, _ANY_DEVICE, _FLOATS, dropout=True),
+            "attention_packed": OpSupport(packed_from(attention), _ANY_DEVICE, _FLOATS, dropout=True),
             "tubelet": OpSupport(tubelet_embedding, _ANY_DEVICE, _FLOATS),
         },
     )

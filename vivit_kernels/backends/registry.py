@@ -20,7 +20,7 @@ import torch
 
 from ..checks import AttentionShape, TubeletShape
 
-OPS = ("attention", "tubelet")
+OPS = ("attention", "attention_packed", "tubelet")
 FALLBACK = "reference"
 
 

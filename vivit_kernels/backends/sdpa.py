@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..checks import AttentionShape
+from ..ops.attention import packed_from
 from ..reference import GRID
 from .registry import Backend, OpSupport, register
 
@@ -58,6 +59,9 @@ register(
     Backend(
         name="sdpa",
         fused=False,  # "auto" falls back to it, with a warning, when no fused backend fits
-        ops={"attention": OpSupport(attention, _DEVICES, _FLOATS, dropout=True)},
+        ops={
+            "attention": OpSupport(attention, _DEVICES, _FLOATS, dropout=True),
+            "attention_packed": OpSupport(packed_from(attention), _DEVICES, _FLOATS, dropout=True),
+        },
     )
 )

@@ -13,9 +13,8 @@ import importlib.util
 
 import torch
 
-# Before anything imports triton: the package decides whether triton is imported interpreted.
-from ..triton import INT32_MAX, interpreted, unusable  # isort: skip
 from ..ops import define_attention_ops, define_tubelet_ops
+from ..triton import INT32_MAX, interpreted, unusable
 from .registry import Backend, OpSupport, Request, register
 
 _INSTALLED = importlib.util.find_spec("triton") is not None
@@ -38,6 +37,14 @@ def _attention_backward(*args):
     return _kernels("attention").backward(*args)
 
 
+def _attention_packed_forward(*args):
+    return _kernels("attention").packed_forward(*args)
+
+
+def _attention_packed_backward(*args):
+    return _kernels("attention").packed_backward(*args)
+
+
 def _tubelet_forward(video, weight, bias, pos_embed):
     return _kernels("tubelet").forward(video, weight, bias, pos_embed)
 
@@ -57,7 +64,10 @@ def _tubelet_backward_pos(grad):
 # Under autocast the ops follow torch's policy for SDPA and convolution: inputs cast to the region's
 # dtype (CPU too, where the kernels run interpreted).
 _AUTOCAST = {"cuda": None, "cpu": None}
-ATTENTION = define_attention_ops("triton", _attention_forward, _attention_backward, autocast=_AUTOCAST)
+ATTENTION = define_attention_ops(
+    "triton", _attention_forward, _attention_backward, _attention_packed_forward, _attention_packed_backward,
+    autocast=_AUTOCAST,
+)
 TUBELET = define_tubelet_ops(
     "triton", _tubelet_forward, _tubelet_backward_video, _tubelet_backward_weight, _tubelet_backward_pos,
     autocast=_AUTOCAST,
@@ -85,6 +95,7 @@ register(
         name="triton",
         ops={
             "attention": OpSupport(ATTENTION, _DEVICES, _DTYPES, head_dims=_HEAD_DIMS),
+            "attention_packed": OpSupport(ATTENTION.packed, _DEVICES, _DTYPES, head_dims=_HEAD_DIMS),
             "tubelet": OpSupport(TUBELET, _DEVICES, _DTYPES, max_index=INT32_MAX),
         },
         unavailable=_unavailable,

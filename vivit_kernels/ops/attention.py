@@ -14,6 +14,12 @@ frame by frame):
   scale) -> (dq, dk, dv), each a (B, H, N, Dh) view of a (B, N, H, Dh) buffer. Probabilities are
   recomputed from the log-sum-exps (FlashAttention-2), so autograd saves q, k, v, out, lse and
   the per-frame prefix rows: O(N) per head, nothing N x L.
+- packed_forward(qkv, heads, frames, ...) / packed_backward(grad_out, qkv, out, lse, prefix_out,
+  prefix_lse, heads, frames, ...): the same on the packed projection a layer computes, qkv
+  (B, N, 3 * H * Dh) with any strides (q, k, v read as views of it); out comes back as
+  (B, N, H * Dh), the output projection's input, and the gradient as one (B, N, 3 * H * Dh)
+  buffer the kernels write in place: no stack of three gradients, no accumulate copy into the
+  projection's gradient.
 """
 
 from __future__ import annotations
@@ -27,11 +33,31 @@ from ..checks import AttentionShape
 from .library import define, register_autocast, register_autograd
 
 _GRID = "int frames, int prefix, str layout, str mode, float scale"
+_SAVED = "Tensor out, Tensor lse, Tensor prefix_out, Tensor prefix_lse"
 FORWARD_SCHEMA = f"(Tensor q, Tensor k, Tensor v, {_GRID}) -> (Tensor, Tensor, Tensor, Tensor)"
-BACKWARD_SCHEMA = (
-    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor prefix_out, Tensor prefix_lse, "
-    f"{_GRID}) -> (Tensor, Tensor, Tensor)"
-)
+BACKWARD_SCHEMA = f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, {_SAVED}, {_GRID}) -> (Tensor, Tensor, Tensor)"
+PACKED_FORWARD_SCHEMA = f"(Tensor qkv, int heads, {_GRID}) -> (Tensor, Tensor, Tensor, Tensor)"
+PACKED_BACKWARD_SCHEMA = f"(Tensor grad_out, Tensor qkv, {_SAVED}, int heads, {_GRID}) -> Tensor"
+
+
+def unpack_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as (B, H, N, Dh) views of a (B, N, 3 * H * Dh) packed projection (no copy)."""
+    return qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H * Dh) -> a (B, H, N, Dh) view."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def packed_from(attention: Callable) -> Callable:
+    """The packed-projection form of a q/k/v attention `(q, k, v, shape) -> (B, H, N, Dh)`, for
+    backends without packed kernels: (qkv (B, N, 3 * H * Dh), shape) -> (B, N, H * Dh)."""
+
+    def packed(qkv: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
+        return attention(*unpack_qkv(qkv, shape.heads), shape).transpose(1, 2).flatten(2)
+
+    return packed
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -52,8 +78,16 @@ class AttentionOps:
     forward: Any  # torch.ops.vivit_kernels.{backend}_attention_forward
     backward: Any
 
+    packed_forward: Any  # torch.ops.vivit_kernels.{backend}_attention_packed_forward
+    packed_backward: Any
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
         out, *_ = self.forward(q, k, v, *grid_args(shape))
+        return out
+
+    def packed(self, qkv: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
+        """(B, N, 3 * H * Dh) -> (B, N, H * Dh)."""
+        out, *_ = self.packed_forward(qkv, shape.heads, *grid_args(shape))
         return out
 
 
@@ -90,6 +124,31 @@ def _fake_backward(grad_out, q, k, v, out, lse, prefix_out, prefix_lse, frames, 
     return projection_layout(q), projection_layout(q), projection_layout(q)
 
 
+def _packed_shape(qkv_shape, heads: int) -> tuple[int, int, int, int]:
+    B, N, width = qkv_shape
+    return B, heads, N, width // (3 * heads)
+
+
+def _fake_packed_forward(qkv, heads, frames, prefix, layout, mode, scale):
+    B, H, N, Dh = _packed_shape(qkv.shape, heads)
+    q = qkv.new_empty(B, H, N, Dh)
+    lse = q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
+    return (qkv.new_empty(B, N, H * Dh), lse, *prefix_buffers(q, frames, prefix, layout, mode, scale))
+
+
+def _fake_packed_backward(grad_out, qkv, out, lse, prefix_out, prefix_lse, heads, frames, prefix, layout, mode, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _packed_forward_flops(qkv_shape, heads, frames, prefix, layout, mode, scale, *args, out_shape=None, **kwargs) -> int:
+    return _shape(_packed_shape(qkv_shape, heads), frames, prefix, layout, mode, scale).forward_flops
+
+
+def _packed_backward_flops(grad_shape, qkv_shape, o_shape, lse_shape, po_shape, pl_shape, heads, frames, prefix,
+                           layout, mode, scale, *args, out_shape=None, **kwargs) -> int:  # fmt: skip
+    return _shape(_packed_shape(qkv_shape, heads), frames, prefix, layout, mode, scale).backward_flops
+
+
 def _forward_flops(q_shape, k_shape, v_shape, frames, prefix, layout, mode, scale, *args, out_shape=None,
                    **kwargs) -> int:  # fmt: skip
     return _shape(q_shape, frames, prefix, layout, mode, scale).forward_flops
@@ -104,27 +163,45 @@ def define_attention_ops(
     backend: str,
     forward: Callable | None = None,
     backward: Callable | None = None,
+    packed_forward: Callable | None = None,
+    packed_backward: Callable | None = None,
     autocast: dict[str, torch.dtype | None] | None = None,
 ) -> AttentionOps:
-    """Declare `{backend}_attention_forward/backward`, differentiable, with fakes and FLOP formulas.
+    """Declare `{backend}_attention_forward/backward` and `_attention_packed_forward/backward`,
+    differentiable, with fakes and FLOP formulas.
 
-    `forward` / `backward` are the launchers (see the module docstring for their contract), or
-    None when a compiled library registers the kernels. `autocast` maps a device type to the
-    dtype q, k, v are cast to inside its autocast regions (None: the region's, as for SDPA).
+    The launchers follow the module docstring's contract, or are None when a compiled library
+    registers the kernels. `autocast` maps a device type to the dtype the inputs are cast to
+    inside its autocast regions (None: the region's, as for SDPA).
     """
-    forward_op = define(f"{backend}_attention_forward", FORWARD_SCHEMA, forward, _fake_forward, _forward_flops)
-    backward_op = define(f"{backend}_attention_backward", BACKWARD_SCHEMA, backward, _fake_backward, _backward_flops)
+    name = f"{backend}_attention"
+    forward_op = define(f"{name}_forward", FORWARD_SCHEMA, forward, _fake_forward, _forward_flops)
+    backward_op = define(f"{name}_backward", BACKWARD_SCHEMA, backward, _fake_backward, _backward_flops)
+    packed_forward_op = define(f"{name}_packed_forward", PACKED_FORWARD_SCHEMA, packed_forward, _fake_packed_forward,
+                               _packed_forward_flops)  # fmt: skip
+    packed_backward_op = define(f"{name}_packed_backward", PACKED_BACKWARD_SCHEMA, packed_backward,
+                                _fake_packed_backward, _packed_backward_flops)  # fmt: skip
 
     def setup_context(ctx, inputs, output):
-        q, k, v, *grid = inputs
-        ctx.save_for_backward(q, k, v, *output)
-        ctx.grid = grid
+        *tensors, frames, prefix, layout, mode, scale = inputs
+        ctx.save_for_backward(*tensors, *output)
+        ctx.grid = (frames, prefix, layout, mode, scale)
 
     def differentiate(ctx, grad_out, *_grad_statistics):
         dq, dk, dv = backward_op(grad_out, *ctx.saved_tensors, *ctx.grid)
         return dq, dk, dv, None, None, None, None, None
 
+    def packed_setup_context(ctx, inputs, output):
+        qkv, heads, *grid = inputs
+        ctx.save_for_backward(qkv, *output)
+        ctx.heads, ctx.grid = heads, grid
+
+    def packed_differentiate(ctx, grad_out, *_grad_statistics):
+        return packed_backward_op(grad_out, *ctx.saved_tensors, ctx.heads, *ctx.grid), None, None, None, None, None, None
+
     register_autograd(forward_op, differentiate, setup_context)
+    register_autograd(packed_forward_op, packed_differentiate, packed_setup_context)
     for device_type, dtype in (autocast or {}).items():
         register_autocast(forward_op, device_type, dtype)
-    return AttentionOps(forward_op, backward_op)
+        register_autocast(packed_forward_op, device_type, dtype)
+    return AttentionOps(forward_op, backward_op, packed_forward_op, packed_backward_op)

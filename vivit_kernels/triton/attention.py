@@ -36,8 +36,9 @@ import triton.language as tl
 
 from . import interpreted
 from ..checks import AttentionShape
-from ..ops.attention import prefix_shapes
-from .common import autotune_configs, cast_rounded, on_input_device, upcast_dot_operands
+from ..ops.attention import prefix_shapes, split_heads, unpack_qkv
+from . import limits
+from .common import autotune_configs, cast_rounded, on_input_device, target_arch, upcast_dot_operands
 
 LOG2E = 1.4426950408889634
 LOG2E_CONST = tl.constexpr(LOG2E)
@@ -111,19 +112,26 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels. PO/PL (forward) and PDQ/PDK/PDV/PD/PL (backward) are the per-group buffers of the
+# Kernels. The integers that change with the clip's shape (the maps, the tuning buckets, N) are
+# not specialised: a new (T, S) reuses the compiled kernels. Strides are (their divisibility by 16
+# is what lets a launch use 128-bit and asynchronous loads), and the head dim is a compile-time
+# constant (a model has one).
+_SHAPE_INTS = ["H_A", "G_A", "L_A", "GS_A", "MS_A", "BASE_A", "X_A", "G_B", "L_B", "GS_B", "MS_B", "BASE_B", "X_B",
+               "TUNE_A", "TUNE_B"]
+
+# PO/PL (forward) and PDQ/PDK/PDV/PD/PL (backward) are the per-group buffers of the
 # prefix rows of map A's groups, (B, H_A, G_A, X_A[, D]) contiguous; unused (never touched)
 # when X_A is 0.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_INTS)
 def _attention_fwd(
     Q, K, V, O, LSE, PO, PL,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, slb, slh,
     H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B,
-    qk_scale, D,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    PREFIX: tl.constexpr,
+    qk_scale, TUNE_A, TUNE_B,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PREFIX: tl.constexpr,
 ):  # fmt: skip
     head, RL, GS, MS, BASE, X, group0, pack_len, row0 = _locate(
         tl.program_id(0), H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B, BLOCK_M
@@ -134,7 +142,7 @@ def _attention_fwd(
     row_group = rows // RL
     q_tok = _tokens(rows, group0, RL, GS, MS, BASE, X, PREFIX)
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    d_ok = d < HEAD_DIM
 
     q = tl.load(Q + b * sqb + head * sqh + q_tok[:, None] * sqn + d[None, :] * sqd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
@@ -172,19 +180,19 @@ def _attention_fwd(
         member = row_ok & ~is_prefix
         prefix = row_ok & is_prefix
         part = _partial_rows(rows, b, head, group0, RL, H_A, G_A, X_A)
-        tl.store(PO + part[:, None] * D + d[None, :], out, mask=prefix[:, None] & d_ok[None, :])
+        tl.store(PO + part[:, None] * HEAD_DIM + d[None, :], out, mask=prefix[:, None] & d_ok[None, :])
         tl.store(PL + part, lse, mask=prefix)
     tl.store(O + b * sob + head * soh + q_tok[:, None] * son + d[None, :] * sod, out,
              mask=member[:, None] & d_ok[None, :])  # fmt: skip
     tl.store(LSE + b * slb + head * slh + q_tok, lse, mask=member)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _attention_bwd_delta(
     O, DO, DELTA,
     sob, soh, son, sod, sgb, sgh, sgn, sgd, slb, slh,
-    N, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    N,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """delta = rowsum(dO * O) per token: the softmax-backward term shared by dK/dV and dQ."""
     n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -192,7 +200,7 @@ def _attention_bwd_delta(
     b = tl.program_id(2).to(tl.int64)
     n_ok = n < N
     d = tl.arange(0, BLOCK_D)
-    mask = n_ok[:, None] & (d < D)[None, :]
+    mask = n_ok[:, None] & (d < HEAD_DIM)[None, :]
     n64 = n.to(tl.int64)
     o = tl.load(O + b * sob + head * soh + n64[:, None] * son + d[None, :] * sod, mask=mask, other=0.0)
     do = tl.load(DO + b * sgb + head * sgh + n64[:, None] * sgn + d[None, :] * sgd, mask=mask, other=0.0)
@@ -220,15 +228,15 @@ def _row_statistics(LSE, DELTA, PL, PD, rows, q_tok, b, head, group0, RL, X, H_A
     return lse * LOG2E_CONST, delta, share
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_INTS)
 def _attention_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, PL, PD, PDK, PDV,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B,
-    qk_scale, scale, D,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    PREFIX: tl.constexpr,
+    qk_scale, scale, TUNE_A, TUNE_B,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PREFIX: tl.constexpr,
 ):  # fmt: skip
     """A block of keys; loops over the queries of its pack (the only ones that see these keys)."""
     head, RL, GS, MS, BASE, X, group0, pack_len, row0 = _locate(
@@ -240,7 +248,7 @@ def _attention_bwd_dkdv(
     col_group = cols // RL
     k_tok = _tokens(cols, group0, RL, GS, MS, BASE, X, PREFIX)
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    d_ok = d < HEAD_DIM
     kv_mask = col_ok[:, None] & d_ok[None, :]
     k = tl.load(K + b * skb + head * skh + k_tok[:, None] * skn + d[None, :] * skd, mask=kv_mask, other=0.0)
     v = tl.load(V + b * svb + head * svh + k_tok[:, None] * svn + d[None, :] * svd, mask=kv_mask, other=0.0)
@@ -279,23 +287,23 @@ def _attention_bwd_dkdv(
         member = col_ok & ~is_prefix
         prefix = (col_ok & is_prefix)[:, None] & d_ok[None, :]
         part = _partial_rows(cols, b, head, group0, RL, H_A, G_A, X_A)
-        tl.store(PDK + part[:, None] * D + d[None, :], dk, mask=prefix)
-        tl.store(PDV + part[:, None] * D + d[None, :], dv, mask=prefix)
+        tl.store(PDK + part[:, None] * HEAD_DIM + d[None, :], dk, mask=prefix)
+        tl.store(PDV + part[:, None] * HEAD_DIM + d[None, :], dv, mask=prefix)
     tl.store(DK + b * sdkb + head * sdkh + k_tok[:, None] * sdkn + d[None, :] * sdkd,
              cast_rounded(dk, DK.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])  # fmt: skip
     tl.store(DV + b * sdvb + head * sdvh + k_tok[:, None] * sdvn + d[None, :] * sdvd,
              cast_rounded(dv, DV.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_INTS)
 def _attention_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, PL, PD, PDQ,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
     sdqb, sdqh, sdqn, sdqd,
     H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B,
-    qk_scale, scale, D,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    PREFIX: tl.constexpr,
+    qk_scale, scale, TUNE_A, TUNE_B,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PREFIX: tl.constexpr,
 ):  # fmt: skip
     """A block of queries; loops over the keys of its pack, like the forward."""
     head, RL, GS, MS, BASE, X, group0, pack_len, row0 = _locate(
@@ -307,7 +315,7 @@ def _attention_bwd_dq(
     row_group = rows // RL
     q_tok = _tokens(rows, group0, RL, GS, MS, BASE, X, PREFIX)
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    d_ok = d < HEAD_DIM
     q_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * sqb + head * sqh + q_tok[:, None] * sqn + d[None, :] * sqd, mask=q_mask, other=0.0)
     do = tl.load(DO + b * sgb + head * sgh + q_tok[:, None] * sgn + d[None, :] * sgd, mask=q_mask, other=0.0)
@@ -343,75 +351,49 @@ def _attention_bwd_dq(
         is_prefix = (rows % RL) < X
         member = row_ok & ~is_prefix
         part = _partial_rows(rows, b, head, group0, RL, H_A, G_A, X_A)
-        tl.store(PDQ + part[:, None] * D + d[None, :], dq, mask=(row_ok & is_prefix)[:, None] & d_ok[None, :])
+        tl.store(PDQ + part[:, None] * HEAD_DIM + d[None, :], dq, mask=(row_ok & is_prefix)[:, None] & d_ok[None, :])
     tl.store(DQ + b * sdqb + head * sdqh + q_tok[:, None] * sdqn + d[None, :] * sdqd,
              cast_rounded(dq, DQ.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
-# Autotune configs: Hopper/Ampere sizes, keyed on the group lengths and the padded head dim.
-# Each entry: (primary block, loop block, warps, stages, largest padded head dim for fp16/bf16,
-# largest for fp32). The limits are where `python -m vivit_kernels.triton.inspect` shows the
-# config compiling without register spills on sm_80 and sm_90; `_prune` keeps the autotuner
-# within them. fp32 (three tf32 products per dot) needs about twice the registers of fp16.
-# Forward and dQ: primary = BLOCK_M queries, loop = BLOCK_N keys; dK/dV the other way round.
-_FWD_TABLE = [
-    (128, 64, 8, 3, 64, 16),
-    (128, 32, 8, 2, 128, 16),
-    (64, 64, 4, 3, 64, 16),
-    (64, 32, 4, 2, 64, 32),
-    (32, 32, 8, 2, 128, 64),
-    (16, 32, 8, 2, 128, 128),
-]
-_DKDV_TABLE = [
-    (128, 32, 8, 2, 32, 16),
-    (64, 32, 8, 2, 64, 16),
-    (32, 32, 8, 2, 128, 16),
-    (16, 16, 8, 2, 128, 128),
-]
-_DQ_TABLE = [
-    (128, 32, 8, 2, 64, 16),
-    (64, 32, 4, 2, 64, 16),
-    (32, 16, 8, 2, 128, 64),
-    (16, 16, 8, 1, 32, 128),
-]
-
-
-def _configs(table: list[tuple], primary: str, loop: str) -> list[triton.Config]:
-    return [triton.Config({primary: p, loop: l}, num_warps=w, num_stages=st) for p, l, w, st, _, _ in table]
-
-
-def _limits(table: list[tuple]) -> dict[tuple, tuple[int, int]]:
-    """(primary block, loop block, warps, stages) -> (largest head dim for 2-byte, for 4-byte dtypes)."""
-    return {(p, l, w, st): (half, full) for p, l, w, st, half, full in table}
-
-
-_FWD_CONFIGS = _configs(_FWD_TABLE, "BLOCK_M", "BLOCK_N")
-_DKDV_CONFIGS = _configs(_DKDV_TABLE, "BLOCK_N", "BLOCK_M")
-_DQ_CONFIGS = _configs(_DQ_TABLE, "BLOCK_M", "BLOCK_N")
-_LIMITS = {
-    "fwd": _limits(_FWD_TABLE),
-    "dkdv": _limits(_DKDV_TABLE),
-    "dq": _limits(_DQ_TABLE),
+# Autotune candidates, Hopper/Ampere sizes: (primary block, loop block, warps, stages). Forward
+# and dQ: primary = BLOCK_M queries, loop = BLOCK_N keys; dK/dV the other way round. Which of
+# them the autotuner may run on a GPU is read from compiles of real launches for each
+# architecture (limits.py: spill-free, within the architecture's shared memory), per dtype
+# width, head dim and prefix variant.
+_TABLES = {
+    "fwd": [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 8, 2), (16, 32, 8, 2)],
+    "dkdv": [(128, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (16, 16, 8, 2)],
+    "dq": [(128, 32, 8, 2), (64, 32, 4, 2), (32, 16, 8, 2), (16, 16, 8, 1)],
 }
 _PRIMARY = {"fwd": ("BLOCK_M", "BLOCK_N"), "dkdv": ("BLOCK_N", "BLOCK_M"), "dq": ("BLOCK_M", "BLOCK_N")}
 
 
-def _fits(kernel: str, config: triton.Config, element_size: int, block_d: int, prefix: bool = False) -> bool:
-    """May the autotuner run `config` of `kernel` for this dtype width, padded head dim and prefix variant?"""
+def _configs(kernel: str) -> list[triton.Config]:
     primary, loop = _PRIMARY[kernel]
-    key = (config.kwargs[primary], config.kwargs[loop], config.num_warps, config.num_stages)
-    half, full = _LIMITS[kernel][key]
-    return block_d <= (half if element_size <= 2 else full)
+    return [triton.Config({primary: p, loop: l}, num_warps=w, num_stages=s) for p, l, w, s in _TABLES[kernel]]
+
+
+def config_key(kernel: str, config: triton.Config) -> str:
+    """The name of a candidate in limits.py, e.g. "fwd 128x64 w8 s3"."""
+    primary, loop = _PRIMARY[kernel]
+    return f"{kernel} {config.kwargs[primary]}x{config.kwargs[loop]} w{config.num_warps} s{config.num_stages}"
+
+
+def _fits(kernel: str, config: triton.Config, element_size: int, head_dim: int, prefix: bool, arch: int) -> bool:
+    """May the autotuner run `config` of `kernel` on sm_`arch` for this dtype width, head dim and prefix variant?"""
+    return limits.allows(config_key(kernel, config), element_size, head_dim, prefix, arch)
 
 
 def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
         if interpreted():
             return configs
-        size = named_args["Q"].element_size()
-        kept = [c for c in configs if _fits(kernel, c, size, kwargs["BLOCK_D"])]
-        return kept or configs[-1:]
+        q = named_args["Q"]
+        arch = target_arch(q)
+        kept = [c for c in configs if _fits(kernel, c, q.element_size(), kwargs["HEAD_DIM"], kwargs["PREFIX"], arch)]
+        return kept or configs[-1:]  # the smallest tile: never pruned away entirely
 
     return {"early_config_prune": prune}
 
@@ -422,17 +404,23 @@ _INTERPRETER_FWD = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})
 _INTERPRETER_DKDV = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64})
 _INTERPRETER_DQ = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})
 _DELTA_BLOCK = 32
-_KEY = ["L_A", "X_A", "L_B", "BLOCK_D"]
+# Tuned per bucket of group lengths (TUNE_A, TUNE_B: the next power of two of each map's row
+# length), head dim and prefix variant (the dtype is added by the autotuner): a new clip length
+# in the same bucket reuses the choice. Timings are cached on disk (Triton's cache directory), so
+# a restarted or second run does not tune again.
+_KEY = ["TUNE_A", "TUNE_B", "HEAD_DIM", "PREFIX"]
 
-_fwd = triton.autotune(autotune_configs(_FWD_CONFIGS, _INTERPRETER_FWD), key=_KEY, prune_configs_by=_pruner("fwd"))(
-    _attention_fwd
-)
-_dkdv = triton.autotune(
-    autotune_configs(_DKDV_CONFIGS, _INTERPRETER_DKDV), key=_KEY, prune_configs_by=_pruner("dkdv")
-)(_attention_bwd_dkdv)
-_dq = triton.autotune(autotune_configs(_DQ_CONFIGS, _INTERPRETER_DQ), key=_KEY, prune_configs_by=_pruner("dq"))(
-    _attention_bwd_dq
-)
+
+def _autotuned(kernel: str, fn, interpreter_config: triton.Config):
+    return triton.autotune(
+        autotune_configs(_configs(kernel), interpreter_config), key=_KEY, prune_configs_by=_pruner(kernel),
+        cache_results=True,
+    )(fn)
+
+
+_fwd = _autotuned("fwd", _attention_fwd, _INTERPRETER_FWD)
+_dkdv = _autotuned("dkdv", _attention_bwd_dkdv, _INTERPRETER_DKDV)
+_dq = _autotuned("dq", _attention_bwd_dq, _INTERPRETER_DQ)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,6 +476,11 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _buckets(map_a: tuple, map_b: tuple) -> tuple[int, int]:
+    """The autotuning buckets of two maps: the next power of two of each row length (>= 16)."""
+    return tuple(max(16, triton.next_power_of_2(m[1] + m[5])) for m in (map_a, map_b))
+
+
 def _or(x: torch.Tensor, stand_in: torch.Tensor) -> torch.Tensor:
     """x, or a stand-in when x is empty: a kernel argument no program touches must still be a real pointer."""
     return x if x.numel() else stand_in
@@ -518,8 +511,8 @@ def forward(
         _fwd[_grid(heads, B, h_a, map_a, map_b, "BLOCK_M")](
             qh, kh, vh, oh, lh, po, pl,
             *qh.stride(), *kh.stride(), *vh.stride(), *oh.stride(), lh.stride(0), lh.stride(1),
-            h_a, *map_a, *map_b, scale * LOG2E, Dh,
-            BLOCK_D=_block_d(Dh), UPCAST=upcast_dot_operands(q.dtype), PREFIX=map_a[5] > 0,
+            h_a, *map_a, *map_b, scale * LOG2E, *_buckets(map_a, map_b),
+            HEAD_DIM=Dh, BLOCK_D=_block_d(Dh), UPCAST=upcast_dot_operands(q.dtype), PREFIX=map_a[5] > 0,
         )  # fmt: skip
     if averaged_heads:  # a spatial head's prefix query: the mean of its per-frame outputs
         out[:, :averaged_heads, :prefix] = prefix_out.float().mean(2).to(q.dtype)
@@ -542,8 +535,10 @@ def backward(
     layout: str,
     mode: str,
     scale: float,
+    into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `forward`: dq, dk, dv as (B, H, N, Dh) views of (B, N, H, Dh) buffers."""
+    """Gradients of `forward`: dq, dk, dv as (B, H, N, Dh) views of (B, N, H, Dh) buffers, or
+    written into the (B, H, N, Dh) views `into` (of one packed buffer, say)."""
     shape = AttentionShape.of(q.shape, frames, mode, scale, prefix=prefix, layout=layout)
     B, H, N, Dh = q.shape
     averaged_heads, groups = shape.averaged_prefix
@@ -551,30 +546,62 @@ def backward(
     upcast = upcast_dot_operands(q.dtype)
     delta = _alloc((B, H, N), torch.float32, q.device)
     _attention_bwd_delta[(triton.cdiv(N, _DELTA_BLOCK), H, B)](
-        out, dout, delta, *out.stride(), *dout.stride(), delta.stride(0), delta.stride(1), N, Dh,
-        BLOCK_M=_DELTA_BLOCK, BLOCK_D=block_d,
+        out, dout, delta, *out.stride(), *dout.stride(), delta.stride(0), delta.stride(1), N,
+        HEAD_DIM=Dh, BLOCK_M=_DELTA_BLOCK, BLOCK_D=block_d,
     )  # fmt: skip
     # The averaged prefix rows, per frame: delta against that frame's output (the 1/T share of the
     # gradient is applied in the kernels), and fp32 partial gradients, summed below.
     prefix_delta = (dout[:, :averaged_heads, None, :prefix].float() * prefix_out.float()).sum(-1) if averaged_heads \
         else prefix_lse  # (B, Ha, T, P)
-    dq, dk, dv = (_alloc((B, N, H, Dh), q.dtype, q.device).transpose(1, 2) for _ in range(3))
+    dq, dk, dv = into or (_alloc((B, N, H, Dh), q.dtype, q.device).transpose(1, 2) for _ in range(3))
     pdq, pdk, pdv = (_alloc(prefix_out.shape, torch.float32, q.device) for _ in range(3))
     pl, pd, pdq_, pdk_, pdv_ = (_or(x, delta) for x in (prefix_lse, prefix_delta, pdq, pdk, pdv))
     for h0, heads, h_a, map_a, map_b in index_maps(shape):
         qh, kh, vh, gh, lh, deltah = (_heads(x, h0, heads) for x in (q, k, v, dout, lse, delta))
         common = (*qh.stride(), *kh.stride(), *vh.stride(), *gh.stride(), lh.stride(0), lh.stride(1))
-        maps = (h_a, *map_a, *map_b, scale * LOG2E, scale, Dh)
+        maps = (h_a, *map_a, *map_b, scale * LOG2E, scale, *_buckets(map_a, map_b))
         dqh, dkh, dvh = (_heads(x, h0, heads) for x in (dq, dk, dv))
         _dkdv[_grid(heads, B, h_a, map_a, map_b, "BLOCK_N")](
             qh, kh, vh, gh, lh, deltah, dkh, dvh, pl, pd, pdk_, pdv_,
-            *common, *dkh.stride(), *dvh.stride(), *maps, BLOCK_D=block_d, UPCAST=upcast, PREFIX=map_a[5] > 0,
+            *common, *dkh.stride(), *dvh.stride(), *maps,
+            HEAD_DIM=Dh, BLOCK_D=block_d, UPCAST=upcast, PREFIX=map_a[5] > 0,
         )  # fmt: skip
         _dq[_grid(heads, B, h_a, map_a, map_b, "BLOCK_M")](
             qh, kh, vh, gh, lh, deltah, dqh, pl, pd, pdq_,
-            *common, *dqh.stride(), *maps, BLOCK_D=block_d, UPCAST=upcast, PREFIX=map_a[5] > 0,
+            *common, *dqh.stride(), *maps, HEAD_DIM=Dh, BLOCK_D=block_d, UPCAST=upcast, PREFIX=map_a[5] > 0,
         )  # fmt: skip
     if averaged_heads:
         for grad, partial in ((dq, pdq), (dk, pdk), (dv, pdv)):
             grad[:, :averaged_heads, :prefix] = partial.sum(2).to(q.dtype)
     return dq, dk, dv
+
+
+@on_input_device
+def packed_forward(
+    qkv: torch.Tensor, heads: int, frames: int, prefix: int, layout: str, mode: str, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`forward` on a packed (B, N, 3 * H * Dh) projection; out comes back as (B, N, H * Dh)."""
+    out, *statistics = forward(*unpack_qkv(qkv, heads), frames, prefix, layout, mode, scale)
+    return (out.transpose(1, 2).flatten(2), *statistics)
+
+
+@on_input_device
+def packed_backward(
+    dout: torch.Tensor,
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    prefix_out: torch.Tensor,
+    prefix_lse: torch.Tensor,
+    heads: int,
+    frames: int,
+    prefix: int,
+    layout: str,
+    mode: str,
+    scale: float,
+) -> torch.Tensor:
+    """The gradient of the packed projection, (B, N, 3 * H * Dh), written by the kernels in place."""
+    dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
+    backward(split_heads(dout, heads), *unpack_qkv(qkv, heads), split_heads(out, heads), lse, prefix_out, prefix_lse,
+             frames, prefix, layout, mode, scale, into=unpack_qkv(dqkv, heads))  # fmt: skip
+    return dqkv

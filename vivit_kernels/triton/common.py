@@ -54,3 +54,21 @@ def cast_rounded(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+# The architecture the inspection compiles for while it records launches (see inspect.py); None
+# in a real process, where the tensors' device tells.
+inspected_arch: int | None = None
+
+
+@functools.cache
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def target_arch(tensor: torch.Tensor) -> int:
+    """The compute capability a launch on `tensor` compiles for, as 80, 86, 89, 90, ..."""
+    if inspected_arch is not None:
+        return inspected_arch
+    return _capability(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())

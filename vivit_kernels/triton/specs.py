@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import attention, tubelet
+from . import tubelet
 
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -26,79 +26,6 @@ class CompileSpec:
     num_stages: int = 2
     dtype: str = "fp32"  # the input dtype this instance serves: fp32, fp16 or bf16
     autotune_candidate: bool = True  # may the autotuner pick it? (such configs must not spill)
-
-
-# ---------------------------------------------------------------------------------------------
-# Attention.
-
-_ATTENTION_TENSORS = {"Q", "K", "V", "O", "PO", "DO", "DK", "DV", "DQ"}
-_ATTENTION_FP32 = {"LSE", "DELTA", "PL", "PD", "PDK", "PDV", "PDQ"}
-_ATTENTION_FLOATS = {"qk_scale", "scale"}
-# Head-dim strides are 1 for every layout FactorisedAttention makes; Triton specialises an int
-# argument equal to 1 into a constant at launch, so the inspected code does the same.
-_UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sgd", "sdkd", "sdvd", "sdqd"}
-HEAD_DIM_BLOCKS = (16, 32, 64, 128)
-ATTENTION_KERNELS = (
-    ("fwd", "attention_fwd", attention._attention_fwd, attention._FWD_CONFIGS),
-    ("dkdv", "attention_bwd_dkdv", attention._attention_bwd_dkdv, attention._DKDV_CONFIGS),
-    ("dq", "attention_bwd_dq", attention._attention_bwd_dq, attention._DQ_CONFIGS),
-)
-
-
-def _attention_spec(name: str, fn, dtype: str, constexprs: dict, warps: int, stages: int, candidate: bool) -> CompileSpec:
-    constexprs = {**constexprs, **{n: 1 for n in _UNIT_STRIDES if n in fn.arg_names}}
-    signature = {}
-    for arg in fn.arg_names:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in _ATTENTION_TENSORS:
-            signature[arg] = f"*{dtype}"
-        elif arg in _ATTENTION_FP32:
-            signature[arg] = "*fp32"
-        elif arg in _ATTENTION_FLOATS:
-            signature[arg] = "fp32"
-        else:
-            signature[arg] = "i32"
-    return CompileSpec(name, fn, signature, constexprs, warps, stages, dtype, candidate)
-
-
-def attention_specs() -> list[CompileSpec]:
-    """Every (kernel, autotune config, dtype, padded head dim, prefix variant) the attention
-    launchers can run. PREFIX (groups with extra prefix members) is a compile-time switch: calls
-    without prefix tokens run the plain variant."""
-    specs = []
-    for dtype in DTYPES:
-        for block_d in HEAD_DIM_BLOCKS:
-            for prefix in (False, True):
-                for kernel, label, fn, configs in ATTENTION_KERNELS:
-                    for config in configs:
-                        blocks = dict(config.kwargs)
-                        text = ", ".join(f"{k}={v}" for k, v in blocks.items())
-                        variant = ", PREFIX" if prefix else ""
-                        specs.append(
-                            _attention_spec(
-                                f"{label}[{dtype}, {text}, BLOCK_D={block_d}{variant}, warps={config.num_warps}, "
-                                f"stages={config.num_stages}]",
-                                fn,
-                                dtype,
-                                {**blocks, "BLOCK_D": block_d, "UPCAST": False, "PREFIX": prefix},
-                                config.num_warps,
-                                config.num_stages,
-                                attention._fits(kernel, config, 4 if dtype == "fp32" else 2, block_d, prefix),
-                            )
-                        )
-            specs.append(
-                _attention_spec(
-                    f"attention_bwd_delta[{dtype}, BLOCK_M={attention._DELTA_BLOCK}, BLOCK_D={block_d}]",
-                    attention._attention_bwd_delta,
-                    dtype,
-                    {"BLOCK_M": attention._DELTA_BLOCK, "BLOCK_D": block_d},
-                    4,
-                    1,
-                    True,
-                )
-            )
-    return specs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,5 +100,5 @@ def tubelet_specs() -> list[CompileSpec]:
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every spec of every kernel module: what `python -m vivit_kernels.triton.inspect` compiles."""
-    return attention_specs() + tubelet_specs()
+    """Every spec of the tubelet kernels (the attention kernels are inspected from recorded launches)."""
+    return tubelet_specs()

@@ -1,0 +1,41 @@
+"""Which autotune candidate may run where, read from compiles of real launches.
+
+Written by `python -m vivit_kernels.triton.inspect --write-limits`, which compiles every candidate
+of every kernel as a launch at ViViT-B shapes specialises it (every dtype, head dim and prefix
+variant) for each architecture. LIMITS[candidate]["<dtype bytes>B[ prefix]"][arch] is the largest
+head dim up to which every inspected head dim compiled without register spills and within the
+architecture's shared memory (0: none did). An architecture not inspected gets the most cautious
+limit of those that were.
+"""
+
+from __future__ import annotations
+
+INSPECTED_HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128)
+
+LIMITS = {
+    'fwd 128x64 w8 s3': {'2B': {80: 64, 86: 64, 89: 64, 90: 64}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 64}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
+    'fwd 128x32 w8 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
+    'fwd 64x64 w4 s3': {'2B': {80: 64, 86: 64, 89: 64, 90: 64}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 64}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
+    'fwd 64x32 w4 s2': {'2B': {80: 64, 86: 64, 89: 64, 90: 64}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 64}, '4B': {80: 32, 86: 32, 89: 32, 90: 32}, '4B prefix': {80: 32, 86: 32, 89: 32, 90: 32}},
+    'fwd 32x32 w8 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 64, 86: 64, 89: 64, 90: 64}, '4B prefix': {80: 64, 86: 64, 89: 64, 90: 64}},
+    'fwd 16x32 w8 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 128, 86: 128, 89: 128, 90: 128}, '4B prefix': {80: 128, 86: 128, 89: 128, 90: 128}},
+    'dkdv 128x32 w8 s2': {'2B': {80: 32, 86: 32, 89: 32, 90: 32}, '2B prefix': {80: 32, 86: 32, 89: 32, 90: 32}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
+    'dkdv 64x32 w8 s2': {'2B': {80: 64, 86: 64, 89: 64, 90: 64}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 64}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
+    'dkdv 32x32 w8 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
+    'dkdv 16x16 w8 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 128, 86: 128, 89: 128, 90: 128}, '4B prefix': {80: 128, 86: 128, 89: 128, 90: 128}},
+    'dq 128x32 w8 s2': {'2B': {80: 64, 86: 64, 89: 64, 90: 64}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 64}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
+    'dq 64x32 w4 s2': {'2B': {80: 64, 86: 64, 89: 64, 90: 64}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 64}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
+    'dq 32x16 w8 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 64, 86: 64, 89: 64, 90: 64}, '4B prefix': {80: 64, 86: 64, 89: 64, 90: 64}},
+    'dq 16x16 w8 s1': {'2B': {80: 32, 86: 32, 89: 32, 90: 32}, '2B prefix': {80: 32, 86: 32, 89: 32, 90: 32}, '4B': {80: 128, 86: 128, 89: 128, 90: 128}, '4B prefix': {80: 128, 86: 128, 89: 128, 90: 128}},
+}
+
+
+def variant(element_size: int, prefix: bool) -> str:
+    return f"{element_size}B{' prefix' if prefix else ''}"
+
+
+def allows(candidate: str, element_size: int, head_dim: int, prefix: bool, arch: int) -> bool:
+    """May `candidate` (e.g. "fwd 128x64 w8 s3") run on sm_`arch` for this dtype width, head dim and prefix variant?"""
+    per_arch = LIMITS[candidate][variant(element_size, prefix)]
+    limit = per_arch[arch] if arch in per_arch else min(per_arch.values())
+    return head_dim <= limit
