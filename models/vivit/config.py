@@ -9,6 +9,7 @@ TOKENISERS = ("tubelet", "uniform")
 POOLINGS = ("cls", "avg")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 ATTENTION_ORDERS = ("space_time", "time_space")
+MEMORY_MODES = ("default", "lean")
 
 
 @dataclass
@@ -34,6 +35,9 @@ class ViViTConfig:
         attn_drop_rate: dropout on attention probabilities (runs the reference attention when > 0).
         drop_path_rate: stochastic depth at the last block, rising linearly from 0 at the first.
         grad_checkpointing: recompute each block in backward (torch.utils.checkpoint).
+        memory: "default", or "lean": each block recomputes its LayerNorms and GELU in backward
+            instead of keeping their outputs (10 D-wide activation tensors per token per block
+            kept, not 16; the same function and gradients).
         mlp_activation: "gelu" (exact, as timm) or "gelu_tanh" (tanh approximation, as HF ViViT and scenic).
         attention_order: model 3's order in a block: "space_time" (the paper) or "time_space".
         backend: backend of every vivit_kernels op ("auto", "reference", ...).
@@ -58,6 +62,7 @@ class ViViTConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
+    memory: str = "default"
     mlp_activation: str = "gelu"
     attention_order: str = "space_time"
     backend: str = "auto"
@@ -77,6 +82,7 @@ class ViViTConfig:
             ("pooling", self.pooling, POOLINGS),
             ("mlp_activation", self.mlp_activation, ACTIVATIONS),
             ("attention_order", self.attention_order, ATTENTION_ORDERS),
+            ("memory", self.memory, MEMORY_MODES),
         ):
             if value not in allowed:
                 raise ValueError(f"ViViTConfig: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
@@ -126,7 +132,7 @@ class ViViTConfig:
 
 # Fields that say how a model runs, not what it computes: two configs that differ only here
 # hold the same weights and give the same logits (up to rounding).
-EXECUTION_FIELDS = ("backend", "grad_checkpointing")
+EXECUTION_FIELDS = ("backend", "grad_checkpointing", "memory")
 # Regularisation used only in training: the weights and the eval-mode function do not depend on it.
 TRAINING_ONLY_FIELDS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
 

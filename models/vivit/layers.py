@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from vivit_kernels import FactorisedAttention
+from vivit_kernels import FactorisedAttention, gelu_linear, norm_linear
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,9 @@ class BlockConfig:
         qkv_bias: learn a qkv bias.
         norm_eps: LayerNorm epsilon.
         backend: vivit_kernels backend.
+        memory: "default", or "lean": recompute the LayerNorms and the GELU in backward instead of
+            keeping their outputs (10 D-wide tensors per token kept per block, not 16; see
+            vivit_kernels.lean).
     """
 
     dim: int
@@ -36,6 +39,11 @@ class BlockConfig:
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     backend: str = "auto"
+    memory: str = "default"
+
+    @property
+    def lean(self) -> bool:
+        return self.memory == "lean"
 
     def attention(self, mode: str) -> FactorisedAttention:
         return FactorisedAttention(
@@ -94,6 +102,21 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
+    def forward_lean(self, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+        """self(norm(x)), keeping for backward x and the hidden activation, not norm(x) or GELU's
+        output (recomputed). With dropout after the GELU its output is kept: the mask must be."""
+        hidden = norm_linear(x, norm, self.fc1.weight, self.fc1.bias)
+        if self.drop1.p > 0 and self.training:
+            return self.drop2(self.fc2(self.drop1(self.act(hidden))))
+        return self.drop2(gelu_linear(hidden, self.fc2.weight, self.fc2.bias, self.act.approximate))
+
+
+def attention_branch(norm: nn.LayerNorm, attn: FactorisedAttention, x: torch.Tensor, frames: int, lean: bool):
+    """attn(norm(x)); lean: keeping x for backward, not norm(x) (recomputed)."""
+    if lean:
+        return attn.attend(norm_linear(x, norm, attn.qkv.weight, attn.qkv_bias), frames)
+    return attn(norm(x), frames=frames)
+
 
 class Block(nn.Module):
     """Pre-norm transformer block: y = x + MSA(LN(x)); z = y + MLP(LN(y)).
@@ -106,6 +129,7 @@ class Block(nn.Module):
 
     def __init__(self, config: BlockConfig, *, mode: str = "joint", drop_path: float = 0.0) -> None:
         super().__init__()
+        self.lean = config.lean
         self.norm1 = config.norm()
         self.attn = config.attention(mode)
         self.drop_path1 = DropPath(drop_path)
@@ -115,8 +139,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, frames: int = 1) -> torch.Tensor:
         """x: (B, N, D) with N = frames * S time-major tokens -> (B, N, D)."""
-        x = x + self.drop_path1(self.attn(self.norm1(x), frames=frames))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path1(attention_branch(self.norm1, self.attn, x, frames, self.lean))
+        return x + self.drop_path2(self.mlp.forward_lean(x, self.norm2) if self.lean else self.mlp(self.norm2(x)))
 
 
 class FactorisedSelfAttentionBlock(nn.Module):
@@ -129,6 +153,7 @@ class FactorisedSelfAttentionBlock(nn.Module):
     def __init__(self, config: BlockConfig, *, order: str = "space_time", drop_path: float = 0.0) -> None:
         super().__init__()
         self.order = order
+        self.lean = config.lean
         self.norm1 = config.norm()
         self.attn = config.attention("spatial")
         self.temporal_norm = config.norm()
@@ -138,10 +163,10 @@ class FactorisedSelfAttentionBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def _spatial(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        return x + self.drop_path(self.attn(self.norm1(x), frames=frames))
+        return x + self.drop_path(attention_branch(self.norm1, self.attn, x, frames, self.lean))
 
     def _temporal(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        return x + self.drop_path(self.temporal_attn(self.temporal_norm(x), frames=frames))
+        return x + self.drop_path(attention_branch(self.temporal_norm, self.temporal_attn, x, frames, self.lean))
 
     def forward(self, x: torch.Tensor, frames: int = 1) -> torch.Tensor:
         """x: (B, N, D) with N = frames * S time-major tokens -> (B, N, D)."""
@@ -149,7 +174,7 @@ class FactorisedSelfAttentionBlock(nn.Module):
             x = self._temporal(self._spatial(x, frames), frames)
         else:
             x = self._spatial(self._temporal(x, frames), frames)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.mlp.forward_lean(x, self.norm2) if self.lean else self.mlp(self.norm2(x)))
 
     def extra_repr(self) -> str:
         return f"order={self.order!r}"

@@ -211,6 +211,7 @@ def block_config(c: ViViTConfig) -> BlockConfig:
         qkv_bias=c.qkv_bias,
         norm_eps=c.norm_eps,
         backend=c.backend,
+        memory=c.memory,
     )
 
 

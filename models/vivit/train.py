@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dropout", type=float, default=0.0)
     m.add_argument("--backend", default="auto", help="vivit_kernels backend of the model's ops")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+    m.add_argument("--memory", default="default", choices=["default", "lean"],
+                   help="lean: blocks recompute LayerNorm and GELU in backward (10 of 16 activations kept, same "
+                        "results)")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])

@@ -66,7 +66,7 @@ _RANGES = {
 _FIELD_ARGS = {"variant": "variant", "img_size": "img_size", "num_frames": "num_frames", "tokeniser": "tokeniser",
                "drop_rate": "dropout", "drop_path_rate": "drop_path", "backend": "backend", "dim": "dim",
                "depth": "depth", "num_heads": "heads", "mlp_ratio": "mlp_ratio", "temporal_depth": "temporal_depth",
-               "tubelet": "tubelet"}
+               "tubelet": "tubelet", "memory": "memory"}
 # How a message names a field: its option, or what sets it.
 _FIELD_NAMES = {**{field: "--" + arg.replace("_", "-") for field, arg in _FIELD_ARGS.items()},
                 "num_classes": "classes"}

@@ -1,0 +1,78 @@
+"""vivit_kernels.lean: a linear layer after a LayerNorm or a GELU that keeps its input for backward,
+not the normalised or activated tensor, and computes exactly what the plain modules compute."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import relative_error
+from torch import nn
+
+from vivit_kernels import gelu_linear, norm_linear, saved_bytes
+
+
+@pytest.fixture
+def layers(generator):
+    torch.manual_seed(0)
+    norm, fc1, fc2 = nn.LayerNorm(24, eps=1e-6), nn.Linear(24, 96), nn.Linear(96, 24)
+    for param in (norm.weight, norm.bias):
+        nn.init.normal_(param)
+    return norm, fc1, fc2
+
+
+def test_gradcheck(generator):
+    torch.manual_seed(0)
+    norm, fc1, fc2 = nn.LayerNorm(6).double(), nn.Linear(6, 8).double(), nn.Linear(8, 6).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b, nw, nb: norm_linear(x, _with(norm, nw, nb), w, b),
+                                    (x, fc1.weight, fc1.bias, norm.weight, norm.bias))  # fmt: skip
+    h = torch.randn(2, 3, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    for approximate in ("none", "tanh"):
+        assert torch.autograd.gradcheck(lambda h, w, b: gelu_linear(h, w, b, approximate), (h, fc2.weight, fc2.bias))
+
+
+def _with(norm, weight, bias):
+    """A LayerNorm whose parameters are the given tensors (gradcheck's inputs)."""
+    copy = nn.LayerNorm(norm.normalized_shape, eps=norm.eps).double()
+    copy.weight, copy.bias = weight, bias
+    return copy
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_same_function_and_gradients_as_the_plain_modules(layers, autocast, generator):
+    norm, fc1, fc2 = layers
+    x = torch.randn(3, 7, 24, generator=generator, requires_grad=True)
+    params = [x, *norm.parameters(), *fc1.parameters(), *fc2.parameters()]
+
+    def run(lean: bool):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            if lean:
+                out = gelu_linear(norm_linear(x, norm, fc1.weight, fc1.bias), fc2.weight, fc2.bias)
+            else:
+                out = fc2(F.gelu(fc1(norm(x))))
+        grads = torch.autograd.grad(out, params, torch.ones_like(out))
+        return out, grads
+
+    plain, lean = run(False), run(True)
+    assert lean[0].dtype == plain[0].dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert relative_error(lean[0], plain[0]) < 1e-6
+    for a, b in zip(lean[1], plain[1]):
+        assert a.dtype == b.dtype and relative_error(a, b) < 1e-6
+
+
+def test_keeps_the_input_not_the_normalised_or_activated_tensor(layers, generator):
+    norm, fc1, fc2 = layers
+    x = torch.randn(4, 50, 24, generator=generator, requires_grad=True)
+    h = torch.randn(4, 50, 96, generator=generator, requires_grad=True)
+    params = sum(p.numel() for p in (*norm.parameters(), fc1.weight)) * 4
+    # Plain: x, LN(x), LN's per-token mean and rstd, the parameters. Lean: x and the parameters.
+    assert saved_bytes(lambda: fc1(norm(x))) == x.numel() * 4 * 2 + 4 * 50 * 2 * 4 + params
+    assert saved_bytes(lambda: norm_linear(x, norm, fc1.weight, fc1.bias)) == x.numel() * 4 + params
+    assert saved_bytes(lambda: fc2(F.gelu(h))) == h.numel() * 4 * 2 + fc2.weight.numel() * 4
+    assert saved_bytes(lambda: gelu_linear(h, fc2.weight, fc2.bias)) == h.numel() * 4 + fc2.weight.numel() * 4
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="norm must be an nn.LayerNorm over the last dim"):
+        norm_linear(torch.zeros(2, 4), nn.BatchNorm1d(4), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh', got 'erf'"):
+        gelu_linear(torch.zeros(2, 4), torch.zeros(3, 4), approximate="erf")

@@ -1,0 +1,120 @@
+"""Building blocks for transformer blocks that keep less for backward: recompute what is cheap.
+
+A pre-norm block (x -> x + attn(LN(x)) -> y + MLP(LN(y))) keeps, per token, about 16 D-wide
+tensors for backward: each LayerNorm's input and output, qkv, the attention output, the MLP's
+4D hidden before and after GELU. Recomputing the LayerNorms and the GELU in backward (elementwise,
+memory-bound: a few percent of the block's time) and keeping the matrix products' outputs leaves
+10: the block input, qkv (3), the attention output, the residual, the MLP hidden (4)
+(FlashAttention's fused MLP checkpoint levels and Megatron's selective recomputation make the
+same trade). Both functions here compute what `linear(norm(x))` / `linear(gelu(h))` compute,
+autocast included, and keep only their input:
+
+    qkv = norm_linear(x, block.norm1, attn.qkv.weight, attn.qkv_bias)
+    x = x + attn.attend(qkv, frames)                  # FactorisedAttention after its projection
+    h = norm_linear(x, block.norm2, mlp.fc1.weight, mlp.fc1.bias)
+    x = x + gelu_linear(h, mlp.fc2.weight, mlp.fc2.bias)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in here: the autocast region's, else x's."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _linear_backward(grad, inputs, weight, bias_dtype, needs):
+    """(d(inputs), d(weight), d(bias)) of y = inputs @ weight^T + bias, computed in grad's dtype (as
+    autocast's backward does), the parameters' gradients in their dtypes; None where not needed."""
+    needs_inputs, needs_weight, needs_bias = needs
+    flat_grad, flat_inputs = grad.reshape(-1, grad.shape[-1]), inputs.reshape(-1, inputs.shape[-1])
+    d_inputs = grad @ weight.to(grad.dtype) if needs_inputs else None
+    d_weight = (flat_grad.t() @ flat_inputs).to(weight.dtype) if needs_weight else None
+    d_bias = flat_grad.sum(0).to(bias_dtype) if needs_bias else None
+    return d_inputs, d_weight, d_bias
+
+
+class _NormLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias):
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            # LayerNorm in its input's precision (autocast runs it in fp32), the product in `dtype`.
+            normed = F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)
+            out = F.linear(normed.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight)
+        ctx.eps, ctx.dtype, ctx.bias_dtype = eps, dtype, None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, norm_weight, norm_bias, weight = ctx.saved_tensors
+        needs_x, needs_nw, needs_nb, _, needs_w, needs_b = ctx.needs_input_grad
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            leaves = [t.detach().requires_grad_(need) if t is not None else None
+                      for t, need in ((x, needs_x), (norm_weight, needs_nw), (norm_bias, needs_nb))]  # fmt: skip
+            normed = F.layer_norm(leaves[0], x.shape[-1:], leaves[1], leaves[2], ctx.eps)
+        d_normed, d_weight, d_bias = _linear_backward(
+            grad, normed.detach().to(ctx.dtype), weight, ctx.bias_dtype, (True, needs_w, needs_b and ctx.bias_dtype)
+        )
+        wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+        found = iter(torch.autograd.grad(normed, wanted, d_normed.to(normed.dtype)) if wanted else ())
+        d_x, d_nw, d_nb = (next(found) if leaf is not None and leaf.requires_grad else None for leaf in leaves)
+        return d_x, d_nw, d_nb, None, d_weight, d_bias
+
+
+class _GeluLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, approximate, weight, bias):
+        dtype = _compute_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            activated = F.gelu(hidden, approximate=approximate).to(dtype)
+            out = F.linear(activated, weight.to(dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(hidden, weight)
+        ctx.approximate, ctx.dtype, ctx.bias_dtype = approximate, dtype, None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight = ctx.saved_tensors
+        needs_hidden, _, needs_w, needs_b = ctx.needs_input_grad
+        activated = F.gelu(hidden, approximate=ctx.approximate).to(ctx.dtype)
+        d_activated, d_weight, d_bias = _linear_backward(
+            grad, activated, weight, ctx.bias_dtype, (needs_hidden, needs_w, needs_b and ctx.bias_dtype)
+        )
+        d_hidden = None
+        if needs_hidden:
+            d_hidden = torch.ops.aten.gelu_backward(d_activated.to(hidden.dtype), hidden, approximate=ctx.approximate)
+        return d_hidden, None, d_weight, d_bias
+
+
+def norm_linear(
+    x: torch.Tensor, norm: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear(norm(x), weight, bias)` keeping x for backward, not norm(x) (recomputed there).
+
+    Args:
+        x: (..., D).
+        norm: a LayerNorm over D (with or without affine parameters).
+        weight, bias: the linear layer's, (out, D) and (out,) or None.
+    """
+    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        raise TypeError(f"norm_linear: norm must be an nn.LayerNorm over the last dim, got {norm!r}")
+    return _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, weight, bias)
+
+
+def gelu_linear(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, approximate: str = "none"
+) -> torch.Tensor:
+    """`F.linear(F.gelu(hidden, approximate=approximate), weight, bias)` keeping hidden for backward,
+    not gelu(hidden) (recomputed there). approximate: "none" (exact) or "tanh"."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu_linear: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _GeluLinear.apply(hidden, approximate, weight, bias)
