@@ -1,7 +1,7 @@
 """What is benchmarked: each case is a JSON-able spec and a builder that turns it into inputs and a call.
 
 A spec names the op, the implementation ("backend": a registry name, or one of the baselines
-defined here: "sdpa", "conv3d", "unfold_matmul"), the pass, the device/dtype target and the
+defined here: "conv3d", "unfold_matmul"), the pass, the device/dtype target and the
 shape. The same builder serves the timed test and the child process that measures CPU peak
 memory (`python -m benchmarks.measure`), so both run exactly the same call.
 """
@@ -100,35 +100,15 @@ def _synchronised(fn: Callable[[], None], device: torch.device) -> Callable[[], 
 # ----------------------------------------------------------------------------------- attention
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, mode: str) -> torch.Tensor:
-    """Factorised attention through torch's `scaled_dot_product_attention`, with the reshapes it needs.
-
-    q, k, v: (B, H, N, Dh) -> (B, H, N, Dh). Each group becomes a batch row: SDPA has no notion
-    of strided groups, so spatial and temporal modes copy the inputs into grouped layout and the
-    output back.
-    """
-    if mode == "joint":
-        return F.scaled_dot_product_attention(q, k, v)
-    if mode == "split":
-        half = q.shape[1] // 2
-        spatial = sdpa_attention(q[:, :half], k[:, :half], v[:, :half], frames, "spatial")
-        temporal = sdpa_attention(q[:, half:], k[:, half:], v[:, half:], frames, "temporal")
-        return torch.cat([spatial, temporal], dim=1)
-    B, H = q.shape[:2]
-    if mode == "spatial":
-        group, ungroup = "b h (t s) d -> (b h t) s d", "(b h t) s d -> b h (t s) d"
-    else:
-        group, ungroup = "b h (t s) d -> (b h s) t d", "(b h s) t d -> b h (t s) d"
-    q, k, v = (rearrange(x, group, t=frames).unsqueeze(0) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v).squeeze(0)
-    return rearrange(out, ungroup, b=B, h=H, t=frames)
-
-
 def attention_fn(backend: str) -> Callable[..., torch.Tensor]:
-    """(q, k, v, frames, mode) -> (B, H, N, Dh) for a registry backend or "sdpa"."""
-    if backend == "sdpa":
-        return sdpa_attention
-    return lambda q, k, v, frames, mode: vivit_kernels.factorised_attention(q, k, v, frames, mode, backend=backend)
+    """(qkv (B, N, 3 * H * Dh), heads, frames, mode) -> (B, N, H * Dh) for a registry backend: the
+    attention between a layer's qkv and output projections, as FactorisedAttention runs it. The
+    fused backends read q, k, v in place and write the projection's gradient as one buffer; the
+    einsum ("reference") and "sdpa" baselines take q, k, v views and return (B, H, N, Dh), which a
+    layer then transposes and copies for its output projection, as hand-written code does."""
+    return lambda qkv, heads, frames, mode: vivit_kernels.factorised_attention_packed(
+        qkv, heads, frames, mode, backend=backend
+    )
 
 
 def attention_shape(mode: str, shape: dict) -> AttentionShape:
@@ -161,10 +141,9 @@ def attention_skip_reason(spec: dict) -> str | None:
     """Why this attention case cannot run here (registry objection, interpreter, CPU budget), or None."""
     device, dtype = parse_target(spec["target"])
     backend, mode, shape = spec["backend"], spec["mode"], spec["shape"]
-    if backend != "sdpa":
-        reason = registry_skip_reason("attention", backend, device, dtype, attention_shape(mode, shape))
-        if reason:
-            return reason
+    reason = registry_skip_reason("attention_packed", backend, device, dtype, attention_shape(mode, shape))
+    if reason:
+        return reason
     if device.type == "cpu":
         flops = attention_flops(mode, shape, FORWARD)
         if flops > CPU_MAX_FORWARD_FLOPS:
@@ -191,29 +170,25 @@ def attention_case(spec: dict) -> Case:
     N = T * S
     fn = attention_fn(spec["backend"])
     g = torch.Generator().manual_seed(0)
-    # One packed (B, N, 3, H, Dh) projection, viewed as q, k, v, as FactorisedAttention makes them.
-    qkv = torch.randn(B, N, 3, H, Dh, generator=g).to(device, dtype)
-    # The gradient arrives as the output projection's backward gives it: (B, N, H, Dh) memory.
-    grad = torch.randn(B, N, H, Dh, generator=g).to(device, dtype).transpose(1, 2)
+    # The (B, N, 3 * H * Dh) output of a layer's qkv projection.
+    qkv = torch.randn(B, N, 3 * H * Dh, generator=g).to(device, dtype)
+    # The gradient arrives as the output projection's backward gives it: dense (B, N, H * Dh).
+    grad = torch.randn(B, N, H * Dh, generator=g).to(device, dtype)
     backward = pass_name == BACKWARD
     qkv.requires_grad_(backward)
 
-    def views(packed: torch.Tensor) -> list[torch.Tensor]:
-        return packed.permute(2, 0, 3, 1, 4).unbind(0)
-
     def run() -> None:
         if backward:
-            fn(*views(qkv), T, mode).backward(grad)
+            fn(qkv, H, T, mode).backward(grad)
         else:
             with torch.no_grad():
-                fn(*views(qkv), T, mode)
+                fn(qkv, H, T, mode)
 
     def setup() -> None:
         qkv.grad = None
 
     def saved() -> int:
-        packed = qkv.detach().requires_grad_()
-        return vivit_kernels.saved_bytes(fn, *views(packed), T, mode)
+        return vivit_kernels.saved_bytes(fn, qkv.detach().requires_grad_(), H, T, mode)
 
     return Case(
         setup=_synchronised(setup, device),

@@ -112,12 +112,12 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels. The integers that change with the clip's shape (the maps, the tuning buckets, N) are
-# not specialised: a new (T, S) reuses the compiled kernels. Strides are (their divisibility by 16
-# is what lets a launch use 128-bit and asynchronous loads), and the head dim is a compile-time
-# constant (a model has one).
+# Kernels. The integers that change with the clip's shape (the maps, the tuning buckets, N and the
+# log-sum-exp's strides, which are N's multiples) are not specialised: a new (T, S) reuses the
+# compiled kernels. The other strides are (their divisibility by 16 is what lets a launch use
+# 128-bit and asynchronous loads), and the head dim is a compile-time constant (a model has one).
 _SHAPE_INTS = ["H_A", "G_A", "L_A", "GS_A", "MS_A", "BASE_A", "X_A", "G_B", "L_B", "GS_B", "MS_B", "BASE_B", "X_B",
-               "TUNE_A", "TUNE_B"]
+               "TUNE_A", "TUNE_B", "slb", "slh"]
 
 # PO/PL (forward) and PDQ/PDK/PDV/PD/PL (backward) are the per-group buffers of the
 # prefix rows of map A's groups, (B, H_A, G_A, X_A[, D]) contiguous; unused (never touched)
@@ -187,7 +187,7 @@ def _attention_fwd(
     tl.store(LSE + b * slb + head * slh + q_tok, lse, mask=member)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "slb", "slh"])
 def _attention_bwd_delta(
     O, DO, DELTA,
     sob, soh, son, sod, sgb, sgh, sgn, sgd, slb, slh,
