@@ -21,7 +21,6 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 
 from vivit_kernels import TubeletEmbedding, reference, tubelet_embedding  # noqa: E402
 from vivit_kernels.triton import interpreted  # noqa: E402
-from vivit_kernels.triton import specs  # noqa: E402
 from vivit_kernels.triton import tubelet as kernels  # noqa: E402
 
 needs_triton_device = pytest.mark.skipif(
@@ -273,30 +272,45 @@ def test_public_api_and_module_run_on_triton(generator):
     assert embed.proj.weight.grad is not None and video.grad is not None
 
 
-def test_compile_specs_cover_every_kernel_config_and_dtype():
-    tubelet_specs = specs.tubelet_specs()
-    names = {spec.name for spec in tubelet_specs}
-    assert len(names) == len(tubelet_specs)
+def test_the_inspection_records_every_kernel_dtype_and_candidate():
+    """`inspect` compiles what the launchers launch: at ViViT-B sizes every kernel runs in every
+    dtype with its GPU autotune candidates (not the interpreter's one config), d(weight) split."""
+    script = (
+        "import json\n"
+        "from vivit_kernels.triton import inspect\n"
+        "print(json.dumps([dict(fn=l.fn.__name__, dtype=l.meta['dtype'], partial=l.kwargs.get('PARTIAL'),\n"
+        "    configs=[c.kwargs for c in l.autotuner.configs] if l.autotuner else None)\n"
+        "    for l in inspect.record('tubelet')]))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    launches = json.loads(result.stdout.splitlines()[-1])
+    recorded = {(r["fn"], r["dtype"]) for r in launches}
     for kernel in ("tubelet_fwd", "tubelet_bwd_video", "tubelet_bwd_weight", "tubelet_bwd_pos"):
-        for dtype in ("fp32", "fp16", "bf16"):
-            assert any(s.name.startswith(f"{kernel}[{dtype},") and s.dtype == dtype for s in tubelet_specs), (kernel, dtype)
-    for spec in tubelet_specs:
-        assert list(spec.signature) == spec.fn.arg_names
-        assert {k for k, v in spec.signature.items() if v == "constexpr"} == set(spec.constexprs)
-        # tl.dot needs every dimension >= 16 on a GPU
-        assert all(v >= 16 for k, v in spec.constexprs.items() if k.startswith("BLOCK_"))
+        assert {(f"{kernel}_kernel", dtype) for dtype in ("fp32", "fp16", "bf16")} <= recorded, kernel
+    for r in launches:
+        if r["fn"] == "tubelet_bwd_weight_kernel":
+            assert r["partial"] is True
+        if r["fn"] != "tubelet_bwd_pos_kernel":
+            kernel = r["fn"].removeprefix("tubelet_").removesuffix("_kernel")
+            bits = "32" if r["dtype"] == "fp32" else "16"
+            assert r["configs"] == [c.kwargs for c in kernels._GPU_CONFIGS[kernel][bits]], r
+            # tl.dot needs every dimension >= 16 on a GPU
+            assert all(v >= 16 for c in r["configs"] for k, v in c.items() if k.startswith("BLOCK_")), r
 
 
 # The heaviest autotune config of each kernel (most registers in the full inspection), per
-# precision family, plus the reduction kernel: `python -m vivit_kernels.triton.inspect --filter tubelet`
-# compiles all of them.
+# precision family, plus the reduction kernel: `python -m vivit_kernels.triton.inspect --kernels
+# tubelet` compiles all of them. The inspection runs the launchers at ViViT-B sizes, where d(weight)
+# is split (PARTIAL).
 INSPECT_SUBSET = (
-    r"tubelet_fwd\[(fp16|bf16), BLOCK_M=128, BLOCK_N=128, BLOCK_K=32,"
-    r"|tubelet_fwd\[fp32, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16,"
-    r"|tubelet_bwd_video\[(fp16|bf16), BLOCK_M=128, BLOCK_K=64, BLOCK_D=64,"
-    r"|tubelet_bwd_video\[fp32, BLOCK_M=64, BLOCK_K=128, BLOCK_D=16,"
-    r"|tubelet_bwd_weight\[(fp16|bf16), BLOCK_D=128, BLOCK_K=128, BLOCK_M=32,"  # one pass and PARTIAL
-    r"|tubelet_bwd_weight\[fp32, BLOCK_D=128, BLOCK_K=64, BLOCK_M=16,"
+    r"tubelet_fwd\[(fp16|bf16),.* BLOCK_M=128, BLOCK_N=128, BLOCK_K=32,"
+    r"|tubelet_fwd\[fp32,.* BLOCK_M=64, BLOCK_N=128, BLOCK_K=16,"
+    r"|tubelet_bwd_video\[(fp16|bf16),.* BLOCK_M=128, BLOCK_K=64, BLOCK_D=64,"
+    r"|tubelet_bwd_video\[fp32,.* BLOCK_M=64, BLOCK_K=128, BLOCK_D=16,"
+    r"|tubelet_bwd_weight\[(fp16|bf16),.* BLOCK_D=128, BLOCK_K=128, BLOCK_M=32,"
+    r"|tubelet_bwd_weight\[fp32,.* BLOCK_D=128, BLOCK_K=64, BLOCK_M=16,"
     r"|tubelet_bwd_pos\[fp16,"
 )
 
@@ -305,7 +319,8 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
     """The GPU compiler's view, which the interpreter lacks: tl.dot shapes, spills, tensor cores."""
     # A fresh process: Triton decides interpreted-or-compiled when a kernel module is imported.
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    command = [sys.executable, "-m", "vivit_kernels.triton.inspect", "--json", "--jobs", "2", "--filter", INSPECT_SUBSET]
+    command = [sys.executable, "-m", "vivit_kernels.triton.inspect", "--json", "--jobs", "2", "--kernels", "tubelet",
+               "--arch", "80", "90", "--filter", INSPECT_SUBSET]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.stdout, result.stderr
     rows = json.loads(result.stdout.splitlines()[-1])
@@ -314,7 +329,8 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
         for kernel in ("tubelet_fwd", "tubelet_bwd_video", "tubelet_bwd_weight", "tubelet_bwd_pos")
         for arch in (80, 90)
     }
-    assert len(rows) == 2 * 13
+    assert len(rows) == 2 * 10
+    assert all("PARTIAL=True" in r["name"] for r in rows if r["name"].startswith("tubelet_bwd_weight"))
     for r in rows:
         where = f"{r['name']} sm_{r['arch']}"
         assert not r["error"], f"{where}: {r['error']}"

@@ -258,7 +258,7 @@ def tubelet_bwd_pos_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # Autotune configs, listed next to the kernels they tune. GPU candidates are sized for
-# sm_80/sm_90 and checked not to spill (see `compile_specs` and `python -m vivit_kernels.triton.inspect`);
+# sm_80/sm_90 and checked not to spill (`python -m vivit_kernels.triton.inspect --kernels tubelet`);
 # under the interpreter one small config keeps the programs x iterations count low.
 
 
@@ -270,9 +270,9 @@ def _configs(block_names: str, rows: list[tuple[int, int, int, int, int]]) -> li
 
 # fp32 dots are three tf32 tensor-core products each (tf32x3: fp32-level accuracy, unlike plain
 # tf32), whose split operands need more registers: fp32 gets BLOCK_K = 16 where fp16/bf16 take 32+.
-# Each candidate compiles without spills for sm_80 and sm_90 both as `compile_specs` lists it and
-# as a launch specialises it (16-byte aligned pointers, sizes and strides divisible by 16, which
-# turns the gathers into 128-bit loads): configs that spilled in either were dropped.
+# Each candidate compiles without spills for sm_80 and sm_90 as a launch specialises it (16-byte
+# aligned pointers, sizes and strides divisible by 16, which turns the gathers into 128-bit
+# loads): configs that spilled were dropped.
 _FWD = "BLOCK_M,BLOCK_N,BLOCK_K"
 _BWD_VIDEO = "BLOCK_M,BLOCK_K,BLOCK_D"
 _BWD_WEIGHT = "BLOCK_D,BLOCK_K,BLOCK_M"
