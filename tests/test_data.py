@@ -70,6 +70,21 @@ def test_a_reversed_clip_is_an_equally_likely_clip_of_the_opposite_direction():
         assert not torch.allclose(forward, backward, atol=1e-2)  # and it does move
 
 
+@pytest.mark.parametrize("num_frames", [8, 16, 32])
+def test_moving_shapes_of_any_length_stay_in_the_frame(num_frames):
+    """Longer clips move slower per frame: every path fits the frame, and fast stays 2.5x slow."""
+    for label, name in enumerate(SYNTHETIC_CLASSES):
+        for seed in range(20):
+            clip = sample_clip(np.random.default_rng(seed), num_frames, 32, label=label)
+            for axis in (0, 1):
+                ends = (clip.start[axis], clip.start[axis] + clip.velocity[axis] * (num_frames - 1))
+                assert clip.radius <= min(ends) and max(ends) <= 32 - clip.radius, (name, seed, ends)
+    speed = {name: max(abs(v) for v in sample_clip(np.random.default_rng(0), num_frames, 32,
+                                                    label=SYNTHETIC_CLASSES.index(name)).velocity)
+             for name in ("up-slow", "up-fast")}  # fmt: skip
+    assert speed["up-fast"] == pytest.approx(2.5 * speed["up-slow"])
+
+
 def test_moving_shapes_rejects_bad_sizes():
     with pytest.raises(ValueError, match="num_frames"):
         MovingShapes(4, num_frames=1)

@@ -13,7 +13,7 @@ import torch
 
 from .cli import INPUT, Range, UserError, add_debug_flag, check_ranges, load_checked, resolve_device, run
 from .data.transforms import eval_transform
-from .data.video import decode, temporal_view_indices
+from .data.video import temporal_view_indices
 from .evaluation import predict_logits
 
 

@@ -23,6 +23,8 @@ DIRECTIONS = ("right", "left", "down", "up")
 # (axis, sign): axis 1 moves along x (columns), axis 0 along y (rows).
 _MOTION = {"right": (1, 1.0), "left": (1, -1.0), "down": (0, 1.0), "up": (0, -1.0)}
 SPEEDS = {"slow": 1.0, "fast": 2.5}  # pixels per frame at size 32; scaled with the frame size
+# Clips longer than this move proportionally slower per frame, so a fast path still fits the frame.
+SPEED_FRAMES = 8
 CLASSES = tuple(f"{d}-{s}" for d in DIRECTIONS for s in SPEEDS)
 
 
@@ -47,7 +49,7 @@ def sample_clip(rng: np.random.Generator, num_frames: int, size: int, label: int
         label = int(rng.integers(len(CLASSES)))
     direction, speed_name = CLASSES[label].split("-")
     axis, sign = _MOTION[direction]
-    speed = SPEEDS[speed_name] * size / 32
+    speed = SPEEDS[speed_name] * size / 32 * min(1.0, (SPEED_FRAMES - 1) / (num_frames - 1))
     radius = float(rng.uniform(0.09, 0.16) * size)
     span = speed * (num_frames - 1)
     low = float(rng.uniform(radius, size - radius - span))  # lower end of the path on its axis
