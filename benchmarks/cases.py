@@ -333,10 +333,12 @@ def training_skip_reason(spec: dict) -> str | None:
     return None
 
 
-def training_case(spec: dict) -> Case:
+def training_model(spec: dict) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The case's model on the target device (seeded: the same weights for every backend), a
+    batch of clips (B, 3, T, size, size) and its labels (B,)."""
     from vivit import create_model  # noqa: PLC0415
 
-    device, dtype = parse_target(spec["target"])
+    device, _ = parse_target(spec["target"])
     shape = spec["shape"]
     B, T, size = shape["B"], shape["num_frames"], shape["img_size"]
     torch.manual_seed(0)
@@ -353,6 +355,12 @@ def training_case(spec: dict) -> Case:
     g = torch.Generator().manual_seed(0)
     video = torch.randn(B, 3, T, size, size, generator=g).to(device)
     labels = torch.randint(0, 400, (B,), generator=g).to(device)
+    return model, video, labels
+
+
+def training_case(spec: dict) -> Case:
+    device, dtype = parse_target(spec["target"])
+    model, video, labels = training_model(spec)
     return train_step_case(model, lambda: model(video), labels, device, dtype)
 
 

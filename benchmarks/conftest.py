@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+from contextlib import contextmanager
+from typing import Callable
 
 import pytest
 import torch
@@ -40,20 +42,40 @@ def _release_freed_memory() -> None:
         pass
 
 
+@contextmanager
+def smoke_threads(benchmark):
+    """One torch thread inside, for the smoke run (--benchmark-disable): it checks that the code
+    runs, not its speed, and one thread keeps it quick on a busy machine, where two OpenMP threads
+    can wait on each other for seconds. A timed run keeps its threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if benchmark.disabled else threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def checked(benchmark):
+    """checked(check, spec): `check(spec)` once, before the case is timed (benchmarks/check.py;
+    the drop-in and loader suites bring their own); a wrong result fails its benchmark there."""
+
+    def run(check: Callable[[dict], None], spec: dict) -> None:
+        with smoke_threads(benchmark):
+            check(spec)
+        _release_freed_memory()
+
+    return run
+
+
 @pytest.fixture
 def measure(benchmark, request):
     """measure(spec): build, warm up, time and record one case (see benchmarks/measure.py)."""
 
     def run(spec: dict) -> None:
         if benchmark.disabled:
-            # The smoke run checks that the code runs, not its speed: one thread keeps it quick on
-            # a busy machine, where two OpenMP threads can wait on each other for seconds.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+            with smoke_threads(benchmark):
                 run_case(benchmark, spec)
-            finally:
-                torch.set_num_threads(threads)
             return
         run_case(benchmark, spec)
         _release_freed_memory()

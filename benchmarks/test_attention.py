@@ -3,6 +3,10 @@
 Parametrised over shape (ViViT-B and a long clip), device/dtype target, mode, pass and
 implementation. Backends come from the registry, so a newly registered one is benchmarked
 without editing this file; a backend that cannot take an input is skipped with its reason.
+
+Each implementation's output (and qkv gradient, for forward+backward) is first checked against
+the einsum in float64 (float32 for fp16/bf16 targets; benchmarks/check.py): a wrong result fails
+the case before anything is timed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from .cases import (
     TARGETS,
     attention_skip_reason,
 )
+from .check import check_attention
 from .conftest import require_target
 
 
@@ -40,7 +45,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("shape_name, target, mode, pass_name, backend", CASES)
-def test_attention(benchmark, measure, shape_name, target, mode, pass_name, backend):
+def test_attention(benchmark, checked, measure, shape_name, target, mode, pass_name, backend):
     device, _ = require_target(target)
     if benchmark.disabled:
         if shape_name != "vivit_b":
@@ -55,5 +60,6 @@ def test_attention(benchmark, measure, shape_name, target, mode, pass_name, back
     reason = attention_skip_reason(spec)
     if reason:
         pytest.skip(reason)
+    checked(check_attention, spec)
     benchmark.group = f"attention {shape_name} {target} {pass_name}"
     measure(spec)

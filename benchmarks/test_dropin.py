@@ -8,7 +8,6 @@ gradient, fp32); a mismatch fails the case before anything is timed.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from .cases import TRAIN_STEP
 from .conftest import require_target
@@ -31,7 +30,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("target, family, backend", CASES)
-def test_dropin(benchmark, measure, target, family, backend):
+def test_dropin(benchmark, checked, measure, target, family, backend):
     device, _ = require_target(target)
     shape = DROPIN_SMOKE if benchmark.disabled else DROPIN_SHAPES[device.type][family]
     shape_name = "small" if device.type == "cpu" else "base"
@@ -40,12 +39,6 @@ def test_dropin(benchmark, measure, target, family, backend):
     reason = dropin_skip_reason(spec)
     if reason:
         pytest.skip(reason)
-    # The smoke run's tiny models: one thread, as `measure` does (a second only waits on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1 if benchmark.disabled else threads)
-    try:
-        check_against_original(spec)
-    finally:
-        torch.set_num_threads(threads)
+    checked(check_against_original, spec)
     benchmark.group = f"dropin {shape_name} {target} {family}"
     measure(spec)

@@ -17,13 +17,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("shape_name, backend", CASES)
-def test_loader(benchmark, measure, shape_name, backend):
+def test_loader(benchmark, checked, measure, shape_name, backend):
     shape = (LOADER_SMOKE if benchmark.disabled else LOADER_SHAPES)[shape_name]
     spec = dict(op="loader", shape_name=shape_name, shape=shape, target="cpu-float32", backend=backend)
     spec["pass"] = CLIP
     reason = loader_skip_reason(spec)
     if reason:
         pytest.skip(reason)
-    check_against_old(spec)
+    checked(check_against_old, spec)
     benchmark.group = f"loader {shape_name}"
     measure(spec)

@@ -4,6 +4,10 @@ The same model is built twice, with backend "reference" (the einsum attention an
 embedding) and "auto" (the fused backends that fit the device); the timed step is the
 cross-entropy loss, its backward and the optimiser update (zero_grad runs untimed before it). FLOPs are counted with
 FlopCounterMode during the warm-up step.
+
+The fused model's loss and parameter gradients of one step are first checked against the einsum
+model's in float64 (float32 for bf16 targets; benchmarks/check.py): a wrong result fails the
+case before anything is timed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from .cases import (
     VARIANTS,
     training_skip_reason,
 )
+from .check import check_training
 from .conftest import require_target
 
 CASES = [
@@ -31,7 +36,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("shape_name, target, variant, backend", CASES)
-def test_training_step(benchmark, measure, shape_name, target, variant, backend):
+def test_training_step(benchmark, checked, measure, shape_name, target, variant, backend):
     device, _ = require_target(target)
     shape = TRAINING_SMOKE if benchmark.disabled else TRAINING_SHAPES[shape_name][device.type]
     spec = dict(op="training", shape_name=shape_name, shape=shape, target=target, variant=variant, backend=backend)
@@ -39,5 +44,6 @@ def test_training_step(benchmark, measure, shape_name, target, variant, backend)
     reason = training_skip_reason(spec)
     if reason:
         pytest.skip(reason)
+    checked(check_training, spec)
     benchmark.group = f"training step {shape_name} {target} {variant}"
     measure(spec)

@@ -3,6 +3,10 @@
 ViViT-B's tokeniser (2 x 16 x 16 tubelets of a 16-frame 224 x 224 clip, D = 768), forward
 and forward+backward (gradients of the weight, bias and positional embedding: a clip needs
 none). Backends come from the registry; one that cannot take an input is skipped with its reason.
+
+Each implementation's tokens (and parameter gradients, for forward+backward) are first checked
+against the einsum in float64 (float32 for fp16/bf16 targets; benchmarks/check.py): a wrong
+result fails the case before anything is timed.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import pytest
 from vivit_kernels import backends
 
 from .cases import BASELINE, PASSES, TARGETS, TUBELET_SHAPES, TUBELET_SMOKE, tubelet_skip_reason
+from .check import check_tubelet
 from .conftest import require_target
 
 
@@ -30,7 +35,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("shape_name, target, pass_name, backend", CASES)
-def test_tubelet(benchmark, measure, shape_name, target, pass_name, backend):
+def test_tubelet(benchmark, checked, measure, shape_name, target, pass_name, backend):
     device, _ = require_target(target)
     shape = TUBELET_SMOKE if benchmark.disabled else TUBELET_SHAPES[shape_name][device.type]
     spec = dict(op="tubelet", shape_name=shape_name, shape=shape, target=target, backend=backend)
@@ -38,5 +43,6 @@ def test_tubelet(benchmark, measure, shape_name, target, pass_name, backend):
     reason = tubelet_skip_reason(spec)
     if reason:
         pytest.skip(reason)
+    checked(check_tubelet, spec)
     benchmark.group = f"tubelet {shape_name} {target} {pass_name}"
     measure(spec)
