@@ -6,7 +6,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.vivit-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench gpu-check clean
+.PHONY: install demo test bench gpu-check mutate clean
 
 install: $(STAMP)
 
@@ -40,6 +40,19 @@ bench: $(STAMP)
 GPU_CHECK_DIR ?= runs/gpu-check
 gpu-check: $(STAMP)
 	$(PYTHON) tools/gpu_check.py --out $(GPU_CHECK_DIR) $(if $(QUICK),--quick)
+
+# Mutation testing, not part of `make test`: hand-written mutants of the C++ and Triton kernels,
+# then mutmut on the Python packages (runs/mutate/report.md and report.json). Each mutant runs in
+# a scratch copy of the tree. MUTATE picks mutmut's modules: core (default: checks, ops, the
+# reference backend, model, layers, checkpoint), all, or paths, comma-separated; MUTATE_SAMPLE=N
+# runs N random mutants per module; MUTANTS=id,... some of the kernel mutants (tools/mutants.py --list);
+# PARTS=kernels or python one part; REV=<commit> mutates that commit instead of the working tree.
+MUTATE ?= core
+MUTATE_DIR ?= runs/mutate
+mutate: $(STAMP)
+	$(PYTHON) -c "import mutmut" 2>/dev/null || $(PYTHON) -m pip install -q "mutmut==3.8.1"
+	nice -n 10 $(PYTHON) tools/mutants.py --modules $(MUTATE) --out $(MUTATE_DIR) \
+		$(if $(MUTATE_SAMPLE),--sample $(MUTATE_SAMPLE)) $(if $(MUTANTS),--only $(MUTANTS)) $(if $(PARTS),--parts $(PARTS)) $(if $(REV),--rev $(REV))
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .benchmarks vivit_kernels/_csrc
