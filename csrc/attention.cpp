@@ -88,6 +88,16 @@ int64_t block_size(int64_t length, int64_t max_rows = kMaxBlock) {
   return (length + blocks - 1) / blocks;
 }
 
+// Asks for the cache lines of `count` rows of `width` elements, `stride` elements apart. A short
+// group's rows are T tokens apart (a page or more): the hardware prefetchers do not follow them, so
+// the next group's rows are requested while this one computes.
+template <bool write = false, typename T>
+void prefetch_rows(const T* first, int64_t stride, int64_t count, int64_t width) {
+  constexpr int64_t line = 64 / sizeof(T);
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t d = 0; d < width; d += line) __builtin_prefetch(first + i * stride + d, write ? 1 : 0);
+}
+
 // A (B, H, N, Dh) tensor as a pointer and strides in elements; rows of Dh are contiguous.
 template <typename T>
 struct View {
@@ -130,11 +140,13 @@ struct WorkItem {
   double cost;
 };
 
-constexpr int64_t kShortGroup = 32, kShortGroupsPerItem = 16;
+constexpr int64_t kShortGroupsPerItem = 16;
 
-int64_t groups_per_item(const Grouping& grp) {
-  return grp.length <= kShortGroup && !grp.prefix ? kShortGroupsPerItem : 1;
-}
+// Groups that short_group_forward/backward (block_math.cpp) take whole: no prefix tokens, and few
+// enough members that their scores are a few dot products of rows rather than matrix products.
+bool is_short(const Grouping& grp) { return grp.length <= kShortGroup && !grp.prefix; }
+
+int64_t groups_per_item(const Grouping& grp) { return is_short(grp) ? kShortGroupsPerItem : 1; }
 
 // Runs every item once. Threads take the next item from a shared counter rather than fixed shares:
 // "split" mixes heavy spatial groups with light temporal ones, and on a busy machine one thread may
@@ -213,6 +225,19 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, const 
     for (int64_t g = work.g; g < work.g + work.groups; ++g) {
       const Rows rows = work.prefix_rows ? Rows{work.first_row, M, 1}
                                          : Rows{grp.base + g * grp.group_stride + work.first_row * grp.step, M, grp.step};
+      if (is_short(grp)) {
+        if (g + 1 < work.g + work.groups) {
+          const int64_t next = rows.first + grp.group_stride;
+          for (const View<T>* x : {&q, &k, &v}) prefetch_rows(x->row(b, h, next), rows.step * x->sn, M, Dh);
+          prefetch_rows<true>(out.row(b, h, next), rows.step * out.sn, M, Dh);
+        }
+        short_group_forward(ShortGroup<T>{grp.length, Dh, q.row(b, h, rows.first), k.row(b, h, rows.first),
+                                          v.row(b, h, rows.first), rows.step * q.sn, rows.step * k.sn,
+                                          rows.step * v.sn, out.row(b, h, rows.first), rows.step * out.sn,
+                                          lse + (b * H + h) * N + rows.first, rows.step},
+                            scale);
+        continue;
+      }
       const T* Q = q.row(b, h, rows.first);
       std::fill(row_max.begin(), row_max.begin() + M, -std::numeric_limits<T>::infinity());
       std::fill(row_sum.begin(), row_sum.begin() + M, T(0));
@@ -279,6 +304,22 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
     const int64_t b = work.b, h = work.h;
     const Grouping& grp = geo.grouping(h, work.grouping);
     for (int64_t g = work.g; g < work.g + work.groups; ++g) {
+      if (is_short(grp)) {
+        const int64_t n = grp.base + g * grp.group_stride, step = grp.step;
+        if (g + 1 < work.g + work.groups) {
+          for (const View<T>* x : {&q, &k, &v, &out, &dout})
+            prefetch_rows(x->row(b, h, n + grp.group_stride), step * x->sn, grp.length, Dh);
+          for (const View<T>* x : {&dq, &dk, &dv})
+            prefetch_rows<true>(x->row(b, h, n + grp.group_stride), step * x->sn, grp.length, Dh);
+        }
+        short_group_backward(
+            ShortGroup<T>{grp.length, Dh, q.row(b, h, n), k.row(b, h, n), v.row(b, h, n), step * q.sn, step * k.sn,
+                          step * v.sn, out.row(b, h, n), step * out.sn, const_cast<T*>(lse) + (b * H + h) * N + n, step,
+                          dout.row(b, h, n), step * dout.sn, dq.row(b, h, n), dk.row(b, h, n), dv.row(b, h, n),
+                          step * dq.sn, step * dk.sn, step * dv.sn},
+            scale);
+        continue;
+      }
       bool first_query_block = true;
       for_blocks(grp, g, kMaxBlock, [&](const Rows& qr, bool prefix_queries) {
         const int64_t M = qr.count;

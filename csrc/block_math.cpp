@@ -1,8 +1,10 @@
-// The loops that run on blocks: softmax exponentials and the products too small for BLAS.
+// The loops that run on blocks: softmax exponentials, the products too small for BLAS, and whole
+// short groups.
 //
 // The library is built for the baseline x86-64 ISA (it may move between machines), so the float
-// versions are compiled three times, for AVX-512, AVX2 and the baseline, and the loader picks the
-// best the CPU has (GCC/Clang function multiversioning). std::exp does not vectorise; expf below
+// versions are compiled three times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 with FMA: "avx2"
+// alone would leave every multiply-add a multiply and an add) and the baseline, and the loader
+// picks the best the CPU has (GCC/Clang function multiversioning). std::exp does not vectorise; expf below
 // is a branch-free polynomial that does, accurate to about 2 ulp.
 
 #include "kernels.h"
@@ -12,10 +14,11 @@
 #include <cstring>
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define VIVIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define VIVIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define VIVIT_CLONES
 #endif
@@ -157,6 +160,151 @@ inline __attribute__((always_inline)) void tiled_f32(int64_t m, int64_t n, int64
   }
 }
 
+template <typename T>
+inline T exp_of(T x) {
+  if constexpr (std::is_same_v<T, float>) return expf_poly(x);
+  else return std::exp(x);
+}
+
+// s[c] = a . b[c] for the four rows b[c] = b + c * ldb: four accumulators hide the FMA latency.
+template <typename T>
+inline __attribute__((always_inline)) void dot4(const T* a, const T* b, int64_t ldb, int64_t n, T* s) {
+  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  const T *b0 = b, *b1 = b + ldb, *b2 = b + 2 * ldb, *b3 = b + 3 * ldb;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t d = 0; d < n; ++d) s0 += a[d] * b0[d], s1 += a[d] * b1[d], s2 += a[d] * b2[d], s3 += a[d] * b3[d];
+  s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
+}
+
+template <typename T>
+inline __attribute__((always_inline)) T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// s[j] = a . (row j of b) for j < count.
+template <typename T>
+inline __attribute__((always_inline)) void dots(const T* a, const T* b, int64_t ldb, int64_t count, int64_t n, T* s) {
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) dot4(a, b + j * ldb, ldb, n, s + j);
+  for (; j < count; ++j) s[j] = dot(a, b + j * ldb, n);
+}
+
+// s[i][j] = (row i of a) . (row j of b), rows x cols, row stride cols. Two rows of a against four
+// of b at a time: eight accumulators, six loads per eight multiply-adds.
+template <typename T>
+inline __attribute__((always_inline)) void row_products(const T* a, int64_t lda, int64_t rows, const T* b, int64_t ldb,
+                                                        int64_t cols, int64_t n, T* s) {
+  int64_t i = 0;
+  for (; i + 2 <= rows; i += 2) {
+    const T *a0 = a + i * lda, *a1 = a0 + lda;
+    int64_t j = 0;
+    for (; j + 4 <= cols; j += 4) {
+      const T *b0 = b + j * ldb, *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
+      T s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13)
+      for (int64_t d = 0; d < n; ++d) {
+        s00 += a0[d] * b0[d], s01 += a0[d] * b1[d], s02 += a0[d] * b2[d], s03 += a0[d] * b3[d];
+        s10 += a1[d] * b0[d], s11 += a1[d] * b1[d], s12 += a1[d] * b2[d], s13 += a1[d] * b3[d];
+      }
+      T* r0 = s + i * cols + j;
+      T* r1 = r0 + cols;
+      r0[0] = s00, r0[1] = s01, r0[2] = s02, r0[3] = s03, r1[0] = s10, r1[1] = s11, r1[2] = s12, r1[3] = s13;
+    }
+    for (; j < cols; ++j) {
+      s[i * cols + j] = dot(a0, b + j * ldb, n);
+      s[(i + 1) * cols + j] = dot(a1, b + j * ldb, n);
+    }
+  }
+  for (; i < rows; ++i) dots(a + i * lda, b, ldb, cols, n, s + i * cols);
+}
+
+// y = sum_j w[j] * (row j of x), four rows a pass (y is loaded and stored count / 4 times); the
+// first pass overwrites y.
+template <typename T>
+inline __attribute__((always_inline)) void combine(const T* w, const T* x, int64_t ldx, int64_t count, int64_t n, T* y) {
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const T w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];
+    const T *x0 = x + j * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+    if (j) {
+#pragma omp simd
+      for (int64_t d = 0; d < n; ++d) y[d] += (w0 * x0[d] + w1 * x1[d]) + (w2 * x2[d] + w3 * x3[d]);
+    } else {
+#pragma omp simd
+      for (int64_t d = 0; d < n; ++d) y[d] = (w0 * x0[d] + w1 * x1[d]) + (w2 * x2[d] + w3 * x3[d]);
+    }
+  }
+  for (; j < count; ++j) {
+    const T wj = w[j];
+    const T* xj = x + j * ldx;
+    if (j) {
+#pragma omp simd
+      for (int64_t d = 0; d < n; ++d) y[d] += wj * xj[d];
+    } else {
+#pragma omp simd
+      for (int64_t d = 0; d < n; ++d) y[d] = wj * xj[d];
+    }
+  }
+}
+
+// Short groups (temporal attention): one group's L x L scores never reach a matrix product. Each
+// query's scores are dot products of rows, its output a sum of rows: everything is read along the
+// head dim, contiguous, and a group's few rows stay in L1. See kernels.h for the contract.
+template <typename T>
+inline __attribute__((always_inline)) void short_group_forward_impl(const ShortGroup<T>& g, T scale) {
+  const int64_t L = g.length, Dh = g.head_dim;
+  T scores[kShortGroup * kShortGroup];
+  row_products(g.q, g.sq, L, g.k, g.sk, L, Dh, scores);
+  for (int64_t i = 0; i < L; ++i) {
+    T* s = scores + i * L;
+    T m = -std::numeric_limits<T>::infinity(), sum = 0;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < L; ++j) m = std::max(m, s[j] * scale);  // a NaN logit may be skipped here ...
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < L; ++j) {
+      s[j] = exp_of(s[j] * scale - m);  // ... but poisons the row here
+      sum += s[j];
+    }
+    const T inv = T(1) / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < L; ++j) s[j] *= inv;
+    combine(s, g.v, g.sv, L, Dh, g.out + i * g.so);
+    g.lse[i * g.sl] = m + std::log(sum);
+  }
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void short_group_backward_impl(const ShortGroup<T>& g, T scale) {
+  const int64_t L = g.length, Dh = g.head_dim;
+  // P (then scale * P^T for dK's weights) and dS, row i for query i.
+  T p[kShortGroup * kShortGroup], ds[kShortGroup * kShortGroup], column[kShortGroup];
+  row_products(g.q, g.sq, L, g.k, g.sk, L, Dh, p);
+  row_products(g.dout, g.sdo, L, g.v, g.sv, L, Dh, ds);
+  for (int64_t i = 0; i < L; ++i) {
+    const T delta = dot(g.out + i * g.so, g.dout + i * g.sdo, Dh), lse = g.lse[i * g.sl];
+    T* pi = p + i * L;
+    T* dsi = ds + i * L;
+#pragma omp simd
+    for (int64_t j = 0; j < L; ++j) {
+      pi[j] = exp_of(pi[j] * scale - lse);
+      dsi[j] = pi[j] * (dsi[j] - delta);  // dS: gradient of the scaled logits
+    }
+  }
+  for (int64_t j = 0; j < L; ++j) {
+    for (int64_t i = 0; i < L; ++i) column[i] = p[i * L + j];
+    combine(column, g.dout, g.sdo, L, Dh, g.dv + j * g.sdv);
+    for (int64_t i = 0; i < L; ++i) column[i] = scale * ds[i * L + j];
+    combine(column, g.q, g.sq, L, Dh, g.dk + j * g.sdk);
+  }
+  for (int64_t i = 0; i < L; ++i) {
+    for (int64_t j = 0; j < L; ++j) column[j] = scale * ds[i * L + j];
+    combine(column, g.k, g.sk, L, Dh, g.dq + i * g.sdq);
+  }
+}
+
 // One butterfly step of a 16 x 16 transpose: rows i and i + D (i & D == 0) swap their off-diagonal
 // D-wide blocks; the steps D = 8, 4, 2, 1 together move element (i, j) to (j, i).
 typedef int32_t i32x16 __attribute__((vector_size(64)));
@@ -258,5 +406,17 @@ double exp_sum(double* x, int64_t n, double scale, double shift) {
   }
   return sum;
 }
+
+VIVIT_CLONES void short_group_forward(const ShortGroup<float>& group, float scale) {
+  short_group_forward_impl(group, scale);
+}
+
+void short_group_forward(const ShortGroup<double>& group, double scale) { short_group_forward_impl(group, scale); }
+
+VIVIT_CLONES void short_group_backward(const ShortGroup<float>& group, float scale) {
+  short_group_backward_impl(group, scale);
+}
+
+void short_group_backward(const ShortGroup<double>& group, double scale) { short_group_backward_impl(group, scale); }
 
 }  // namespace vivit_kernels

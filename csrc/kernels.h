@@ -90,7 +90,7 @@ at::Tensor tubelet_backward_pos(const at::Tensor& grad);
 // ATen costs microseconds of tensor setup: more than a temporal group's 32 x 32 x 64 blocks take.
 constexpr int64_t kSmallGemm = 1 << 17;
 
-// block_math.cpp: the loops on blocks, vectorised for the CPU at hand (AVX-512 / AVX2 / baseline
+// block_math.cpp: the loops on blocks, vectorised for the CPU at hand (x86-64-v4 / v3 / baseline
 // clones, picked when the library loads). small_gemm is gemm below without BLAS, for tiny blocks.
 void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
@@ -102,6 +102,30 @@ double scaled_max(const double* x, int64_t n, double scale);
 // x[j] = exp(x[j] * scale - shift); returns the sum. NaN stays NaN.
 float exp_sum(float* x, int64_t n, float scale, float shift);
 double exp_sum(double* x, int64_t n, double scale, double shift);
+
+// One short attention group (temporal: a token's T frames), every member a query and a key:
+// member i's rows are q + i * sq, ... (strides in elements, rows of head_dim contiguous), its
+// log-sum-exp lse[i * sl]. Forward writes out and lse; backward reads out, dout and lse and writes
+// dq, dk, dv in full. Groups of up to kShortGroup members.
+constexpr int64_t kShortGroup = 32;
+template <typename T>
+struct ShortGroup {
+  int64_t length, head_dim;
+  const T *q, *k, *v;
+  int64_t sq, sk, sv;
+  T* out;
+  int64_t so;
+  T* lse;
+  int64_t sl;
+  const T* dout;
+  int64_t sdo;
+  T *dq, *dk, *dv;
+  int64_t sdq, sdk, sdv;
+};
+void short_group_forward(const ShortGroup<float>& group, float scale);
+void short_group_forward(const ShortGroup<double>& group, double scale);
+void short_group_backward(const ShortGroup<float>& group, float scale);
+void short_group_backward(const ShortGroup<double>& group, double scale);
 
 // Row-major C (m x n, row stride ldc) = beta * C + alpha * op(A) op(B), where op(A) is m x k and
 // A is stored m x k (row stride lda) or, transposed, k x m; likewise B. Every last dim has stride 1.
