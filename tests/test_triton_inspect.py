@@ -1,120 +1,144 @@
-"""GPU-compile inspection (`python -m vivit_kernels.triton.inspect`): no GPU needed.
+"""GPU compiles as a launch makes them (`python -m vivit_kernels.triton.inspect`): no GPU needed.
 
-Compiling for sm_80/sm_90 catches what the interpreter cannot (tl.dot shapes, register spills,
-shared memory). Compiling everything takes many minutes on 2 cores, so the test compiles the
-worst case of every autotune candidate: each (kernel, config, dtype) at the largest padded head
-dim that config may serve for that dtype (`_prune`'s limit), where its tiles, registers and
-shared memory are largest. The compiles run in a pool of 2 processes, for both architectures.
-ptxas can still spill once at a smaller head dim (seen: 1 LDL/STL at 128 registers), so
-`python -m vivit_kernels.triton.inspect`, which compiles every kernel x config x dtype x head
-dim (`--candidates` only those the autotuner may pick), stays the check after a table change.
+The inspection records the launchers' real launches (CPU tensors at ViViT-B shapes) and binds
+them again with the launch's own binder for each target, so the compiled code is what a GPU runs
+(16-byte aligned pointers, integers divisible by 16, constants). Compiling everything takes over an
+hour on 2 cores, so the test compiles a slice the autotuner may pick: fp16 at the ragged head dim
+80 on sm_86 (a consumer GPU: 99 KiB of shared memory per block) and fp32 at head dim 64 on sm_90,
+with and without prefix tokens. `python -m vivit_kernels.triton.inspect --candidates` is the check
+after a kernel or table change, and `--write-limits` rewrites limits.py from a full run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
 
-def _worst_cases() -> list:
-    """Per (kernel, constexprs other than BLOCK_D, warps, stages, dtype): the autotune candidate
-    spec with the largest BLOCK_D."""
-    from vivit_kernels.triton import specs
-
-    worst = {}
-    for spec in specs.attention_specs():
-        if not spec.autotune_candidate:
-            continue
-        others = tuple(sorted((k, v) for k, v in spec.constexprs.items() if k != "BLOCK_D"))
-        key = (spec.fn.__name__, others, spec.num_warps, spec.num_stages, spec.dtype)
-        if key not in worst or spec.constexprs["BLOCK_D"] > worst[key].constexprs["BLOCK_D"]:
-            worst[key] = spec
-    return list(worst.values())
-
-
-@pytest.fixture(scope="module")
-def worst_cases():
-    return _worst_cases()
-
-
-@pytest.fixture(scope="module")
-def rows(worst_cases):
-    # A fresh process: this one runs the kernels interpreted (TRITON_INTERPRET=1), and Triton
-    # decides interpreted-or-compiled when a kernel module is imported.
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    names = "|".join(re.escape(s.name) for s in worst_cases)
-    result = subprocess.run(
-        [sys.executable, "-m", "vivit_kernels.triton.inspect", "--json", "--jobs", "2", "--filter", f"^(?:{names})$"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.stdout, result.stderr
+def _inspect(*args: str) -> list[dict]:
+    # A fresh process compiles (this one interprets: Triton decides when a kernel is defined).
+    command = [sys.executable, "-m", "vivit_kernels.triton.inspect", "--json", "--jobs", "2", "--candidates", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"},
+                            timeout=900)  # fmt: skip
+    assert result.stdout, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def test_worst_cases_cover_every_candidate_config_dtype_and_arch(rows, worst_cases):
-    from vivit_kernels.triton import attention
-
-    assert sorted((r["name"], r["arch"]) for r in rows) == sorted((s.name, a) for s in worst_cases for a in (80, 90))
-    kernels = {r["name"].split("[")[0] for r in rows}
-    assert kernels == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "attention_bwd_delta"}
-    configs = len(attention._FWD_CONFIGS) + len(attention._DKDV_CONFIGS) + len(attention._DQ_CONFIGS) + 1
-    assert len(worst_cases) == configs * 3  # every config is a candidate for every dtype at some head dim
-    # fp32 dQ at head dim 128 (padded; head dims 65..128) once spilled: it must be among them.
-    assert any(s.dtype == "fp32" and "bwd_dq" in s.name and s.constexprs["BLOCK_D"] == 128 for s in worst_cases)
+@pytest.fixture(scope="module")
+def rows():
+    return _inspect("--kernels", "attention", "--dtype", "fp16", "--head-dims", "80", "--arch", "86") + _inspect(
+        "--kernels", "attention", "--dtype", "fp32", "--head-dims", "64", "--arch", "90"
+    )
 
 
-def test_everything_compiles(rows):
-    failed = [f"{r['name']} sm_{r['arch']}: {r['error']}" for r in rows if r["error"]]
-    assert not failed, "\n".join(failed)
+def test_every_kernel_and_variant_compiles(rows):
+    assert not [f"{r['name']} sm_{r['arch']}: {r['error']}" for r in rows if r["error"]]
+    kernels = {(r["kernel"], r["prefix"], r["arch"]) for r in rows}
+    for arch in (86, 90):
+        for kernel in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
+            assert {(kernel, False, arch), (kernel, True, arch)} <= kernels, (kernel, arch)
+        assert ("attention_bwd_delta", False, arch) in kernels
 
 
-def test_half_precision_uses_tensor_cores(rows):
-    """fp16/bf16 dots must lower to HMMA (sm_80) / HGMMA (sm_90); the delta kernel has no dot."""
-    dots = [r for r in rows if r["dtype"] in ("fp16", "bf16") and "delta" not in r["name"]]
-    assert dots
-    missing = [f"{r['name']} sm_{r['arch']}" for r in dots if not r["tensor_core"]]
-    assert not missing, missing
-
-
-def test_autotune_candidates_do_not_spill_or_overflow_shared_memory(rows):
+def test_candidates_neither_spill_nor_exceed_shared_memory(rows):
     from vivit_kernels.triton.inspect import SHARED_LIMIT
 
-    candidates = [r for r in rows if r["autotune_candidate"] and not r["error"]]
-    assert candidates
     bad = [
         f"{r['name']} sm_{r['arch']}: LDL {r['spill_loads']} STL {r['spill_stores']} smem {r['shared']}"
-        for r in candidates
+        for r in rows
         if r["spill_loads"] or r["spill_stores"] or r["shared"] > SHARED_LIMIT[r["arch"]]
     ]
     assert not bad, "\n".join(bad)
 
 
-def test_specs_cover_every_config_dtype_and_head_dim():
-    """What the CLI compiles: one spec per (kernel, autotune config, dtype, padded head dim), real code path."""
-    from vivit_kernels.triton import attention
-    from vivit_kernels.triton import specs as compile_specs
+def test_compiled_as_a_launch_is(rows):
+    """The specialisation of a real launch is there: asynchronous copies and 128-bit loads (the
+    bare compile of a kernel without launch attributes has neither), tensor cores for fp16."""
+    dots = [r for r in rows if r["kernel"] != "attention_bwd_delta"]
+    assert all(r["vector_loads"] > 0 for r in rows), [r["name"] for r in rows if not r["vector_loads"]]
+    pipelined = [r for r in dots if "stages=1" not in r["name"] and (r["arch"] < 90 or r["dtype"] == "fp16")]
+    assert pipelined and all(r["async_copies"] > 0 for r in pipelined)
+    assert all(r["tensor_core"] > 0 for r in dots)
 
-    specs = compile_specs.attention_specs()
-    configs = len(attention._FWD_CONFIGS) + len(attention._DKDV_CONFIGS) + len(attention._DQ_CONFIGS) + 1
-    assert len(specs) == configs * 3 * len(compile_specs.HEAD_DIM_BLOCKS)
-    # For every kernel, dtype and head dim the autotuner has at least one candidate.
-    for kernel in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
-        for dtype in ("fp16", "bf16", "fp32"):
-            for block_d in compile_specs.HEAD_DIM_BLOCKS:
-                assert any(
-                    s.autotune_candidate and s.name.startswith(f"{kernel}[{dtype},") and f"BLOCK_D={block_d}," in s.name
-                    for s in specs
-                ), (kernel, dtype, block_d)
-    for spec in specs:
-        assert spec.constexprs.get("UPCAST", False) is False  # the interpreter-only switch stays off
-        assert set(spec.signature) == set(spec.fn.arg_names)
+
+def test_limits_cover_every_candidate_variant_and_architecture():
+    from vivit_kernels.triton import attention, limits
+    from vivit_kernels.triton.inspect import ARCHS
+
+    for kernel in ("fwd", "dkdv", "dq"):
+        for config in attention._configs(kernel):
+            entry = limits.LIMITS[attention.config_key(kernel, config)]
+            assert set(entry) == {"2B", "2B prefix", "4B", "4B prefix"}
+            assert all(set(per_arch) == set(ARCHS) for per_arch in entry.values())
+    # Every kernel keeps a candidate for every variant, dtype width and inspected head dim.
+    for kernel in ("fwd", "dkdv", "dq"):
+        for width in (2, 4):
+            for prefix in (False, True):
+                for arch in ARCHS:
+                    for head_dim in limits.INSPECTED_HEAD_DIMS:
+                        assert any(
+                            attention._fits(kernel, c, width, head_dim, prefix, arch) for c in attention._configs(kernel)
+                        ), (kernel, width, prefix, arch, head_dim)
+
+
+def test_the_pruner_reads_the_architecture(monkeypatch):
+    """Per-architecture pruning: the same launch keeps other candidates on sm_86 than on sm_90 when
+    limits.py says so, and an architecture it does not know gets the most cautious limit."""
+    from vivit_kernels.triton import attention, common, limits
+
+    key = attention.config_key("fwd", attention._configs("fwd")[0])
+    monkeypatch.setitem(limits.LIMITS, key, {**limits.LIMITS[key], "2B": {80: 128, 86: 32, 89: 32, 90: 128}})
+    monkeypatch.setattr(attention, "interpreted", lambda: False)
+    prune = attention._pruner("fwd")["early_config_prune"]
+    q = torch.zeros(1, 2, 16, 64, dtype=torch.float16)
+    kept = {}
+    for arch in (86, 90, 120):
+        monkeypatch.setattr(common, "inspected_arch", arch)
+        kept[arch] = prune(attention._configs("fwd"), {"Q": q}, HEAD_DIM=64, PREFIX=False)
+    first = attention._configs("fwd")[0].kwargs
+    assert any(c.kwargs == first for c in kept[90])
+    assert not any(c.kwargs == first for c in kept[86]) and not any(c.kwargs == first for c in kept[120])
+
+
+# Run with the kernels compiled (not interpreted), as on a GPU: the launch binder is the real one.
+_REUSE_CHECK = """
+import torch
+from triton.runtime.autotuner import Autotuner
+from vivit_kernels.triton import attention, inspect
+
+launches = {}
+for frames in (15, 16):
+    qkv = torch.zeros(2, frames * 196, 3, 12, 64, dtype=torch.float16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    launches[frames] = []
+    with inspect._recording(launches[frames], f"T={frames}", dict(dtype="fp16", head_dim=64, prefix=False)):
+        attention.forward(q, k, v, frames, 0, "time_major", "split", 0.125)
+assert len(launches[15]) == len(launches[16]) > 0
+for short, long in zip(launches[15], launches[16]):
+    assert isinstance(short.autotuner, Autotuner) and short.fn is long.fn
+    assert len(short.autotuner.configs) > 1  # the GPU candidates, not the interpreter's one config
+    for config in short.autotuner.configs:
+        assert inspect._compile_key(short, config, 80) == inspect._compile_key(long, config, 80), config
+    keys = [dict(zip(short.autotuner.arg_names, launch.args)) | launch.kwargs for launch in (short, long)]
+    assert [keys[0][name] for name in attention._KEY] == [keys[1][name] for name in attention._KEY]
+# A clip four times longer is another bucket of the spatial groups' tuning (it would be retuned).
+assert attention._buckets((16, 196, 196, 1, 0, 0), (196, 16, 1, 196, 0, 0)) != attention._buckets(
+    (64, 196, 196, 1, 0, 0), (196, 64, 1, 196, 0, 0))
+print("reused")
+"""
+
+
+def test_a_new_clip_length_reuses_the_compiled_kernels_and_the_tuning():
+    """The shape integers are not specialised and tuning is keyed on buckets of the group lengths:
+    the launches of a 15-frame and a 16-frame clip bind to the same compiled kernels (for a GPU
+    target) and the same autotuning keys, so a new clip length neither recompiles nor retunes."""
+    result = subprocess.run([sys.executable, "-c", _REUSE_CHECK], capture_output=True, text=True,
+                            env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600)  # fmt: skip
+    assert result.returncode == 0 and "reused" in result.stdout, result.stderr[-3000:]

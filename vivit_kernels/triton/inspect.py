@@ -333,19 +333,23 @@ def inspect(name_filter: str = "", archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DI
 # Limits from the compiles.
 
 
-def limits_from(rows: list[Row]) -> dict:
-    """LIMITS for limits.py: per candidate, dtype width and prefix variant, per arch, the largest
-    head dim up to which every inspected head dim compiled clean."""
+def limits_from(rows: list[Row]) -> tuple[dict, dict]:
+    """LIMITS entries for limits.py from these compiles: per candidate, dtype width and prefix
+    variant, per arch, the largest head dim up to which every inspected head dim compiled clean;
+    and per variant and arch the compiles it rests on (SOURCES)."""
     from vivit_kernels.triton.limits import variant
 
     by_key: dict[str, dict[str, dict[int, dict[int, bool]]]] = {}
+    seen: dict[str, dict[int, tuple[set, set]]] = {}
     for r in rows:
         if not r.config:
             continue
-        width = 4 if r.dtype == "fp32" else 2
-        clean = by_key.setdefault(r.config, {}).setdefault(variant(width, r.prefix), {}).setdefault(r.arch, {})
+        name = variant(4 if r.dtype == "fp32" else 2, r.prefix)
+        clean = by_key.setdefault(r.config, {}).setdefault(name, {}).setdefault(r.arch, {})
         clean[r.head_dim] = clean.get(r.head_dim, True) and r.clean
-    out: dict = {}
+        dtypes, head_dims = seen.setdefault(name, {}).setdefault(r.arch, (set(), set()))
+        dtypes.add(r.dtype), head_dims.add(r.head_dim)
+    table: dict = {}
     for config, variants in sorted(by_key.items()):
         for name, archs in sorted(variants.items()):
             for arch, clean in sorted(archs.items()):
@@ -354,20 +358,34 @@ def limits_from(rows: list[Row]) -> dict:
                     if not clean[head_dim]:
                         break
                     limit = head_dim
-                out.setdefault(config, {}).setdefault(name, {})[arch] = limit
-    return out
+                table.setdefault(config, {}).setdefault(name, {})[arch] = limit
+    sources = {
+        name: {arch: f"{'+'.join(sorted(d))} at head dims {', '.join(map(str, sorted(h)))}" for arch, (d, h) in archs.items()}
+        for name, archs in seen.items()
+    }
+    return table, sources
 
 
 def write_limits(rows: list[Row], path: str | None = None) -> str:
-    """Rewrite limits.py's LIMITS table (and INSPECTED_HEAD_DIMS) from the compiles."""
+    """Update limits.py from the compiles: the entries (candidate, variant, arch) they cover are
+    replaced, the others kept, and SOURCES says what each (variant, arch) was compiled from."""
     from vivit_kernels.triton import limits
 
     path = path or limits.__file__
-    table = limits_from(rows)
-    head_dims = sorted({r.head_dim for r in rows if r.head_dim is not None})
-    body = "\n".join(f"    {key!r}: {value!r}," for key, value in table.items())
+    table, sources = limits_from(rows)
+    merged = {config: {name: dict(archs) for name, archs in variants.items()} for config, variants in limits.LIMITS.items()}
+    merged_sources = {name: dict(archs) for name, archs in limits.SOURCES.items()}
+    for config, variants in table.items():
+        for name, archs in variants.items():
+            merged.setdefault(config, {}).setdefault(name, {}).update(archs)
+    for name, archs in sources.items():
+        merged_sources.setdefault(name, {}).update(archs)
+    head_dims = sorted(set(limits.INSPECTED_HEAD_DIMS) | {r.head_dim for r in rows if r.head_dim is not None})
     text = open(path).read()
     text = re.sub(r"INSPECTED_HEAD_DIMS = \(.*?\)\n", f"INSPECTED_HEAD_DIMS = {tuple(head_dims)}\n", text)
+    body = "\n".join(f"    {key!r}: {value!r}," for key, value in sorted(merged_sources.items()))
+    text = re.sub(r"SOURCES = \{\n.*?\n\}\n", "SOURCES = {\n" + body + "\n}\n", text, flags=re.S)
+    body = "\n".join(f"    {key!r}: {value!r}," for key, value in merged.items())
     text = re.sub(r"LIMITS = \{\n.*?\n\}\n", "LIMITS = {\n" + body + "\n}\n", text, flags=re.S)
     with open(path, "w") as f:
         f.write(text)
@@ -431,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="compile processes")
     parser.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
     parser.add_argument("--write-limits", action="store_true",
-                        help="rewrite limits.py from these compiles (every config, every inspected head dim)")
+                        help="update limits.py from these compiles (every config of the dtypes, head dims and archs given)")
     args = parser.parse_args(argv)
     if args.write_limits and (args.candidates or args.filter):
         parser.error("--write-limits needs every config compiled: no --candidates or --filter")

@@ -1,32 +1,40 @@
 """Which autotune candidate may run where, read from compiles of real launches.
 
 Written by `python -m vivit_kernels.triton.inspect --write-limits`, which compiles every candidate
-of every kernel as a launch at ViViT-B shapes specialises it (every dtype, head dim and prefix
-variant) for each architecture. LIMITS[candidate]["<dtype bytes>B[ prefix]"][arch] is the largest
-head dim up to which every inspected head dim compiled without register spills and within the
-architecture's shared memory (0: none did). An architecture not inspected gets the most cautious
-limit of those that were.
+of every kernel as a launch at ViViT-B shapes specialises it, for the dtypes, head dims and
+architectures given, with and without prefix tokens, and updates the entries those compiles cover.
+LIMITS[candidate]["<dtype bytes>B[ prefix]"][arch] is the largest head dim up to which every
+inspected head dim compiled without register spills and within the architecture's shared memory
+(0: none did); SOURCES[variant][arch] names the compiles an entry rests on. An architecture not
+inspected gets the most cautious limit of those that were.
 """
 
 from __future__ import annotations
 
 INSPECTED_HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128)
 
+SOURCES = {
+    '2B': {80: 'fp16 at head dims 32, 40, 64, 80, 128', 86: 'fp16 at head dims 32, 40, 64, 80, 128', 89: 'fp16 at head dims 32, 40, 64, 80, 128', 90: 'fp16 at head dims 32, 40, 64, 80, 128'},
+    '2B prefix': {80: 'fp16 at head dims 32, 40, 64, 80, 128', 86: 'fp16 at head dims 32, 40, 64, 80, 128', 89: 'fp16 at head dims 32, 40, 64, 80, 128', 90: 'fp16 at head dims 32, 40, 64, 80, 128'},
+    '4B': {80: 'compiles without launch specialisation, sm_80 and sm_90 (sm_86/89: the more cautious)', 86: 'compiles without launch specialisation, sm_80 and sm_90 (sm_86/89: the more cautious)', 89: 'compiles without launch specialisation, sm_80 and sm_90 (sm_86/89: the more cautious)', 90: 'compiles without launch specialisation, sm_80 and sm_90 (sm_86/89: the more cautious)'},
+    '4B prefix': {80: 'compiles without launch specialisation, sm_80 and sm_90 (sm_86/89: the more cautious)', 86: 'compiles without launch specialisation, sm_80 and sm_90 (sm_86/89: the more cautious)', 89: 'compiles without launch specialisation, sm_80 and sm_90 (sm_86/89: the more cautious)', 90: 'compiles without launch specialisation, sm_80 and sm_90 (sm_86/89: the more cautious)'},
+}
+
 LIMITS = {
-    'fwd 128x64 w8 s3': {'2B': {80: 64, 86: 64, 89: 64, 90: 64}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 64}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
+    'fwd 128x64 w8 s3': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 128}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
     'fwd 128x32 w8 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
-    'fwd 64x64 w4 s3': {'2B': {80: 64, 86: 64, 89: 64, 90: 64}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 64}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
-    'fwd 64x32 w4 s2': {'2B': {80: 64, 86: 64, 89: 64, 90: 64}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 64}, '4B': {80: 32, 86: 32, 89: 32, 90: 32}, '4B prefix': {80: 32, 86: 32, 89: 32, 90: 32}},
+    'fwd 64x64 w4 s3': {'2B': {80: 64, 86: 64, 89: 64, 90: 128}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 128}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
+    'fwd 64x32 w4 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 32, 86: 32, 89: 32, 90: 32}, '4B prefix': {80: 32, 86: 32, 89: 32, 90: 32}},
     'fwd 32x32 w8 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 64, 86: 64, 89: 64, 90: 64}, '4B prefix': {80: 64, 86: 64, 89: 64, 90: 64}},
     'fwd 16x32 w8 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 128, 86: 128, 89: 128, 90: 128}, '4B prefix': {80: 128, 86: 128, 89: 128, 90: 128}},
-    'dkdv 128x32 w8 s2': {'2B': {80: 32, 86: 32, 89: 32, 90: 32}, '2B prefix': {80: 32, 86: 32, 89: 32, 90: 32}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
-    'dkdv 64x32 w8 s2': {'2B': {80: 64, 86: 64, 89: 64, 90: 64}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 64}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
+    'dkdv 128x32 w8 s2': {'2B': {80: 32, 86: 32, 89: 32, 90: 128}, '2B prefix': {80: 32, 86: 32, 89: 32, 90: 32}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
+    'dkdv 64x32 w8 s2': {'2B': {80: 32, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
     'dkdv 32x32 w8 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
     'dkdv 16x16 w8 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 128, 86: 128, 89: 128, 90: 128}, '4B prefix': {80: 128, 86: 128, 89: 128, 90: 128}},
-    'dq 128x32 w8 s2': {'2B': {80: 64, 86: 64, 89: 64, 90: 64}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 64}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
-    'dq 64x32 w4 s2': {'2B': {80: 64, 86: 64, 89: 64, 90: 64}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 64}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
-    'dq 32x16 w8 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 64, 86: 64, 89: 64, 90: 64}, '4B prefix': {80: 64, 86: 64, 89: 64, 90: 64}},
-    'dq 16x16 w8 s1': {'2B': {80: 32, 86: 32, 89: 32, 90: 32}, '2B prefix': {80: 32, 86: 32, 89: 32, 90: 32}, '4B': {80: 128, 86: 128, 89: 128, 90: 128}, '4B prefix': {80: 128, 86: 128, 89: 128, 90: 128}},
+    'dq 128x32 w8 s2': {'2B': {80: 64, 86: 64, 89: 64, 90: 128}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 128}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
+    'dq 64x32 w4 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 40, 86: 128, 89: 128, 90: 128}, '4B': {80: 16, 86: 16, 89: 16, 90: 16}, '4B prefix': {80: 16, 86: 16, 89: 16, 90: 16}},
+    'dq 32x16 w8 s2': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 64, 86: 64, 89: 64, 90: 128}, '4B': {80: 64, 86: 64, 89: 64, 90: 64}, '4B prefix': {80: 64, 86: 64, 89: 64, 90: 64}},
+    'dq 16x16 w8 s1': {'2B': {80: 128, 86: 128, 89: 128, 90: 128}, '2B prefix': {80: 128, 86: 128, 89: 128, 90: 128}, '4B': {80: 128, 86: 128, 89: 128, 90: 128}, '4B prefix': {80: 128, 86: 128, 89: 128, 90: 128}},
 }
 
 
