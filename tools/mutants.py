@@ -20,6 +20,8 @@ Parts, in this order (`--parts` picks some):
            "all" every module of both packages, or a comma-separated list of paths as in this
            repository (vivit_kernels/checks.py,models/vivit/model.py). Decorated functions (the
            Triton kernels and launchers) are not mutated by mutmut: the kernels part covers them.
+           Nor are the functions that declare the ops at import (IMPORT_TIME): they run before
+           any mutant is active, so their mutants would survive whatever the tests do.
            `--sample N` runs N random mutants per module (seeded) where the whole set would
            take too long.
 
@@ -193,6 +195,17 @@ CORE_MODULES = (
     "models/vivit/checkpoint.py",
     "models/vivit/model.py",
     "models/vivit/layers.py",
+)
+# Functions that run once, at import, before any mutant is active: they declare the ops to
+# torch.library (with the autograd closures inside), so mutmut cannot activate their mutants,
+# which would count as survivors whatever the tests do. test_ops.py's opcheck checks what they
+# register; the kernels' gradient tests check the autograd formulas.
+IMPORT_TIME = (
+    "vivit_kernels.ops.library.x_define",
+    "vivit_kernels.ops.library.x_register_autograd",
+    "vivit_kernels.ops.library.x_register_autocast",
+    "vivit_kernels.ops.attention.x_define_attention_ops",
+    "vivit_kernels.ops.tubelet.x_define_tubelet_ops",
 )
 STATUS_KILLED = ("killed", "timeout", "segfault")  # mutmut's statuses that count as detected
 
@@ -483,7 +496,6 @@ def describe(stage: Path, env: dict, name: str) -> dict:
     diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=stage, env=env, capture_output=True,
                           text=True).stdout  # fmt: skip
     path = re.search(r"^\+\+\+ (?:b/)?(\S+)", diff, re.MULTILINE)
-    hunk = re.search(r"^@@ -(\d+)", diff, re.MULTILINE)
     removed = [l[1:].strip() for l in diff.splitlines() if l.startswith("-") and not l.startswith("---")]
     added = [l[1:].strip() for l in diff.splitlines() if l.startswith("+") and not l.startswith("+++")]
     file = path.group(1) if path else ""
@@ -491,14 +503,12 @@ def describe(stage: Path, env: dict, name: str) -> dict:
         file = file.removeprefix("mutants/")
     if file.startswith("vivit/"):
         file = "models/" + file
-    # The hunk's first line is context: find the changed line within it.
-    first = int(hunk.group(1)) if hunk else 0
-    offset = 0
-    for i, l in enumerate(l for l in diff.split("@@", 2)[-1].splitlines()[1:] if not l.startswith("+")):
-        if l.startswith("-"):
-            offset = i
-            break
-    return {"name": name, "file": file, "line": first + offset, "from": " | ".join(removed), "to": " | ".join(added)}
+    # mutmut's hunk numbers count from the function: find the changed line in the file instead.
+    line = 0
+    if removed and file:
+        source = (stage / staged_path(file)).read_text().splitlines()
+        line = next((i + 1 for i, text in enumerate(source) if text.strip() == removed[0]), 0)
+    return {"name": name, "file": file, "line": line, "from": " | ".join(removed), "to": " | ".join(added)}
 
 
 GENERATE = ("import os; from mutmut.__main__ import copy_src_dir, copy_also_copy_files, create_mutants; "
@@ -523,12 +533,13 @@ def run_mutmut(work: Path, rev: str | None, modules: list[str], children: int, s
     env.pop("PYTHONPATH", None)
     env["VIVIT_KERNELS_CACHE"] = str(work / "csrc-cache")
     generated = generated_mutants(stage, env)
+    skipped = sum(n.partition("__mutmut_")[0] in IMPORT_TIME for names in generated.values() for n in names)
+    generated = {m: [n for n in names if n.partition("__mutmut_")[0] not in IMPORT_TIME] for m, names in generated.items()}
     chosen: list[str] = []
-    if sample:  # a random sample of each module's mutants, the same for the same seed and sources
-        rng = random.Random(seed)
-        for module, names in generated.items():
-            chosen += sorted(rng.sample(names, min(sample, len(names))))
-    log(f"mutmut on {len(modules)} module(s), {sum(map(len, generated.values()))} mutants"
+    rng = random.Random(seed)
+    for module, names in generated.items():  # a sample of each module's: the same for the same seed and sources
+        chosen += sorted(rng.sample(names, min(sample, len(names)))) if sample else names
+    log(f"mutmut on {len(modules)} module(s), {sum(map(len, generated.values()))} mutants ({skipped} of import-time code left out)"
         + (f", {len(chosen)} sampled ({sample} per module, seed {seed})" if sample else "") + f": {', '.join(modules)}")
     start = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *chosen], cwd=stage,
@@ -536,8 +547,7 @@ def run_mutmut(work: Path, rev: str | None, modules: list[str], children: int, s
     seconds = time.monotonic() - start
     (work / "mutmut.log").write_text(run.stdout + run.stderr)
     statuses = mutmut_results(stage, env)
-    if chosen:
-        statuses = {name: status for name, status in statuses.items() if name in set(chosen)}
+    statuses = {name: status for name, status in statuses.items() if name in set(chosen)}
     log(f"mutmut: exit status {run.returncode} in {seconds:.0f} s, {len(statuses)} mutants (log: {work / 'mutmut.log'})")
     per_module: dict[str, dict[str, int]] = {}
     survivors = []
@@ -548,7 +558,8 @@ def run_mutmut(work: Path, rev: str | None, modules: list[str], children: int, s
         counts[status] = counts.get(status, 0) + 1
         if status == "survived":
             survivors.append(describe(stage, env, name))
-    return {"modules": modules, "generated": {m: len(n) for m, n in generated.items()}, "sample": sample, "seed": seed,
+    return {"modules": modules, "generated": {m: len(n) for m, n in generated.items()}, "import_time_left_out": skipped,
+            "sample": sample, "seed": seed,
             "exit_status": run.returncode, "seconds": round(seconds), "per_module": per_module,
             "survivors": survivors, "log_tail": (run.stdout + run.stderr)[-3000:]}  # fmt: skip
 
