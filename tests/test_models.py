@@ -188,6 +188,8 @@ def test_presets():
     c = model.config
     assert (c.dim, c.depth, c.num_heads, c.img_size, c.tubelet, c.num_frames) == (768, 12, 12, (224, 224), (2, 16, 16), 16)
     assert c.pooling == "avg" and model.head.out_features == 10
+    with torch.device("meta"):
+        assert create_model("vivit_b").head.out_features == 400  # Kinetics-400 by default
     assert model.blocks[0].mlp.fc1.out_features == 3072
     with torch.device("meta"):
         large = create_model("vivit_l")
@@ -195,6 +197,23 @@ def test_presets():
     assert (large.config.dim, large.config.depth, large.config.num_heads, large.config.num_frames) == (1024, 24, 16, 32)
     assert (huge.config.dim, huge.config.depth, huge.config.tubelet, len(huge.temporal.blocks)) == (1280, 32, (2, 14, 14), 4)
     assert huge.blocks[0].mlp.fc1.out_features == 5120
+
+
+@pytest.mark.parametrize("tokeniser", ["tubelet", "uniform"])
+def test_config_settings_reach_every_layer(tokeniser):
+    """The config's dropout rates and backend are what each block and the embedding run with."""
+    from torch import nn
+
+    from vivit_kernels import FactorisedAttention
+
+    model = tiny("factorised_self_attention", drop_rate=0.3, attn_drop_rate=0.2, tokeniser=tokeniser,
+                 backend="reference")  # fmt: skip
+    assert model.patch_embed.backend == "reference"
+    attentions = [m for m in model.modules() if isinstance(m, FactorisedAttention)]
+    assert len(attentions) == 2 * TINY["depth"]
+    assert all(a.backend == "reference" and a.attn_drop == 0.2 for a in attentions)
+    dropouts = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and set(dropouts) == {0.3}
 
 
 @pytest.mark.parametrize(
