@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import MODES, masked_attention, packed_qkv, relative_error
+from conftest import MODES, assert_near_oracle, masked_attention, packed_qkv, relative_error
 
 from vivit_kernels import FactorisedAttention, attention_backend, factorised_attention
 
@@ -12,16 +12,30 @@ def test_public_op_matches_oracle(mode, generator):
     q, k, v, _ = packed_qkv(2, 4, 3 * 7, 24, generator=generator, requires_grad=False)
     out = factorised_attention(q, k, v, 3, mode, backend="reference")
     assert out.shape == q.shape
-    assert relative_error(out, masked_attention(q, k, v, 3, mode)) < 1e-12
+    assert_near_oracle(out, masked_attention(q, k, v, 3, mode), "reference")
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+def _device(backend: str) -> str:
+    """Where `backend` runs: triton on a GPU when there is one (CPU tensors only interpreted)."""
+    if backend == "triton":
+        pytest.importorskip("triton", reason="triton is not installed")
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+# The fused backends: the reference and sdpa ones compute "split" as exactly this concatenation.
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_split_is_spatial_heads_then_temporal_heads(backend, generator):
     q, k, v, _ = packed_qkv(2, 6, 5 * 7, 16, dtype=torch.float32, generator=generator, requires_grad=False)
+    q, k, v = (x.to(_device(backend)) for x in (q, k, v))
     split = factorised_attention(q, k, v, 5, "split", backend=backend)
     spatial = factorised_attention(q[:, :3], k[:, :3], v[:, :3], 5, "spatial", backend=backend)
     temporal = factorised_attention(q[:, 3:], k[:, 3:], v[:, 3:], 5, "temporal", backend=backend)
-    torch.testing.assert_close(split, torch.cat([spatial, temporal], dim=1), rtol=1e-6, atol=1e-6)
+    # One head's arithmetic whatever launch it is part of: measured 0 (bit-identical) on the CPU and
+    # interpreted. Compiled, the autotuner may give split and single-mode launches different blocks
+    # (not measured: no GPU here), so there the fp32 oracle bound.
+    tolerance = 0.0 if q.device.type == "cpu" else 1e-5
+    torch.testing.assert_close(split, torch.cat([spatial, temporal], dim=1), rtol=0, atol=tolerance)
 
 
 def test_module_loads_timm_attention_and_matches_it(generator):
@@ -32,7 +46,8 @@ def test_module_loads_timm_attention_and_matches_it(generator):
     ours = FactorisedAttention(48, num_heads=4, mode="joint", qkv_bias=True).eval()
     ours.load_state_dict(timm_attn.state_dict())  # strict: the parameter names are the interface
     x = torch.randn(2, 3 * 5, 48, generator=generator)
-    torch.testing.assert_close(ours(x, frames=3), timm_attn(x), rtol=1e-5, atol=1e-5)
+    # fp32 against fp32 (the cpu kernel against timm's SDPA): measured 3.2e-7 (seeds 0-4).
+    assert relative_error(ours(x, frames=3), timm_attn(x)) < 1e-6
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -53,24 +68,37 @@ def test_module_attention_dropout_only_in_training(generator):
     assert not torch.allclose(attn(x), attn(x))
 
 
+# (the backends that promise it, the tensors whose NaN they confine): triton packs groups shorter
+# than its tile into one, where a NaN value reaches the tile's other groups (see the docstring).
+NAN_CONFINED = [("reference", "qkv"), ("sdpa", "qkv"), ("cpu", "qkv"), ("triton", "qk")]
+
+
+@pytest.mark.parametrize("backend, tensors", NAN_CONFINED, ids=[b for b, _ in NAN_CONFINED])
 @pytest.mark.parametrize(
-    "mode, poisoned_rows",
+    "mode, group",
     [
         ("joint", lambda t, s: torch.ones_like(t, dtype=torch.bool)),
         ("spatial", lambda t, s: t == 1),
         ("temporal", lambda t, s: s == 2),
     ],
+    ids=["joint", "spatial", "temporal"],
 )
-def test_nan_stays_in_the_groups_that_see_it(mode, poisoned_rows, generator):
+def test_nan_stays_in_the_groups_that_see_it(mode, group, backend, tensors, generator):
+    """A NaN in the key or value of token (t=1, s=2) makes NaN exactly the rows of its group; one
+    in its query, exactly its own row."""
     T, S = 3, 4
-    q, k, v, _ = packed_qkv(1, 2, T * S, 8, generator=generator, requires_grad=False)
-    k = k.clone()
-    k[:, :, 1 * S + 2] = float("nan")  # the key of token (t=1, s=2)
-    out = factorised_attention(q, k, v, T, mode)
     n = torch.arange(T * S)
-    rows = poisoned_rows(n // S, n % S)
-    assert out[:, :, rows].isnan().all()
-    assert out[:, :, ~rows].isfinite().all()
+    poisoned = 1 * S + 2
+    for which in tensors:
+        q, k, v, _ = packed_qkv(1, 2, T * S, 16, dtype=torch.float32, generator=generator, requires_grad=False)
+        qkv = [x.clone().to(_device(backend)) for x in (q, k, v)]
+        qkv["qkv".index(which)][:, :, poisoned] = float("nan")
+        out = factorised_attention(*qkv, T, mode, backend=backend).cpu()
+        rows = n == poisoned if which == "q" else group(n // S, n % S)
+        assert out[:, :, ~rows].isfinite().all(), which
+        if backend == "sdpa" and which == "q":
+            continue  # torch's fp32 CPU SDPA returns 0, not NaN, for a NaN query in short sequences (4 here)
+        assert out[:, :, rows].isnan().all(), which
 
 
 def test_bad_module_arguments_raise():
@@ -105,7 +133,7 @@ def test_module_stands_in_a_timm_block(generator):
     attn = FactorisedAttention(32, num_heads=4, mode="joint", frames=3)
     attn.load_state_dict(block.attn.state_dict())
     block.attn = attn
-    torch.testing.assert_close(block(x), reference_out, rtol=1e-5, atol=1e-5)
+    assert relative_error(block(x), reference_out) < 5e-7  # fp32 against fp32: measured 1.5e-7 (seeds 0-4)
     with pytest.raises(ValueError, match=r"attn_mask / is_causal are not supported"):
         block(x, is_causal=True)
 
@@ -121,8 +149,8 @@ out.sum().backward()
 grad, x.grad = x.grad, None
 expected = attn(x)
 expected.sum().backward()
-torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-6)
+torch.testing.assert_close(out, expected, rtol=0, atol=0)  # the same kernels: measured bit-identical
+torch.testing.assert_close(grad, x.grad, rtol=0, atol=0)
 print("backend", vivit_kernels.attention_backend(*[torch.zeros(2, 4, 19, 16)] * 3, 3, "split", num_prefix_tokens=1))
 """
 
@@ -198,6 +226,6 @@ def test_module_options_of_other_libraries(generator):
     x = torch.randn(2, 2 + 3 * 5, 48, generator=generator, requires_grad=True)
     out = attn(x)
     expected = _plain_attention(attn, x, 3, "split", prefix=2, layout="space_major")
-    assert relative_error(out, expected) < 1e-5
+    assert relative_error(out, expected) < 8e-7  # fp32 module, float64 attention: measured 2.5e-7 (seeds 0-4)
     out.sum().backward()
     assert attn.k_bias.grad is None and not attn.k_bias.requires_grad and (attn.k_bias == 0).all()

@@ -5,7 +5,19 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODES, PREFIX_CASES, masked_attention, oracle_and_grads, packed_qkv, relative_error
+from conftest import (
+    LAYOUTS,
+    MODES,
+    PREFIX_CASES,
+    assert_near_oracle,
+    check_distinct_layouts,
+    check_tubelet_distinct_layouts,
+    every_layout_case,
+    masked_attention,
+    oracle_and_grads,
+    packed_qkv,
+    relative_error,
+)
 
 from vivit_kernels import reference
 
@@ -28,8 +40,8 @@ def test_attention_matches_masked_oracle(mode, case, generator):
     expected = masked_attention(q, k, v, T, mode)
     (expected_grads,) = torch.autograd.grad(expected, qkv, grad_out)
 
-    assert relative_error(out, expected) < 1e-12
-    assert relative_error(grads, expected_grads) < 1e-12
+    assert_near_oracle(out, expected, "reference")
+    assert_near_oracle(grads, expected_grads, "reference", "dqkv")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -41,8 +53,8 @@ def test_attention_gradcheck(mode, generator):
 def test_attention_scale_is_used(generator):
     q, k, v, _ = packed_qkv(1, 2, 6, 8, generator=generator, requires_grad=False)
     out = reference.factorised_attention(q, k, v, 2, "joint", scale=0.3)
-    assert relative_error(out, masked_attention(q, k, v, 2, "joint", scale=0.3)) < 1e-12
-    assert relative_error(out, reference.factorised_attention(q, k, v, 2, "joint")) > 1e-3
+    assert_near_oracle(out, masked_attention(q, k, v, 2, "joint", scale=0.3), "reference")
+    assert relative_error(out, reference.factorised_attention(q, k, v, 2, "joint")) > 1e-3  # the default scale differs
 
 
 @pytest.mark.parametrize(
@@ -62,13 +74,13 @@ def test_tubelet_matches_conv3d(clip, tubelet, channels, generator):
     conv = F.conv3d(video, weight, bias, stride=tubelet)  # (B, D, nt, nh, nw)
     expected = conv.flatten(3).permute(0, 2, 3, 1) + pos_embed.reshape(nt, nh * nw, D)
     assert tokens.shape == (B, nt, nh * nw, D)
-    assert relative_error(tokens, expected) < 1e-12
+    assert_near_oracle(tokens, expected, "reference", "tokens", op="tubelet")
 
     grad_out = torch.randn_like(tokens)
     grads = torch.autograd.grad(tokens, (video, weight, bias, pos_embed), grad_out)
     expected_grads = torch.autograd.grad(expected, (video, weight, bias, pos_embed), grad_out)
-    for grad, expected_grad in zip(grads, expected_grads):
-        assert relative_error(grad, expected_grad) < 1e-12
+    for name, grad, expected_grad in zip(("dvideo", "dweight", "dbias", "dpos"), grads, expected_grads):
+        assert_near_oracle(grad, expected_grad, "reference", name, op="tubelet")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -84,4 +96,14 @@ def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, spatial, layout,
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     expected = oracle_and_grads(q, k, v, grad_out, frames, mode, prefix, layout)
     for name, actual, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
-        assert relative_error(actual, want) < 1e-12, f"{name}: {relative_error(actual, want):.2e}"
+        assert_near_oracle(actual, want, "reference", name)
+
+
+@every_layout_case
+def test_inputs_and_output_gradient_in_layouts_of_their_own(grid, mode, packed, generator):
+    check_distinct_layouts("reference", grid, mode, packed, generator)
+
+
+@pytest.mark.parametrize("shift", range(len(LAYOUTS)))
+def test_tubelet_inputs_and_output_gradient_in_layouts_of_their_own(shift, generator):
+    check_tubelet_distinct_layouts("reference", shift, generator)

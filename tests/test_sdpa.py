@@ -5,7 +5,16 @@ import warnings
 
 import pytest
 import torch
-from conftest import MODES, PREFIX_CASES, oracle_and_grads, packed_qkv, relative_error
+from conftest import (
+    MODES,
+    PREFIX_CASES,
+    assert_near_oracle,
+    check_distinct_layouts,
+    every_layout_case,
+    oracle_and_grads,
+    packed_qkv,
+    relative_error,
+)
 
 from vivit_kernels import FactorisedAttention, attention_backend, factorised_attention, saved_bytes
 
@@ -19,7 +28,12 @@ def test_matches_oracle_with_prefix_tokens_and_layouts(prefix, frames, spatial, 
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     expected = oracle_and_grads(q, k, v, grad_out, frames, mode, prefix, layout)
     for name, actual, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
-        assert relative_error(actual, want) < 1e-12, name  # float64 throughout, like the oracle
+        assert_near_oracle(actual, want, "sdpa", name)
+
+
+@every_layout_case
+def test_inputs_and_output_gradient_in_layouts_of_their_own(grid, mode, packed, generator):
+    check_distinct_layouts("sdpa", grid, mode, packed, generator)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -53,7 +67,8 @@ def test_large_half_precision_logits_stay_finite(backend, generator):
     out = factorised_attention(*half, 3, "joint", backend=backend)
     truth = factorised_attention(*(x.double() for x in half), 3, "joint", backend="reference")
     assert out.isfinite().all()
-    assert relative_error(out, truth) < 2e-3  # fp16 output rounding (2^-11) plus inputs' own
+    # Logits of ~1e4 make each softmax one-hot, so out is a row of v: measured 1.6e-15 (seeds 0-4).
+    assert relative_error(out, truth) < 5e-15
 
 
 def test_module_under_cpu_autocast_trains(generator):
@@ -65,5 +80,5 @@ def test_module_under_cpu_autocast_trains(generator):
         out = attn(x)
     out.float().sum().backward()
     expected = attn(x.detach())
-    assert out.dtype == torch.bfloat16 and relative_error(out, expected) < 3e-2
+    assert out.dtype == torch.bfloat16 and relative_error(out, expected) < 1.5e-2  # measured 4.5e-3 (seeds 0-4)
     assert all(p.grad is not None and p.grad.isfinite().all() for p in attn.parameters())
