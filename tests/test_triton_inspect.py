@@ -77,12 +77,18 @@ def test_limits_cover_every_candidate_variant_and_architecture():
             entry = limits.LIMITS[attention.config_key(kernel, config)]
             assert set(entry) == {"2B", "2B prefix", "4B", "4B prefix"}
             assert all(set(per_arch) == set(ARCHS) for per_arch in entry.values())
-    # Every kernel keeps a candidate for every variant, dtype width and inspected head dim.
+    # Every kernel keeps a candidate for every variant, dtype width and inspected head dim, except
+    # where the compiles found none: fp32 with a class token on sm_90 from head dim 80 (every dq
+    # config spills at 128, the smallest with 1 LDL; dK/dV 16x16 spills 5 at 80; fwd 16x32 spills 2
+    # at 40), where the pruner runs the smallest config.
+    known_gaps = {(kernel, 4, True, 90) for kernel in ("fwd", "dkdv", "dq")}
     for kernel in ("fwd", "dkdv", "dq"):
         for width in (2, 4):
             for prefix in (False, True):
                 for arch in ARCHS:
                     for head_dim in limits.INSPECTED_HEAD_DIMS:
+                        if (kernel, width, prefix, arch) in known_gaps and head_dim >= 80:
+                            continue
                         assert any(
                             attention._fits(kernel, c, width, head_dim, prefix, arch) for c in attention._configs(kernel)
                         ), (kernel, width, prefix, arch, head_dim)
