@@ -19,7 +19,8 @@ $(STAMP): setup.py requirements-dev.txt $(wildcard csrc/*)
 
 # Model 4 (factorised dot-product) on the built-in moving-shapes data, on CPU: train, then
 # evaluate on held-out clips with the bytes saved for backward (fused kernels vs naive attention),
-# then every attention mode through every backend available here at ViViT-B shapes.
+# then every attention mode through every backend available here at ViViT-B shapes, then the
+# activation memory of a ViViT-B training step per variant and implementation (16 x 224 x 224 clips).
 DEMO_DIR ?= runs/demo
 demo: $(STAMP)
 	$(PYTHON) -m vivit.train --variant factorised_dot_product --dim 64 --depth 3 --heads 4 --tubelet 2 8 8 \
@@ -27,12 +28,17 @@ demo: $(STAMP)
 		--checkpoint-every 100 --output-dir $(DEMO_DIR)
 	$(PYTHON) -m vivit.evaluate --checkpoint $(DEMO_DIR)/checkpoint.pt --synthetic-clips 512 --saved-bytes
 	$(PYTHON) -m vivit_kernels.report
+	$(PYTHON) -m vivit.memory_report --json $(DEMO_DIR)/memory.json
 
 test: $(STAMP)
 	$(PYTHON) -m pytest tests benchmarks --benchmark-disable -q $(PYTEST_ARGS)
 
+# Every benchmark, its figures in $(BENCH_DIR)/bench.json, then the PNGs beside it (benchmarks/plots.py).
+BENCH_DIR ?= runs/bench
 bench: $(STAMP)
-	$(PYTHON) -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
+	mkdir -p $(BENCH_DIR)
+	$(PYTHON) -m pytest benchmarks --benchmark-only --benchmark-json $(BENCH_DIR)/bench.json $(PYTEST_ARGS)
+	$(PYTHON) -m benchmarks.plots $(BENCH_DIR)/bench.json
 
 # For a GPU owner: every CUDA test, the compile inspection and the CUDA benchmarks, one report
 # (runs/gpu-check/report.md and report.json). QUICK=1 runs a subset. Without a CUDA device it says

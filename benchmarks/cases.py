@@ -32,15 +32,23 @@ TARGETS = ("cpu-float32", "cuda-float16", "cuda-bfloat16")
 
 # ViViT-B attention: 12 heads of 64, 14 x 14 = 196 patches per frame; T = 16 token frames.
 # The long clip (T = 64) is where joint attention's N x N matrix dominates: a GPU case (None =
-# not run on that device; the reason is in SHAPE_SKIPS).
+# not run on that device; the reason is in SHAPE_SKIPS). The frames_* shapes sweep T at the same
+# heads and frame size (benchmarks/plots.py draws time against T per mode).
 ATTENTION_SHAPES = {
     "vivit_b": {"cpu": dict(B=1, T=16, S=196, H=12, Dh=64), "cuda": dict(B=8, T=16, S=196, H=12, Dh=64)},
     "long_clip": {"cpu": None, "cuda": dict(B=1, T=64, S=196, H=12, Dh=64)},
+    "frames_4": {"cpu": dict(B=1, T=4, S=196, H=12, Dh=64), "cuda": dict(B=8, T=4, S=196, H=12, Dh=64)},
+    "frames_8": {"cpu": dict(B=1, T=8, S=196, H=12, Dh=64), "cuda": dict(B=8, T=8, S=196, H=12, Dh=64)},
+    "frames_32": {"cpu": None, "cuda": dict(B=8, T=32, S=196, H=12, Dh=64)},
 }
 SHAPE_SKIPS = {
     ("long_clip", "cpu"): (
         "the long clip (T=64, N=12544) is a GPU case: on 2 CPU cores joint attention takes 483 GFLOP per "
         "forward and 7 GiB per einsum score matrix, and the factorised modes scale the T=16 rows linearly"
+    ),
+    ("frames_32", "cpu"): (
+        "the CPU frame sweep stops at T=16 (vivit_b): joint attention at T=32 is past the CPU FLOP limit "
+        "and the factorised modes scale linearly in T"
     ),
 }
 # With --benchmark-disable every body runs once, on shapes small enough for `make test`.
@@ -366,12 +374,12 @@ def training_case(spec: dict) -> Case:
 
 def train_step_case(
     model: torch.nn.Module, logits: Callable[[], torch.Tensor], labels: torch.Tensor, device: torch.device,
-    dtype: torch.dtype,
+    dtype: torch.dtype, optimizer: torch.optim.Optimizer | None = None,
 ) -> Case:
     """One training step of `model` (on `device`): cross-entropy of `logits()` against `labels`, its
-    backward and an AdamW update; zero_grad runs untimed before it."""
+    backward and an update by `optimizer` (default: a new AdamW); zero_grad runs untimed before it."""
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-4)
     # fp32 on the CPU; on GPUs the usual mixed precision (autocast to the target dtype).
     autocast = device.type == "cuda" and dtype != torch.float32
 
@@ -407,3 +415,7 @@ BUILDERS["loader"] = loader_case
 from .dropin import dropin_case  # noqa: E402  (it builds on Case above)
 
 BUILDERS["dropin"] = dropin_case
+
+from .memory import memory_case  # noqa: E402  (it builds on Case above)
+
+BUILDERS["memory"] = memory_case

@@ -13,11 +13,17 @@ optimiser state excluded):
   are forked from a small server (`python -m benchmarks.measure --serve`) that has imported
   torch and nothing else heavy, and run with a fixed glibc mmap threshold, so freed tensors go
   back to the kernel and cannot hide inside the heap.
+
+The memory case's budget search (benchmarks/memory.py) runs in one such child per variant and
+implementation (spec["peak"] = "budget") and measures a step's whole peak instead: VmHWM during the
+step above the child's RSS before the model was built, so weights, gradients, optimiser state and
+the batch count too.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import json
 import math
@@ -31,7 +37,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from vivit_kernels import _extension
+
 from .cases import BUILDERS, Case, dtype_name, parse_target
+from .memory import search_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_PEAK_METHOD = "VmHWM of a fresh child process after clear_refs, minus RSS before the call"
@@ -49,11 +58,12 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def cpu_peak_in_process(case: Case) -> int | None:
-    """Peak resident bytes one (already warm) call adds to this process, or None without clear_refs."""
+def cpu_peak_in_process(case: Case, footprint_kib: int | None = None) -> int | None:
+    """Peak resident bytes one (already warm) call adds to this process (or, given `footprint_kib`,
+    the peak above that footprint), or None without clear_refs."""
     case.setup()
     gc.collect()
-    before = _status_kib("VmRSS")
+    before = _status_kib("VmRSS") if footprint_kib is None else footprint_kib
     try:
         # Writing 5 resets VmHWM to the current RSS (Linux >= 4.0).
         Path("/proc/self/clear_refs").write_text("5")
@@ -122,6 +132,13 @@ def probe_in_child(spec: dict) -> dict:
 
 
 def _probe(spec: dict) -> dict:
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    if spec.get("peak") == "budget":
+        # The C++ kernels are loaded before the footprint is taken: code, not what a step allocates.
+        with contextlib.suppress(RuntimeError):
+            _extension.load()
+        return search_in_process(spec, footprint_kib=_status_kib("VmRSS"))
     case = BUILDERS[spec["op"]](spec)
     case.setup()
     case.run()  # warm-up: one-off allocations and caches are not the call's peak
@@ -183,7 +200,10 @@ def run_case(benchmark, spec: dict) -> Case:
 
     # With --benchmark-disable (smoke shapes) everything runs in-process: what saved_bytes keeps
     # alive there (see probe_in_child) is small.
-    if device.type == "cuda":
+    if spec.get("per_call_memory") is False and not benchmark.disabled:
+        # The case measures memory its own way (the memory case: kept per clip, a budget search).
+        peak, method, saved = None, "the memory case: see its step peaks per batch", None
+    elif device.type == "cuda":
         peak, method = cuda_peak(case), CUDA_PEAK_METHOD
         saved = case.saved_bytes() if benchmark.disabled else probe_in_child(spec)["saved_bytes"]
     elif benchmark.disabled:

@@ -1,0 +1,151 @@
+"""vivit.memory_report: the bytes a ViViT training forward keeps for backward, per variant and
+implementation, against the tensor accounting of its docstring (and the README), and its per-block
+method against a direct count of a whole, deeper model. The counts are bytes autograd saves: they
+hold on any machine."""
+
+import json
+
+import pytest
+import torch
+
+from vivit import memory_report
+from vivit.config import VARIANTS
+from vivit.memory_report import IMPLEMENTATIONS, count, count_directly
+
+# A small model: D = 64, 4 heads of 16, 6 frames of 40 x 40 in 2 x 8 x 8 tubelets (3 x 25 tokens).
+D, H, C, FRAMES, SIZE, NT, S = 64, 4, 3, 6, 40, 3, 25
+CONFIG = dict(dim=D, num_heads=H, num_frames=FRAMES, img_size=SIZE, tubelet=(2, 8, 8), num_classes=10)
+FP32 = 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def attention_layer(impl: str, mode: str, groups: list[tuple[int, int]]) -> int:
+    """Floats per token kept for one pre-norm attention layer (its LayerNorm, qkv projection,
+    attention and output projection). groups: (heads, group length) per head kind."""
+    factorised, temporal = mode != "joint", mode in ("temporal", "split")
+    if impl == "fused+lean":
+        return 5 * D + H  # x, qkv (3 D), the attention output; the log-sum-exp
+    # x, LN(x), mean and rstd; qkv (3 D), the attention output
+    kept = 6 * D + 2
+    if impl == "einsum":
+        # The probabilities instead of the log-sum-exp; a temporal group's attention over the
+        # (empty) prefix keeps a slice of the qkv projection, and so all of it (3 D).
+        return kept + sum(heads * length for heads, length in groups) + 3 * D * temporal
+    # The log-sum-exp; SDPA on regrouped tokens keeps its output besides the projection's copy.
+    return kept + H + D * (impl == "sdpa" and factorised)
+
+
+def mlp_layer(impl: str) -> int:
+    """Floats per token kept for the MLP half: y, LN(y) and its statistics, the hidden before and
+    after GELU (4 D each); lean keeps y and the hidden before GELU."""
+    return 5 * D if impl == "fused+lean" else 10 * D + 2
+
+
+def block_floats(variant: str, impl: str, stack: str = "blocks") -> int:
+    """Floats per token one block keeps (the README's accounting)."""
+    if impl == "fused+ckpt":
+        return D  # the block input; the rest is recomputed in backward
+    if variant == "factorised_encoder":
+        length = NT + 1 if stack == "temporal" else S + 1  # each with a CLS token
+        return attention_layer(impl, "joint", [(H, length)]) + mlp_layer(impl)
+    if variant == "spatio_temporal":
+        return attention_layer(impl, "joint", [(H, NT * S + 1)]) + mlp_layer(impl)
+    if variant == "factorised_dot_product":
+        return attention_layer(impl, "split", [(H // 2, S), (H // 2, NT)]) + mlp_layer(impl)
+    return attention_layer(impl, "spatial", [(H, S)]) + attention_layer(impl, "temporal", [(H, NT)]) + mlp_layer(impl)
+
+
+def rest_floats(variant: str) -> int:
+    """Floats per clip kept outside the blocks, the same for every implementation: the video (the
+    tubelet op keeps it, the einsum path a copy cut into tubes); each final LayerNorm's input and
+    statistics; the head's input: the pooled vector, or with a CLS token the normalised tokens,
+    which the CLS row's view keeps whole."""
+    video = C * FRAMES * SIZE * SIZE
+    if variant == "factorised_encoder":
+        spatial, temporal = NT * (S + 1), NT + 1
+        return video + spatial * (D + 2) + temporal * (D + 2) + temporal * D
+    if variant == "spatio_temporal":
+        tokens = NT * S + 1
+        return video + tokens * (D + 2) + tokens * D
+    return video + NT * S * (D + 2) + D
+
+
+def test_the_accounting_in_d_wide_units():
+    """The figures the README quotes: 16 D-wide tensors per token per block by default, 10 lean, 1
+    checkpointed; model 3's two-attention blocks 22 and 15 (plus per-token statistics)."""
+    assert block_floats("factorised_dot_product", "fused") == 16 * D + H + 4
+    assert block_floats("factorised_dot_product", "fused+lean") == 10 * D + H
+    assert block_floats("factorised_self_attention", "fused") == 22 * D + 2 * H + 6
+    assert block_floats("factorised_self_attention", "fused+lean") == 15 * D + 2 * H
+    assert block_floats("spatio_temporal", "fused+ckpt") == D
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_saved_bytes_per_block_and_per_clip(variant, impl):
+    kept = count(impl, variant, depth=2, temporal_depth=3, **CONFIG)
+    stacks = ["blocks", "temporal"] if variant == "factorised_encoder" else ["blocks"]
+    assert sorted(kept.per_block) == sorted(stacks)
+    tokens = {
+        "spatio_temporal": {"blocks": 1 + NT * S},
+        "factorised_encoder": {"blocks": NT * (1 + S), "temporal": 1 + NT},
+    }.get(variant, {"blocks": NT * S})
+    assert kept.tokens == tokens
+    for stack in stacks:
+        assert kept.per_block[stack] == FP32 * tokens[stack] * block_floats(variant, impl, stack), stack
+    assert kept.rest == FP32 * rest_floats(variant)
+    assert kept.per_clip == kept.rest + sum(kept.depths[s] * kept.per_block[s] for s in stacks)
+    assert kept.depths == ({"blocks": 2, "temporal": 3} if variant == "factorised_encoder" else {"blocks": 2})
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_per_block_count_equals_a_direct_count_of_a_deeper_model(variant, impl):
+    """The per-block sum (one block per stack, stacks emptied in turn; weights told apart by
+    storage) equals the whole model's saved_bytes at batch 2 minus batch 1, and at batch 1."""
+    kept = count(impl, variant, depth=3, temporal_depth=2, **CONFIG)
+    per_clip, batch1 = count_directly(impl, variant, depth=3, temporal_depth=2, **CONFIG)
+    assert (kept.per_clip, kept.with_weights) == (per_clip, batch1)
+    assert kept.weights > 0
+
+
+@pytest.mark.parametrize("impl", ["einsum", "fused+lean", "fused+ckpt"])
+def test_autocast_casts_of_weights_are_weights(impl):
+    """Under bf16 autocast the weights' casts are kept once per step, not per clip: the per-block
+    count still equals the difference between batches, where they cancel."""
+    variant = "factorised_self_attention"
+    kept = count(impl, variant, autocast=torch.bfloat16, depth=2, **CONFIG)
+    assert kept.element_size == 2
+    direct = count_directly(impl, variant, autocast=torch.bfloat16, depth=2, **CONFIG)
+    assert (kept.per_clip, kept.with_weights) == direct
+
+
+def test_lean_and_checkpointing_keep_less_than_fused():
+    rows = {impl: count(impl, "factorised_dot_product", **CONFIG) for impl in IMPLEMENTATIONS}
+    per_clip = [rows[impl].per_clip for impl in ("einsum", "sdpa", "fused", "fused+lean", "fused+ckpt")]
+    assert per_clip == sorted(per_clip, reverse=True)
+    assert rows["fused+lean"].tensors_per_token() == pytest.approx(10 + H / D)
+
+
+def test_bad_implementation():
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        memory_report.build("flash", "spatio_temporal")
+
+
+def test_cli_prints_both_tables_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "kept.json"
+    memory_report.main(["--frames", "2", "--img-size", "32", "--variants", "factorised_dot_product",
+                        "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "| model | einsum | sdpa | fused | fused+lean | fused+ckpt | fused / fused+lean |" in out
+    assert "| 4 factorised dot-product (4) | " in out
+    rows = json.loads(path.read_text())
+    assert [r["implementation"] for r in rows] == list(IMPLEMENTATIONS)
+    assert {r["variant"] for r in rows} == {"factorised_dot_product"}
