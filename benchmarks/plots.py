@@ -173,6 +173,8 @@ def plot_attention_frames(rows: list[dict], out: Path) -> Path | None:
             ax.grid(alpha=0.3, which="both")
             if modes.get(mode):
                 ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, out / "attention_frames.png")
 
 
