@@ -78,16 +78,18 @@ def test_limits_cover_every_candidate_variant_and_architecture():
             assert set(entry) == {"2B", "2B prefix", "4B", "4B prefix"}
             assert all(set(per_arch) == set(ARCHS) for per_arch in entry.values())
     # Every kernel keeps a candidate for every variant, dtype width and inspected head dim, except
-    # where the compiles found none: fp32 with a class token on sm_90 from head dim 80 (every dq
-    # config spills at 128, the smallest with 1 LDL; dK/dV 16x16 spills 5 at 80; fwd 16x32 spills 2
-    # at 40), where the pruner runs the smallest config.
-    known_gaps = {(kernel, 4, True, 90) for kernel in ("fwd", "dkdv", "dq")}
+    # where the compiles found none (fp32 with a class token; the pruner then runs the smallest
+    # config): on sm_90 from head dim 80 (every dq config spills at 128, the smallest with 1 LDL;
+    # dK/dV 16x16 spills 5 at 80; fwd 16x32 spills 2 at 40), on sm_86 dK/dV at every head dim
+    # (16x16 and 32x32 spill 1 at 32) and dq from 96. Keyed (kernel, arch): the first head dim.
+    known_gaps = {("fwd", 90): 80, ("dkdv", 90): 80, ("dq", 90): 80, ("dkdv", 86): 0, ("dq", 86): 96}
     for kernel in ("fwd", "dkdv", "dq"):
         for width in (2, 4):
             for prefix in (False, True):
                 for arch in ARCHS:
                     for head_dim in limits.INSPECTED_HEAD_DIMS:
-                        if (kernel, width, prefix, arch) in known_gaps and head_dim >= 80:
+                        gap = known_gaps.get((kernel, arch)) if width == 4 and prefix else None
+                        if gap is not None and head_dim >= gap:
                             continue
                         assert any(
                             attention._fits(kernel, c, width, head_dim, prefix, arch) for c in attention._configs(kernel)
