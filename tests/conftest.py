@@ -241,6 +241,18 @@ def masked_attention(q, k, v, frames: int, mode: str, scale: float | None = None
     return torch.stack(heads, dim=1)
 
 
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    """The cpu backend's C++ library (built once if needed); tests using it skip only when no
+    toolchain exists."""
+    from vivit_kernels import _extension
+    from vivit_kernels.backends import cpu
+
+    if _extension.find() is None and _extension._cannot_build():
+        pytest.skip(f"C++ kernels neither built nor buildable here: {_extension._cannot_build()}")
+    cpu.load()
+
+
 @pytest.fixture
 def generator():
     """A fresh, seeded generator per test: random inputs that are reproducible when a test fails.

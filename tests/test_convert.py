@@ -22,15 +22,7 @@ BACKENDS = ["cpu", "reference"]
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    """The cpu backend's C++ library (built once if needed); its cases skip only when no toolchain exists."""
-    from vivit_kernels import _extension
-    from vivit_kernels.backends import cpu
-
-    if _extension.find() is None and _extension._cannot_build():
-        pytest.skip(f"C++ kernels neither built nor buildable here: {_extension._cannot_build()}")
-    cpu.load()
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 @pytest.fixture(scope="module", autouse=True)

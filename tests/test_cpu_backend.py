@@ -23,14 +23,7 @@ from vivit_kernels import reference as naive
 from vivit_kernels.backends import cpu, registry
 
 
-@pytest.fixture(scope="session", autouse=True)
-def kernels():
-    """Load (building once per session if needed) the C++ library; skip only when no toolchain exists."""
-    from vivit_kernels import _extension
-
-    if _extension.find() is None and _extension._cannot_build():
-        pytest.skip(f"C++ kernels neither built nor buildable here: {_extension._cannot_build()}")
-    cpu.load()
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 @pytest.fixture

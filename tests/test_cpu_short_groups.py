@@ -14,14 +14,7 @@ B, H, S, Dh = 2, 4, 3, 40  # a ragged head dim: 40 is not a multiple of the 8- o
 FP64_BOUND = 1e-14
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    from vivit_kernels import _extension
-    from vivit_kernels.backends import cpu
-
-    if _extension.find() is None and _extension._cannot_build():
-        pytest.skip(f"C++ kernels neither built nor buildable here: {_extension._cannot_build()}")
-    cpu.load()
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 def _inputs(frames: int, generator: torch.Generator):
