@@ -314,7 +314,7 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
         }
         short_group_backward(
             ShortGroup<T>{grp.length, Dh, q.row(b, h, n), k.row(b, h, n), v.row(b, h, n), step * q.sn, step * k.sn,
-                          step * v.sn, out.row(b, h, n), step * out.sn, const_cast<T*>(lse) + (b * H + h) * N + n, step,
+                          step * v.sn, out.row(b, h, n), step * out.sn, nullptr, step, lse + (b * H + h) * N + n,
                           dout.row(b, h, n), step * dout.sn, dq.row(b, h, n), dk.row(b, h, n), dv.row(b, h, n),
                           step * dq.sn, step * dk.sn, step * dv.sn},
             scale);

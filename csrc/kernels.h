@@ -105,8 +105,9 @@ double exp_sum(double* x, int64_t n, double scale, double shift);
 
 // One short attention group (temporal: a token's T frames), every member a query and a key:
 // member i's rows are q + i * sq, ... (strides in elements, rows of head_dim contiguous), its
-// log-sum-exp lse[i * sl]. Forward writes out and lse; backward reads out, dout and lse and writes
-// dq, dk, dv in full. Groups of up to kShortGroup members.
+// log-sum-exp lse[i * sl] (forward) or saved_lse[i * sl] (backward). Forward writes out and lse;
+// backward reads out, dout and saved_lse and writes dq, dk, dv in full. Groups of up to kShortGroup
+// members.
 constexpr int64_t kShortGroup = 32;
 template <typename T>
 struct ShortGroup {
@@ -117,6 +118,7 @@ struct ShortGroup {
   int64_t so;
   T* lse;
   int64_t sl;
+  const T* saved_lse;
   const T* dout;
   int64_t sdo;
   T *dq, *dk, *dv;

@@ -68,8 +68,9 @@ TRITON_ATTENTION_SELECT = None
 TRITON_TUBELET = ("tests/test_triton_tubelet.py",)
 TRITON_TUBELET_SELECT = "not inspection and not compile_for and not low_precision"
 CPU_ATTENTION = tuple(f"tests/test_cpu_backend.py::test_{name}" for name in (
-    "prefix_tokens_and_layouts_match_oracle", "attention_any_strides", "inputs_and_output_gradient_in_layouts_of_their_own",
-    "attention_matches_oracle", "attention_nan_stays_in_its_groups", "attention_gradcheck", "saved_for_backward"))
+    "prefix_tokens_and_layouts_match_oracle", "inputs_and_output_gradient_in_layouts_of_their_own",
+    "attention_matches_oracle", "attention_nan_stays_in_its_groups", "attention_gradcheck", "saved_for_backward")
+) + ("tests/test_cpu_short_groups.py",)
 CPU_ATTENTION_SELECT = None
 CPU_TUBELET = ("tests/test_cpu_backend.py", "tests/test_tubelet.py")
 CPU_TUBELET_SELECT = "tubelet"  # -k matches module names too: all of test_tubelet.py
@@ -172,8 +173,11 @@ MUTANTS = [
     Mutant("cpp-prefix-delta", "scaling", "a spatial prefix row's delta taken against the averaged output",
            "csrc/attention.cpp", "const T* o = prefix_queries ? prefix_out.at(b, h, g, n) : out.row(b, h, n);",
            "const T* o = out.row(b, h, n);", CPU_ATTENTION, CPU_ATTENTION_SELECT),
-    Mutant("cpp-exp-scale", "scaling", "the float exponentials without the logit scale",
-           "csrc/block_math.cpp", "x[j] = expf_poly(x[j] * scale - shift);", "x[j] = expf_poly(x[j] - shift);",
+    Mutant("cpp-exp-scale", "scaling", "the float exponentials of long groups without the logit scale",
+           "csrc/block_math.cpp", "v = expf_poly(v * scale - shift);", "v = expf_poly(v - shift);",
+           CPU_ATTENTION, CPU_ATTENTION_SELECT),
+    Mutant("cpp-short-scale", "scaling", "a short group's backward probabilities without the logit scale",
+           "csrc/block_math.cpp", "pi[j] = pi[j] * scale - lse;", "pi[j] = pi[j] - lse;",
            CPU_ATTENTION, CPU_ATTENTION_SELECT),
     # --- C++ tubelet (csrc/tubelet.cpp) ---------------------------------------------------------
     Mutant("cpp-tube-corner", "index math", "a tube's corner without the tubelet's width",
