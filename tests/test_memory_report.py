@@ -29,15 +29,14 @@ def one_thread():
 def attention_layer(impl: str, mode: str, groups: list[tuple[int, int]]) -> int:
     """Floats per token kept for one pre-norm attention layer (its LayerNorm, qkv projection,
     attention and output projection). groups: (heads, group length) per head kind."""
-    factorised, temporal = mode != "joint", mode in ("temporal", "split")
+    factorised = mode != "joint"
     if impl == "fused+lean":
         return 5 * D + H  # x, qkv (3 D), the attention output; the log-sum-exp
     # x, LN(x), mean and rstd; qkv (3 D), the attention output
     kept = 6 * D + 2
     if impl == "einsum":
-        # The probabilities instead of the log-sum-exp; a temporal group's attention over the
-        # (empty) prefix keeps a slice of the qkv projection, and so all of it (3 D).
-        return kept + sum(heads * length for heads, length in groups) + 3 * D * temporal
+        # The probabilities instead of the log-sum-exp.
+        return kept + sum(heads * length for heads, length in groups)
     # The log-sum-exp; SDPA on regrouped tokens keeps its output besides the projection's copy.
     return kept + H + D * (impl == "sdpa" and factorised)
 
@@ -129,8 +128,10 @@ def test_autocast_casts_of_weights_are_weights(impl):
 
 def test_lean_and_checkpointing_keep_less_than_fused():
     rows = {impl: count(impl, "factorised_dot_product", **CONFIG) for impl in IMPLEMENTATIONS}
-    per_clip = [rows[impl].per_clip for impl in ("einsum", "sdpa", "fused", "fused+lean", "fused+ckpt")]
+    per_clip = [rows[impl].per_clip for impl in ("sdpa", "fused", "fused+lean", "fused+ckpt")]
     assert per_clip == sorted(per_clip, reverse=True)
+    # einsum's probabilities outweigh SDPA's extra copy only at long groups, not at this size.
+    assert rows["einsum"].per_clip > rows["fused"].per_clip
     assert rows["fused+lean"].tensors_per_token() == pytest.approx(10 + H / D)
 
 

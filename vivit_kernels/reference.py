@@ -78,8 +78,10 @@ def factorised_attention(
     else:  # temporal: a grid token's group is its spatial position across frames; the prefix attends to itself
         columns = [f.transpose(2, 3) for f in frames_]  # (b h s t d)
         grid_out = attend(*columns, scale, dropout_p).transpose(2, 3)
-        prefix_out = attend(*prefix, scale, dropout_p)
-    return torch.cat([prefix_out, rearrange(grid_out, f"b h t s d -> {grid}")], dim=2)
+        # Without a prefix, no attention over an empty slice: autograd would keep its base, the whole q/k/v.
+        prefix_out = attend(*prefix, scale, dropout_p) if P else None
+    grid_out = rearrange(grid_out, f"b h t s d -> {grid}")
+    return grid_out if prefix_out is None else torch.cat([prefix_out, grid_out], dim=2)
 
 
 def tubelet_embedding(

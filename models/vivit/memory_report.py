@@ -32,8 +32,8 @@ Per token per block, in D-wide tensors (D floats each) plus small per-token stat
     sdpa        as fused for joint attention; a factorised attention keeps one D more (SDPA's
                 output in group layout besides the copy the output projection reads)
     einsum      the probabilities (H x group length floats) instead of the log-sum-exp; as fused
-                for joint attention; a factorised attention keeps q, k, v copies in group layout and,
-                in temporal groups, the whole qkv projection through an empty prefix slice (3 D more)
+                for joint attention; a factorised attention keeps q, k, v as copies in group layout
+                (3 D, in place of the projection's output)
 """
 
 from __future__ import annotations
