@@ -79,10 +79,11 @@ def test_limits_cover_every_candidate_variant_and_architecture():
             assert all(set(per_arch) == set(ARCHS) for per_arch in entry.values())
     # Every kernel keeps a candidate for every variant, dtype width and inspected head dim, except
     # where the compiles found none (fp32 with a class token; the pruner then runs the smallest
-    # config): on sm_90 from head dim 80 (every dq config spills at 128, the smallest with 1 LDL;
-    # dK/dV 16x16 spills 5 at 80; fwd 16x32 spills 2 at 40), on sm_86 dK/dV at every head dim
-    # (16x16 and 32x32 spill 1 at 32) and dq from 96. Keyed (kernel, arch): the first head dim.
-    known_gaps = {("fwd", 90): 80, ("dkdv", 90): 80, ("dq", 90): 80, ("dkdv", 86): 0, ("dq", 86): 96}
+    # config): dK/dV at every head dim on sm_86/89 (16x16 and 32x32 spill 1 at 32) and from 80 on
+    # sm_80/90 (16x16 spills 5 at 80 on sm_90), dq from 96 everywhere (every config spills at 128,
+    # the smallest with 1 LDL), the forward from 96 on sm_90. Keyed (kernel, arch): the first head dim.
+    known_gaps = {("dkdv", 80): 80, ("dkdv", 86): 0, ("dkdv", 89): 0, ("dkdv", 90): 80, ("fwd", 90): 96,
+                  **{("dq", arch): 96 for arch in (80, 86, 89, 90)}}
     for kernel in ("fwd", "dkdv", "dq"):
         for width in (2, 4):
             for prefix in (False, True):
