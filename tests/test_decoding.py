@@ -122,6 +122,30 @@ def test_a_wrong_index_costs_time_not_frames(files, monkeypatch):
     assert indices.tolist() == [len(full) - 1, len(full) // 2, 5] and torch.equal(frames, full[indices])
 
 
+def test_a_frame_is_reached_from_its_own_keyframe(files, monkeypatch):
+    """A frame after the first group of pictures costs the packets from its keyframe on (a few more
+    for the B-frames' reordering), never a decode from the start of the file, for every keyframe."""
+    path, _, full = files["mp4"]
+    fed = []
+    real = decoding.PyAVReader._from_keyframe
+
+    def counted(self):
+        for packet in real(self):
+            fed.append(packet)
+            yield packet
+
+    monkeypatch.setattr(decoding.PyAVReader, "_from_keyframe", counted)
+    with open_video(path) as video:
+        assert video.table_source == "index"
+        keys = [position for _, position in video._table.keys]
+        assert len(keys) >= 3
+        for key in keys[1:]:
+            target = min(key + 3, len(full) - 1)
+            fed.clear()
+            assert torch.equal(video.get([target]), full[[target]])
+            assert len(fed) <= target - key + 5, (key, target, len(fed))
+
+
 @pytest.mark.parametrize("kind", ["mp4", "audio", "vfr", "mkv"])
 def test_torchcodec_matches_pyav(files, kind):
     reason = backend_unavailable_reason("torchcodec")

@@ -247,12 +247,19 @@ class PyAVReader(VideoReader):
 
     def __init__(self, path: str | Path, *, threads: int = 1) -> None:
         import av
+        from av.video.reformatter import VideoReformatter
 
         self.path, self._av, self._threads = Path(path), av, threads
         self._sources = ["index", "scan", "decode"]
         self._table: FrameTable | None = None
         self._count: int | None = None  # frames counted by a full decode (source 3)
+        # One colour converter for every frame: `frame.to_ndarray(format=...)` builds a new
+        # swscale context per frame.
+        self._reformatter = VideoReformatter()
         self._open()
+
+    def _rgb(self, frame) -> np.ndarray:
+        return self._reformatter.reformat(frame, format="rgb24").to_ndarray()
 
     def _open(self) -> None:
         self._container = self._av.open(str(self.path))
@@ -342,7 +349,7 @@ class PyAVReader(VideoReader):
                     if frame.pts not in table.index_of:
                         raise _TableWrong
                     if frame.pts in want and frame.pts not in out:
-                        out[frame.pts] = frame.to_ndarray(format="rgb24")
+                        out[frame.pts] = self._rgb(frame)
                     while pending and pending[0] in out:
                         pending.pop(0)
                     if pending and frame.pts > pending[0]:
@@ -364,7 +371,7 @@ class PyAVReader(VideoReader):
         can land past it: then seek to earlier keyframes, and at last read from the start."""
         table = self._table
         k = table.keys.index(key)
-        for earlier in table.keys[k : max(k - 3, -1) : -1]:
+        for earlier in reversed(table.keys[max(k - 2, 0) : k + 1]):  # key, then up to two before it
             self._container.seek(earlier[0], stream=self._stream, backward=True)
             packets = self._from_keyframe()
             first = next(packets, None)
@@ -394,7 +401,7 @@ class PyAVReader(VideoReader):
         self._restart()
         for i, frame in enumerate(self._container.decode(self._stream)):
             if i in want:
-                out[i] = frame.to_ndarray(format="rgb24")
+                out[i] = self._rgb(frame)
             if len(out) == len(want):
                 break
         if len(out) != len(want):
