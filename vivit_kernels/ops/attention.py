@@ -24,6 +24,7 @@ frame by frame):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -53,11 +54,13 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 def packed_from(attention: Callable) -> Callable:
     """The packed-projection form of a q/k/v attention `(q, k, v, shape) -> (B, H, N, Dh)`, for
     backends without packed kernels: (qkv (B, N, 3 * H * Dh), shape) -> (B, N, H * Dh)."""
+    # A module-level body rather than a closure: backends call this at import, and a closure
+    # built then would keep its code from mutation testing.
+    return functools.partial(_attention_packed, attention)
 
-    def packed(qkv: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
-        return attention(*unpack_qkv(qkv, shape.heads), shape).transpose(1, 2).flatten(2)
 
-    return packed
+def _attention_packed(attention: Callable, qkv: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
+    return attention(*unpack_qkv(qkv, shape.heads), shape).transpose(1, 2).flatten(2)
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
