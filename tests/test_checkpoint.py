@@ -95,6 +95,24 @@ def test_rng_state_round_trip_through_a_file(tmp_path):
     assert expected[:4] == again[:4] and torch.equal(expected[4], again[4])
 
 
+def test_cuda_generators_are_saved_and_restored_where_cuda_runs(monkeypatch):
+    """The CUDA generators' states join the checkpoint once CUDA is in use, and go back to every
+    device on restore (torch.cuda stands in for a GPU here), never where CUDA is absent."""
+    states = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = rng_state()
+    assert state["cuda"] is states
+    set_rng_state(state)
+    assert restored == [states]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    set_rng_state(state)
+    assert restored == [states]
+
+
 def test_save_refuses_anything_but_tensors_and_plain_data(tmp_path):
     with pytest.raises(TypeError, match=r"checkpoint\['rng'\]\[0\] is a ndarray"):
         save_checkpoint({"step": 1, "rng": [np.zeros(3)]}, tmp_path / "ckpt.pt")
@@ -134,3 +152,62 @@ def test_an_unreadable_file_is_a_one_line_error(tmp_path, damage):
     message = str(error.value)
     assert "\n" not in message and message.startswith(str(path))
     assert ("empty file" if damage == "empty" else "not a readable checkpoint") in message
+
+
+def _training_checkpoint(tmp_path, **changes):
+    """A vivit-train checkpoint of a tiny model (its model_spec, classes, data, weights), as a file."""
+    from vivit import build_model
+    from vivit.model import model_spec
+
+    spec = model_spec("vivit_b", "factorised_encoder", 3, dim=32, depth=1, num_heads=2, temporal_depth=1,
+                      num_frames=4, img_size=32, tubelet=(2, 16, 16))
+    torch.manual_seed(0)
+    model = build_model(spec)
+    state = {"model": model.state_dict(), "model_spec": spec, "classes": ["a", "b", "c"],
+             "data": {"num_frames": 4, "img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}}
+    state.update(changes)
+    return save_checkpoint(state, tmp_path / "checkpoint.pt"), model
+
+
+def test_load_model_rebuilds_the_trained_model(tmp_path):
+    from vivit.checkpoint import load_model
+
+    path, trained = _training_checkpoint(tmp_path)
+    model, state = load_model(path)
+    assert not model.training and state["classes"] == ["a", "b", "c"]
+    video = torch.randn(2, 3, 4, 32, 32)
+    assert torch.equal(model(video), trained.eval()(video))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(classes=["a", "b"]), r"its classes are not 3 label names, as its model_spec says$"),
+        (dict(data={"num_frames": 4, "img_size": 32}), r"its 'data' entry lacks num_frames, img_size, mean or std$"),
+        (dict(data={"num_frames": 8, "img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}),
+         r"its data makes clips of 8 frames of 32 px, its model takes 4 of \(32, 32\)$"),
+        (dict(model_spec={"preset": "vivit_b"}), r"its model_spec describes no model \(KeyError"),
+        (dict(model=[1, 2]), r"its 'model' entry is a list, not a state dict$"),
+    ],
+)
+def test_load_model_names_what_does_not_fit(tmp_path, change, message):
+    from vivit.checkpoint import load_model
+
+    path, _ = _training_checkpoint(tmp_path, **change)
+    with pytest.raises(CheckpointError, match=rf"^{path}: {message}"):
+        load_model(path)
+
+
+def test_load_model_names_missing_unexpected_and_misshapen_weights(tmp_path):
+    from vivit.checkpoint import load_model
+
+    path, model = _training_checkpoint(tmp_path)
+    weights = dict(model.state_dict())
+    weights.pop("head.bias")
+    weights["extra.weight"] = torch.zeros(1)
+    weights["head.weight"] = torch.zeros(5, 32)
+    save_checkpoint({**load_checkpoint(path), "model": weights}, path)
+    with pytest.raises(CheckpointError, match=(
+            rf"^{path}: its weights do not fit its model_spec: missing head.bias; unexpected extra.weight; "
+            r"head.weight \(5, 32\) \(its model_spec needs \(3, 32\)\)$")):
+        load_model(path)

@@ -4,7 +4,7 @@ checked call's shape object carries what dispatch and the ops need."""
 import pytest
 import torch
 
-from vivit_kernels import factorised_attention, tubelet_embedding
+from vivit_kernels import factorised_attention, factorised_attention_packed, tubelet_embedding
 from vivit_kernels.checks import AttentionShape, TubeletShape, check_attention, check_tubelet, default_scale
 
 
@@ -32,6 +32,19 @@ def test_bad_attention_input_raises_clear_error(make_args, error, message):
         factorised_attention(*make_args())
 
 
+@pytest.mark.parametrize(
+    "qkv, heads, error, message",
+    [
+        (torch.randn(12, 48), 2, ValueError,
+         r"^factorised_attention_packed: qkv must be 3-D \(B, N, 3 \* H \* Dh\), got shape \(12, 48\)"),
+        (torch.randn(1, 12, 50), 2, ValueError, r"qkv has width 50, not divisible by 3 \* num_heads = 6; expected"),
+    ],
+)
+def test_bad_packed_input_raises_clear_error(qkv, heads, error, message):
+    with pytest.raises(error, match=message):
+        factorised_attention_packed(qkv, heads, 3, "joint")
+
+
 def test_bad_scale_and_backend_raise():
     q, k, v = _qkv()
     with pytest.raises(TypeError, match=r"scale must be a finite float or None, got nan"):
@@ -47,10 +60,12 @@ def _video_weight(video_shape=(1, 3, 4, 8, 8), weight_shape=(6, 3, 2, 4, 4)):
 @pytest.mark.parametrize(
     "make_args, error, message",
     [
-        (lambda: _video_weight((3, 4, 8, 8)), ValueError, r"video must be 5-D \(B, C, T, H, W\), got shape \(3, 4, 8, 8\)"),
+        (lambda: _video_weight((3, 4, 8, 8)), ValueError,
+         r"^tubelet_embedding: video must be 5-D \(B, C, T, H, W\), got shape \(3, 4, 8, 8\)"),
         (lambda: _video_weight(weight_shape=(6, 1, 2, 4, 4)), ValueError, r"weight has 1 input channels but video has C=3"),
         (lambda: _video_weight((1, 3, 4, 3, 8)), ValueError, r"video H=3 is smaller than the tubelet's 4"),
         (lambda: _video_weight((1, 3, 1, 8, 8)), ValueError, r"video T=1 is smaller than the tubelet's 2"),
+        (lambda: _video_weight((1, 3, 4, 8, 3)), ValueError, r"video W=3 is smaller than the tubelet's 4"),
         (lambda: (*_video_weight(), torch.zeros(5)), ValueError, r"bias must have shape \(6,\) to match weight, got \(5,\)"),
         (lambda: (*_video_weight(), None, torch.zeros(3, 4, 6)), ValueError, r"pos_embed has shape \(3, 4, 6\); expected"),
         (lambda: (_video_weight()[0].half(), _video_weight()[1]), TypeError, r"weight has dtype torch.float32 but video"),

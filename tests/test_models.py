@@ -234,6 +234,23 @@ def test_bad_config(kwargs, message):
         ViViTConfig(**{**TINY, **kwargs})
 
 
+def test_config_and_keyword_arguments_are_not_mixed():
+    with pytest.raises(TypeError, match=r"^ViViT: pass either a ViViTConfig or its fields as keyword arguments, not both$"):
+        ViViT(ViViTConfig(**TINY), depth=2)
+    with pytest.raises(TypeError, match=r"^ViViT: config must be a ViViTConfig, got dict$"):
+        ViViT(dict(TINY))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_position_embeddings_start_as_a_small_normal(variant):
+    """Every pos_embed (the temporal encoder's too) is drawn at std 0.02, not left at zero."""
+    torch.manual_seed(0)
+    tables = {name: p for name, p in tiny(variant).named_parameters() if name.endswith("pos_embed")}
+    assert tables
+    for name, table in tables.items():
+        assert 0.01 < table.std().item() < 0.03 and table.abs().max().item() < 0.2, name
+
+
 def test_bad_preset_and_override():
     with pytest.raises(ValueError, match="preset"):
         create_model("vivit_xl")

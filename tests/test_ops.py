@@ -97,7 +97,9 @@ def _tubelet_inputs(backend, generator):
     return video, weight, bias, pos_embed, grad
 
 
-@pytest.mark.parametrize("op", ["forward", "forward_plain", "backward_video", "backward_weight", "backward_pos"])
+@pytest.mark.parametrize(
+    "op", ["forward", "forward_plain", "backward_video", "backward_weight", "backward_weight_no_bias", "backward_pos"]
+)
 def test_tubelet_ops_pass_opcheck(backend, op, generator):
     video, weight, bias, pos_embed, grad = _tubelet_inputs(backend, generator)
     video_, weight_ = video.detach(), weight.detach()
@@ -106,6 +108,7 @@ def test_tubelet_ops_pass_opcheck(backend, op, generator):
         "forward_plain": ("forward", (video, weight, None, None)),
         "backward_video": ("backward_video", (grad, video_, weight_)),
         "backward_weight": ("backward_weight", (grad, video_, weight_, True)),
+        "backward_weight_no_bias": ("backward_weight", (grad, video_, weight_, False)),
         "backward_pos": ("backward_pos", (grad,)),
     }[op]
     torch.library.opcheck(_op(backend, f"tubelet_{name}"), args)
