@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import relative_error
-from vivit import PRESETS, VARIANTS, ViViT, ViViTConfig, create_model
+from vivit import PRESETS, VARIANTS, ViViT, ViViTConfig, build_model, create_model
 
 # On a machine without a fused backend for the input, "auto" runs the reference ops and says so.
 pytestmark = pytest.mark.filterwarnings("ignore:.*no fused backend fits")
@@ -249,6 +249,18 @@ def test_position_embeddings_start_as_a_small_normal(variant):
     assert tables
     for name, table in tables.items():
         assert 0.01 < table.std().item() < 0.03 and table.abs().max().item() < 0.2, name
+
+
+def test_build_model_applies_changes_to_the_spec():
+    """A checkpoint's model_spec rebuilt with changes (the CLIs' --backend, --memory, ...): the
+    changes win over the spec's overrides, the rest comes from the spec."""
+    from vivit.model import model_spec
+
+    spec = model_spec("vivit_b", "factorised_encoder", 5, dim=32, depth=1, num_heads=2, temporal_depth=1,
+                      num_frames=4, img_size=32, tubelet=(2, 16, 16))
+    model = build_model(spec, depth=3, memory="lean")
+    assert (model.config.depth, model.config.memory, model.config.temporal_depth) == (3, "lean", 1)
+    assert len(model.blocks) == 3 and model.config.num_classes == 5
 
 
 def test_bad_preset_and_override():
