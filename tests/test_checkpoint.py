@@ -211,3 +211,58 @@ def test_load_model_names_missing_unexpected_and_misshapen_weights(tmp_path):
             rf"^{path}: its weights do not fit its model_spec: missing head.bias; unexpected extra.weight; "
             r"head.weight \(5, 32\) \(its model_spec needs \(3, 32\)\)$")):
         load_model(path)
+
+
+def test_an_unreadable_files_message_is_its_path_and_one_sentence_of_the_cause():
+    from vivit.checkpoint import _first_sentence
+
+    assert _first_sentence(RuntimeError("reader failed. Reason: bad zip\nmore")) == "RuntimeError: reader failed"
+    assert _first_sentence(OSError("line one\nline two. more")) == "OSError: line one"
+    assert _first_sentence(ValueError("  ")) == "ValueError"
+    assert _first_sentence(EOFError("x" * 300)) == "EOFError: " + "x" * 160
+
+
+def test_unreadable_and_code_running_files_get_exact_messages(tmp_path):
+    path = save_checkpoint({"w": torch.randn(1000)}, tmp_path / "ckpt.pt")
+    path.write_bytes(path.read_bytes()[:600])
+    with pytest.raises(CheckpointError, match=(
+            rf"^{path}: not a readable checkpoint \(truncated, or not written by torch\.save(: \w+: [^\n]+)?\)$")):
+        load_checkpoint(path)
+    write_code_running_checkpoint(tmp_path / "crafted.pt", tmp_path / "code-ran")
+    with pytest.raises(CheckpointError, match=(
+            r"crafted\.pt: refers to posix\.system, which is not a tensor or plain data; refused, as loading it "
+            r"could run code from the file$")):
+        load_checkpoint(tmp_path / "crafted.pt")
+
+
+def test_a_checkpoint_key_that_is_not_str_or_int_is_named(tmp_path):
+    with pytest.raises(TypeError, match=r"^checkpoint\['model'\]: key \('a', 1\) is a tuple; checkpoint keys are str or int$"):
+        save_checkpoint({"model": {("a", 1): torch.zeros(1)}}, tmp_path / "ckpt.pt")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "state, missing",
+    [({"model": {}, "model_spec": {}}, "'classes', 'data'"),
+     (["model", "model_spec", "classes", "data"], "'model', 'model_spec', 'classes', 'data'")],
+    ids=["two keys", "not a dict"],
+)
+def test_a_file_that_is_no_training_checkpoint_names_what_it_lacks(tmp_path, state, missing):
+    from vivit.checkpoint import load_model
+
+    path = save_checkpoint(state, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=rf"^{path}: not a vivit-train checkpoint \(it has no {missing}\)$"):
+        load_model(path)
+
+
+def test_load_model_lists_at_most_four_missing_weights(tmp_path):
+    from vivit.checkpoint import load_model
+
+    path, model = _training_checkpoint(tmp_path)
+    weights = dict(model.state_dict())
+    gone = list(weights)[:5]
+    for key in gone:
+        weights.pop(key)
+    save_checkpoint({**load_checkpoint(path), "model": weights}, path)
+    with pytest.raises(CheckpointError, match=rf"^{path}: its weights do not fit its model_spec: missing {', '.join(gone[:4])}$"):
+        load_model(path)
