@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from vivit.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vivit.model import model_spec
 
 
 def test_round_trip(tmp_path):
@@ -94,6 +95,9 @@ def test_rng_state_round_trip_through_a_file(tmp_path):
     set_rng_state(torch.load(path, weights_only=True)["rng"])
     again = (random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn(), torch.rand(3))
     assert expected[:4] == again[:4] and torch.equal(expected[4], again[4])
+    # The generators' words are stored as 64-bit integers (NumPy's are uint32, Python's up to 2**32 - 1).
+    state = rng_state()
+    assert state["python"]["words"].dtype == state["numpy"]["keys"].dtype == torch.int64
 
 
 def test_cuda_generators_are_saved_and_restored_where_cuda_runs(monkeypatch):
@@ -112,6 +116,11 @@ def test_cuda_generators_are_saved_and_restored_where_cuda_runs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     set_rng_state(state)
     assert restored == [states]
+    # Available but not initialised (nothing ran on the GPU yet): no states, and CUDA stays uninitialised.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("initialised CUDA"))
+    assert "cuda" not in rng_state()
 
 
 def test_save_refuses_anything_but_tensors_and_plain_data(tmp_path):
@@ -183,6 +192,8 @@ def test_load_model_rebuilds_the_trained_model(tmp_path):
     assert not model.training and state["classes"] == ["a", "b", "c"]
     video = torch.randn(2, 3, 4, 32, 32)
     assert torch.equal(model(video), trained.eval()(video))
+    model, _ = load_model(path, device="meta")  # on the device asked for
+    assert {p.device.type for p in model.parameters()} == {"meta"}
 
 
 @pytest.mark.parametrize(
@@ -194,7 +205,11 @@ def test_load_model_rebuilds_the_trained_model(tmp_path):
          r"its data makes clips of 8 frames of 32 px, its model takes 4 of \(32, 32\)$"),
         (dict(model_spec={"preset": "vivit_b"}), r"its model_spec describes no model \(KeyError"),
         (dict(model=[1, 2]), r"its 'model' entry is a list, not a state dict$"),
+        (dict(model_spec=model_spec("vivit_b", "factorised_encoder", 3, dim=32, depth=1, num_heads=2, temporal_depth=1,
+                                    num_frames=4, img_size=(32, 48), tubelet=(2, 16, 16))),
+         r"its data makes clips of 4 frames of 32 px, its model takes 4 of \(32, 48\)$"),  # square crops only
     ],
+    ids=["classes", "data keys", "frames", "model_spec", "weights type", "non-square model"],
 )
 def test_load_model_names_what_does_not_fit(tmp_path, change, message):
     from vivit.checkpoint import load_model
@@ -241,6 +256,42 @@ def test_unreadable_and_code_running_files_get_exact_messages(tmp_path):
         load_checkpoint(tmp_path / "crafted.pt")
 
 
+def test_a_file_of_other_bytes_is_no_readable_checkpoint(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("not a checkpoint at all")  # refused by the unpickler, naming no object
+    with pytest.raises(CheckpointError, match=at(path) + r": not a readable checkpoint \(truncated, or not written by "
+                                          r"torch\.save\)$"):
+        load_checkpoint(path)
+
+
+def test_tensors_load_where_asked(tmp_path):
+    path = save_checkpoint({"w": torch.randn(3)}, tmp_path / "ckpt.pt")
+    assert load_checkpoint(path, map_location="meta")["w"].device.type == "meta"
+
+
+def test_a_failed_save_raises_its_own_error(tmp_path, monkeypatch):
+    """A save that fails before the temporary file exists (the directory refuses it) raises that
+    error, not one about cleaning up a file that was never made."""
+    import vivit.checkpoint as checkpoint
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("the directory refuses new files")
+
+    monkeypatch.setattr(checkpoint, "open", refuse, raising=False)
+    with pytest.raises(PermissionError, match="^the directory refuses new files$") as raised:
+        save_checkpoint({"w": torch.zeros(1)}, tmp_path / "ckpt.pt")
+    assert raised.value.__context__ is None and not list(tmp_path.iterdir())
+
+
+def test_a_temporary_file_another_process_removed_first_is_no_error(tmp_path):
+    """Two runs that find the same dead writer's file both remove it: the second finds it gone."""
+    from vivit.checkpoint import _remove_if_dead
+
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    _remove_if_dead(tmp_path / f".ckpt.pt.tmp-{exited.pid}")
+
+
 def test_a_checkpoint_key_that_is_not_str_or_int_is_named(tmp_path):
     with pytest.raises(TypeError, match=r"^checkpoint\['model'\]: key \('a', 1\) is a tuple; checkpoint keys are str or int$"):
         save_checkpoint({"model": {("a", 1): torch.zeros(1)}}, tmp_path / "ckpt.pt")
@@ -258,6 +309,23 @@ def test_a_file_that_is_no_training_checkpoint_names_what_it_lacks(tmp_path, sta
 
     path = save_checkpoint(state, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match=at(path) + rf": not a vivit-train checkpoint \(it has no {missing}\)$"):
+        load_model(path)
+
+
+def test_load_model_lists_at_most_four_unexpected_and_four_misshapen_weights(tmp_path):
+    from vivit.checkpoint import load_model
+
+    path, model = _training_checkpoint(tmp_path)
+    weights = dict(model.state_dict())
+    extra = [f"extra{i}.weight" for i in range(5)]
+    weights.update({key: torch.zeros(1) for key in extra})
+    misshapen = [key for key, value in weights.items() if value.dim() == 1 and key not in extra][:5]
+    weights.update({key: torch.zeros(2, 2) for key in misshapen})
+    save_checkpoint({**load_checkpoint(path), "model": weights}, path)
+    shapes = "; ".join(f"{key} (2, 2) (its model_spec needs {tuple(model.state_dict()[key].shape)})"
+                       for key in misshapen[:4])
+    listed = re.escape(f"unexpected {', '.join(extra[:4])}; {shapes}")
+    with pytest.raises(CheckpointError, match=at(path) + rf": its weights do not fit its model_spec: {listed}$"):
         load_model(path)
 
 

@@ -33,6 +33,32 @@ def test_bad_attention_input_raises_clear_error(make_args, error, message):
 
 
 @pytest.mark.parametrize(
+    "make_args, error, message",
+    [
+        (lambda: (*_qkv()[:1], None, *_qkv()[:1], 3), TypeError, "k must be a torch.Tensor, got NoneType"),
+        (lambda: (*_qkv()[:2], torch.zeros(12, 8), 3), ValueError, r"v must be 4-D \(B, H, N, Dh\), got shape \(12, 8\)"),
+        (lambda: (*_qkv()[:1], *_qkv(dtype=torch.float64)[:2], 3), TypeError,
+         "k has dtype torch.float64 but q has torch.float32; expected one dtype"),
+        (lambda: (*_qkv()[:1], torch.randn(1, 4, 12, 8, device="meta"), *_qkv()[:1], 3), ValueError,
+         "k is on meta but q is on cpu; expected one device"),
+        (lambda: (*_qkv(), 5), ValueError, r"N=12 tokens with num_prefix_tokens=0 do not fit frames=5; expected "
+         r"N = num_prefix_tokens \+ frames \* tokens_per_frame \(a class token\? pass num_prefix_tokens\)"),
+    ],
+)
+def test_attention_errors_name_the_op_and_the_tensor(make_args, error, message):
+    """The whole message: the op, the tensor that is wrong (q, k or v) and what was expected."""
+    with pytest.raises(error, match=rf"^factorised_attention: {message}$"):
+        factorised_attention(*make_args(), "joint")
+
+
+def test_a_grid_mismatch_suggests_a_class_token_only_when_there_is_none():
+    q = torch.zeros(1, 2, 13, 8)
+    with pytest.raises(ValueError, match=r"^factorised_attention: N=13 tokens with num_prefix_tokens=2 do not fit "
+                                         r"frames=5; expected N = num_prefix_tokens \+ frames \* tokens_per_frame$"):
+        factorised_attention(q, q, q, 5, "joint", num_prefix_tokens=2)
+
+
+@pytest.mark.parametrize(
     "qkv, heads, error, message",
     [
         (torch.randn(12, 48), 2, ValueError,
@@ -89,6 +115,16 @@ def test_attention_shape_resolves_the_scale_and_counts_keys():
     for mode, length in lengths.items():
         assert check_attention(q, q, q, 5, mode, 0.5).scores == 6 * 35 * length
         assert check_attention(q, q, q, 5, mode, 0.5).scale == 0.5
+
+
+def test_scores_count_the_prefix_tokens_group_by_group():
+    """P = 2 prefix tokens, T = 3 frames of S = 4: a spatial group is the prefix and one frame (3
+    groups of 6 x 6 pairs); temporal groups are 4 of 3 x 3 and the prefix among itself (2 x 2)."""
+    q = torch.zeros(1, 4, 2 + 3 * 4, 8)
+    scores = {mode: check_attention(q, q, q, 3, mode, None, num_prefix_tokens=2).scores
+              for mode in ("spatial", "temporal", "split", "joint")}
+    assert scores == {"spatial": 4 * 3 * 6 * 6, "temporal": 4 * (4 * 3 * 3 + 2 * 2),
+                      "split": 2 * 3 * 6 * 6 + 2 * (4 * 3 * 3 + 2 * 2), "joint": 4 * 14 * 14}
 
 
 def test_tubelet_shape_holds_the_grid_flops_and_index_spans():

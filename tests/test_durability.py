@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import stat
+import subprocess
 import sys
 import time
 import traceback
@@ -147,17 +148,25 @@ def test_a_writer_killed_leaves_a_whole_checkpoint_under_the_final_name(tmp_path
 
 def test_a_live_writers_temporary_file_is_left_alone(tmp_path):
     """A temporary file named after a running process (another run writing into the same
-    directory) is neither removed nor read; one of a process that has exited is removed."""
+    directory) is neither removed, read nor signalled; one of a process that has exited is
+    removed. The checkpoint's own name may hold the temporary files' mark."""
     exited = os.fork()
     if exited == 0:
         os._exit(0)
     os.waitpid(exited, 0)
-    live = tmp_path / f".ckpt.pt.tmp-{os.getppid()}"
-    dead = tmp_path / f".ckpt.pt.tmp-{exited}"
-    for temporary in (live, dead):
-        temporary.write_bytes(b"half a checkpoint")
-    path = save_checkpoint(_state(1), tmp_path / "ckpt.pt")
-    assert sorted(os.listdir(tmp_path)) == sorted([live.name, "ckpt.pt"])
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        name = "run.tmp-3.pt"
+        live = tmp_path / f".{name}.tmp-{writer.pid}"
+        dead = tmp_path / f".{name}.tmp-{exited}"
+        for temporary in (live, dead):
+            temporary.write_bytes(b"half a checkpoint")
+        path = save_checkpoint(_state(1), tmp_path / name)
+        assert writer.poll() is None  # still running: probed, not signalled
+    finally:
+        writer.kill()
+        writer.wait()
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, name])
     assert live.read_bytes() == b"half a checkpoint" and _whole(path, 1)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import relative_error
 
+from vivit.config import ATTENTION_ORDERS
 from vivit.layers import Block, BlockConfig, FactorisedSelfAttentionBlock
 from vivit_kernels import saved_bytes
 
@@ -45,3 +46,49 @@ def test_activation_tensors_kept_per_token(kind, default, lean, attentions):
         block = _block(kind, memory)
         kept = [saved_bytes(block, torch.randn(batch, T * S, D, requires_grad=True), T) for batch in (1, 2)]
         assert kept[1] - kept[0] == T * S * 4 * (tensors * D + attentions * H + stats), memory
+
+
+def test_model3_block_runs_space_then_time_on_one_frame_unless_told(generator):
+    """The defaults: order "space_time" (the paper's), and all N tokens one frame; an unknown
+    order is refused when the block is made, not run as the other one."""
+    torch.manual_seed(0)
+    default = FactorisedSelfAttentionBlock(BlockConfig(D, H)).eval()
+    for weight in default.parameters():
+        torch.nn.init.normal_(weight, std=0.2)
+    orders = {order: FactorisedSelfAttentionBlock(BlockConfig(D, H), order=order).eval() for order in ATTENTION_ORDERS}
+    for block in orders.values():
+        block.load_state_dict(default.state_dict())
+    x = torch.randn(2, T * S, D, generator=generator)
+    assert torch.equal(default(x, T), orders["space_time"](x, T))
+    assert relative_error(orders["time_space"](x, T), default(x, T)) > 0.01
+    assert torch.equal(default(x), default(x, 1))
+    assert relative_error(default(x, T), default(x)) > 0.01
+    with pytest.raises(ValueError, match=r"^FactorisedSelfAttentionBlock: order must be one of 'space_time', "
+                                         r"'time_space', got 'spacetime'$"):
+        FactorisedSelfAttentionBlock(BlockConfig(D, H), order="spacetime")
+
+
+def test_layer_defaults(generator):
+    """What the layers do when not told: DropPath keeps every sample, the MLP uses the exact GELU
+    without dropout, a Block attends jointly over all N tokens as one frame; the qkv bias follows
+    the config."""
+    from vivit.layers import DropPath, Mlp
+
+    x = torch.randn(2, T * S, D, generator=generator)
+    assert torch.equal(DropPath().train()(x), x)
+    torch.manual_seed(0)
+    mlp = Mlp(D, 2 * D).train()
+    expected = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x)))
+    assert torch.equal(mlp(x), expected)
+    torch.manual_seed(0)
+    block = Block(BlockConfig(D, H)).eval()
+    joint = Block(BlockConfig(D, H), mode="joint").eval()
+    joint.load_state_dict(block.state_dict())
+    assert torch.equal(block(x), joint(x, 1)) and torch.equal(block(x), block(x, 1))
+    assert torch.equal(block(x, T), joint(x, T))
+    spatial = Block(BlockConfig(D, H), mode="spatial").eval()
+    spatial.load_state_dict(block.state_dict())
+    assert torch.equal(spatial(x), spatial(x, 1)) and relative_error(spatial(x, T), spatial(x)) > 0.01
+    with pytest.raises(ValueError, match=r"^Mlp: activation must be one of 'gelu', 'gelu_tanh', got 'relu'$"):
+        Mlp(D, 2 * D, activation="relu")
+    assert Block(BlockConfig(D, H, qkv_bias=False)).attn.qkv.bias is None

@@ -85,6 +85,11 @@ def test_grad_checkpointing_matches(variant, generator):
 
 def test_grad_checkpointing_config_flag():
     assert tiny("factorised_dot_product", grad_checkpointing=True).grad_checkpointing
+    model = tiny("factorised_dot_product")
+    model.set_grad_checkpointing()  # on, unless told otherwise; the model and its config agree, as bools
+    assert model.grad_checkpointing is True and model.config.grad_checkpointing is True
+    model.set_grad_checkpointing(0)
+    assert model.grad_checkpointing is False and model.config.grad_checkpointing is False
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -189,7 +194,9 @@ def test_presets():
     assert (c.dim, c.depth, c.num_heads, c.img_size, c.tubelet, c.num_frames) == (768, 12, 12, (224, 224), (2, 16, 16), 16)
     assert c.pooling == "avg" and model.head.out_features == 10
     with torch.device("meta"):
-        assert create_model("vivit_b").head.out_features == 400  # Kinetics-400 by default
+        default = create_model()  # ViViT-B model 1 for Kinetics-400
+    assert (default.config.dim, default.config.depth, default.config.variant) == (768, 12, "spatio_temporal")
+    assert default.head.out_features == 400
     assert model.blocks[0].mlp.fc1.out_features == 3072
     with torch.device("meta"):
         large = create_model("vivit_l")
@@ -260,6 +267,7 @@ def test_build_model_applies_changes_to_the_spec():
                       num_frames=4, img_size=32, tubelet=(2, 16, 16))
     model = build_model(spec, depth=3, memory="lean")
     assert (model.config.depth, model.config.memory, model.config.temporal_depth) == (3, "lean", 1)
+    assert model.config.variant == "factorised_encoder" and model.config.dim == 32
     assert len(model.blocks) == 3 and model.config.num_classes == 5
 
 
@@ -278,3 +286,47 @@ def test_wrong_video_shape():
         model(torch.randn(1, 1, 8, 32, 48))
     with pytest.raises(ValueError, match=r"\(B, C, T, H, W\)"):
         model(torch.randn(3, 8, 32, 48))
+
+
+def test_config_fields_reach_every_block_and_the_head():
+    """Each ViViTConfig field the blocks take is passed on (none left at a block's default), and
+    num_classes=0 leaves features out; keyword arguments build the config."""
+    model = ViViT(variant="factorised_self_attention", num_classes=0, mlp_ratio=2, qkv_bias=False, norm_eps=1e-5,
+                  memory="lean", **TINY)
+    assert isinstance(model.head, torch.nn.Identity) and model.config.num_classes == 0
+    for block in model.blocks:
+        assert block.mlp.fc1.out_features == 2 * 64 and block.attn.qkv.bias is None and block.lean
+        assert all(m.eps == 1e-5 for m in block.modules() if isinstance(m, torch.nn.LayerNorm))
+    assert model(video(1)).shape == (1, 64)
+
+
+def test_initial_class_tokens_and_biases():
+    """timm's start: class tokens (1, 1, D) drawn at std 1e-6, linear biases zero."""
+    torch.manual_seed(0)
+    model = tiny("factorised_encoder", depth=1, temporal_depth=1)
+    for token in (model.cls_token, model.temporal.cls_token):
+        assert token.shape == (1, 1, 64) and 0 < token.std().item() < 1e-5
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+    assert biases and all(not b.any() for b in biases)
+
+
+def test_a_video_the_model_cannot_take_is_named():
+    model = tiny("spatio_temporal")
+    with pytest.raises(ValueError, match=r"^ViViT: video must be \(B, C, T, H, W\), got \(3, 8, 32, 48\)$"):
+        model(torch.zeros(3, 8, 32, 48))
+    with pytest.raises(ValueError, match=r"^ViViT: video must be \(B, C, T, H, W\), got list$"):
+        model([1, 2])
+    with pytest.raises(ValueError, match=r"^ViViT: video of shape \(1, 1, 8, 32, 48\) gives a \(4, 4, 6\) token grid "
+                                         r"with 1 channels; this model takes 3 channels and a \(4, 4, 6\) grid"):
+        model(torch.zeros(1, 1, 8, 32, 48))
+
+
+def test_uniform_sampling_takes_the_configured_frames_and_patches():
+    model = tiny("spatio_temporal", tokeniser="uniform", num_frames=4, tubelet=(1, 8, 16)).eval()
+    assert model.grid == (4, 4, 3) and model.patch_embed.grid(16, 32, 48) == (4, 4, 3)
+    assert model(video(1, frames=16)).shape == (1, 5)
+
+
+def test_no_weight_decay_names_the_embeddings_and_class_tokens():
+    model = tiny("factorised_encoder", depth=1, temporal_depth=1)
+    assert model.no_weight_decay() == {"pos_embed", "cls_token", "temporal.pos_embed", "temporal.cls_token"}

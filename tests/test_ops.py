@@ -216,3 +216,20 @@ def test_flop_counter_counts_the_packed_ops(backend, generator):
         factorised_attention_packed(packed, 4, 6, "split", backend=backend).sum().backward()
     forward = 4 * 2 * 4 * 6 * 7 * (7 + 6) / 2 * 16
     assert counter.get_total_flops() == 3.5 * forward
+
+
+@pytest.mark.parametrize("dtype, lse", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                        (torch.float64, torch.float64)])
+def test_fake_kernels_keep_the_log_sum_exp_in_float32_for_half_inputs(dtype, lse):
+    """What torch.compile traces on a GPU: the fakes of both forward ops at half precision give the
+    outputs in the inputs' dtype and the log-sum-exps (the rows' and the averaged prefix's) in float32."""
+    B, H, T, S, Dh, P = 1, 4, 3, 5, 8, 2
+    grid = (T, P, "time_major", "split", 0.3)
+    q = torch.empty(B, H, P + T * S, Dh, device="meta", dtype=dtype)
+    qkv = torch.empty(B, P + T * S, 3 * H * Dh, device="meta", dtype=dtype)
+    for name in BACKENDS:
+        out, row_lse, prefix_out, prefix_lse = _op(name, "attention_forward")(q, q, q, *grid)
+        packed = _op(name, "attention_packed_forward")(qkv, H, *grid)
+        assert [t.dtype for t in (out, row_lse, prefix_out, prefix_lse)] == [dtype, lse, dtype, lse]
+        assert [t.dtype for t in packed] == [dtype, lse, dtype, lse]
+        assert prefix_lse.shape == (B, H // 2, T, P) and packed[3].shape == (B, H // 2, T, P)

@@ -209,6 +209,7 @@ IMPORT_TIME = (
     "vivit_kernels.ops.library.x_register_autograd",
     "vivit_kernels.ops.library.x_register_autocast",
     "vivit_kernels.ops.attention.x_define_attention_ops",
+    "vivit_kernels.ops.attention.x_packed_from",  # binds each backend's packed form when the backend is imported
     "vivit_kernels.ops.tubelet.x_define_tubelet_ops",
 )
 STATUS_KILLED = ("killed", "timeout", "segfault")  # mutmut's statuses that count as detected
