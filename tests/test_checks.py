@@ -138,3 +138,25 @@ def test_tubelet_shape_holds_the_grid_flops_and_index_spans():
     assert shape.clip_span == span
     assert shape.index_spans == {"one clip of the video": span, "one clip's tokens": 36 * 32, "the weight": 32 * 1536}
     assert TubeletShape.of(video.shape, weight.shape).grid == shape.grid
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: factorised_attention(*_qkv(), 3, "joint", layout="xy"), ValueError,
+         "factorised_attention: unknown layout 'xy'; expected one of 'time_major', 'space_major'"),
+        (lambda: factorised_attention(*_qkv((1, 4, 12, 0)), 3, "joint"), ValueError,
+         r"factorised_attention: the input has an empty dimension \(B=1, N=12, Dh=0\); expected B, N, Dh >= 1"),
+        (lambda: factorised_attention(*_qkv(), 1, "joint", num_prefix_tokens=12), ValueError,
+         r"factorised_attention: N=12 tokens with num_prefix_tokens=12 do not fit frames=1; expected "
+         r"N = num_prefix_tokens \+ frames \* tokens_per_frame"),
+        (lambda: factorised_attention_packed(torch.randn(1, 12, 48), 0, 3, "joint"), ValueError,
+         "factorised_attention_packed: num_heads must be >= 1, got 0"),
+        (lambda: tubelet_embedding(torch.randn(1, 3, 4, 8, 8), torch.randn(6, 3, 4, 4)), ValueError,
+         r"tubelet_embedding: weight must be 5-D \(D, C, t, h, w\) like nn.Conv3d, got shape \(6, 3, 4, 4\)"),
+    ],
+    ids=["layout", "empty head dim", "prefix only", "num_heads", "weight"],
+)
+def test_more_bad_inputs_get_their_whole_message(call, error, message):
+    with pytest.raises(error, match=rf"^{message}$"):
+        call()
