@@ -7,7 +7,7 @@ import torch
 from conftest import relative_error
 
 from vivit.config import ATTENTION_ORDERS
-from vivit.layers import Block, BlockConfig, FactorisedSelfAttentionBlock
+from vivit.layers import Block, BlockConfig, DropPath, FactorisedSelfAttentionBlock, Mlp
 from vivit_kernels import saved_bytes
 
 D, H, T, S = 64, 4, 3, 10
@@ -72,8 +72,6 @@ def test_layer_defaults(generator):
     """What the layers do when not told: DropPath keeps every sample, the MLP uses the exact GELU
     without dropout, a Block attends jointly over all N tokens as one frame; the qkv bias follows
     the config."""
-    from vivit.layers import DropPath, Mlp
-
     x = torch.randn(2, T * S, D, generator=generator)
     assert torch.equal(DropPath().train()(x), x)
     torch.manual_seed(0)
