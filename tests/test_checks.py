@@ -154,9 +154,32 @@ def test_tubelet_shape_holds_the_grid_flops_and_index_spans():
          "factorised_attention_packed: num_heads must be >= 1, got 0"),
         (lambda: tubelet_embedding(torch.randn(1, 3, 4, 8, 8), torch.randn(6, 3, 4, 4)), ValueError,
          r"tubelet_embedding: weight must be 5-D \(D, C, t, h, w\) like nn.Conv3d, got shape \(6, 3, 4, 4\)"),
+        (lambda: factorised_attention(_qkv()[0], [1.0], _qkv()[0], 3, "joint"), TypeError,
+         "factorised_attention: k must be a torch.Tensor, got list"),
+        (lambda: factorised_attention(*_qkv(), 3, "diagonal"), ValueError,
+         "factorised_attention: unknown mode 'diagonal'; expected one of 'joint', 'spatial', 'temporal', 'split'"),
+        (lambda: factorised_attention(*_qkv(), 3, "joint", dropout_p=1.0), ValueError,
+         r"factorised_attention: dropout_p must be in \[0, 1\), got 1.0"),
+        (lambda: factorised_attention_packed(torch.randn(1, 12, 36), 2, 5, "joint"), ValueError,
+         r"factorised_attention_packed: N=12 tokens with num_prefix_tokens=0 do not fit frames=5; expected "
+         r"N = num_prefix_tokens \+ frames \* tokens_per_frame \(a class token\? pass num_prefix_tokens\)"),
+        (lambda: tubelet_embedding(*_video_weight(), None, torch.zeros(2, 16, 6, dtype=torch.float64)), TypeError,
+         "tubelet_embedding: pos_embed has dtype torch.float64 but video has torch.float32; expected one dtype"),
+        (lambda: tubelet_embedding(*_video_weight(), [1.0] * 6), TypeError,
+         "tubelet_embedding: bias must be a torch.Tensor or None, got list"),
+        (lambda: tubelet_embedding(*_video_weight(), None, 0.5), TypeError,
+         "tubelet_embedding: pos_embed must be a torch.Tensor or None, got float"),
     ],
-    ids=["layout", "empty head dim", "prefix only", "num_heads", "weight"],
+    ids=["layout", "empty head dim", "prefix only", "num_heads", "weight", "k not a tensor", "mode", "dropout",
+         "packed grid", "pos_embed dtype", "bias not a tensor", "pos_embed not a tensor"],
 )
 def test_more_bad_inputs_get_their_whole_message(call, error, message):
     with pytest.raises(error, match=rf"^{message}$"):
         call()
+
+
+def test_packed_heads_split_the_width_in_three():
+    """Width 36 with 2 heads: q, k and v of 2 x 6 each (36 is no multiple of 8: the width is
+    divided by 3 * H, nothing else)."""
+    out = factorised_attention_packed(torch.randn(1, 12, 36), 2, 3, "joint", backend="reference")
+    assert out.shape == (1, 12, 12)

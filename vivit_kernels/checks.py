@@ -288,6 +288,9 @@ def check_tubelet(video, weight, bias, pos_embed) -> TubeletShape:
     op = "tubelet_embedding"
     check_video(op, video)
     _check_tensor(op, "weight", weight, 5, "(D, C, t, h, w) like nn.Conv3d")
+    for name, x in (("bias", bias), ("pos_embed", pos_embed)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(x).__name__}")
     _check_same(op, {"video": video, "weight": weight, "bias": bias, "pos_embed": pos_embed})
     B, C, T, H, W = video.shape
     D, Cw, t, h, w = weight.shape
@@ -301,10 +304,8 @@ def check_tubelet(video, weight, bias, pos_embed) -> TubeletShape:
                 f"{op}: video {axis}={size} is smaller than the tubelet's {tube} along it; "
                 f"expected at least one tubelet (video {tuple(video.shape)}, tubelet {(t, h, w)})"
             )
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (D,):
-            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"{op}: bias must have shape ({D},) to match weight, got {got}")
+    if bias is not None and bias.shape != (D,):
+        raise ValueError(f"{op}: bias must have shape ({D},) to match weight, got {tuple(bias.shape)}")
     shape = TubeletShape.of(video.shape, weight.shape, video.stride())
     if pos_embed is not None:
         nt, ns = shape.tokens
