@@ -12,6 +12,12 @@ ATTENTION_ORDERS = ("space_time", "time_space")
 MEMORY_MODES = ("default", "lean")
 
 
+def check_choice(owner: str, name: str, value, allowed: tuple[str, ...]) -> None:
+    """ValueError naming `owner`'s argument `name` unless `value` is one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{owner}: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
 @dataclass
 class ViViTConfig:
     """Every choice that shapes a ViViT model.
@@ -84,8 +90,7 @@ class ViViTConfig:
             ("attention_order", self.attention_order, ATTENTION_ORDERS),
             ("memory", self.memory, MEMORY_MODES),
         ):
-            if value not in allowed:
-                raise ValueError(f"ViViTConfig: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+            check_choice("ViViTConfig", name, value, allowed)
         for name in ("num_frames", "in_chans", "dim", "depth", "num_heads", "temporal_depth"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

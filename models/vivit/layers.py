@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from vivit_kernels import FactorisedAttention, gelu_linear, norm_linear
 
-from .config import ACTIVATIONS, ATTENTION_ORDERS
+from .config import ACTIVATIONS, ATTENTION_ORDERS, check_choice
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,7 @@ class Mlp(nn.Module):
     """
 
     def __init__(self, dim: int, hidden: int, activation: str = "gelu", drop: float = 0.0) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"Mlp: activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+        check_choice("Mlp", "activation", activation, ACTIVATIONS)
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
@@ -156,9 +155,7 @@ class FactorisedSelfAttentionBlock(nn.Module):
 
     def __init__(self, config: BlockConfig, *, order: str = "space_time", drop_path: float = 0.0) -> None:
         super().__init__()
-        if order not in ATTENTION_ORDERS:
-            raise ValueError(f"FactorisedSelfAttentionBlock: order must be one of "
-                             f"{', '.join(map(repr, ATTENTION_ORDERS))}, got {order!r}")
+        check_choice("FactorisedSelfAttentionBlock", "order", order, ATTENTION_ORDERS)
         self.order = order
         self.lean = config.lean
         self.norm1 = config.norm()
