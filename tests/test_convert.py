@@ -401,7 +401,8 @@ def test_vit_pytorch_modes_and_refusals():
 def test_unknown_models_and_arguments():
     with pytest.raises(TypeError, match=r"torch\.nn\.modules\.container\.Sequential is not a model convert knows"):
         convert(nn.Sequential(nn.Linear(4, 4)))
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValueError, match=r"^convert: mode must be one of 'joint', 'spatial', 'temporal', 'split', "
+                                         r"None, got 'diagonal'$"):
         convert(timm_vit(), mode="diagonal")
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         convert(timm_vit(), mode="joint", backend="cuda")

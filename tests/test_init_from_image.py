@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import relative_error
 from safetensors.torch import save_file
-from vivit import ViViT, ViViTConfig, central_frame, inflate, load_image_pretrained, resample_pos_embed, tile_pos_embed
+from vivit import (ViViT, ViViTConfig, central_frame, image_to_video, inflate, load_image_pretrained, resample_pos_embed,
+                   tile_pos_embed)
 from vivit_kernels import tubelet_embedding
 
 timm = pytest.importorskip("timm", reason="timm builds the image ViTs these tests start from")
@@ -226,8 +227,12 @@ def test_patch_size_mismatch_raises(tmp_path):
 
 def test_bad_arguments(tmp_path):
     model = vivit("spatio_temporal")
-    with pytest.raises(ValueError, match="tubelet_init"):
-        load_image_pretrained(model, timm_vit().state_dict(), tubelet_init="average")
+    with pytest.raises(ValueError, match=r"^load_image_pretrained: tubelet_init must be one of 'central_frame', "
+                                         r"'inflate', got 'average'$"):
+        load_image_pretrained(model, tmp_path / "absent.pth", tubelet_init="average")  # checked before reading
+    with pytest.raises(ValueError, match=r"^image_to_video: temporal_encoder_init must be one of 'random', "
+                                         r"'image', got 'copy'$"):
+        image_to_video({}, model.state_dict(), model.config, temporal_encoder_init="copy")
     with pytest.raises(FileNotFoundError):
         load_image_pretrained(model, tmp_path / "absent.pth")
     with pytest.raises(TypeError, match="ViViT"):

@@ -136,7 +136,8 @@ def test_lean_and_checkpointing_keep_less_than_fused():
 
 
 def test_bad_implementation():
-    with pytest.raises(ValueError, match="implementation must be one of"):
+    with pytest.raises(ValueError, match=r"^memory_report: implementation must be one of 'einsum', 'sdpa', 'fused', "
+                                         r"'fused\+lean', 'fused\+ckpt', got 'flash'$"):
         memory_report.build("flash", "spatio_temporal")
 
 

@@ -193,6 +193,12 @@ def check_positive_int(op: str, name: str, value) -> None:
         raise ValueError(f"{op}: {name} must be >= 1, got {value}")
 
 
+def check_choice(op: str, name: str, value, allowed: tuple) -> None:
+    """ValueError naming `op`'s argument `name` unless `value` is one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
 def check_mode(op: str, mode) -> None:
     if mode not in MODES:
         raise ValueError(f"{op}: unknown mode {mode!r}; expected one of {', '.join(map(repr, MODES))}")
@@ -310,10 +316,9 @@ def check_tubelet(video, weight, bias, pos_embed) -> TubeletShape:
     if pos_embed is not None:
         nt, ns = shape.tokens
         allowed = [(nt, ns, D), (1, nt, ns, D), (nt * ns, D), (1, nt * ns, D)]
-        if not isinstance(pos_embed, torch.Tensor) or tuple(pos_embed.shape) not in allowed:
-            got = tuple(pos_embed.shape) if isinstance(pos_embed, torch.Tensor) else type(pos_embed).__name__
+        if tuple(pos_embed.shape) not in allowed:
             raise ValueError(
-                f"{op}: pos_embed has shape {got}; expected one of {', '.join(map(str, allowed))} "
+                f"{op}: pos_embed has shape {tuple(pos_embed.shape)}; expected one of {', '.join(map(str, allowed))} "
                 f"for a {nt} x {ns} token grid of dim {D}"
             )
     return shape

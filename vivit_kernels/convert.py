@@ -24,7 +24,7 @@ from torch import nn
 
 from . import backends
 from .attention import FactorisedAttention
-from .checks import MODES, check_positive_int
+from .checks import MODES, check_choice, check_positive_int
 
 
 def convert(
@@ -71,8 +71,7 @@ def convert(
         ValueError: an argument does not fit the family, or a layer cannot be converted
             (the message names it and why).
     """
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"convert: mode must be one of {', '.join(map(repr, MODES))} or None, got {mode!r}")
+    check_choice("convert", "mode", mode, (*MODES, None))
     for name, value in (("frames", frames), ("tokens_per_frame", tokens_per_frame)):
         if value is not None:
             check_positive_int("convert", name, value)

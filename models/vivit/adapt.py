@@ -14,6 +14,7 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+from vivit_kernels.checks import check_choice
 
 from .config import ViViTConfig
 
@@ -330,6 +331,16 @@ def _is_square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
 
 
+def check_inits(op: str, tubelet_init: str, temporal_attn_init: str, temporal_encoder_init: str) -> None:
+    """ValueError naming `op` and the argument unless each initialisation is one `image_to_video` knows."""
+    for name, value, allowed in (
+        ("tubelet_init", tubelet_init, TUBELET_INITS),
+        ("temporal_attn_init", temporal_attn_init, TEMPORAL_ATTN_INITS),
+        ("temporal_encoder_init", temporal_encoder_init, TEMPORAL_ENCODER_INITS),
+    ):
+        check_choice(op, name, value, allowed)
+
+
 def image_to_video(
     image: StateDict,
     target: StateDict,
@@ -364,13 +375,7 @@ def image_to_video(
         ValueError naming the key and both shapes when a tensor cannot be adapted (another
         width, channel count or patch size).
     """
-    for name, value, allowed in (
-        ("tubelet_init", tubelet_init, TUBELET_INITS),
-        ("temporal_attn_init", temporal_attn_init, TEMPORAL_ATTN_INITS),
-        ("temporal_encoder_init", temporal_encoder_init, TEMPORAL_ENCODER_INITS),
-    ):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    check_inits("image_to_video", tubelet_init, temporal_attn_init, temporal_encoder_init)
     out: dict[str, torch.Tensor] = {}
     report = LoadReport()
     used: set[str] = set()

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from vivit_kernels.checks import check_choice
+
 VARIANTS = ("spatio_temporal", "factorised_encoder", "factorised_self_attention", "factorised_dot_product")
 TOKENISERS = ("tubelet", "uniform")
 POOLINGS = ("cls", "avg")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 ATTENTION_ORDERS = ("space_time", "time_space")
 MEMORY_MODES = ("default", "lean")
-
-
-def check_choice(owner: str, name: str, value, allowed: tuple[str, ...]) -> None:
-    """ValueError naming `owner`'s argument `name` unless `value` is one of `allowed`."""
-    if value not in allowed:
-        raise ValueError(f"{owner}: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 @dataclass

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from vivit_kernels import FactorisedAttention, gelu_linear, norm_linear
+from vivit_kernels.checks import check_choice
 
-from .config import ACTIVATIONS, ATTENTION_ORDERS, check_choice
+from .config import ACTIVATIONS, ATTENTION_ORDERS
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 from vivit_kernels import FactorisedAttention, saved_bytes
+from vivit_kernels.checks import check_choice
 
 from .config import VARIANTS, ViViTConfig, preset_config
 from .model import ViViT, create_model
@@ -70,8 +71,7 @@ MIB = 2**20
 
 def build(implementation: str, variant: str, preset: str = "vivit_b", **overrides) -> ViViT:
     """The ViViT `variant` as `implementation` runs it; `overrides` are ViViTConfig fields."""
-    if implementation not in _OPTIONS:
-        raise ValueError(f"implementation must be one of {', '.join(map(repr, IMPLEMENTATIONS))}, got {implementation!r}")
+    check_choice("memory_report", "implementation", implementation, IMPLEMENTATIONS)
     model = create_model(preset, variant=variant, **{**overrides, **_OPTIONS[implementation]})
     if implementation == "sdpa":
         # Attention only: the sdpa backend has no tubelet op, and the embedding is not what is compared.

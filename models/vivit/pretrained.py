@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .adapt import LoadReport, _collapse, hf_to_timm, image_to_video, is_hf_layout, shape_error, video_to_video
+from .adapt import LoadReport, _collapse, check_inits, hf_to_timm, image_to_video, is_hf_layout, shape_error, video_to_video
 from .checkpoint import CheckpointError, checkpoint_config, load_checkpoint
 from .config import EXECUTION_FIELDS, TRAINING_ONLY_FIELDS, ViViTConfig, config_differences, format_differences
 from .model import ViViT
@@ -184,6 +184,7 @@ def load_image_pretrained(
     """
     if not isinstance(model, ViViT):
         raise TypeError(f"load_image_pretrained: model must be a ViViT, got {type(model).__name__}")
+    check_inits("load_image_pretrained", tubelet_init, temporal_attn_init, temporal_encoder_init)  # before reading
     image = read_state_dict(source)
     patch = image.get("patch_embed.proj.weight", image.get("vivit.embeddings.patch_embeddings.projection.weight"))
     if _is_hf_vivit(image) or (patch is not None and patch.dim() == 5):
