@@ -314,7 +314,7 @@ def test_a_video_the_model_cannot_take_is_named():
     model = tiny("spatio_temporal")
     with pytest.raises(ValueError, match=r"^ViViT: video must be \(B, C, T, H, W\), got \(3, 8, 32, 48\)$"):
         model(torch.zeros(3, 8, 32, 48))
-    with pytest.raises(ValueError, match=r"^ViViT: video must be \(B, C, T, H, W\), got list$"):
+    with pytest.raises(TypeError, match=r"^ViViT: video must be a torch.Tensor \(B, C, T, H, W\), got list$"):
         model([1, 2])
     with pytest.raises(ValueError, match=r"^ViViT: video of shape \(1, 1, 8, 32, 48\) gives a \(4, 4, 6\) token grid "
                                          r"with 1 channels; this model takes 3 channels and a \(4, 4, 6\) grid"):

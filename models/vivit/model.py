@@ -139,9 +139,10 @@ class ViViT(nn.Module):
     def tokenise(self, video: torch.Tensor) -> torch.Tensor:
         """video (B, C, T, H, W) -> tokens (B, n_t, S, D) with the grid's positional embedding
         (model 2: the per-frame embedding, the same for every frame)."""
-        if not isinstance(video, torch.Tensor) or video.dim() != 5:
-            got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
-            raise ValueError(f"ViViT: video must be (B, C, T, H, W), got {got}")
+        if not isinstance(video, torch.Tensor):
+            raise TypeError(f"ViViT: video must be a torch.Tensor (B, C, T, H, W), got {type(video).__name__}")
+        if video.dim() != 5:
+            raise ValueError(f"ViViT: video must be (B, C, T, H, W), got {tuple(video.shape)}")
         nt, nh, nw = self.grid
         got = self.patch_embed.grid(*video.shape[2:])
         if video.shape[1] != self.config.in_chans or got != (nt, nh, nw):
