@@ -312,10 +312,12 @@ def test_initial_class_tokens_and_biases():
 
 def test_a_video_the_model_cannot_take_is_named():
     model = tiny("spatio_temporal")
-    with pytest.raises(ValueError, match=r"^ViViT: video must be \(B, C, T, H, W\), got \(3, 8, 32, 48\)$"):
+    with pytest.raises(ValueError, match=r"^ViViT: video must be 5-D \(B, C, T, H, W\), got shape \(3, 8, 32, 48\)$"):
         model(torch.zeros(3, 8, 32, 48))
-    with pytest.raises(TypeError, match=r"^ViViT: video must be a torch.Tensor \(B, C, T, H, W\), got list$"):
+    with pytest.raises(TypeError, match=r"^ViViT: video must be a torch.Tensor, got list$"):
         model([1, 2])
+    with pytest.raises(TypeError, match=r"^ViViT: video must have a floating dtype, got torch.uint8$"):
+        model(torch.zeros(1, 3, 8, 32, 48, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"^ViViT: video of shape \(1, 1, 8, 32, 48\) gives a \(4, 4, 6\) token grid "
                                          r"with 1 channels; this model takes 3 channels and a \(4, 4, 6\) grid"):
         model(torch.zeros(1, 1, 8, 32, 48))

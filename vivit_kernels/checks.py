@@ -200,8 +200,7 @@ def check_choice(op: str, name: str, value, allowed: tuple) -> None:
 
 
 def check_mode(op: str, mode) -> None:
-    if mode not in MODES:
-        raise ValueError(f"{op}: unknown mode {mode!r}; expected one of {', '.join(map(repr, MODES))}")
+    check_choice(op, "mode", mode, MODES)
 
 
 def check_heads(op: str, mode: str, heads: int, name: str = "H") -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from vivit_kernels import TubeletEmbedding, UniformFrameEmbedding
+from vivit_kernels.checks import check_video
 
 from .config import ViViTConfig, preset_config
 from .layers import Block, BlockConfig, FactorisedSelfAttentionBlock
@@ -139,10 +140,7 @@ class ViViT(nn.Module):
     def tokenise(self, video: torch.Tensor) -> torch.Tensor:
         """video (B, C, T, H, W) -> tokens (B, n_t, S, D) with the grid's positional embedding
         (model 2: the per-frame embedding, the same for every frame)."""
-        if not isinstance(video, torch.Tensor):
-            raise TypeError(f"ViViT: video must be a torch.Tensor (B, C, T, H, W), got {type(video).__name__}")
-        if video.dim() != 5:
-            raise ValueError(f"ViViT: video must be (B, C, T, H, W), got {tuple(video.shape)}")
+        check_video("ViViT", video)
         nt, nh, nw = self.grid
         got = self.patch_embed.grid(*video.shape[2:])
         if video.shape[1] != self.config.in_chans or got != (nt, nh, nw):
