@@ -20,13 +20,17 @@ import json
 import re
 from pathlib import Path
 
-import matplotlib
+from .cases import BACKWARD, MODES, VARIANTS
+from .memory import IMPLEMENTATIONS
+from .report import implementation_name
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+try:
+    import matplotlib
 
-from .cases import BASELINE, BACKWARD, MODES, VARIANTS  # noqa: E402
-from .memory import IMPLEMENTATIONS  # noqa: E402
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:  # optional: `main` says how to install it
+    plt = None
 
 MIB = 2**20
 SHORT = {
@@ -51,7 +55,7 @@ def load_rows(path: str | Path) -> list[dict]:
 
 
 def implementation(row: dict) -> str:
-    return "einsum" if row["backend"] == BASELINE else row["backend"]
+    return implementation_name(row["op"], row["backend"])
 
 
 def shape_field(row: dict, name: str) -> int:
@@ -161,7 +165,7 @@ def plot_attention_frames(rows: list[dict], out: Path) -> Path | None:
     for (target, modes), row_axes in zip(sorted(series.items()), axes):
         frames = sorted({t for lines in modes.values() for points in lines.values() for t, _ in points})
         for mode, ax in zip(MODES, row_axes):
-            for impl, points in sorted(modes.get(mode, {}).items(), key=lambda kv: (kv[0] != "einsum", kv[0])):
+            for impl, points in sorted(modes.get(mode, {}).items(), key=lambda kv: (not kv[0].endswith("einsum"), kv[0])):
                 points.sort()
                 ax.plot([t for t, _ in points], [s * 1e3 for _, s in points], marker="o", label=impl)
             ax.set_xscale("log", base=2)
@@ -212,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("json", help="pytest-benchmark's --benchmark-json output")
     parser.add_argument("--out", help="folder for the PNGs (default: the JSON's)")
     args = parser.parse_args(argv)
+    if plt is None:
+        raise SystemExit(f"{parser.prog}: drawing the figures needs matplotlib: pip install matplotlib")
     rows = load_rows(args.json)
     out = Path(args.out or Path(args.json).parent)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 
-from .memory import IMPLEMENTATIONS
-from .plots import load_rows, main, memory_table
+import pytest
+
+pytest.importorskip("matplotlib", reason="benchmarks/plots.py draws with matplotlib: pip install matplotlib")
+
+from .memory import IMPLEMENTATIONS  # noqa: E402
+from .plots import load_rows, main, memory_table  # noqa: E402
 
 MIB = 2**20
 

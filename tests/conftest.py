@@ -241,16 +241,39 @@ def masked_attention(q, k, v, frames: int, mode: str, scale: float | None = None
     return torch.stack(heads, dim=1)
 
 
-@pytest.fixture(scope="session")
-def cpu_kernels():
-    """The cpu backend's C++ library (built once if needed); tests using it skip only when no
-    toolchain exists."""
+def require_transformers(reason: str):
+    """transformers, else a skip with `reason` (at module level too). It imports lazily: without a
+    dependency of its models (safetensors) `import transformers` succeeds and the first model class
+    fails, so one is fetched here."""
+    __tracebackhide__ = True  # a skip names the test module that asked
+    transformers = pytest.importorskip("transformers", reason=reason)
+    try:
+        transformers.PreTrainedModel  # noqa: B018
+    except ImportError as error:
+        cause = error.__cause__ or error
+        pytest.skip(f"{reason}: its models cannot be imported here ({cause})", allow_module_level=True)
+    return transformers
+
+
+def require_cpu_kernels() -> None:
+    """Load the cpu backend's C++ library (built once if needed), else skip saying why: only where
+    no toolchain exists (no compiler, no ninja), since a failed build with one is a failure."""
+    __tracebackhide__ = True  # a skip names the test that asked
     from vivit_kernels import _extension
     from vivit_kernels.backends import cpu
 
-    if _extension.find() is None and _extension._cannot_build():
-        pytest.skip(f"C++ kernels neither built nor buildable here: {_extension._cannot_build()}")
-    cpu.load()
+    try:
+        cpu.load()
+    except RuntimeError as error:
+        if not _extension._cannot_build():
+            raise
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    """The cpu backend's C++ library: see require_cpu_kernels."""
+    require_cpu_kernels()
 
 
 @pytest.fixture

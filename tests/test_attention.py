@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import MODES, assert_near_oracle, masked_attention, packed_qkv, relative_error
+from conftest import MODES, assert_near_oracle, masked_attention, packed_qkv, relative_error, require_cpu_kernels
 
 from vivit_kernels import FactorisedAttention, attention_backend, factorised_attention
 
@@ -20,6 +20,8 @@ def _device(backend: str) -> str:
     if backend == "triton":
         pytest.importorskip("triton", reason="triton is not installed")
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if backend == "cpu":
+        require_cpu_kernels()
     return "cpu"
 
 
@@ -39,6 +41,7 @@ def test_split_is_spatial_heads_then_temporal_heads(backend, generator):
 
 
 def test_module_loads_timm_attention_and_matches_it(generator):
+    pytest.importorskip("timm", reason="timm is not installed")
     from timm.layers import Attention
 
     torch.manual_seed(0)
@@ -115,7 +118,7 @@ def test_bad_module_arguments_raise():
         attn(torch.randn(1, 12, 48), frames=5)
 
 
-def test_backend_names_the_choice_without_computing(generator):
+def test_backend_names_the_choice_without_computing(cpu_kernels, generator):
     q, k, v, _ = packed_qkv(1, 2, 3 * 4, 8, dtype=torch.float32, generator=generator, requires_grad=False)
     assert attention_backend(q, k, v, 3, "split") == "cpu"
     assert attention_backend(q, k, v, 3, "split", backend="reference") == "reference"
@@ -126,6 +129,7 @@ def test_backend_names_the_choice_without_computing(generator):
 
 
 def test_module_stands_in_a_timm_block(generator):
+    pytest.importorskip("timm", reason="timm is not installed")
     from timm.models.vision_transformer import Block
 
     block = Block(32, num_heads=4, qkv_bias=True).eval()
@@ -155,7 +159,7 @@ print("backend", vivit_kernels.attention_backend(*[torch.zeros(2, 4, 19, 16)] * 
 """
 
 
-def test_torch_compile_fullgraph_on_the_first_call_of_a_fresh_process():
+def test_torch_compile_fullgraph_on_the_first_call_of_a_fresh_process(cpu_kernels):
     """Dispatch runs under tracing: nothing it does on a first call (loading the C++ library)
     may break the graph."""
     import subprocess

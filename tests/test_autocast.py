@@ -13,10 +13,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import masked_attention, relative_error
+from conftest import masked_attention, relative_error, require_cpu_kernels
 
 from vivit_kernels import attention_backend, factorised_attention, tubelet_backend, tubelet_embedding
-from vivit_kernels.backends import cpu
 
 # A few bf16 roundings (2^-8 each) of inputs and output, accumulated in fp32: an fp32 path that
 # ignored autocast would be far inside this; a wrong cast or a wrong kernel far outside it.
@@ -181,10 +180,7 @@ def test_triton_ops_cast_to_the_autocast_dtype(generator):
 def test_cpu_ops_run_in_float32_under_cpu_autocast(generator):
     """The C++ kernels take fp32/fp64 only: under CPU autocast their ops cast floating inputs to
     fp32 (bf16 activations work, the output is fp32); float64 stays float64."""
-    try:
-        cpu.load()
-    except RuntimeError as error:
-        pytest.skip(f"C++ kernels unavailable: {error}")
+    require_cpu_kernels()
     assert not torch._C._dispatch_has_kernel_for_dispatch_key("vivit_kernels::cpu_attention_forward", "AutocastCUDA")
     q, k, v = (x.detach().bfloat16() for x in _attention_leaves(generator))
     video, weight, bias, pos = (x.detach().bfloat16() for x in _tubelet_leaves(generator))

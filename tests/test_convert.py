@@ -9,13 +9,13 @@ import pickle
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import relative_error, require_transformers
 from torch import nn
 
 from vivit_kernels import FactorisedAttention, convert
 
 timm = pytest.importorskip("timm", reason="timm builds the reference ViTs")
-transformers = pytest.importorskip("transformers", reason="transformers builds the reference video models")
+transformers = require_transformers("transformers builds the reference video models")
 vivit_pytorch = pytest.importorskip("vit_pytorch.vivit", reason="vit-pytorch builds the reference ViViT")
 
 BACKENDS = ["cpu", "reference"]

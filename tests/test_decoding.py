@@ -5,7 +5,9 @@ against PyAV."""
 
 from __future__ import annotations
 
-import builtins
+import re
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -63,6 +65,14 @@ def _make(kind: str, directory) -> tuple:
 
 
 KINDS = ["mp4", "audio", "vfr", "mkv", "ts", "h264", "truncated"]
+
+
+def require_torchcodec() -> None:
+    """Skip with the reason torchcodec cannot decode here (not installed, no FFmpeg libraries)."""
+    __tracebackhide__ = True  # a skip names the test that asked
+    reason = backend_unavailable_reason("torchcodec")
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +158,7 @@ def test_a_frame_is_reached_from_its_own_keyframe(files, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["mp4", "audio", "vfr", "mkv"])
 def test_torchcodec_matches_pyav(files, kind):
-    reason = backend_unavailable_reason("torchcodec")
-    if reason:
-        pytest.skip(reason)
+    require_torchcodec()
     path, _, full = files[kind]
     indices = torch.tensor([len(full) - 1, 0, 7, 7, len(full) // 3])
     with open_video(path, "torchcodec") as video:
@@ -162,9 +170,7 @@ def test_torchcodec_matches_pyav(files, kind):
 def test_what_torchcodec_cannot_read_is_an_unreadable_file(files, kind, tmp_path):
     """torchcodec's exact mode cannot seek MPEG-TS or raw H.264, and counts and stops at the cut
     packet of a truncated file: it raises what marks a file unreadable (PyAV reads all three)."""
-    reason = backend_unavailable_reason("torchcodec")
-    if reason:
-        pytest.skip(reason)
+    require_torchcodec()
     path, _, _ = files[kind]
     with pytest.raises(decoding.decode_error_types()):
         with open_video(path, "torchcodec") as video:
@@ -194,7 +200,7 @@ def test_loader_items_equal_todays_full_decode(files, tmp_path):
     assert torch.equal(evaluation[0]["video"], torch.cat(views))
 
 
-def test_bad_requests_fail_with_one_line(files, monkeypatch):
+def test_bad_requests_fail_with_one_line(files):
     path, _, full = files["mp4"]
     with open_video(path) as video:
         with pytest.raises(IndexError, match=rf"frame indices \[{len(full)}\] out of range for a video of {len(full)}"):
@@ -208,16 +214,64 @@ def test_bad_requests_fail_with_one_line(files, monkeypatch):
     with pytest.raises(ValueError, match="unknown video backend"):
         VideoFolder(path, backend="decord")
 
-    real_import = builtins.__import__
 
-    def no_ffmpeg(name, *args, **kwargs):
-        if name.startswith("torchcodec"):
-            raise RuntimeError("Could not load libtorchcodec. Likely causes:\n  1. FFmpeg is not properly installed")
-        return real_import(name, *args, **kwargs)
+# What torchcodec 0.17 raises when a decoder is made on a machine without FFmpeg's shared libraries
+# (its import succeeds), abridged: one traceback per FFmpeg major version it tries.
+NO_FFMPEG = """Could not load libtorchcodec. Likely causes:
+          1. FFmpeg is not properly installed in your environment. We support
+             versions 4, 5, 6, 7, 8, and 9, and we attempt to load libtorchcodec
+             for each of those versions.
 
-    monkeypatch.setattr(builtins, "__import__", no_ffmpeg)
+[start of libtorchcodec loading traceback]
+FFmpeg version 9:
+Traceback (most recent call last):
+  File "torch/_ops.py", line 1587, in load_library
+    ctypes.CDLL(path)
+OSError: libavutil.so.61: cannot open shared object file: No such file or directory
+
+The above exception was the direct cause of the following exception:
+
+OSError: Could not load this library: torchcodec/libtorchcodec_core9.so
+[end of libtorchcodec loading traceback]."""
+
+
+@pytest.fixture
+def torchcodec_without_ffmpeg(monkeypatch):
+    """torchcodec as installed on a machine without FFmpeg: it imports, and making a decoder
+    raises. Yields the sources decoders were asked for."""
+    sources = []
+
+    class VideoDecoder:
+        def __init__(self, source, **options):
+            sources.append(source)
+            raise RuntimeError(NO_FFMPEG)
+
+    package, decoders = types.ModuleType("torchcodec"), types.ModuleType("torchcodec.decoders")
+    decoders.VideoDecoder, package.decoders = VideoDecoder, decoders
+    monkeypatch.setitem(sys.modules, "torchcodec", package)
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", decoders)
+    decoding._probe.cache_clear()  # the probe's result is kept per process
+    yield sources
+    decoding._probe.cache_clear()
+
+
+def test_torchcodec_without_ffmpeg_fails_at_once_with_the_reason(files, tmp_path, torchcodec_without_ffmpeg):
     reason = backend_unavailable_reason("torchcodec")
-    assert "cannot load FFmpeg (Could not load libtorchcodec. Likely causes:)" in reason
-    assert "apt-get install ffmpeg" in reason and "\n" not in reason
-    with pytest.raises(ValueError, match="video backend: torchcodec cannot load FFmpeg"):
+    assert reason == ("torchcodec cannot load FFmpeg (Could not load libtorchcodec: libavutil.so.61: cannot open "
+                      f"shared object file: No such file or directory); {decoding.FFMPEG_HINT}")
+    assert "apt-get install ffmpeg" in reason
+    assert backend_unavailable_reason("torchcodec") == reason
+    assert len(torchcodec_without_ffmpeg) == 1  # one decoder made, of an in-memory video, once per process
+    assert isinstance(torchcodec_without_ffmpeg[0], bytes)
+    path, _, _ = files["mp4"]
+    with pytest.raises(ValueError) as error:
         open_video(path, "torchcodec")
+    assert str(error.value) == f"video backend: {reason}"
+    (tmp_path / "list.csv").write_text(f"{path},a\n")
+    with pytest.raises(ValueError) as error:
+        VideoFolder(tmp_path / "list.csv", backend="torchcodec")
+    assert str(error.value) == f"video backend: {reason}"
+    assert len(torchcodec_without_ffmpeg) == 1  # failed before any file was opened
+    with pytest.raises(pytest.skip.Exception, match=re.escape(reason)):
+        require_torchcodec()
+    assert backend_unavailable_reason("pyav") is None

@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import relative_error, require_transformers
 from vivit import ViViT, ViViTConfig, load_hf_vivit, vivit_config_from_hf
 
-transformers = pytest.importorskip("transformers", reason="transformers builds the reference HF ViViT")
+transformers = require_transformers("transformers builds the reference HF ViViT")
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no fused backend fits")
 

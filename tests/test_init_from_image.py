@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error
-from safetensors.torch import save_file
+from conftest import relative_error, require_transformers
 from vivit import (ViViT, ViViTConfig, central_frame, image_to_video, inflate, load_image_pretrained, resample_pos_embed,
                    tile_pos_embed)
 from vivit_kernels import tubelet_embedding
@@ -36,6 +35,9 @@ def timm_vit(class_token: bool = True, dim: int = 64, num_classes: int = 5, img_
 def save(state: dict, path, fmt: str):
     state = {k: v.contiguous() for k, v in state.items()}
     if fmt == "safetensors":
+        pytest.importorskip("safetensors", reason="safetensors writes and reads the .safetensors files")
+        from safetensors.torch import save_file
+
         save_file(state, str(path))
     else:
         torch.save(state, path)
@@ -122,7 +124,7 @@ def test_inflate_on_static_clip_equals_2d_patch_embedding(tmp_path, t, generator
 def test_hugging_face_vit_into_factorised_encoder(tmp_path, generator):
     """An HF ViTModel, from a safetensors file, into model 2: on a static clip each frame's
     spatial-encoder output is the HF model's CLS output of the image."""
-    transformers = pytest.importorskip("transformers", reason="transformers builds the HF ViT")
+    transformers = require_transformers("transformers builds the HF ViT")
     config = transformers.ViTConfig(
         image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=256, hidden_act="gelu", layer_norm_eps=1e-6,

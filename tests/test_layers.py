@@ -38,7 +38,7 @@ def test_lean_computes_what_default_computes(kind, config, generator):
 
 
 @pytest.mark.parametrize("kind, default, lean, attentions", [("block", 16, 10, 1), ("model3", 22, 15, 2)])
-def test_activation_tensors_kept_per_token(kind, default, lean, attentions):
+def test_activation_tensors_kept_per_token(kind, default, lean, attentions, cpu_kernels):
     """Per token, the difference between batch 2 and batch 1 (the weights cancel): D-wide tensors,
     plus each attention's log-sum-exp (H floats) and, by default, each LayerNorm's mean and rstd."""
     norms = attentions + 1

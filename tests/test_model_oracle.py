@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import relative_error, require_cpu_kernels
 
 from vivit import ViViT, ViViTConfig
 
@@ -286,6 +286,8 @@ def check(logits_error, grad_errors, backend):
 def test_model_matches_the_oracle(variant, overrides, backend, memory, generator):
     if backend == "triton":
         pytest.importorskip("triton", reason="triton is not installed")
+    if backend == "cpu":
+        require_cpu_kernels()
     triton = backend == "triton"
     dtype = torch.float32 if triton else torch.float64
     model = build(variant, overrides, backend, memory, dtype, generator, **(TRITON_SIZE if triton else {})).eval()
@@ -312,7 +314,7 @@ def recorded_draws(monkeypatch):
 
 @pytest.mark.parametrize("memory", ["default", "lean"])
 @pytest.mark.parametrize("variant, overrides", VARIANTS, ids=VARIANT_IDS)
-def test_stochastic_depth_matches_the_oracle(variant, overrides, memory, recorded_draws, generator):
+def test_stochastic_depth_matches_the_oracle(variant, overrides, memory, recorded_draws, generator, cpu_kernels):
     """Training mode with drop_path_rate 0.3 over 3 blocks: each residual branch of each block
     (model 3: three) is multiplied by its sample's keep mask / keep, keep = 1 - 0.3 * i / 2."""
     model = build(variant, overrides, "cpu", memory, torch.float64, generator, drop_path_rate=0.3, depth=3).train()

@@ -7,10 +7,9 @@ on CPU tensors without a GPU).
 
 import pytest
 import torch
-from conftest import packed_qkv
+from conftest import packed_qkv, require_cpu_kernels
 
 from vivit_kernels import factorised_attention, saved_bytes, tubelet_embedding
-from vivit_kernels.backends import cpu
 from vivit_kernels.ops.attention import lse_dtype
 
 BACKENDS = ["cpu", "triton"]
@@ -20,7 +19,7 @@ DEVICE = {"cpu": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     if request.param == "cpu":
-        cpu.load()
+        require_cpu_kernels()
     else:
         pytest.importorskip("triton", reason="triton is not installed")
     return request.param

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import require_transformers
 from vivit.checkpoint import load_checkpoint
 from vivit.cli import UserError
 from vivit.train import build_parser, train
@@ -165,7 +166,7 @@ def test_fine_tune_from_a_video_checkpoint(tmp_path, capsys):
     assert torch.equal(tuned["pos_embed"], resample_video_pos_embed(source["pos_embed"], (4, 4, 4), (4, 6, 6)))
     assert all(torch.equal(tuned[key], source[key]) for key in source if key != "pos_embed")
 
-    transformers = pytest.importorskip("transformers", reason="transformers writes the Hugging Face ViViT")
+    transformers = require_transformers("transformers writes the Hugging Face ViViT")
     config = transformers.VivitConfig(image_size=32, num_frames=8, tubelet_size=[2, 8, 8], hidden_size=32,
                                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=5)
     torch.manual_seed(0)

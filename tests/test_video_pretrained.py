@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import relative_error
+from conftest import relative_error, require_transformers
 from vivit import ViViT, ViViTConfig, hf_to_timm, load_image_pretrained, load_video_pretrained, model_spec
 from vivit.adapt import resample_video_pos_embed
 from vivit.checkpoint import save_checkpoint
@@ -41,7 +41,7 @@ def test_resample_video_pos_embed_resamples_time_and_space_separately(old, new, 
     assert resample_video_pos_embed(pos, old, old, 1) is pos
 
 
-transformers = pytest.importorskip("transformers", reason="transformers builds the Hugging Face ViViT")
+transformers = require_transformers("transformers builds the Hugging Face ViViT")
 
 
 @pytest.fixture(scope="module")

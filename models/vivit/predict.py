@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .cli import INPUT, Range, UserError, add_debug_flag, check_ranges, load_checked, resolve_device, run
+from .data.decoding import backend_unavailable_reason
 from .data.transforms import eval_transform
 from .data.video import temporal_view_indices
 from .evaluation import predict_logits
@@ -59,9 +60,12 @@ def check_video_file(path: str) -> None:
 
 def predict_file(args: argparse.Namespace) -> None:
     """`vivit-predict` once its arguments are parsed."""
+    check_ranges(args, _RANGES)
+    reason = backend_unavailable_reason("pyav")
+    if reason:
+        raise UserError(f"video {args.video}: cannot be read: {reason}")
     import av
 
-    check_ranges(args, _RANGES)
     device = resolve_device(args.device)
     check_video_file(args.video)
     model, state = load_checked(args.checkpoint, device)

@@ -52,9 +52,11 @@ def _read(source: Source) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
     if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
+        try:
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CheckpointError(f"{path}: reading .safetensors needs safetensors: pip install safetensors") from None
         try:
             return load_file(path, device="cpu")
         except SafetensorError as error:

@@ -463,10 +463,13 @@ class Trainer:
         """Train from the current step to the last (or --stop-at), then checkpoint, evaluate and
         summarise; returns the summary (also written to summary.json)."""
         if self.ctx.is_main and not self.args.no_progress:
-            from tqdm import tqdm
-
-            self.progress = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                                 file=sys.stderr)
+            try:
+                from tqdm import tqdm
+            except ImportError:  # the bar is optional
+                print("no progress bar: tqdm is not installed (pip install tqdm)", file=sys.stderr)
+            else:
+                self.progress = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                                     file=sys.stderr)
         self.model.train()
         run_start = time.perf_counter()
         # Clips and losses since the last metrics record (which may lie in the previous epoch).

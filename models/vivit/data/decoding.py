@@ -28,7 +28,10 @@ header costs time, never a wrong frame.
 from __future__ import annotations
 
 import bisect
+import functools
+import io
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -40,24 +43,60 @@ BACKENDS = ("pyav", "torchcodec")
 DEFAULT_BACKEND = "pyav"
 
 FFMPEG_HINT = (
-    "torchcodec needs the system's FFmpeg shared libraries (4 to 7): `apt-get install ffmpeg` "
-    "(Debian/Ubuntu), `conda install -c conda-forge 'ffmpeg<8'`, or `brew install ffmpeg`"
+    "torchcodec needs the system's FFmpeg shared libraries (4 to 9): `apt-get install ffmpeg` "
+    "(Debian/Ubuntu), `conda install -c conda-forge ffmpeg`, or `brew install ffmpeg`"
 )
 
 
 def backend_unavailable_reason(backend: str) -> str | None:
-    """Why `backend` cannot decode here, or None when it can."""
+    """Why `backend` cannot decode here, or None when it can.
+
+    Each backend is tried once per process on a tiny in-memory video: torchcodec imports without
+    FFmpeg and only fails when a decoder is made, so importing proves nothing.
+    """
     if backend not in BACKENDS:
         return f"unknown video backend {backend!r} (choose from {', '.join(BACKENDS)})"
-    module = "av" if backend == "pyav" else "torchcodec.decoders"
+    return _probe(backend)
+
+
+def _probe_video(frames: int = 2, width: int = 16, height: int = 16) -> bytes:
+    """A few grey frames as YUV4MPEG2 (uncompressed, 4:2:0): every FFmpeg build reads it, and
+    writing it needs nothing but Python."""
+    header = f"YUV4MPEG2 W{width} H{height} F30:1 Ip A1:1 C420jpeg\n".encode()
+    luma, chroma = width * height, 2 * (width // 2) * (height // 2)
+    return header + b"".join(b"FRAME\n" + bytes([16 + 40 * i]) * luma + b"\x80" * chroma for i in range(frames))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].strip() if text else type(error).__name__
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(backend: str) -> str | None:
+    if backend == "pyav":
+        try:
+            import av
+
+            with av.open(io.BytesIO(_probe_video()), format="yuv4mpegpipe") as container:
+                next(container.decode(video=0))
+        except ImportError as error:
+            return f"pyav is not installed ({error}); pip install av"
+        except Exception as error:  # a broken install: whatever it raises, in one line
+            return f"pyav cannot decode ({_first_line(error)}); pip install --force-reinstall av"
+        return None
     try:
-        __import__(module)
+        from torchcodec.decoders import VideoDecoder
+
+        VideoDecoder(_probe_video(), seek_mode="exact", dimension_order="NHWC").get_frames_at([1])
     except ImportError as error:
-        install = "pip install av" if backend == "pyav" else f"pip install torchcodec; {FFMPEG_HINT}"
-        return f"{backend} is not installed ({error}); {install}"
-    except (RuntimeError, OSError) as error:  # torchcodec raises when it cannot load FFmpeg
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return f"{backend} cannot load FFmpeg ({first_line}); {FFMPEG_HINT}"
+        return f"torchcodec is not installed ({error}); pip install torchcodec; {FFMPEG_HINT}"
+    except Exception as error:  # without FFmpeg: RuntimeError("Could not load libtorchcodec ...")
+        # Its first line only lists likely causes; the loader's own error names the missing library.
+        cause = re.search(r"OSError: (?!Could not load this library)(.+)", str(error))
+        detail = re.sub(r"[.:]?\s*Likely causes:?$", "", _first_line(error))
+        detail += f": {cause.group(1).strip()}" if cause else ""
+        return f"torchcodec cannot load FFmpeg ({detail}); {FFMPEG_HINT}"
     return None
 
 

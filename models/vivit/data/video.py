@@ -150,7 +150,10 @@ class VideoFolder(Dataset):
         backend: str = DEFAULT_BACKEND,
         decoder_threads: int = 1,
     ) -> None:
-        check_backend(backend)
+        try:
+            check_backend(backend)
+        except ValueError as error:  # a DataError: the command-line tools report it in one line
+            raise DataError(str(error)) from None
         self.items, self.classes = read_csv(csv_path, root, classes)
         self.backend, self.decoder_threads = backend, decoder_threads
         self.num_frames, self.size, self.train = num_frames, size, train
