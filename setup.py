@@ -8,7 +8,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Distribution, find_packages, setup
 from setuptools.command.build_py import build_py
 from setuptools.command.develop import develop
 
@@ -37,7 +37,8 @@ def build_cpu_kernels(package: Path) -> None:
     for path in library.parent.iterdir():  # keep the library, not the objects and ninja files
         if path != library and path.is_file() and package != HERE / "vivit_kernels":
             path.unlink()
-    for stale in library.parent.parent.glob(f"{extension.PREFIX}*"):  # builds of earlier sources
+    # Builds of earlier sources for this torch and Python; another environment's build stays.
+    for stale in library.parent.parent.glob(f"{extension.PREFIX}*_{extension.build_tag()}"):
         if stale != library.parent:
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -48,6 +49,14 @@ class BuildPy(build_py):
     def run(self):
         super().run()
         build_cpu_kernels(Path(self.build_lib) / "vivit_kernels")
+
+
+class BinaryDistribution(Distribution):
+    """The library links this torch and this Python (libtorch_python), so a wheel that carries it is
+    tagged for one platform and Python (here cp311-cp311-linux_x86_64), not py3-none-any."""
+
+    def has_ext_modules(self):
+        return importlib.util.find_spec("torch") is not None
 
 
 class Develop(develop):
@@ -62,12 +71,15 @@ setup(
     name="vivit-kernels",
     version="0.1.0",
     description="Fused factorised (spatial / temporal / split-head) attention and tubelet embedding for ViViT",
-    python_requires=">=3.10",
+    # The tested versions, both ends: `make test` (torch 2.14.1), `make test-compat` (torch 2.13.0),
+    # on Python 3.11.
+    python_requires=">=3.11,<3.12",
     packages=packages,
     package_dir={"vivit": "models/vivit"},
     package_data={"vivit_kernels": ["*.md", "triton/*.md"]},
     cmdclass={"build_py": BuildPy, "develop": Develop},
-    install_requires=["torch>=2.5", "einops>=0.8", "numpy"],
+    distclass=BinaryDistribution,
+    install_requires=["torch>=2.13,<2.15", "einops>=0.8", "numpy"],
     extras_require={"triton": ["triton>=3.1"]},
     entry_points={"console_scripts": ["vivit-train=vivit.train:main", "vivit-eval=vivit.evaluate:main",
                                       "vivit-predict=vivit.predict:main"]},

@@ -1,12 +1,15 @@
 """Loading the C++ CPU kernels (csrc/) into the process.
 
 One rule decides which binary loads: a library is named after a hash of the sources and build
-flags it was compiled from (`vivit_kernels_csrc_<hash>`), and only the one named after the
-sources at hand is loaded, so a changed source never loads a stale binary, however it was built.
+flags it was compiled from and a tag of what it links against (torch's version and C++ ABI, the
+Python): `vivit_kernels_csrc_<sources>_<tag>`. Only the one named after the sources and the
+torch at hand is loaded, so a changed source or another torch never loads a stale binary, however
+it was built.
 It is looked for in the package (`vivit_kernels/_csrc/`, built there by `setup.py` at install
 time) and then in the build cache ($VIVIT_KERNELS_CACHE, else torch's extension cache); when
 neither holds it, it is compiled into the cache on first use with torch's extension tools
-(ninja). An install without the sources (a wheel) loads the library it shipped with.
+(ninja), which are imported only to build. An install without the sources (a wheel) loads the
+library it shipped with.
 Loading registers the CPU kernels of the ops `torch.ops.vivit_kernels.cpu_*`.
 """
 
@@ -45,21 +48,34 @@ def sources_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def build_tag() -> str:
+    """A digest of what a built library is bound to besides its sources: it links libtorch and
+    Python, whose ABI may change between torch releases without any error at load time."""
+    import torch
+
+    key = f"torch {torch.__version__} cxx11abi {int(torch._C._GLIBCXX_USE_CXX11_ABI)} {sys.implementation.cache_tag}"
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
 def library_name() -> str:
-    """The name of the library built from the sources at hand."""
-    return PREFIX + sources_hash()
+    """The name of the library built from the sources at hand for this torch and Python."""
+    return f"{PREFIX}{sources_hash()}_{build_tag()}"
 
 
 def cache_root() -> Path:
-    from torch.utils import cpp_extension
+    """$VIVIT_KERNELS_CACHE, else torch's extension cache (`cpp_extension.get_default_build_root()`)."""
+    # Computed as that function does, without importing torch.utils.cpp_extension: its import logs
+    # a CUDA_HOME warning on machines without CUDA, and loading a built library needs none of it.
+    from torch import _appdirs
 
-    return Path(os.environ.get("VIVIT_KERNELS_CACHE") or cpp_extension.get_default_build_root())
+    return Path(os.environ.get("VIVIT_KERNELS_CACHE")
+                or os.path.realpath(_appdirs.user_cache_dir(appname="torch_extensions")))
 
 
 def find(roots: list[Path] | None = None) -> Path | None:
     """The library of the sources at hand in the package or the cache (or `roots`), if built."""
     if not have_sources():
-        shipped = sorted(PACKAGE_BUILD.glob(f"{PREFIX}*/{PREFIX}*.so"))
+        shipped = sorted(PACKAGE_BUILD.glob(f"{PREFIX}*_{build_tag()}/{PREFIX}*.so"))
         return shipped[0] if shipped else None
     name = library_name()
     for root in roots if roots is not None else [PACKAGE_BUILD, cache_root()]:
@@ -70,14 +86,19 @@ def find(roots: list[Path] | None = None) -> Path | None:
 
 
 def _cannot_build() -> str | None:
-    from torch.utils.cpp_extension import is_ninja_available
-
     if not have_sources():
+        import torch
+
+        if any(PACKAGE_BUILD.glob(f"{PREFIX}*/{PREFIX}*.so")):
+            return (f"the installed library was built for another torch or Python than this one (torch "
+                    f"{torch.__version__}, {sys.implementation.cache_tag}); reinstall vivit-kernels for it")
         return f"the C++ sources are not installed (expected {CSRC}); reinstall vivit-kernels from source"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler!r} not found): install g++ (e.g. `apt install g++`) or set CXX"
-    if not is_ninja_available():
+    # What cpp_extension.is_ninja_available asks, without importing cpp_extension (its import logs
+    # a CUDA_HOME warning on machines without CUDA, on top of the reason given here).
+    if shutil.which("ninja") is None:
         return "ninja is not installed: `pip install ninja`"
     return None
 
