@@ -67,8 +67,12 @@ ROWS = [
 def test_inspect_part_compiles_for_this_gpu_and_reports_what_fails(tmp_path, monkeypatch):
     commands = []
 
-    def fake_run(command, log):
+    def fake_run(command, log, show_stderr=False, env=None):
         commands.append(command)
+        assert env["TRITON_INTERPRET"] == "0"  # the tool need not start itself again to compile
+        if "--plan" in command:
+            return 0, 1.0, json.dumps({"compiles": 3748, "estimate_s": 3790, "scope": "..."}) + "\n"
+        assert show_stderr  # its progress reaches the user
         return 1, 1.0, "table\n" + json.dumps(ROWS) + "\n"
 
     monkeypatch.setattr(gpu_check, "_run", fake_run)
@@ -79,10 +83,21 @@ def test_inspect_part_compiles_for_this_gpu_and_reports_what_fails(tmp_path, mon
     assert part["errors"] == ["tubelet_fwd[bf16, BLOCK_M=64] sm_90: CompilationError: x"]
     assert part["candidate_spills"] == ["attention_bwd_dq[fp16, BLOCK_M=64] sm_90: LDL 1 STL 1"]
     assert part["kernels"]["attention_fwd"] == {"compiles": 2, "max_registers": 255, "max_shared_kib": 64.0}
-    gpu_check.inspect_part(tmp_path, None, False, [])  # no GPU: every architecture the tool knows
-    assert "--arch" not in commands[1] and "--candidates" not in commands[1]
+    # No GPU: one slice, quick or not, and what the whole inspection would cost, with its command.
+    for quick in (False, True):
+        commands.clear()
+        part = gpu_check.inspect_part(tmp_path, None, quick, [])
+        assert commands[0][-len(gpu_check.NO_CUDA_SLICE):] == gpu_check.NO_CUDA_SLICE
+        assert "--plan" in commands[1] and "--arch" not in commands[1] and "--candidates" not in commands[1]
+        jobs = str(os.cpu_count() or 2)
+        assert part["full"] == {"command": f"{gpu_check._python()} -m vivit_kernels.triton.inspect --jobs {jobs}",
+                                "compiles": 3748, "estimate_s": 3790}  # fmt: skip
+    assert gpu_check.full_inspection_text(part["full"]).startswith(
+        "the full inspection (every architecture, dtype and head dim) is 3748 compiles, about 1 h 03 min: ")
+    monkeypatch.setattr(gpu_check, "cuda_device", lambda: None)
     assert gpu_check.main(["--parts", "inspect", "--out", str(tmp_path)]) == 1  # a failing part fails the run
     assert not json.loads((tmp_path / "report.json").read_text())["ok"]
+    assert "the full inspection" in (tmp_path / "report.md").read_text()
 
     benchmarks = tmp_path / "bench.json"
     benchmarks.write_text(json.dumps({"benchmarks": [{"name": "test_attention[vivit_b-cuda-float16-split-forward-triton]",
@@ -98,3 +113,15 @@ def test_inspect_part_compiles_for_this_gpu_and_reports_what_fails(tmp_path, mon
     assert "| inspect | failed | 1.0 | 4 compiles, 1 errors, 1 autotune candidates spilling |" in table
     assert "- attention_bwd_dq[fp16, BLOCK_M=64] sm_90: LDL 1 STL 1" in table
     assert "| test_attention[vivit_b-cuda-float16-split-forward-triton] | 0.125 | 420.0 | 3.14 | - |" in table
+
+
+def test_run_shows_stderr_as_it_comes_and_logs_both(tmp_path, capfd):
+    """The inspection's progress goes to stderr: gpu-check passes it on while it waits for the rows."""
+    code = "import sys; print('progress', file=sys.stderr, flush=True); print('rows'); sys.exit(3)"
+    status, _, stdout = gpu_check._run([sys.executable, "-c", code], tmp_path / "x.log", show_stderr=True)
+    assert (status, stdout) == (3, "rows\n")
+    assert capfd.readouterr().err == "progress\n"
+    log = (tmp_path / "x.log").read_text()
+    assert "rows" in log and "--- stderr ---\nprogress" in log
+    gpu_check._run([sys.executable, "-c", code], tmp_path / "x.log")
+    assert capfd.readouterr().err == ""

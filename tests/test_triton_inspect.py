@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,20 +23,79 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 
-def _inspect(*args: str) -> list[dict]:
+def _inspect(*args: str) -> tuple[list[dict], str]:
+    """(rows, stderr) of the tool run with `args`."""
     # A fresh process compiles (this one interprets: Triton decides when a kernel is defined).
-    command = [sys.executable, "-m", "vivit_kernels.triton.inspect", "--json", "--jobs", "2", "--candidates", *args]
+    command = [sys.executable, "-m", "vivit_kernels.triton.inspect", "--json", "--jobs", "2", *args]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"},
                             timeout=900)  # fmt: skip
     assert result.stdout, result.stderr[-3000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    return json.loads(result.stdout.splitlines()[-1]), result.stderr
 
 
 @pytest.fixture(scope="module")
-def rows():
-    return _inspect("--kernels", "attention", "--dtype", "fp16", "--head-dims", "80", "--arch", "86") + _inspect(
-        "--kernels", "attention", "--dtype", "fp32", "--head-dims", "64", "--arch", "90"
-    )
+def inspections():
+    return [_inspect("--candidates", "--kernels", "attention", "--dtype", "fp16", "--head-dims", "80", "--arch", "86"),
+            _inspect("--candidates", "--kernels", "attention", "--dtype", "fp32", "--head-dims", "64", "--arch", "90")]
+
+
+@pytest.fixture(scope="module")
+def rows(inspections):
+    return [row for rows, _ in inspections for row in rows]
+
+
+def test_says_what_it_will_compile_then_each_compile_done(inspections):
+    """No silent wait: the count and a time estimate up front, then one line per compile (stderr is
+    not a terminal here; on one it is a bar), then a summary."""
+    for rows, stderr in inspections:
+        n, arch, dtype = len(rows), rows[0]["arch"], rows[0]["dtype"]
+        lines = stderr.splitlines()
+        head_dim = rows[0]["head_dim"]
+        assert re.fullmatch(rf"inspect: {n} compiles \(attention kernels; sm_{arch}; {dtype}; head dim {head_dim}; "
+                            r"autotune candidates\), about [^,]+ in 2 processes .*", lines[0]), lines[0]  # fmt: skip
+        assert not any("to narrow it" in line for line in lines)  # a minute's run needs no advice
+        done = [line for line in lines if line.startswith("[")]
+        assert [line.split("]")[0] for line in done] == [f"[{k}/{n}" for k in range(1, n + 1)]
+        assert sorted(line.split("] ", 1)[1] for line in done) == sorted(f"sm_{arch} {r['name']}" for r in rows)
+        assert any(re.fullmatch(rf"inspect: {n} compiles in \d+ s, 0 failing", line) for line in lines), stderr
+
+
+def test_plan_says_how_much_the_whole_inspection_is_and_how_to_narrow_it(rows):
+    result = subprocess.run([sys.executable, "-m", "vivit_kernels.triton.inspect", "--plan", "--json"], timeout=300,
+                            capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads(result.stdout)  # nothing compiled, no table
+    assert plan["compiles"] > 10 * len(rows) and plan["estimate_s"] > 30 * 60
+    assert plan["scope"].startswith("every kernel; sm_80, sm_86, sm_89, sm_90; fp32, fp16, bf16; head dims 16, 32,")
+    first, narrow = result.stderr.splitlines()[:2]
+    assert first.startswith(f"inspect: {plan['compiles']} compiles (every kernel;") and " h " in first
+    for flag in ("--arch", "--dtype", "--head-dims", "--kernels", "--candidates", "--filter"):
+        assert flag in narrow
+
+
+def test_progress_and_estimates():
+    from vivit_kernels.triton import inspect
+
+    assert [inspect.duration(s) for s in (0, 49.6, 200, 3790)] == ["0 s", "50 s", "3 min", "1 h 03 min"]
+    assert inspect.estimate(0, 2) == 0
+    assert inspect.estimate(40, 1) == inspect.STARTUP_SECONDS + 40 * inspect.SECONDS_PER_COMPILE
+    assert inspect.estimate(40, 2) <= inspect.estimate(40, 1)
+
+
+def test_a_compile_that_fails_the_inspection_says_so_as_it_happens(capsys):
+    from vivit_kernels.triton.inspect import Row, _Progress
+
+    row = dict(launch="", kernel="attention_fwd", dtype="fp16", head_dim=64, prefix=False, config="", arch=86,
+               registers=255, stack=0, shared=1024, spill_loads=0, spill_stores=0)  # fmt: skip
+    progress = _Progress(4)  # stderr is captured, not a terminal: a line per compile
+    progress.update(Row(name="a", autotune_candidate=True, **row))
+    progress.update(Row(name="b", autotune_candidate=True, **{**row, "spill_loads": 2}))
+    progress.update(Row(name="c", autotune_candidate=False, **{**row, "spill_loads": 2}))  # pruned: not a failure
+    progress.update(Row(name="d", autotune_candidate=True, **{**row, "shared": 200 * 1024}))
+    progress.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "[1/4] sm_86 a", "[2/4] sm_86 b: autotune candidate spills", "[3/4] sm_86 c",
+        "[4/4] sm_86 d: autotune candidate over the shared memory limit"]  # fmt: skip
 
 
 def test_every_kernel_and_variant_compiles(rows):

@@ -3,7 +3,9 @@
 Parts, in this order (`--parts` picks some):
   inspect  `python -m vivit_kernels.triton.inspect`: every kernel compiled as a launch would,
            registers, spills, shared memory. It needs no GPU and runs anywhere; on a GPU only
-           that GPU's architecture is compiled (the full table is the CPU-side tool's job).
+           that GPU's architecture is compiled. Without one it compiles one slice (NO_CUDA_SLICE:
+           one architecture's autotune candidates at one dtype and head dim, about a minute on
+           2 cores) and says what the full inspection costs and how to run it (over an hour).
   tests    every test that runs on CUDA: the Triton kernels compiled on the device in fp32, fp16
            and bf16 against float64 references (tests/test_cuda_kernels.py: real bf16 dots,
            ViViT-B sizes, determinism, a second device, CUDA autocast; test_triton_attention.py,
@@ -27,6 +29,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -40,6 +43,9 @@ CUDA_TESTS_DESELECT = ["tests/test_triton_tubelet.py::test_kernels_compile_for_s
 QUICK_TESTS = (["tests/test_cuda_kernels.py"],
                "B1H12T16S196 or 2x3x16x224x224 or deterministic or another_device or autocast")  # fmt: skip
 BENCH_SELECT = {False: "cuda", True: "cuda and float16 and not bfloat16 and not backward"}
+# A consumer GPU (99 KiB of shared memory per block, the tightest budget), the training dtype, the
+# head dim of ViT-S/B: 40 compiles.
+NO_CUDA_SLICE = ["--arch", "86", "--dtype", "fp16", "--head-dims", "64", "--kernels", "attention", "--candidates"]
 
 
 def cuda_device() -> dict | None:
@@ -60,12 +66,25 @@ def cuda_device() -> dict | None:
     }
 
 
-def _run(command: list[str], log: Path) -> tuple[int, float, str]:
-    """Run `command` in the repository root; stdout and stderr to `log`. (exit status, seconds, stdout)."""
+def _run(command: list[str], log: Path, show_stderr: bool = False, env: dict | None = None) -> tuple[int, float, str]:
+    """Run `command` in the repository root; stdout and stderr to `log`, stderr also to this
+    process's stderr as it comes when `show_stderr` (progress). (exit status, seconds, stdout)."""
     start = time.monotonic()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    log.write_text(f"$ {shlex.join(command)}\n{result.stdout}\n--- stderr ---\n{result.stderr}")
-    return result.returncode, time.monotonic() - start, result.stdout
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)  # fmt: skip
+    stdout: list[str] = []
+    reader = threading.Thread(target=lambda: stdout.append(process.stdout.read()))
+    reader.start()
+    stderr = []
+    for line in process.stderr:
+        stderr.append(line)
+        if show_stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    reader.join()
+    code = process.wait()
+    log.write_text(f"$ {shlex.join(command)}\n{stdout[0]}\n--- stderr ---\n{''.join(stderr)}")
+    return code, time.monotonic() - start, stdout[0]
 
 
 def skipped(reason: str) -> dict:
@@ -92,18 +111,59 @@ def summarise_inspection(rows: list[dict]) -> dict:
     return {"compiles": len(rows), "errors": errors, "candidate_spills": spills, "kernels": kernels}
 
 
-def inspect_part(out: Path, device: dict | None, quick: bool, extra: list[str]) -> dict:
-    command = [sys.executable, "-m", "vivit_kernels.triton.inspect", "--json", "--jobs", str(os.cpu_count() or 2)]
-    if device is not None:
+def _python() -> str:
+    """This interpreter, relative to the repository root when inside it (as a user would type it)."""
+    path = Path(sys.executable)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else sys.executable
+
+
+def inspect_command(device: dict | None, quick: bool, extra: list[str]) -> list[str]:
+    """The inspection gpu-check runs: the device's architecture (every config, or the autotune
+    candidates when `quick`); without a device, NO_CUDA_SLICE."""
+    command = [_python(), "-m", "vivit_kernels.triton.inspect", "--json", "--jobs", str(os.cpu_count() or 2)]
+    if device is None:
+        command += NO_CUDA_SLICE
+    else:
         from vivit_kernels.triton.inspect import ARCHS
 
         if device["arch"] in ARCHS:
             command += ["--arch", str(device["arch"])]
-    if quick:
-        command.append("--candidates")
-    command += extra
-    code, seconds, stdout = _run(command, out / "inspect.log")
+        if quick:
+            command.append("--candidates")
+    return command + extra
+
+
+def full_inspection(out: Path) -> dict:
+    """What the inspection of every architecture, dtype and head dim costs: {"command", "compiles",
+    "estimate_s"} (the figures only when the tool's plan could be read)."""
+    command = [_python(), "-m", "vivit_kernels.triton.inspect", "--jobs", str(os.cpu_count() or 2)]
+    _, _, stdout = _run([*command, "--plan", "--json"], out / "inspect-plan.log", env=_compiling())
+    try:
+        plan = json.loads(stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        plan = {}
+    figures = {k: plan[k] for k in ("compiles", "estimate_s") if k in plan} if isinstance(plan, dict) else {}
+    return {"command": shlex.join(command), **figures}
+
+
+def full_inspection_text(full: dict) -> str:
+    from vivit_kernels.triton.inspect import duration
+
+    cost = f"{full['compiles']} compiles, about {duration(full['estimate_s'])}: " if "compiles" in full else ""
+    return f"the full inspection (every architecture, dtype and head dim) is {cost}{full['command']}"
+
+
+def _compiling() -> dict:
+    # The inspection compiles; told so, it need not start itself again in a compiling process.
+    return {**os.environ, "TRITON_INTERPRET": "0"}
+
+
+def inspect_part(out: Path, device: dict | None, quick: bool, extra: list[str]) -> dict:
+    command = inspect_command(device, quick, extra)
+    code, seconds, stdout = _run(command, out / "inspect.log", show_stderr=True, env=_compiling())
     part = {"command": shlex.join(command), "exit_status": code, "seconds": round(seconds, 1)}
+    if device is None:
+        part["full"] = full_inspection(out)
     try:
         rows = json.loads(stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -205,6 +265,8 @@ def markdown(report: dict) -> str:
         if problems:
             lines += ["", f"## {name}: failures", ""] + [f"- {p}" for p in problems]
     inspection = report["parts"].get("inspect", {})
+    if inspection.get("full"):
+        lines += ["", f"Inspected: `{inspection['command']}`; {full_inspection_text(inspection['full'])}."]
     if inspection.get("kernels"):
         lines += ["", "## inspect: per kernel", "", "| kernel | compiles | max registers | max shared KiB |",
                   "|---|---|---|---|"]  # fmt: skip
@@ -236,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     device = cuda_device()
     if device is None:
-        print("gpu-check: no CUDA device here: the tests and benchmarks are skipped; the inspection runs anyway")
+        print("gpu-check: no CUDA device here: the tests and benchmarks are skipped"
+              + ("; the inspection compiles one slice" if "inspect" in parts else ""), flush=True)  # fmt: skip
     no_cuda = skipped("no CUDA device on this machine")
     runners = {"inspect": lambda extra: inspect_part(out, device, args.quick, extra),
                "tests": lambda extra: tests_part(out, args.quick, extra) if device else no_cuda,
@@ -246,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         part = runners[name](shlex.split(getattr(args, f"{name}_args")))
         report["parts"][name] = part
         print(f"gpu-check: {name}: {part['status']}" + (f" ({part['seconds']} s)" if "seconds" in part else "")
-              + (f": {part['reason']}" if part.get("reason") else ""))  # fmt: skip
+              + (f": {part['reason']}" if part.get("reason") else ""), flush=True)  # fmt: skip
+        if "full" in part:
+            print(f"gpu-check: {full_inspection_text(part['full'])}", flush=True)
     report["seconds"] = round(time.monotonic() - start, 1)
     report["ok"] = all(p["status"] != "failed" for p in report["parts"].values())
     (out / "report.json").write_text(json.dumps(report, indent=2))

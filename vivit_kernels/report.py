@@ -62,6 +62,10 @@ def measure(mode: str, backend: str, shape: dict, device, dtype, repeats: int, t
     }
 
 
+def _shape_text(shape: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in shape.items())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed forward+backward passes (median reported)")
@@ -72,10 +76,14 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32
 
-    shape_text = ", ".join(f"{k}={v}" for k, v in VIVIT_B.items())
-    print(f"factorised attention, forward+backward, {dtype}, {device}, ViViT-B shape ({shape_text})")
+    print(f"factorised attention, forward+backward, {dtype}, {device}, ViViT-B shape ({_shape_text(VIVIT_B)})")
     header = f"{'mode':<9} {'backend':<10} {'max rel err':>12} {'median ms':>10} {'saved MB':>9}  note"
     print(header + "\n" + "-" * len(header))
+    footnotes: dict[str, str] = {}  # the same reason holds for every mode: said once, under the table
+
+    def footnote(text: str) -> str:
+        return footnotes.setdefault(text, f"[{len(footnotes) + 1}]")
+
     for mode in MODES:
         for name in backends.names():
             backend = backends.get(name)
@@ -83,14 +91,20 @@ def main(argv: list[str] | None = None) -> None:
             request = backends.Request("attention", device, dtype, AttentionShape.of((B, H, T * S, Dh), T, mode))
             reasons = backend.not_supported_reasons(request)
             if reasons:
-                print(f"{mode:<9} {name:<10} {'-':>12} {'-':>10} {'-':>9}  unavailable: {', '.join(reasons)}")
+                note = footnote(f"{name}: {', '.join(reasons)}")
+                print(f"{mode:<9} {name:<10} {'-':>12} {'-':>10} {'-':>9}  unavailable {note}")
                 continue
             only_named = backend.auto_reasons(request) if backend.auto else []
             shape = INTERPRETER_SHAPE if only_named else VIVIT_B
             row = measure(mode, name, shape, device, dtype, args.repeats, timed=not only_named)
             ms = "-" if row["ms"] is None else f"{row['ms']:.1f}"
-            note = f"{', '.join(only_named)}; small shape {shape}, not timed" if only_named else ""
-            print(f"{mode:<9} {name:<10} {row['error']:>12.1e} {ms:>10} {row['saved'] / 2**20:>9.1f}  {note}")
+            note = ""
+            if only_named:
+                reason = f"{name}: {', '.join(only_named)}; checked at {_shape_text(shape)}, not timed"
+                note = f"small shape {footnote(reason)}"
+            print(f"{mode:<9} {name:<10} {row['error']:>12.1e} {ms:>10} {row['saved'] / 2**20:>9.1f}  {note}".rstrip())
+    for text, mark in footnotes.items():
+        print(f"{mark} {text}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ spill instructions (LDL/STL), tensor-core instructions (HMMA; HGMMA on sm_90), a
 the asynchronous and 128-bit global loads. The tool exits non-zero when a compile fails or a
 candidate spills or needs more shared memory than the architecture gives a block.
 
+Everything (every architecture, dtype, head dim and config) takes about an hour on 2 cores;
+`--arch`, `--dtype`, `--head-dims`, `--kernels`, `--candidates` and `--filter` narrow it (one
+architecture's candidates at one dtype and head dim take about a minute). Before compiling, the
+tool says on stderr how many compiles it will make and roughly how long they take (`--plan`: only
+that), then shows them done: a bar on a terminal, else a `[k/n] sm_XX kernel[...]` line each.
+
 Compiles need the real (non-interpreted) code path: in a process whose kernels are interpreted
 (no CUDA device) the tool runs itself again with TRITON_INTERPRET=0 (see
 `vivit_kernels.triton.interpreted`), before triton is imported.
@@ -31,7 +37,8 @@ import re
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -132,28 +139,31 @@ def record(kernels: str = "all", dtypes=DTYPES, head_dims=HEAD_DIMS) -> list[Lau
 
     from vivit_kernels.triton import attention, tubelet
 
+    # torch.empty: no kernel runs, so no value is read, and zeroing gigabytes of inputs would cost
+    # seconds in every process that records.
+
     launches: list[Launch] = []
     for dtype in dtypes:
         if kernels in ("all", "attention"):
             B, T, S, H = (ATTENTION_SHAPE[k] for k in ("B", "T", "S", "H"))
             for head_dim in head_dims:
                 for prefix in (0, 1):
-                    qkv = torch.zeros(B, prefix + T * S, 3, H, head_dim, dtype=_torch_dtype(dtype))
+                    qkv = torch.empty(B, prefix + T * S, 3, H, head_dim, dtype=_torch_dtype(dtype))
                     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
                     label = f"attention {dtype} Dh={head_dim} P={prefix}"
                     meta = dict(dtype=dtype, head_dim=head_dim, prefix=bool(prefix))
                     with _recording(launches, label, meta):
                         saved = attention.forward(q, k, v, T, prefix, "time_major", "split", head_dim**-0.5)
-                        attention.backward(torch.zeros_like(q), q, k, v, *saved, T, prefix, "time_major", "split",
+                        attention.backward(torch.empty_like(q), q, k, v, *saved, T, prefix, "time_major", "split",
                                            head_dim**-0.5)  # fmt: skip
         if kernels in ("all", "tubelet"):
             s = TUBELET_SHAPE
-            video = torch.zeros(s["B"], s["C"], s["T"], s["H"], s["W"], dtype=_torch_dtype(dtype))
-            weight = torch.zeros(s["D"], s["C"], s["t"], s["h"], s["w"], dtype=video.dtype)
-            bias = torch.zeros(s["D"], dtype=video.dtype)
+            video = torch.empty(s["B"], s["C"], s["T"], s["H"], s["W"], dtype=_torch_dtype(dtype))
+            weight = torch.empty(s["D"], s["C"], s["t"], s["h"], s["w"], dtype=video.dtype)
+            bias = torch.empty(s["D"], dtype=video.dtype)
             tokens = (s["T"] // s["t"]) * (s["H"] // s["h"]) * (s["W"] // s["w"])
-            pos = torch.zeros(tokens, s["D"], dtype=video.dtype)
-            grad = torch.zeros(s["B"], s["T"] // s["t"], tokens // (s["T"] // s["t"]), s["D"], dtype=video.dtype)
+            pos = torch.empty(tokens, s["D"], dtype=video.dtype)
+            grad = torch.empty(s["B"], s["T"] // s["t"], tokens // (s["T"] // s["t"]), s["D"], dtype=video.dtype)
             meta = dict(dtype=dtype, head_dim=None, prefix=False)
             with _recording(launches, f"tubelet {dtype}", meta):
                 tubelet.forward(video, weight, bias, pos)
@@ -197,6 +207,9 @@ def _is_candidate(launch: Launch, config, arch: int) -> bool:
     return any(c is config for c in kept)
 
 
+_BINDERS: dict[tuple[int, int], tuple] = {}  # (id of the JIT function, arch) -> (target, backend, binder)
+
+
 def _bind(launch: Launch, config, arch: int):
     """(ASTSource, options) of the launch with `config`, specialised as sm_`arch`'s launch would be."""
     from triton.backends.compiler import GPUTarget
@@ -211,9 +224,12 @@ def _bind(launch: Launch, config, arch: int):
     kwargs = {**launch.kwargs, "debug": False, "instrumentation_mode": knobs.compilation.instrumentation_mode}
     if config is not None:
         kwargs.update(config.all_kwargs())
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    key = (id(fn), arch)
+    if key not in _BINDERS:  # building a binder costs half of planning a run
+        target = GPUTarget("cuda", arch, 32)
+        backend = make_backend(target)
+        _BINDERS[key] = target, backend, create_function_from_signature(fn.signature, fn.params, backend)
+    target, backend, binder = _BINDERS[key]
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     return ASTSource(fn, signature, constexprs, attrs), options, target
@@ -300,12 +316,13 @@ def _compile_key(launch: Launch, config, arch: int) -> tuple:
             str(sorted(source.attrs.items())), str(sorted(options.__dict__.items())), arch)  # fmt: skip
 
 
-def inspect(name_filter: str = "", archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, kernels: str = "all",
-            jobs: int = 2, candidates_only: bool = False) -> list[Row]:  # fmt: skip
-    """Record the launches, then compile each distinct (kernel, config, specialisation, arch) once."""
-    launches = record(kernels, dtypes, head_dims)
+def plan(name_filter: str = "", archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, kernels: str = "all",
+         candidates_only: bool = False) -> list[Job]:  # fmt: skip
+    """The compiles of an inspection: the launches recorded (in this process, for `compile_job`),
+    then each distinct (kernel, config, specialisation, arch) once."""
+    _init_worker(kernels, dtypes, head_dims)
     work, seen = [], set()
-    for index, launch in enumerate(launches):
+    for index, launch in enumerate(_LAUNCHES):
         configs = list(enumerate(launch.autotuner.configs)) if launch.autotuner else [(None, None)]
         for arch in archs:
             for config_index, config in configs:
@@ -317,16 +334,121 @@ def inspect(name_filter: str = "", archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DI
                 seen.add(key)
                 work.append(Job(index, config_index, arch))
     if name_filter:
-        _init_worker(kernels, dtypes, head_dims)
         work = [j for j in work if re.search(name_filter, _describe(j)[3])]
-    if jobs <= 1 or len(work) <= 1:
-        _init_worker(kernels, dtypes, head_dims)
-        return [compile_job(j) for j in work]
-    # Spawned, not forked: a fork of a process whose OpenMP threads ran (the recording) can hang.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(kernels, dtypes, head_dims)) as pool:  # fmt: skip
-        return list(pool.map(compile_job, work))
+    return work
+
+
+def _problem(row: Row) -> str:
+    """Why `row` fails the inspection ("" when it passes), as `failures` counts it."""
+    if row.error:
+        return "FAILED"
+    if row.autotune_candidate and (row.spills or row.over_shared):
+        return "autotune candidate " + ("spills" if row.spills else "over the shared memory limit")
+    return ""
+
+
+class _Progress:
+    """Compiles done, on stderr: a bar on a terminal (tqdm, when installed), else a line per compile."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.bar = total, 0, None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, desc="inspect", unit="compile", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, row: Row) -> None:
+        self.done += 1
+        problem = _problem(row)
+        if self.bar is None:
+            print(f"[{self.done}/{self.total}] sm_{row.arch} {row.name}" + (f": {problem}" if problem else ""),
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return
+        if problem:
+            self.bar.write(f"sm_{row.arch} {row.name}: {problem}", file=sys.stderr)
+        self.bar.set_postfix_str(f"sm_{row.arch} {row.kernel} {row.dtype}", refresh=False)
+        self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def compile_all(work: list[Job], kernels: str = "all", dtypes=DTYPES, head_dims=HEAD_DIMS, jobs: int = 2,
+                progress: bool = False) -> list[Row]:  # fmt: skip
+    """Compile `plan`'s jobs (planned with these kernels, dtypes and head dims) in `jobs`
+    processes; rows in the order of `work`. `progress`: show the compiles done on stderr."""
+    rows: list[Row | None] = [None] * len(work)
+    shown = _Progress(len(work)) if progress else None
+    try:
+        if jobs <= 1 or len(work) <= 1:
+            for i, job in enumerate(work):
+                rows[i] = compile_job(job)
+                if shown:
+                    shown.update(rows[i])
+            return rows
+        # Spawned, not forked: a fork of a process whose OpenMP threads ran (the recording) can hang.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                                 initargs=(kernels, dtypes, head_dims)) as pool:  # fmt: skip
+            index = {pool.submit(compile_job, job): i for i, job in enumerate(work)}
+            for future in as_completed(index):
+                rows[index[future]] = future.result()
+                if shown:
+                    shown.update(rows[index[future]])
+        return rows
+    finally:
+        if shown:
+            shown.close()
+
+
+def inspect(name_filter: str = "", archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, kernels: str = "all",
+            jobs: int = 2, candidates_only: bool = False, progress: bool = False) -> list[Row]:  # fmt: skip
+    """Record the launches, then compile each distinct (kernel, config, specialisation, arch) once."""
+    work = plan(name_filter, archs, dtypes, head_dims, kernels, candidates_only)
+    return compile_all(work, kernels, dtypes, head_dims, jobs, progress)
+
+
+# For the estimate printed before a run. Seconds of one core per compile with Triton's cache cold,
+# timed on a 2-core x86 machine: 0.6 (tubelet) to 2.5 (fp32 attention). A warm cache (a second
+# run) halves it.
+SECONDS_PER_COMPILE = 2.0
+STARTUP_SECONDS = 10.0  # a compile process starting: importing torch and triton, recording
+
+
+def estimate(compiles: int, jobs: int) -> float:
+    """Rough wall-clock seconds of `compiles` compiles in `jobs` processes."""
+    if not compiles:
+        return 0.0
+    parallel = max(1, min(jobs, compiles, os.cpu_count() or 1))
+    return STARTUP_SECONDS + compiles * SECONDS_PER_COMPILE / parallel
+
+
+def duration(seconds: float) -> str:
+    """'40 s', '3 min', '1 h 05 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def scope(archs, dtypes, head_dims, kernels: str, candidates_only: bool, name_filter: str) -> str:
+    """What a run compiles, in words: 'attention kernels; sm_86; fp16; head dim 64; autotune candidates'."""
+    parts = [f"{kernels} kernels" if kernels != "all" else "every kernel"]
+    parts.append(", ".join(f"sm_{a}" for a in archs))
+    parts.append(", ".join(dtypes))
+    if kernels != "tubelet":
+        parts.append(f"head dim{'s' if len(head_dims) > 1 else ''} {', '.join(map(str, head_dims))}")
+    parts.append("autotune candidates" if candidates_only else "every config")
+    if name_filter:
+        parts.append(f"--filter {name_filter!r}")
+    return "; ".join(parts)
+
+
+NARROW = (f"--arch {{{','.join(map(str, ARCHS))}}}, --dtype {{{','.join(DTYPES)}}}, --head-dims N..., "
+          "--kernels {attention,tubelet}, --candidates (the configs the autotuner may pick), --filter REGEX")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +549,7 @@ def failures(rows: list[Row]) -> list[str]:
         f"{r.name} sm_{r.arch}: autotune candidate with LDL {r.spill_loads} STL {r.spill_stores}, "
         f"{r.shared} bytes of shared memory (limit {SHARED_LIMIT[r.arch]})"
         for r in rows
-        if not r.error and r.autotune_candidate and (r.spills or r.over_shared)
+        if not r.error and _problem(r)
     ]
     return bad
 
@@ -450,14 +572,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
     parser.add_argument("--write-limits", action="store_true",
                         help="update limits.py from these compiles (every config of the dtypes, head dims and archs given)")
+    parser.add_argument("--plan", action="store_true",
+                        help="only say how many compiles the other options make and how long they take (with "
+                             "--json: as a JSON object)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.write_limits and (args.candidates or args.filter):
         parser.error("--write-limits needs every config compiled: no --candidates or --filter")
-    rows = inspect(args.filter, args.arch, args.dtype, args.head_dims, args.kernels, args.jobs, args.candidates)
+    start = time.monotonic()
+    work = plan(args.filter, args.arch, args.dtype, args.head_dims, args.kernels, args.candidates)
+    seconds = estimate(len(work), args.jobs)
+    what = scope(args.arch, args.dtype, args.head_dims, args.kernels, args.candidates, args.filter)
+    print(f"inspect: {len(work)} compiles ({what}), about {duration(seconds)} in {args.jobs} process"
+          f"{'es' if args.jobs > 1 else ''} (roughly {SECONDS_PER_COMPILE:.0f} s of a core per compile)",
+          file=sys.stderr, flush=True)  # fmt: skip
+    if seconds > 120:
+        print(f"inspect: to narrow it: {NARROW}", file=sys.stderr, flush=True)
+    if args.plan:
+        if args.json:
+            print(json.dumps({"compiles": len(work), "estimate_s": round(seconds), "scope": what}))
+        return 0
+    rows = compile_all(work, args.kernels, args.dtype, args.head_dims, args.jobs, progress=True)
     if args.write_limits:
         print(f"wrote {write_limits(rows)}", file=sys.stderr)
     print(json.dumps([asdict(r) for r in rows]) if args.json else format_table(rows))
     bad = failures(rows) if not args.write_limits else [f"{r.name}: {r.error}" for r in rows if r.error]
+    print(f"inspect: {len(rows)} compiles in {duration(time.monotonic() - start)}, {len(bad)} failing", file=sys.stderr)
     for line in bad:
         print(line, file=sys.stderr)
     return 1 if bad else 0
