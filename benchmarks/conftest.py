@@ -1,4 +1,4 @@
-"""Fixtures of the benchmark suites, the speedups against the einsum baseline, and the end-of-session table."""
+"""Fixtures of the benchmark suites, speedups against the baselines, the run's metadata, the end-of-session table."""
 
 from __future__ import annotations
 
@@ -10,16 +10,30 @@ from typing import Callable
 import pytest
 import torch
 
-from .cases import BASELINE, TORCH_BASELINES, parse_target
+from .cases import TORCH_BASELINES, einsum_baseline, parse_target
 from .loader import OLD as LOADER_OLD
 from .loader import OLD_DECODE as LOADER_OLD_DECODE
 from .measure import run_case
+from .provenance import load_average, run_metadata
+from .report import format_loader_table, format_table, metadata_line
 
 RESULTS = pytest.StashKey[list]()
+# The load averages at the session's start, and the highest 1-min load seen at any benchmark.
+LOAD_AT_START = pytest.StashKey[list]()
+PEAK_LOAD = pytest.StashKey[float]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[RESULTS] = []
+    config.stash[LOAD_AT_START] = load_average()
+    config.stash[PEAK_LOAD] = config.stash[LOAD_AT_START][0]
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """machine_info["vivit"]: benchmarks.provenance.run_metadata (load averages, torch, threads,
+    commit, command; "loaded" where the 1-min load reached the core count), which
+    `python -m benchmarks.report` prints above the tables and checks."""
+    machine_info["vivit"] = run_metadata(config.stash[LOAD_AT_START], config.stash[PEAK_LOAD])
 
 
 def require_target(target: str) -> tuple[torch.device, torch.dtype]:
@@ -78,6 +92,7 @@ def measure(benchmark, request):
                 run_case(benchmark, spec)
             return
         run_case(benchmark, spec)
+        request.config.stash[PEAK_LOAD] = max(request.config.stash[PEAK_LOAD], load_average()[0])
         _release_freed_memory()
         median = benchmark.stats.stats.median
         benchmark.extra_info["median_s"] = median
@@ -93,8 +108,8 @@ def _key(info: dict) -> tuple:
 
 
 def fill_speedups(rows: list[dict]) -> None:
-    """speedup_vs_einsum (and speedup_vs_torch: SDPA, Conv3d) = baseline median / median, where the baseline ran;
-    for the loader, clips_per_s and speedup_vs_old."""
+    """speedup_vs_einsum (and speedup_vs_torch: SDPA, Conv3d) = baseline median / median, where the baseline ran
+    (for attention the plain baselines of benchmarks/cases.py); for the loader, clips_per_s and speedup_vs_old."""
     medians = {(_key(r), r["backend"]): r["median_s"] for r in rows}
     for row in rows:
         key, median = _key(row), row["median_s"]
@@ -104,7 +119,7 @@ def fill_speedups(rows: list[dict]) -> None:
                 theirs = medians.get((key, baseline))
                 row[f"speedup_vs_{name}"] = theirs / median if theirs and median > 0 else None
             continue
-        einsum = medians.get((key, BASELINE))
+        einsum = medians.get((key, einsum_baseline(row["op"])))
         row["speedup_vs_einsum"] = einsum / median if einsum and median > 0 else None
         torch_name = TORCH_BASELINES.get(row["op"])
         if torch_name:
@@ -120,75 +135,6 @@ def pytest_sessionfinish(session, exitstatus):
     yield
 
 
-def _bytes(value) -> str:
-    return "-" if value is None else f"{value / 2**20:.1f} MiB"
-
-
-def _time(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
-
-
-def _markdown(header: tuple, lines: list[tuple]) -> list[str]:
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
-    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
-    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    out += ["| " + " | ".join(str(x).ljust(w) for x, w in zip(line, widths)) + " |" for line in lines]
-    return out
-
-
-def format_table(rows: list[dict]) -> list[str]:
-    """One line per result, grouped by op, shape, device/dtype and pass, baseline first."""
-    header = (
-        "op / mode", "shape", "target", "backend", "pass", "median", "GFLOP/s", "vs einsum", "vs SDPA/Conv3d",
-        "peak mem", "saved for bwd",
-    )
-    order = {BASELINE: 0, "sdpa": 1, "conv3d": 1, "unfold_matmul": 2}
-    ops = {"attention": 0, "tubelet": 1, "training": 2}
-    rows = sorted(rows, key=lambda r: (ops.get(r["op"], 3), _key(r), order.get(r["backend"], 3), r["backend"]))
-    lines = []
-    for r in rows:
-        speedup = r.get("speedup_vs_einsum")
-        rate = r.get("flop_per_s")
-        lines.append(
-            (
-                r["case"] if r["op"] in ("attention", r["case"]) else f"{r['op']}: {r['case']}",
-                r["shape_name"],
-                f"{r['device']} {r['dtype']}",
-                "einsum" if r["backend"] == BASELINE else r["backend"],
-                "fwd+bwd" if r["pass"] == "forward+backward" else r["pass"].replace("forward", "fwd"),
-                _time(r["median_s"]),
-                "-" if rate is None else f"{rate / 1e9:.1f}",
-                "-" if speedup is None else f"{speedup:.2f}x",
-                "-" if r.get("speedup_vs_torch") is None else f"{r['speedup_vs_torch']:.2f}x",
-                _bytes(r["peak_bytes"]),
-                _bytes(r["saved_for_backward_bytes"]) if r["pass"] != "forward" else "-",
-            )
-        )
-    return _markdown(header, lines)
-
-
-def format_loader_table(rows: list[dict]) -> list[str]:
-    """The loader rows: one per file and path, the old path first."""
-    header = ("file", "path", "video frames", "median / clip", "clips/s per worker", "vs old", "vs old decode",
-              "peak mem per worker")
-    order = {LOADER_OLD: 0, LOADER_OLD_DECODE: 1}
-    rows = sorted((r for r in rows if r["op"] == "loader"), key=lambda r: (r["shape_name"], order.get(r["backend"], 2)))
-    lines = [
-        (
-            r["shape_name"],
-            r["backend"],
-            str(r["video_frames"]),
-            _time(r["median_s"]),
-            f"{r['clips_per_s']:.2f}",
-            "-" if r.get("speedup_vs_old") is None else f"{r['speedup_vs_old']:.1f}x",
-            "-" if r.get("speedup_vs_old_decode") is None else f"{r['speedup_vs_old_decode']:.1f}x",
-            _bytes(r["peak_bytes"]),
-        )
-        for r in rows
-    ]
-    return _markdown(header, lines) if lines else []
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = config.stash.get(RESULTS, [])
@@ -201,11 +147,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not rows:
         return
     methods = sorted({r["peak_method"] for r in rows})
-    terminalreporter.section("vivit-kernels: fused vs naive einsum (medians)")
+    terminalreporter.section("vivit-kernels: against the einsum and torch baselines (medians)")
+    terminalreporter.write_line(metadata_line(run_metadata(config.stash[LOAD_AT_START], config.stash[PEAK_LOAD])))
     for line in format_table(rows):
         terminalreporter.write_line(line)
     terminalreporter.write_line(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads. FLOP/s from the stated formulas "
+        "FLOP/s from the stated formulas "
         "(attention: forward 4*B*H*N*L*Dh, backward 2.5x; training: FlopCounterMode). "
         "peak mem: bytes above those allocated before the call (inputs, parameters, optimiser state), "
         + "; ".join(methods) + "."

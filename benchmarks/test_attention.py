@@ -1,8 +1,9 @@
-"""Factorised attention: every registered backend and torch SDPA against the naive einsum baseline.
+"""Factorised attention: every registered backend against the plain einsum and SDPA baselines.
 
 Parametrised over shape (ViViT-B and a long clip), device/dtype target, mode, pass and
-implementation. Backends come from the registry, so a newly registered one is benchmarked
-without editing this file; a backend that cannot take an input is skipped with its reason.
+implementation: the plain baselines (benchmarks/cases.py: the code a user would write instead,
+what speedups are against), then the registry's backends, so a newly registered one is
+benchmarked without editing this file; a backend that cannot take an input is skipped with its reason.
 
 Each implementation's output (and qkv gradient, for forward+backward) is first checked against
 the einsum in float64 (float32 for fp16/bf16 targets; benchmarks/check.py): a wrong result fails
@@ -18,11 +19,12 @@ from vivit_kernels import backends
 from .cases import (
     ATTENTION_SHAPES,
     ATTENTION_SMOKE,
-    BASELINE,
     MODES,
     PASSES,
+    PLAIN_ATTENTION,
     SHAPE_SKIPS,
     TARGETS,
+    UNFUSED_ATTENTION,
     attention_skip_reason,
 )
 from .check import check_attention
@@ -30,8 +32,9 @@ from .conftest import require_target
 
 
 def implementations() -> list[str]:
-    """The einsum baseline first, then torch SDPA, then every other registered backend."""
-    return [BASELINE, "sdpa"] + [name for name in backends.names() if name not in (BASELINE, "sdpa")]
+    """The plain einsum and SDPA baselines, the library's einsum ("reference") and "sdpa" backends,
+    then every other registered backend."""
+    return [*PLAIN_ATTENTION, *UNFUSED_ATTENTION] + [name for name in backends.names() if name not in UNFUSED_ATTENTION]
 
 
 CASES = [

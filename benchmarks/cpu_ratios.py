@@ -1,0 +1,268 @@
+"""Attention's CPU ratios, measured so that another quiet machine gets the same numbers.
+
+    python -m benchmarks.cpu_ratios --out runs/bench/cpu_ratios.json [--modes temporal,split]
+        [--frames 8,16] [--rounds 7] [--allow-loaded]
+    python -m benchmarks.report runs/bench/cpu_ratios.json     # the markdown table
+
+Forward+backward of attention between a layer's projections: from one packed (B, N, 3 * H * Dh)
+qkv leaf, with a dense (B, N, H * Dh) output gradient, fp32, no prefix tokens. Each
+implementation (the plain einsum and SDPA baselines of benchmarks/cases.py, then every registry
+backend that runs fp32 on the CPU) is timed at one thread by the process's CPU time per call: on
+a shared machine wall time at two threads mostly times waits at parallel-region barriers. The
+implementations take turns within each round, the first one rotating, so a neighbour's burst
+falls on all of them; each keeps its minimum over the rounds, the figure least disturbed by the
+neighbours. Speedups are a plain baseline's minimum over the implementation's.
+
+A run refuses to start at a 1-min load average at or above the core count (a loaded neighbour
+slows memory-bound code more than compute-bound code, biasing the ratios) unless
+--allow-loaded, and is marked "loaded" when the load reaches the core count at any round.
+
+JSON: {"metadata": benchmarks.provenance.run_metadata() plus "family", "method", "pass",
+"dtype", "rounds", "ceilings" (one-thread matmul GFLOP/s and copy GB/s measured in the run), "flop_formula",
+"io_formula"}, and "rows", one per (mode, T, implementation): mode, T, shape {B, T, S, H, Dh},
+implementation, min_ms, times_ms (every round), flops, gflop_per_s, io_bytes, io_gb_per_s,
+bound_ms (the slower of flops at the matmul rate and io_bytes at the copy rate),
+speedup_vs_plain_einsum, speedup_vs_plain_sdpa, loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vivit_kernels import backends
+from vivit_kernels.checks import MODES
+
+from .cases import (
+    ATTENTION_FLOP_FORMULA,
+    BACKWARD,
+    PLAIN_EINSUM,
+    PLAIN_SDPA,
+    attention_flops,
+    attention_fn,
+    attention_shape,
+    registry_skip_reason,
+)
+from .provenance import cores, is_loaded, load_average, run_metadata
+from .report import render_file
+
+FAMILY = "cpu_attention"
+BASELINES = (PLAIN_EINSUM, PLAIN_SDPA)
+METHOD = (
+    "forward+backward from one packed qkv leaf, dense output gradient, fp32, 1 thread, process CPU time "
+    "per call, min over interleaved rounds (first implementation rotated)"
+)
+IO_FORMULA = (
+    "12*B*N*H*Dh*4 bytes: forward reads q, k, v and writes the output; backward reads q, k, v, the "
+    "output and its gradient and writes the qkv gradient (each once: a fused kernel's compulsory traffic)"
+)
+
+
+def implementations(shape: dict) -> list[str]:
+    """The plain baselines, then every registry backend that runs this fp32 CPU call when named
+    (the Triton interpreter, which "auto" passes over, is never timed)."""
+    cpu = torch.device("cpu")
+    runs = [
+        name
+        for name in backends.names()
+        if all(
+            registry_skip_reason("attention_packed", name, cpu, torch.float32, attention_shape(mode, shape)) is None
+            for mode in MODES
+        )
+    ]
+    return [*BASELINES, *runs]
+
+
+def io_bytes(shape: dict) -> int:
+    return 12 * shape["B"] * shape["T"] * shape["S"] * shape["H"] * shape["Dh"] * 4
+
+
+def measure_ceilings(tries: int = 5) -> dict:
+    """One thread's fp32 matmul rate (1024^3 through BLAS) and copy rate (64 MiB, twice the L3,
+    into a preallocated tensor: a fresh one would time first-touch page faults), best of `tries`."""
+    a, b = torch.full((1024, 1024), 0.5), torch.full((1024, 1024), 0.25)
+    src, dst = torch.ones(16 * 2**20), torch.zeros(16 * 2**20)
+    best_mm = best_copy = float("inf")
+    for _ in range(tries):
+        start = time.process_time()
+        torch.mm(a, b)
+        best_mm = min(best_mm, time.process_time() - start)
+        start = time.process_time()
+        dst.copy_(src)
+        best_copy = min(best_copy, time.process_time() - start)
+    return {
+        "matmul_gflop_per_s": round(2 * 1024**3 / max(best_mm, 1e-9) / 1e9, 1),
+        "copy_gb_per_s": round(2 * src.numel() * 4 / max(best_copy, 1e-9) / 1e9, 1),
+    }
+
+
+def time_interleaved(
+    calls: dict[str, Callable[[], None]], setup: Callable[[], None], rounds: int, on_round: Callable[[], None]
+) -> dict[str, list[float]]:
+    """Seconds of process CPU time of each call, per round; round r starts at the r-th call."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        first = r % len(names)
+        for name in names[first:] + names[:first]:
+            setup()
+            start = time.process_time()
+            calls[name]()
+            times[name].append(time.process_time() - start)
+        on_round()
+    return times
+
+
+def fill_speedups(rows: list[dict]) -> None:
+    """speedup_vs_<baseline> = the baseline's min_ms / the row's, among rows of the same mode and
+    T; None where the baseline was not timed."""
+    mins = {(r["mode"], r["T"], r["implementation"]): r["min_ms"] for r in rows}
+    for row in rows:
+        for baseline in BASELINES:
+            theirs = mins.get((row["mode"], row["T"], baseline))
+            row[f"speedup_vs_{baseline}"] = round(theirs / row["min_ms"], 3) if theirs and row["min_ms"] > 0 else None
+
+
+def measure_shape(
+    mode: str, shape: dict, names: list[str], rounds: int, ceilings: dict, on_round: Callable[[], None]
+) -> list[dict]:
+    """One row per implementation: forward+backward of `mode` at `shape`, timed as the module says."""
+    B, T, S, H, Dh = (shape[k] for k in ("B", "T", "S", "H", "Dh"))
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, T * S, 3 * H * Dh, generator=g).requires_grad_()
+    grad = torch.randn(B, T * S, H * Dh, generator=g)
+
+    def setup() -> None:
+        qkv.grad = None
+
+    def call(fn: Callable) -> Callable[[], None]:
+        return lambda: fn(qkv, H, T, mode).backward(grad)
+
+    calls = {name: call(attention_fn(name)) for name in names}
+    for run in calls.values():  # untimed: one-off allocations, the C++ kernels' load
+        setup()
+        run()
+    times = time_interleaved(calls, setup, rounds, on_round)
+    flops = attention_flops(mode, shape, BACKWARD)
+    moved = io_bytes(shape)
+    bound_s = max(flops / (ceilings["matmul_gflop_per_s"] * 1e9), moved / (ceilings["copy_gb_per_s"] * 1e9))
+    rows = []
+    for name in names:
+        best = min(times[name])
+        rows.append(
+            {
+                "mode": mode,
+                "T": T,
+                "shape": dict(shape),
+                "implementation": name,
+                "min_ms": round(best * 1e3, 3),
+                "times_ms": [round(t * 1e3, 3) for t in times[name]],
+                "flops": flops,
+                "gflop_per_s": round(flops / best / 1e9, 2) if best > 0 else None,
+                "io_bytes": moved,
+                "io_gb_per_s": round(moved / best / 1e9, 2) if best > 0 else None,
+                "bound_ms": round(bound_s * 1e3, 3),
+            }
+        )
+    return rows
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _modes(text: str) -> list[str]:
+    modes = [x for x in text.split(",") if x]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mode {', '.join(unknown)} (modes: {', '.join(MODES)})")
+    return modes
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_ratios", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/cpu_ratios.json"), help="the JSON written")
+    parser.add_argument("--modes", type=_modes, default=["temporal", "split", "spatial", "joint"])
+    parser.add_argument("--frames", type=_ints, default=[8, 16], help="T values, comma-separated")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (min taken)")
+    parser.add_argument("--implementations", type=lambda s: [x for x in s.split(",") if x], default=None,
+                        help="comma-separated (default: the plain baselines and every backend that runs here)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens-per-frame", type=int, default=196, help="S")
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--allow-loaded", action="store_true",
+                        help="record at a load at or above the core count, every row marked loaded")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def refuse_loaded(load_1min: float, core_count: int, allow_loaded: bool) -> str | None:
+    """The one-line refusal for a run starting at this load, or None where it may go on."""
+    if allow_loaded or not is_loaded(load_1min, core_count):
+        return None
+    return (
+        f"cpu_ratios: not recorded: 1-min load average {load_1min:.2f} >= {core_count} cores; "
+        "rerun on a quiet machine, or pass --allow-loaded to record it marked loaded"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    torch.set_num_threads(1)
+    args = parse_args(argv)
+    load_at_start = load_average()
+    refusal = refuse_loaded(load_at_start[0], cores(), args.allow_loaded)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
+    peak = [load_at_start[0]]
+
+    def on_round() -> None:
+        peak[0] = max(peak[0], load_average()[0])
+
+    base = dict(B=args.batch, S=args.tokens_per_frame, H=args.heads, Dh=args.head_dim)
+    names = args.implementations or implementations(dict(base, T=args.frames[0]))
+    ceilings = measure_ceilings()
+    started = time.perf_counter()
+    rows = []
+    for mode in args.modes:
+        for frames in args.frames:
+            rows += measure_shape(mode, dict(base, T=frames), names, args.rounds, ceilings, on_round)
+    fill_speedups(rows)
+    metadata = run_metadata(load_at_start, peak[0])
+    metadata.update(
+        {
+            "family": FAMILY,
+            "method": METHOD,
+            "pass": BACKWARD,
+            "dtype": "float32",
+            "rounds": args.rounds,
+            "seconds": round(time.perf_counter() - started, 1),
+            "ceilings": ceilings,
+            "flop_formula": ATTENTION_FLOP_FORMULA,
+            "io_formula": IO_FORMULA,
+        }
+    )
+    for row in rows:
+        row["loaded"] = metadata["loaded"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"metadata": metadata, "rows": rows}, indent=1) + "\n")
+    if metadata["loaded"] and not args.allow_loaded:
+        peak_load = metadata["load_1min_peak"]
+        print(f"cpu_ratios: the 1-min load reached {peak_load:.2f} (>= {cores()} cores): {args.out} is marked loaded",
+              file=sys.stderr)
+    print("\n".join(render_file(args.out, allow_loaded=True)[FAMILY]))
+    print(f"wrote {args.out} ({metadata['seconds']} s of measuring)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
