@@ -6,7 +6,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.vivit-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench gpu-check mutate clean
+.PHONY: install demo test test-compat dist-check bench gpu-check mutate clean
 
 install: $(STAMP)
 
@@ -33,6 +33,34 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest tests benchmarks --benchmark-disable -q $(PYTEST_ARGS)
 
+# The oldest torch setup.py allows (`make test` has the newest) on the kernel, op and model tests, in
+# a venv of its own; its C++ library is built beside .venv's (the name carries the torch it links).
+# Without timm (its two tests are left out): it needs torchvision, and the only torchvision 0.28 to
+# be had is a CUDA build that does not load beside the CPU torch. +cpu: the local wheel; plain
+# 2.13.0 may be the multi-GB CUDA one.
+COMPAT_VENV ?= .venv-compat
+COMPAT_TORCH ?= torch==2.13.0+cpu
+COMPAT_DEPS := einops numpy ninja setuptools wheel pytest
+COMPAT_TESTS := $(addprefix tests/test_,cpu_backend.py cpu_short_groups.py ops.py attention.py tubelet.py \
+	reference.py layers.py models.py model_oracle.py autocast.py sdpa.py checks.py)
+COMPAT_STAMP := $(COMPAT_VENV)/.vivit-installed
+
+$(COMPAT_STAMP): setup.py $(wildcard csrc/*)
+	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q $(COMPAT_TORCH) $(COMPAT_DEPS)
+	$(COMPAT_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_VENV)/bin/python -c "import torch; from vivit_kernels import _extension; \
+		print('test-compat: torch', torch.__version__, 'kernels', _extension.load())"
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -k "not timm" $(COMPAT_TESTS) $(PYTEST_ARGS)
+
+# The wheel, built from the tree by .venv, installed in a fresh venv with only torch: it loads the
+# library it ships with no compiler on PATH, its commands start, convert works (tools/dist_check.sh).
+dist-check: $(STAMP)
+	BUILD_PYTHON=$(PYTHON) bash tools/dist_check.sh
+
 # Every benchmark, its figures in $(BENCH_DIR)/bench.json, then the PNGs beside it (benchmarks/plots.py).
 BENCH_DIR ?= runs/bench
 bench: $(STAMP)
@@ -42,7 +70,8 @@ bench: $(STAMP)
 
 # For a GPU owner: every CUDA test, the compile inspection and the CUDA benchmarks, one report
 # (runs/gpu-check/report.md and report.json). QUICK=1 runs a subset. Without a CUDA device it says
-# so, runs the inspection only and exits 0 when that passes.
+# so, compiles one slice of the inspection (sm_86 fp16 head dim 64 autotune candidates, about a
+# minute), prints what the full inspection costs and its command, and exits 0 when the slice passes.
 GPU_CHECK_DIR ?= runs/gpu-check
 gpu-check: $(STAMP)
 	$(PYTHON) tools/gpu_check.py --out $(GPU_CHECK_DIR) $(if $(QUICK),--quick)
