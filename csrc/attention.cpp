@@ -4,7 +4,8 @@
 // probabilities from it (FlashAttention-2: delta = rowsum(dO * O), then dV, dK, dQ).
 //
 // Every mode is one kernel: a head's tokens fall into `groups` groups of `length` tokens, group g
-// holding tokens base + g * group_stride + i * step (base: the P prefix tokens before the grid).
+// holding tokens base + g * group_stride + i * member_stride (base: the P prefix tokens before the
+// grid): an IndexMap, with the fields, order and values of vivit_kernels/index_map.py.
 // Spatial: T groups of S tokens of one frame; temporal: S groups of the T tokens of one position;
 // joint: one group of all N; split: spatial heads then temporal heads, all in one parallel loop.
 // The token layout (time- or space-major) only changes the two strides. A spatial group also
@@ -13,8 +14,8 @@
 // backward the prefix rows' gradients of each group are summed afterwards (partials per group:
 // no group writes another's rows, so nothing is reduced across threads). In temporal heads the
 // prefix tokens form one more group of their own. A block of a group's tokens is a matrix whose
-// row stride is `step` tokens, which BLAS (or the small loops in kernels.h) reads in place: q, k,
-// v are read through their strides, packed-qkv views included, and never copied.
+// row stride is `member_stride` tokens, which BLAS (or the small loops in kernels.h) reads in
+// place: q, k, v are read through their strides, packed-qkv views included, and never copied.
 
 #include "kernels.h"
 
@@ -40,8 +41,8 @@ namespace {
 constexpr int64_t kMaxBlock = 256, kMaxKeyBlock = 512;
 constexpr double kMinCostPerThread = 1 << 20;  // in multiply-adds
 
-struct Grouping {
-  int64_t groups, length, step, group_stride, base;
+struct IndexMap {
+  int64_t groups, length, group_stride, member_stride, base;
   int64_t prefix;  // prefix tokens [0, prefix) that every group also holds (spatial heads), else 0
 };
 
@@ -50,17 +51,18 @@ struct Rows {
   int64_t first, count, step;
 };
 
-// The groupings of one head: its grid groups, and in temporal heads the prefix on its own.
-std::vector<Grouping> groupings(c10::string_view mode, c10::string_view layout, int64_t frames, int64_t spatial,
-                                int64_t prefix) {
+// The index maps of one head: its grid groups, and in temporal heads the prefix on its own.
+std::vector<IndexMap> index_maps(c10::string_view mode, c10::string_view layout, int64_t frames,
+                                 int64_t tokens_per_frame, int64_t prefix) {
   const bool time_major = layout == "time_major";
   TORCH_CHECK(time_major || layout == "space_major", "factorised_attention: unknown layout '", layout, "'");
-  const int64_t T = frames, S = spatial, P = prefix;
-  if (mode == "joint") return {{1, P + T * S, 1, 0, 0, 0}};
-  if (mode == "spatial") return {time_major ? Grouping{T, S, 1, S, P, P} : Grouping{T, S, T, 1, P, P}};
+  const int64_t T = frames, S = tokens_per_frame, P = prefix;
+  if (mode == "joint") return {{1, P + T * S, 0, 1, 0, 0}};
+  if (mode == "spatial")
+    return {time_major ? IndexMap{T, S, S, 1, P, P} : IndexMap{T, S, 1, T, P, P}};  // mutant: cpp-space-major
   TORCH_CHECK(mode == "temporal", "factorised_attention: unknown mode '", mode, "'");
-  std::vector<Grouping> out = {time_major ? Grouping{S, T, S, 1, P, 0} : Grouping{S, T, 1, T, P, 0}};
-  if (P) out.push_back({1, P, 1, 0, 0, 0});
+  std::vector<IndexMap> out = {time_major ? IndexMap{S, T, 1, S, P, 0} : IndexMap{S, T, T, 1, P, 0}};
+  if (P) out.push_back({1, P, 0, 1, 0, 0});  // mutant: cpp-prefix-group
   return out;
 }
 
@@ -120,22 +122,22 @@ struct Partials {
 // The blocks of at most `max_rows` tokens of group g: the prefix tokens' (spatial heads; a prefix
 // block's `first` is then also its index among the prefix tokens), then the members'.
 template <typename F>
-void for_blocks(const Grouping& grp, int64_t g, int64_t max_rows, F&& f) {
+void for_blocks(const IndexMap& grp, int64_t g, int64_t max_rows, F&& f) {
   if (grp.prefix) {
     const int64_t blk = block_size(grp.prefix, max_rows);
     for (int64_t p0 = 0; p0 < grp.prefix; p0 += blk) f(Rows{p0, std::min(blk, grp.prefix - p0), 1}, true);
   }
   const int64_t first = grp.base + g * grp.group_stride, blk = block_size(grp.length, max_rows);
   for (int64_t i0 = 0; i0 < grp.length; i0 += blk)
-    f(Rows{first + i0 * grp.step, std::min(blk, grp.length - i0), grp.step}, false);
+    f(Rows{first + i0 * grp.member_stride, std::min(blk, grp.length - i0), grp.member_stride}, false);
 }
 
-// A block of query rows of group(s) g .. g + groups - 1 of a head's grouping: `rows` members
+// A block of query rows of group(s) g .. g + groups - 1 of a head's index map: `rows` members
 // from member `first_row` of each group, or (prefix_rows) prefix queries `first_row` .. of group g.
 // Short (temporal) groups go 16 to an item, so an item's log-sum-exp entries fill whole cache
 // lines and the per-item costs are shared.
 struct WorkItem {
-  int64_t b, h, grouping, g, groups, first_row, rows;
+  int64_t b, h, map_index, g, groups, first_row, rows;
   bool prefix_rows;
   double cost;
 };
@@ -144,9 +146,9 @@ constexpr int64_t kShortGroupsPerItem = 16;
 
 // Groups that short_group_forward/backward (block_math.cpp) take whole: no prefix tokens, and few
 // enough members that their scores are a few dot products of rows rather than matrix products.
-bool is_short(const Grouping& grp) { return grp.length <= kShortGroup && !grp.prefix; }
+bool is_short(const IndexMap& grp) { return grp.length <= kShortGroup && !grp.prefix; }
 
-int64_t groups_per_item(const Grouping& grp) { return is_short(grp) ? kShortGroupsPerItem : 1; }
+int64_t groups_per_item(const IndexMap& grp) { return is_short(grp) ? kShortGroupsPerItem : 1; }
 
 // Runs every item once. Threads take the next item from a shared counter rather than fixed shares:
 // "split" mixes heavy spatial groups with light temporal ones, and on a busy machine one thread may
@@ -165,18 +167,18 @@ void run_items(const std::vector<WorkItem>& items, const F& body) {
   });
 }
 
-// The call's geometry, shared by forward and backward: each run of heads with its groupings.
+// The call's geometry, shared by forward and backward: each run of heads with its index maps.
 struct Geometry {
   int64_t B, H, N, Dh, P, Ha, G;  // Ha heads [0, Ha) average their prefix queries over G groups
-  std::vector<std::pair<HeadRange, std::vector<Grouping>>> runs;
+  std::vector<std::pair<HeadRange, std::vector<IndexMap>>> runs;
 
   Geometry(const at::Tensor& q, int64_t frames, int64_t prefix, c10::string_view layout, c10::string_view mode)
       : B(q.size(0)), H(q.size(1)), N(q.size(2)), Dh(q.size(3)), P(prefix), Ha(averaged_heads(mode, q.size(1), prefix)),
         G(Ha ? frames : 0) {
     for (const auto& range : head_ranges(mode, H))
-      runs.emplace_back(range, groupings(range.mode, layout, frames, (N - prefix) / frames, prefix));
+      runs.emplace_back(range, index_maps(range.mode, layout, frames, (N - prefix) / frames, prefix));
   }
-  const Grouping& grouping(int64_t h, int64_t index) const {
+  const IndexMap& index_map(int64_t h, int64_t index) const {
     for (const auto& [range, groups] : runs)
       if (h < range.h1) return groups[index];
     TORCH_CHECK(false, "factorised_attention: head out of range");
@@ -188,7 +190,7 @@ struct Geometry {
     for (int64_t b = 0; b < B; ++b)
       for (const auto& [range, groups] : runs)
         for (size_t index = 0; index < groups.size(); ++index) {
-          const Grouping& grp = groups[index];
+          const IndexMap& grp = groups[index];
           const int64_t run = groups_per_item(grp);
           for (int64_t g = 0; g < grp.groups; g += run) per_group(out, b, range, int64_t(index), grp, g, std::min(run, grp.groups - g));
         }
@@ -201,7 +203,7 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, const 
                     const Partials<T>& prefix_out, const Partials<T>& prefix_lse, const Geometry& geo, T scale) {
   const int64_t H = geo.H, N = geo.N, Dh = geo.Dh;
   const auto items = geo.items([&](std::vector<WorkItem>& out_items, int64_t b, const HeadRange& range, int64_t index,
-                                   const Grouping& grp, int64_t g, int64_t groups) {
+                                   const IndexMap& grp, int64_t g, int64_t groups) {
     const int64_t keys = grp.prefix + grp.length, blk = block_size(grp.length);
     for (int64_t i0 = 0; i0 < grp.length; i0 += blk)
       for (int64_t h = range.h0; h < range.h1; ++h) {
@@ -221,10 +223,11 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, const 
     thread_local std::vector<T> scores, acc, row_max, row_sum;
     scores.resize(kMaxBlock * kMaxKeyBlock), acc.resize(kMaxBlock * Dh), row_max.resize(kMaxBlock), row_sum.resize(kMaxBlock);
     const int64_t b = work.b, h = work.h, M = work.rows;
-    const Grouping& grp = geo.grouping(h, work.grouping);
+    const IndexMap& grp = geo.index_map(h, work.map_index);
     for (int64_t g = work.g; g < work.g + work.groups; ++g) {
       const Rows rows = work.prefix_rows ? Rows{work.first_row, M, 1}
-                                         : Rows{grp.base + g * grp.group_stride + work.first_row * grp.step, M, grp.step};
+                                         : Rows{grp.base + g * grp.group_stride + work.first_row * grp.member_stride, M,
+                                                grp.member_stride};
       if (is_short(grp)) {
         if (g + 1 < work.g + work.groups) {
           const int64_t next = rows.first + grp.group_stride;
@@ -257,6 +260,7 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, const 
           if (correction != T(1))
             for (int64_t d = 0; d < Dh; ++d) acc[i * Dh + d] *= correction;
         }
+        // mutant: cpp-v-strides
         gemm<T>(false, false, M, Dh, Nb, T(1), scores.data(), Nb, v.row(b, h, keys.first), keys.step * v.sn, T(1),
                 acc.data(), Dh);
       });
@@ -265,6 +269,7 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, const 
         T* o = work.prefix_rows ? prefix_out.at(b, h, g, n) : out.row(b, h, n);
         const T inv = T(1) / row_sum[i];
         for (int64_t d = 0; d < Dh; ++d) o[d] = acc[i * Dh + d] * inv;
+        // mutant: cpp-lse
         (work.prefix_rows ? *prefix_lse.at(b, h, g, n) : lse[(b * H + h) * N + n]) = row_max[i] + std::log(row_sum[i]);
       }
     }
@@ -278,7 +283,7 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, const 
         std::fill(o, o + Dh, T(0));
         for (int64_t g = 0; g < geo.G; ++g)
           for (int64_t d = 0; d < Dh; ++d) o[d] += prefix_out.at(b, h, g, p)[d];
-        for (int64_t d = 0; d < Dh; ++d) o[d] /= T(geo.G);
+        for (int64_t d = 0; d < Dh; ++d) o[d] /= T(geo.G);  // mutant: cpp-prefix-mean
         lse[(b * H + h) * N + p] = T(0);
       }
 }
@@ -292,7 +297,7 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
   // One item per group: it alone writes the group's rows of dq, dk, dv (the prefix rows of a
   // spatial group go to that group's partials), so no reduction is needed inside the loop.
   const auto items = geo.items([&](std::vector<WorkItem>& out_items, int64_t b, const HeadRange& range, int64_t index,
-                                   const Grouping& grp, int64_t g, int64_t groups) {
+                                   const IndexMap& grp, int64_t g, int64_t groups) {
     const int64_t L = grp.prefix + grp.length;
     for (int64_t h = range.h0; h < range.h1; ++h)
       out_items.push_back({b, h, index, g, groups, 0, grp.length, false, 5.0 * groups * L * (L + 8) * Dh});
@@ -302,10 +307,10 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
     probs.resize(kMaxBlock * kMaxBlock), dprobs.resize(kMaxBlock * kMaxBlock), delta.resize(kMaxBlock),
         row_lse.resize(kMaxBlock), scaled.resize(kMaxBlock * Dh);
     const int64_t b = work.b, h = work.h;
-    const Grouping& grp = geo.grouping(h, work.grouping);
+    const IndexMap& grp = geo.index_map(h, work.map_index);
     for (int64_t g = work.g; g < work.g + work.groups; ++g) {
       if (is_short(grp)) {
-        const int64_t n = grp.base + g * grp.group_stride, step = grp.step;
+        const int64_t n = grp.base + g * grp.group_stride, step = grp.member_stride;
         if (g + 1 < work.g + work.groups) {
           for (const View<T>* x : {&q, &k, &v, &out, &dout})
             prefetch_rows(x->row(b, h, n + grp.group_stride), step * x->sn, grp.length, Dh);
@@ -335,7 +340,7 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
         }
         for (int64_t i = 0; i < M; ++i) {
           const int64_t n = qr.first + i * qr.step;
-          const T* o = prefix_queries ? prefix_out.at(b, h, g, n) : out.row(b, h, n);
+          const T* o = prefix_queries ? prefix_out.at(b, h, g, n) : out.row(b, h, n);  // mutant: cpp-prefix-delta
           const T* dout_row = dO + i * ldo;
           T sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -365,6 +370,7 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
           // block) overwrites it: no zero fill.
           const T kv_beta = first_query_block ? T(0) : T(1), q_beta = first_key_block ? T(0) : T(1);
           gemm<T>(true, false, Nb, Dh, M, T(1), probs.data(), Nb, dO, ldo, kv_beta, dV, ldv);
+          // mutant: cpp-dk-scale
           gemm<T>(true, false, Nb, Dh, M, scale, dprobs.data(), Nb, Q, qr.step * q.sn, kv_beta, dK, ldk);
           gemm<T>(false, false, M, Dh, Nb, scale, dprobs.data(), Nb, K, kr.step * k.sn, q_beta, dQ, ldq);
           first_key_block = false;

@@ -320,7 +320,7 @@ inline __attribute__((always_inline)) void short_group_backward_impl(const Short
     const T lse = g.saved_lse[i * g.sl];
     T* pi = p + i * L;
 #pragma omp simd
-    for (int64_t j = 0; j < L; ++j) pi[j] = pi[j] * scale - lse;
+    for (int64_t j = 0; j < L; ++j) pi[j] = pi[j] * scale - lse;  // mutant: cpp-short-scale
   }
   exp_inplace(p, L * L);
   for (int64_t i = 0; i < L; ++i) {
@@ -428,7 +428,7 @@ VIVIT_CLONES float exp_sum(float* x, int64_t n, float scale, float shift) {
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     f32x8& v = *reinterpret_cast<f32x8*>(x + j);
-    v = expf_poly(v * scale - shift);
+    v = expf_poly(v * scale - shift);  // mutant: cpp-exp-scale
     sums += v;
   }
   float sum = 0;

@@ -40,7 +40,7 @@ struct Tubes {
   int64_t rows(int64_t batch) const { return batch * nt * nh * nw; }
   int64_t corner(int64_t r) const {
     const int64_t iw = r % nw, ih = r / nw % nh, it = r / (nw * nh) % nt, b = r / (nw * nh * nt);
-    return b * stride[0] + it * t * stride[2] + ih * h * stride[3] + iw * w * stride[4];
+    return b * stride[0] + it * t * stride[2] + ih * h * stride[3] + iw * w * stride[4];  // mutant: cpp-tube-corner
   }
   // dst[kk] = video[tube r, column k0 + kk] for kk < cols (k = run * w + dw).
   template <typename T>
@@ -160,7 +160,7 @@ std::vector<at::Tensor> tubelet_backward_weight(const at::Tensor& grad_, const a
           const int64_t R = std::min(row_block, rows - r0);
           for (int64_t r = 0; r < R; ++r) tubes.gather(src, r0 + r, k0, cols, A.data() + r * cols);
           gemm<scalar_t>(true, false, D, cols, R, scalar_t(1), G + r0 * D, D, A.data(), cols,
-                         scalar_t(r0 == 0 ? 0 : 1), dW + k0, K);
+                         scalar_t(r0 == 0 ? 0 : 1), dW + k0, K);  // mutant: cpp-tube-accumulate
         }
       }
     });

@@ -108,7 +108,9 @@ def test_attention_shape_resolves_the_scale_and_counts_keys():
     shape = check_attention(q, q, q, 5, "split", None)
     assert shape == AttentionShape(2, 6, 35, 16, 5, "split", default_scale(16))
     assert default_scale(16) == 0.25
-    assert shape.spatial == 7 and shape.scores == 35 * (3 * 7 + 3 * 5)
+    assert shape.tokens_per_frame == 7 and shape.scores == 35 * (3 * 7 + 3 * 5)
+    with pytest.deprecated_call(match="tokens_per_frame"):
+        assert shape.spatial == 7
     assert shape.forward_flops == 4 * 2 * 16 * shape.scores
     assert shape.backward_flops == 2.5 * shape.forward_flops
     lengths = {"joint": 35, "spatial": 7, "temporal": 5}

@@ -18,10 +18,16 @@ from conftest import (
     packed_qkv,
 )
 
-from vivit_kernels import BackendUnsupportedError, attention_backend, saved_bytes, factorised_attention, tubelet_backend, tubelet_embedding
+from vivit_kernels import (
+    BackendUnsupportedError,
+    attention_backend,
+    factorised_attention,
+    saved_bytes,
+    tubelet_backend,
+    tubelet_embedding,
+)
 from vivit_kernels import reference as naive
-from vivit_kernels.backends import cpu, registry
-
+from vivit_kernels.backends import registry
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
@@ -226,13 +232,13 @@ def test_tubelet_without_bias_or_pos_embed_and_gradcheck(generator):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("prefix, frames, spatial, layout", PREFIX_CASES)
-def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, spatial, layout, mode, generator, poisoned):
+@pytest.mark.parametrize("prefix, frames, tokens_per_frame, layout", PREFIX_CASES)
+def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, tokens_per_frame, layout, mode, generator, poisoned):
     """Class / register tokens before the grid, time- or space-major grids: every mode's rule
     (spatial prefix queries averaged over frames, temporal prefix among itself), forward and all
     gradients, against the masked dense oracle."""
     B, H, Dh = 2, 4, 24
-    q, k, v, _ = packed_qkv(B, H, prefix + frames * spatial, Dh, dtype=torch.float64, generator=generator)
+    q, k, v, _ = packed_qkv(B, H, prefix + frames * tokens_per_frame, Dh, dtype=torch.float64, generator=generator)
     grad_out = torch.randn(q.shape, dtype=torch.float64, generator=generator)
     out = factorised_attention(q, k, v, frames, mode, num_prefix_tokens=prefix, layout=layout, backend="cpu")
     grads = torch.autograd.grad(out, (q, k, v), grad_out)

@@ -84,13 +84,13 @@ def test_tubelet_matches_conv3d(clip, tubelet, channels, generator):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("prefix, frames, spatial, layout", PREFIX_CASES)
-def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, spatial, layout, mode, generator):
+@pytest.mark.parametrize("prefix, frames, tokens_per_frame, layout", PREFIX_CASES)
+def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, tokens_per_frame, layout, mode, generator):
     """Class / register tokens before the grid, time- or space-major grids: every mode's rule
     (spatial prefix queries averaged over frames, temporal prefix among itself), forward and all
     gradients, against the masked dense oracle."""
     B, H, Dh = 2, 4, 8
-    q, k, v, _ = packed_qkv(B, H, prefix + frames * spatial, Dh, dtype=torch.float64, generator=generator)
+    q, k, v, _ = packed_qkv(B, H, prefix + frames * tokens_per_frame, Dh, dtype=torch.float64, generator=generator)
     grad_out = torch.randn(q.shape, dtype=torch.float64, generator=generator)
     out = reference.factorised_attention(q, k, v, frames, mode, num_prefix_tokens=prefix, layout=layout)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)

@@ -20,9 +20,9 @@ from vivit_kernels import FactorisedAttention, attention_backend, factorised_att
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("prefix, frames, spatial, layout", [(0, 3, 7, "time_major"), *PREFIX_CASES[:4]])
-def test_matches_oracle_with_prefix_tokens_and_layouts(prefix, frames, spatial, layout, mode, generator):
-    q, k, v, _ = packed_qkv(2, 4, prefix + frames * spatial, 16, generator=generator)
+@pytest.mark.parametrize("prefix, frames, tokens_per_frame, layout", [(0, 3, 7, "time_major"), *PREFIX_CASES[:4]])
+def test_matches_oracle_with_prefix_tokens_and_layouts(prefix, frames, tokens_per_frame, layout, mode, generator):
+    q, k, v, _ = packed_qkv(2, 4, prefix + frames * tokens_per_frame, 16, generator=generator)
     grad_out = torch.randn(q.shape, dtype=q.dtype, generator=generator)
     out = factorised_attention(q, k, v, frames, mode, num_prefix_tokens=prefix, layout=layout, backend="sdpa")
     grads = torch.autograd.grad(out, (q, k, v), grad_out)

@@ -230,11 +230,11 @@ def test_auto_picks_triton_for_cuda_tensors(op, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("prefix, frames, spatial, layout", PREFIX_CASES)
-def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, spatial, layout, mode, poisoned_buffers, generator):
+@pytest.mark.parametrize("prefix, frames, tokens_per_frame, layout", PREFIX_CASES)
+def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, tokens_per_frame, layout, mode, poisoned_buffers, generator):
     """Class / register tokens before the grid, time- or space-major grids, every output buffer
     poisoned: forward and all gradients against the masked dense oracle (fp32 vs float64)."""
-    q, k, v, dout = _inputs(1, 4, frames, spatial, 24, "packed", generator, prefix=prefix)
+    q, k, v, dout = _inputs(1, 4, frames, tokens_per_frame, 24, "packed", generator, prefix=prefix)
     out = factorised_attention(q, k, v, frames, mode, num_prefix_tokens=prefix, layout=layout, backend="triton")
     grads = torch.autograd.grad(out, (q, k, v), dout)
     expected = oracle_and_grads(q, k, v, dout, frames, mode, prefix, layout)

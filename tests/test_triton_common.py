@@ -15,9 +15,9 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
-from vivit_kernels.triton import common, interpreted  # noqa: E402
-from vivit_kernels.triton import attention as attention_kernels  # noqa: E402
-from vivit_kernels.triton import tubelet as tubelet_kernels  # noqa: E402
+from vivit_kernels.triton import attention as attention_kernels
+from vivit_kernels.triton import common, interpreted
+from vivit_kernels.triton import tubelet as tubelet_kernels
 
 CUDA1 = torch.device("cuda", 1)
 
@@ -109,7 +109,7 @@ def _tubelet_call(generator):
 
 
 LAUNCHERS = ["attention.forward", "attention.backward", "tubelet.forward", "tubelet.backward_video",
-             "tubelet.backward_weight", "tubelet.backward_weight split", "tubelet.backward_pos"]  # fmt: skip
+             "tubelet.backward_weight", "tubelet.backward_weight split", "tubelet.backward_pos"]
 
 
 def _launch(launcher: str, generator, launches: list) -> None:

@@ -1,10 +1,13 @@
 """`make mutate`: mutation testing, two parts, one report (report.json and report.md).
 
 Parts, in this order (`--parts` picks some):
-  kernels  hand-written mutants of the C++ (csrc/) and Triton (vivit_kernels/triton/) kernels,
-           listed in MUTANTS below: plausible bugs in the index maps, the scaling and the
-           layouts and strides (prefix handling, a missing mask, an off-by-one in a group length,
-           v read with k's strides, a log-sum-exp or delta mistake). Each is applied to a
+  kernels  hand-written mutants of the C++ (csrc/) and Triton (vivit_kernels/triton/) kernels
+           and their index maps (vivit_kernels/index_map.py), listed in MUTANTS below: plausible
+           bugs in the index maps, the scaling and the layouts and strides (prefix handling, a
+           missing mask, an off-by-one in a group length, v read with k's strides, a log-sum-exp
+           or delta mistake). Each is anchored on a marker comment in the source, `# mutant: <id>`
+           (Python) or `// mutant: <id>` (C++), at the end of the line it changes or alone on
+           the line before, so that editing the code elsewhere does not move it. Each is applied to a
            scratch copy of the tree, never to the checkout; for a C++ mutant only the changed
            file is recompiled and linked with the unchanged objects into the library named
            after the mutated sources (vivit_kernels/_extension.py loads that one). Then the
@@ -26,7 +29,7 @@ Parts, in this order (`--parts` picks some):
            take too long.
 
 Every hand-written mutant is in a must-kill category (index math, scaling, layouts): the exit
-status is 1 when one survives or cannot be run (its code changed: "stale"; it does not compile;
+status is 1 when one survives or cannot be run (its marker or its line changed: "stale"; it does not compile;
 pytest errors), or when mutmut fails or its score over what it ran is under --fail-under. The
 report lists every survivor with its file, line and change.
 
@@ -48,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,8 +81,8 @@ CPU_TUBELET_SELECT = "tubelet"  # -k matches module names too: all of test_tubel
 
 @dataclass(frozen=True)
 class Mutant:
-    """One plausible bug: `old` replaced by `new` in `path` (the `nth` occurrence, counting from 1,
-    when `old` occurs `occurrences` times)."""
+    """One plausible bug: `old` replaced by `new` on the line of `path` that its marker comment
+    anchors (`old` occurs once in that line's code)."""
 
     id: str
     category: str
@@ -89,59 +92,46 @@ class Mutant:
     new: str
     tests: tuple[str, ...]
     select: str | None = None
-    nth: int = 1
-    occurrences: int = 1
 
 
 MUTANTS = [
-    # --- Triton attention (vivit_kernels/triton/attention.py) ---------------------------------
+    # --- Triton attention (vivit_kernels/triton/attention.py, vivit_kernels/index_map.py) -------
     Mutant("tri-prefix-member", "index math", "a prefix group's members indexed without skipping the X prefix rows",
-           "vivit_kernels/triton/attention.py", "BASE + g * GS + (i - X) * MS)", "BASE + g * GS + i * MS)",
-           TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
+           "vivit_kernels/triton/attention.py", "(i - X) * MS", "i * MS", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
     Mutant("tri-base", "index math", "the grid's base (P prefix tokens) dropped from the token map",
-           "vivit_kernels/triton/attention.py", "        tok = BASE + g * GS + i * MS\n",
-           "        tok = g * GS + i * MS\n", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
+           "vivit_kernels/triton/attention.py", "BASE + g * GS", "g * GS", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
     Mutant("tri-mask", "index math", "the forward's block-diagonal mask between packed groups missing",
-           "vivit_kernels/triton/attention.py",
-           "allowed = col_ok[None, :] & (row_group[:, None] == (cols // RL)[None, :])", "allowed = col_ok[None, :]",
-           TRITON_ATTENTION, TRITON_ATTENTION_SELECT, nth=1, occurrences=2),
+           "vivit_kernels/triton/attention.py", "col_ok[None, :] & (row_group[:, None] == (cols // RL)[None, :])",
+           "col_ok[None, :]", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
     Mutant("tri-grid", "index math", "the grid's blocks per pack rounded down instead of up",
-           "vivit_kernels/triton/attention.py",
-           "triton.cdiv(min(packed, groups) * row_length, block)", "(min(packed, groups) * row_length) // block",
-           TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
+           "vivit_kernels/triton/attention.py", "triton.cdiv(min(groups_per_pack, groups) * row_length, block)",
+           "(min(groups_per_pack, groups) * row_length) // block", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
     Mutant("tri-pack-len", "index math", "the last pack's length off by one row",
-           "vivit_kernels/triton/attention.py",
-           "pack_len = tl.minimum(P, G - group0) * RL", "pack_len = tl.minimum(P, G - group0) * RL - 1",
-           TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
+           "vivit_kernels/triton/attention.py", "* RL", "* RL - 1", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
     Mutant("tri-space-major", "layouts", "space-major spatial groups with the time-major member stride",
-           "vivit_kernels/triton/attention.py", '"spatial": (T, S, S, 1, P, P) if time_major else (T, S, 1, T, P, P)',
-           '"spatial": (T, S, S, 1, P, P) if time_major else (T, S, 1, S, P, P)', TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
+           "vivit_kernels/index_map.py", "cls(T, S, 1, T, P, P)", "cls(T, S, 1, S, P, P)",
+           TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
     Mutant("tri-v-strides", "layouts", "the forward reads v with k's strides",
-           "vivit_kernels/triton/attention.py",
-           "*qh.stride(), *kh.stride(), *vh.stride(), *oh.stride()", "*qh.stride(), *kh.stride(), *kh.stride(), *oh.stride()",
+           "vivit_kernels/triton/attention.py", "*vh.stride(), *oh.stride()", "*kh.stride(), *oh.stride()",
            TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
     Mutant("tri-dout-strides", "layouts", "the backward reads dO with out's strides",
-           "vivit_kernels/triton/attention.py",
-           "common = (*qh.stride(), *kh.stride(), *vh.stride(), *gh.stride(),",
-           "common = (*qh.stride(), *kh.stride(), *vh.stride(), *_heads(out, h0, heads).stride(),", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
+           "vivit_kernels/triton/attention.py", "*gh.stride()", "*_heads(out, h0, heads).stride()",
+           TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
     Mutant("tri-log2e", "scaling", "the forward's logit scale without log2(e) (exp2 used as exp)",
-           "vivit_kernels/triton/attention.py", "h_a, *map_a, *map_b, scale * LOG2E, *_buckets(map_a, map_b),",
-           "h_a, *map_a, *map_b, scale, *_buckets(map_a, map_b),", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
+           "vivit_kernels/triton/attention.py", "scale * LOG2E,", "scale,", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
     Mutant("tri-dk-scale", "scaling", "dK not multiplied by the scale",
-           "vivit_kernels/triton/attention.py", "    dk *= scale\n", "    dk *= 1.0\n", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
+           "vivit_kernels/triton/attention.py", "*= scale", "*= 1.0", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
     Mutant("tri-lse-base", "scaling", "the log-sum-exp saved in base 2, not natural log",
-           "vivit_kernels/triton/attention.py", "lse = (m_i + tl.log2(l_i)) / LOG2E_CONST", "lse = m_i + tl.log2(l_i)",
+           "vivit_kernels/triton/attention.py", "(m_i + tl.log2(l_i)) / LOG2E_CONST", "m_i + tl.log2(l_i)",
            TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
     Mutant("tri-delta", "scaling", "delta = rowsum(O * O) instead of rowsum(dO * O)",
-           "vivit_kernels/triton/attention.py", "delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)",
-           "delta = tl.sum(o.to(tl.float32) * o.to(tl.float32), 1)", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
+           "vivit_kernels/triton/attention.py", "* do.to(tl.float32)", "* o.to(tl.float32)",
+           TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
     Mutant("tri-prefix-share", "scaling", "a spatial prefix row's gradient not divided among its T groups",
-           "vivit_kernels/triton/attention.py", "share = tl.where(is_prefix, 1.0 / G_A, 1.0)",
-           "share = tl.where(is_prefix, 1.0, 1.0)", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
+           "vivit_kernels/triton/attention.py", "1.0 / G_A, 1.0", "1.0, 1.0", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
     Mutant("tri-prefix-mean", "index math", "the averaged prefix output summed over the frames, not averaged",
-           "vivit_kernels/triton/attention.py", "prefix_out.float().mean(2).to(q.dtype)",
-           "prefix_out.float().sum(2).to(q.dtype)", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
-    # --- Triton tubelet (vivit_kernels/triton/tubelet.py) -------------------------------------
+           "vivit_kernels/triton/attention.py", ".mean(2)", ".sum(2)", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
+    # --- Triton tubelet (vivit_kernels/triton/tubelet.py): no markers there yet ----------------
     Mutant("tri-tube-corner", "index math", "a token's tube corner without the tubelet's time extent",
            "vivit_kernels/triton/tubelet.py", "return i * t * stride_t + j * h * stride_h + l * w * stride_w",
            "return i * stride_t + j * h * stride_h + l * w * stride_w", TRITON_TUBELET, TRITON_TUBELET_SELECT),
@@ -153,40 +143,33 @@ MUTANTS = [
            TRITON_TUBELET, TRITON_TUBELET_SELECT),
     # --- C++ attention (csrc/attention.cpp, csrc/block_math.cpp) ------------------------------
     Mutant("cpp-space-major", "layouts", "space-major spatial groups with the time-major strides",
-           "csrc/attention.cpp", "time_major ? Grouping{T, S, 1, S, P, P} : Grouping{T, S, T, 1, P, P}",
-           "time_major ? Grouping{T, S, 1, S, P, P} : Grouping{T, S, 1, S, P, P}", CPU_ATTENTION, CPU_ATTENTION_SELECT),
+           "csrc/attention.cpp", "IndexMap{T, S, 1, T, P, P}", "IndexMap{T, S, S, 1, P, P}",
+           CPU_ATTENTION, CPU_ATTENTION_SELECT),
     Mutant("cpp-v-strides", "layouts", "the forward reads v's blocks with k's token stride",
-           "csrc/attention.cpp", "v.row(b, h, keys.first), keys.step * v.sn", "v.row(b, h, keys.first), keys.step * k.sn",
-           CPU_ATTENTION, CPU_ATTENTION_SELECT),
+           "csrc/attention.cpp", "keys.step * v.sn", "keys.step * k.sn", CPU_ATTENTION, CPU_ATTENTION_SELECT),
     Mutant("cpp-prefix-group", "index math", "a temporal head's prefix group one token short",
-           "csrc/attention.cpp", "if (P) out.push_back({1, P, 1, 0, 0, 0});", "if (P) out.push_back({1, P - 1, 1, 0, 0, 0});",
-           CPU_ATTENTION, CPU_ATTENTION_SELECT),
+           "csrc/attention.cpp", "{1, P, 0, 1, 0, 0}", "{1, P - 1, 0, 1, 0, 0}", CPU_ATTENTION, CPU_ATTENTION_SELECT),
     Mutant("cpp-prefix-mean", "index math", "the averaged prefix output not divided by the T groups",
            "csrc/attention.cpp", "for (int64_t d = 0; d < Dh; ++d) o[d] /= T(geo.G);", "",
            CPU_ATTENTION, CPU_ATTENTION_SELECT),
     Mutant("cpp-dk-scale", "scaling", "dK not multiplied by the scale",
-           "csrc/attention.cpp", "gemm<T>(true, false, Nb, Dh, M, scale, dprobs.data()",
-           "gemm<T>(true, false, Nb, Dh, M, T(1), dprobs.data()", CPU_ATTENTION, CPU_ATTENTION_SELECT),
+           "csrc/attention.cpp", "M, scale, dprobs.data()", "M, T(1), dprobs.data()", CPU_ATTENTION, CPU_ATTENTION_SELECT),
     Mutant("cpp-lse", "scaling", "the log-sum-exp without the running max",
            "csrc/attention.cpp", "= row_max[i] + std::log(row_sum[i]);", "= std::log(row_sum[i]);",
            CPU_ATTENTION, CPU_ATTENTION_SELECT),
     Mutant("cpp-prefix-delta", "scaling", "a spatial prefix row's delta taken against the averaged output",
-           "csrc/attention.cpp", "const T* o = prefix_queries ? prefix_out.at(b, h, g, n) : out.row(b, h, n);",
-           "const T* o = out.row(b, h, n);", CPU_ATTENTION, CPU_ATTENTION_SELECT),
+           "csrc/attention.cpp", "prefix_queries ? prefix_out.at(b, h, g, n) : out.row(b, h, n)", "out.row(b, h, n)",
+           CPU_ATTENTION, CPU_ATTENTION_SELECT),
     Mutant("cpp-exp-scale", "scaling", "the float exponentials of long groups without the logit scale",
-           "csrc/block_math.cpp", "v = expf_poly(v * scale - shift);", "v = expf_poly(v - shift);",
-           CPU_ATTENTION, CPU_ATTENTION_SELECT),
+           "csrc/block_math.cpp", "v * scale - shift", "v - shift", CPU_ATTENTION, CPU_ATTENTION_SELECT),
     Mutant("cpp-short-scale", "scaling", "a short group's backward probabilities without the logit scale",
-           "csrc/block_math.cpp", "pi[j] = pi[j] * scale - lse;", "pi[j] = pi[j] - lse;",
-           CPU_ATTENTION, CPU_ATTENTION_SELECT),
+           "csrc/block_math.cpp", "pi[j] * scale - lse", "pi[j] - lse", CPU_ATTENTION, CPU_ATTENTION_SELECT),
     # --- C++ tubelet (csrc/tubelet.cpp) ---------------------------------------------------------
     Mutant("cpp-tube-corner", "index math", "a tube's corner without the tubelet's width",
-           "csrc/tubelet.cpp", "ih * h * stride[3] + iw * w * stride[4]", "ih * h * stride[3] + iw * stride[4]",
-           CPU_TUBELET, CPU_TUBELET_SELECT),
+           "csrc/tubelet.cpp", "iw * w * stride[4]", "iw * stride[4]", CPU_TUBELET, CPU_TUBELET_SELECT),
     Mutant("cpp-tube-accumulate", "index math", "d(weight) overwritten by each block of tubes instead of summed",
-           "csrc/tubelet.cpp", "scalar_t(r0 == 0 ? 0 : 1), dW + k0, K);", "scalar_t(0), dW + k0, K);",
-           CPU_TUBELET, CPU_TUBELET_SELECT),
-]  # fmt: skip
+           "csrc/tubelet.cpp", "scalar_t(r0 == 0 ? 0 : 1)", "scalar_t(0)", CPU_TUBELET, CPU_TUBELET_SELECT),
+]
 
 # The modules whose mutmut mutants must die (issue: index math, scaling and layouts of the kernels'
 # Python side, the models' structure, the checkpoint/resume path).
@@ -232,7 +215,7 @@ def copy_tree(dest: Path, rev: str | None) -> None:
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
         return
     listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                            capture_output=True).stdout.decode().split("\0")  # fmt: skip
+                            capture_output=True).stdout.decode().split("\0")
     for name in filter(None, listed):
         source = ROOT / name
         if source.is_file():
@@ -275,9 +258,7 @@ class Library:
         name = self.extension.library_name()
         if (self.baseline / f"{name}.so").is_file():
             return
-        from torch.utils import cpp_extension
-
-        for root in (ROOT / "vivit_kernels" / "_csrc", Path(cpp_extension.get_default_build_root())):
+        for root in (ROOT / "vivit_kernels" / "_csrc", self.extension.cache_root()):
             built = root / name
             if (built / f"{name}.so").is_file() and all((built / f"{Path(s).stem}.o").is_file() for s in self.extension.SOURCES):
                 shutil.copytree(built, self.baseline, dirs_exist_ok=True)
@@ -286,7 +267,7 @@ class Library:
         log(f"C++ library {name}: compiling the unmutated sources")
         env = {**os.environ, "VIVIT_KERNELS_CACHE": str(self.cache)}
         code = f"import importlib.util as u; s = u.spec_from_file_location('e', {str(self.tree / 'vivit_kernels' / '_extension.py')!r}); " \
-               "m = u.module_from_spec(s); s.loader.exec_module(m); m.build()"  # fmt: skip
+               "m = u.module_from_spec(s); s.loader.exec_module(m); m.build()"
         subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
     def _flags(self) -> tuple[list[str], list[str]]:
@@ -314,7 +295,7 @@ class Library:
             return False, result.stdout + result.stderr
         objects = [obj if Path(s).stem == stem else self.baseline / f"{Path(s).stem}.o" for s in self.extension.SOURCES]
         result = subprocess.run([compiler, *map(str, objects), *ldflags, "-o", str(directory / f"{name}.so")],
-                                capture_output=True, text=True)  # fmt: skip
+                                capture_output=True, text=True)
         return result.returncode == 0, result.stdout + result.stderr
 
     def discard(self) -> None:
@@ -354,26 +335,56 @@ def _first_failure(output: str) -> str:
     return match.group(1) if match else ""
 
 
+def comment_of(path: str) -> str:
+    """The line-comment token of a source file: `//` for C++, `#` for Python."""
+    return "//" if Path(path).suffix in (".cpp", ".h", ".cc", ".hpp") else "#"
+
+
+def marker(mutant: Mutant) -> str:
+    return f"{comment_of(mutant.path)} mutant: {mutant.id}"
+
+
+def markers_in(text: str, comment: str) -> list[str]:
+    """The ids of the mutant markers in a source text, one per marker, in order."""
+    return re.findall(rf"{re.escape(comment)} mutant: ([\w-]+)", text)
+
+
+def locate(text: str, mutant: Mutant) -> tuple[int, int]:
+    """(start, end) offsets of `old` in `text`: on the line that the mutant's marker ends, or on
+    the line after a marker that stands alone. Raises ValueError when the marker is not there
+    exactly once or `old` is not once in its line's code (the mutant must be updated)."""
+    tag, comment = marker(mutant), comment_of(mutant.path)
+    lines = text.splitlines(keepends=True)
+    found = [i for i, line in enumerate(lines) if mutant.id in markers_in(line, comment)]
+    if len(found) != 1:
+        raise ValueError(f"{mutant.path}: expected one marker {tag!r}, found {len(found)}")
+    i = found[0]
+    code = lines[i][: lines[i].index(tag)]
+    if not code.strip():  # the marker stands alone: it anchors the next line
+        i += 1
+        code = lines[i] if i < len(lines) else ""
+        if comment in code:
+            code = code[: code.index(comment)]
+    count = code.count(mutant.old)
+    if count != 1:
+        raise ValueError(f"{mutant.path}:{i + 1}: expected one occurrence of {mutant.old!r} on the line {tag!r} "
+                         f"marks, found {count}")
+    at = sum(map(len, lines[:i])) + code.index(mutant.old)
+    return at, at + len(mutant.old)
+
+
 def apply(tree: Path, mutant: Mutant) -> str:
     """Write `mutant` into `tree`; returns the original text of the file. Raises ValueError when
     the code it targets has changed (the mutant must be updated)."""
     path = tree / mutant.path
     text = path.read_text()
-    count = text.count(mutant.old)
-    if count != mutant.occurrences:
-        raise ValueError(f"{mutant.path}: expected {mutant.occurrences} occurrence(s) of {mutant.old!r}, found {count}")
-    at = -1
-    for _ in range(mutant.nth):
-        at = text.index(mutant.old, at + 1)
-    path.write_text(text[:at] + mutant.new + text[at + len(mutant.old):])
+    start, end = locate(text, mutant)
+    path.write_text(text[:start] + mutant.new + text[end:])
     return text
 
 
 def line_of(text: str, mutant: Mutant) -> int:
-    at = -1
-    for _ in range(mutant.nth):
-        at = text.index(mutant.old, at + 1)
-    return text.count("\n", 0, at) + 1
+    return text.count("\n", 0, locate(text, mutant)[0]) + 1
 
 
 def run_kernel_mutants(work: Path, rev: str | None, only: set[str] | None, timeout: float) -> dict:
@@ -415,9 +426,9 @@ def run_kernel_mutants(work: Path, rev: str | None, only: set[str] | None, timeo
                     results.append({**entry, "status": "does not compile", "detail": output[-1500:]})
                     log(f"{mutant.id}: does not compile")
                     continue
-            triton = "triton" in mutant.path
+            triton = any("triton" in test for test in mutant.tests)
             status, seconds, output = run_pytest(tree, test_env(tree, cache, triton), present(tree, mutant.tests),
-                                                 mutant.select, timeout)  # fmt: skip
+                                                 mutant.select, timeout)
         finally:
             (tree / mutant.path).write_text(original)
             library.discard()
@@ -467,7 +478,9 @@ def stage_python(work: Path, rev: str | None, modules: list[str]) -> Path:
     if stage.exists():
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
-    for source, target in (("vivit_kernels", "vivit_kernels"), ("models/vivit", "vivit"), ("tests", "tests"), ("csrc", "csrc")):
+    # The tests import benchmarks' shared helpers (relative_error).
+    for source, target in (("vivit_kernels", "vivit_kernels"), ("models/vivit", "vivit"), ("tests", "tests"),
+                           ("benchmarks", "benchmarks"), ("csrc", "csrc")):
         shutil.copytree(checkout / source, stage / target)
     # The C++ library of these sources, so that the tests do not compile it (mutmut copies the package).
     built = Library(checkout, work / "csrc-cache")
@@ -492,17 +505,18 @@ def stage_python(work: Path, rev: str | None, modules: list[str]) -> Path:
 def mutmut_results(stage: Path, env: dict) -> dict[str, str]:
     """mutant name -> status, from `mutmut results --all true`."""
     out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=stage, env=env,
-                         capture_output=True, text=True).stdout  # fmt: skip
+                         capture_output=True, text=True).stdout
     return dict(re.findall(r"^\s+(\S+__mutmut_\d+): (.+?)\s*$", out, re.MULTILINE))
 
 
 def describe(stage: Path, env: dict, name: str) -> dict:
     """A surviving mutant's file (as in the repository), line and change, from `mutmut show`."""
     diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=stage, env=env, capture_output=True,
-                          text=True).stdout  # fmt: skip
+                          text=True).stdout
     path = re.search(r"^\+\+\+ (?:b/)?(\S+)", diff, re.MULTILINE)
-    removed = [l[1:].strip() for l in diff.splitlines() if l.startswith("-") and not l.startswith("---")]
-    added = [l[1:].strip() for l in diff.splitlines() if l.startswith("+") and not l.startswith("+++")]
+    lines = diff.splitlines()
+    removed = [line[1:].strip() for line in lines if line.startswith("-") and not line.startswith("---")]
+    added = [line[1:].strip() for line in lines if line.startswith("+") and not line.startswith("+++")]
     file = path.group(1) if path else ""
     if file.startswith("mutants/"):
         file = file.removeprefix("mutants/")
@@ -542,13 +556,13 @@ def run_mutmut(work: Path, rev: str | None, modules: list[str], children: int, s
     generated = {m: [n for n in names if n.partition("__mutmut_")[0] not in IMPORT_TIME] for m, names in generated.items()}
     chosen: list[str] = []
     rng = random.Random(seed)
-    for module, names in generated.items():  # a sample of each module's: the same for the same seed and sources
+    for names in generated.values():  # a sample of each module's: the same for the same seed and sources
         chosen += sorted(rng.sample(names, min(sample, len(names)))) if sample else names
     log(f"mutmut on {len(modules)} module(s), {sum(map(len, generated.values()))} mutants ({skipped} of import-time code left out)"
         + (f", {len(chosen)} sampled ({sample} per module, seed {seed})" if sample else "") + f": {', '.join(modules)}")
     start = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *chosen], cwd=stage,
-                         env=env, capture_output=True, text=True)  # fmt: skip
+                         env=env, capture_output=True, text=True)
     seconds = time.monotonic() - start
     (work / "mutmut.log").write_text(run.stdout + run.stderr)
     statuses = mutmut_results(stage, env)
@@ -558,7 +572,7 @@ def run_mutmut(work: Path, rev: str | None, modules: list[str], children: int, s
     survivors = []
     for name, status in statuses.items():
         module = "models/" + name.split(".x")[0].replace(".", "/") + ".py" if name.startswith("vivit.") else \
-            name.split(".x")[0].replace(".", "/") + ".py"  # fmt: skip
+            name.split(".x")[0].replace(".", "/") + ".py"
         counts = per_module.setdefault(module, {})
         counts[status] = counts.get(status, 0) + 1
         if status == "survived":
@@ -566,7 +580,7 @@ def run_mutmut(work: Path, rev: str | None, modules: list[str], children: int, s
     return {"modules": modules, "generated": {m: len(n) for m, n in generated.items()}, "import_time_left_out": skipped,
             "sample": sample, "seed": seed,
             "exit_status": run.returncode, "seconds": round(seconds), "per_module": per_module,
-            "survivors": survivors, "log_tail": (run.stdout + run.stderr)[-3000:]}  # fmt: skip
+            "survivors": survivors, "log_tail": (run.stdout + run.stderr)[-3000:]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,7 +601,7 @@ def summarise(report: dict, fail_under: float) -> tuple[list[str], bool]:
         for category in CATEGORIES:
             in_category = [m for m in ran if m["category"] == category]
             lines.append(f"- {category}: {score(sum(m['status'] == 'killed' for m in in_category), len(in_category))}")
-        for kind, prefix in (("C++", "csrc/"), ("Triton", "vivit_kernels/triton/")):
+        for kind, prefix in (("C++", "csrc/"), ("Triton", "vivit_kernels/")):
             of_kind = [m for m in ran if m["path"].startswith(prefix)]
             lines.append(f"- {kind}: {score(sum(m['status'] == 'killed' for m in of_kind), len(of_kind))}")
         lines += ["", "| mutant | category | where | status | detail |", "|---|---|---|---|---|"]
@@ -607,7 +621,7 @@ def summarise(report: dict, fail_under: float) -> tuple[list[str], bool]:
         tested = detected + totals.get("survived", 0)
         lines += ["## mutmut", "", f"Killed {score(detected, tested)} of the mutants with tests; "
                   f"statuses: {json.dumps(totals)}.", "", "| module | killed | survived | no tests | other |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+                  "|---|---|---|---|---|"]
         for module, counts in sorted(python["per_module"].items()):
             killed_here = sum(counts.get(s, 0) for s in STATUS_KILLED)
             other = sum(n for s, n in counts.items() if s not in (*STATUS_KILLED, "survived", "no tests"))

@@ -10,6 +10,7 @@ and the FLOP counts derived once. The shape travels in the dispatch request to t
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ def default_scale(head_dim: int) -> float:
 
 @dataclass(frozen=True)
 class AttentionShape:
-    """One `factorised_attention` call: q, k, v (B, H, N, Dh), N = prefix + frames * spatial tokens.
+    """One `factorised_attention` call: q, k, v (B, H, N, Dh), N = prefix + frames * tokens_per_frame.
 
     `scale` is resolved (never None). Tokens [0, prefix) are outside the grid; the grid follows
     in `layout` order.
@@ -61,12 +62,18 @@ class AttentionShape:
         return cls(B, H, N, Dh, frames, mode, scale, dropout_p, prefix, layout)
 
     @property
-    def spatial(self) -> int:
+    def tokens_per_frame(self) -> int:
         """S, grid tokens per frame."""
         return (self.tokens - self.prefix) // self.frames
 
+    @property
+    def spatial(self) -> int:
+        """Deprecated alias of `tokens_per_frame` (S, not the "spatial" mode)."""
+        warnings.warn("AttentionShape.spatial is deprecated; use tokens_per_frame", DeprecationWarning, stacklevel=2)
+        return self.tokens_per_frame
+
     def _scores_per_head(self, mode: str) -> int:
-        P, T, S, N = self.prefix, self.frames, self.spatial, self.tokens
+        P, T, S, N = self.prefix, self.frames, self.tokens_per_frame, self.tokens
         if mode == "joint":
             return N * N
         if mode == "spatial":  # T groups of the prefix and a frame, each query (prefix ones too) in each
@@ -222,9 +229,11 @@ def check_prefix(op: str, prefix) -> None:
         raise ValueError(f"{op}: num_prefix_tokens must be >= 0, got {prefix}")
 
 
-def grid_mismatch(op: str, tokens: int, prefix: int, frames: int | None = None, spatial: int | None = None) -> str:
+def grid_mismatch(
+    op: str, tokens: int, prefix: int, frames: int | None = None, tokens_per_frame: int | None = None
+) -> str:
     """The message for N tokens that are not prefix + frames * tokens_per_frame."""
-    given = ", ".join(f"{name}={value}" for name, value in (("frames", frames), ("tokens_per_frame", spatial))
+    given = ", ".join(f"{name}={value}" for name, value in (("frames", frames), ("tokens_per_frame", tokens_per_frame))
                       if value is not None)
     hint = " (a class token? pass num_prefix_tokens)" if prefix == 0 else ""
     return (
@@ -251,7 +260,7 @@ def check_attention(
 def check_attention_packed(
     qkv, num_heads, frames, mode, scale, dropout_p: float = 0.0, num_prefix_tokens: int = 0,
     layout: str = "time_major",
-) -> AttentionShape:  # fmt: skip
+) -> AttentionShape:
     op = "factorised_attention_packed"
     _check_tensor(op, "qkv", qkv, 3, "(B, N, 3 * H * Dh)")
     check_positive_int(op, "num_heads", num_heads)
@@ -261,7 +270,7 @@ def check_attention_packed(
             f"{op}: qkv has width {width}, not divisible by 3 * num_heads = {3 * num_heads}; expected (B, N, 3 * H * Dh)"
         )
     return _check_grid(op, (B, num_heads, N, width // (3 * num_heads)), frames, mode, scale, dropout_p,
-                       num_prefix_tokens, layout)  # fmt: skip
+                       num_prefix_tokens, layout)
 
 
 def _check_grid(op, q_shape, frames, mode, scale, dropout_p, num_prefix_tokens, layout) -> AttentionShape:

@@ -1,8 +1,11 @@
 """Fused factorised attention in Triton: one flash-attention kernel family for every mode.
 
-A head's N = P + T * S tokens (P prefix tokens, then the grid) split into G attention groups;
-member i of group g is token BASE + g * GROUP_STRIDE + i * MEMBER_STRIDE, and a group of a
-spatial head also holds the P prefix tokens (X = P "extra" members, tokens 0 .. P - 1, first):
+A head's N = P + T * S tokens (P prefix tokens, then a grid of T frames of S tokens) split into
+G attention groups, as an `IndexMap` (vivit_kernels/index_map.py) says: member i of group g is
+token BASE + g * GROUP_STRIDE + i * MEMBER_STRIDE, and a group of a spatial head also holds the
+P prefix tokens (X = P "extra" members, tokens 0 .. P - 1, first). The kernels take a map's
+fields as scalars, in its order: G, L, GS, MS, BASE, X = groups, length, group_stride,
+member_stride, base, prefix.
 
     mode      G   L   GROUP_STRIDE  MEMBER_STRIDE  BASE  X     (time-major; space-major swaps the strides' roles)
     joint     1   N   0             1              0     0
@@ -12,14 +15,14 @@ spatial head also holds the P prefix tokens (X = P "extra" members, tokens 0 .. 
 A spatial group's prefix queries write their output and log-sum-exp per frame (the launcher
 averages the outputs: TimeSformer's class token), and in backward their gradient rows per frame
 (the launcher sums them), so no program writes another's rows. A temporal head's prefix tokens
-attend among themselves: a second, small launch with the map (1, P, 0, 1, 0, 0).
+attend among themselves: a second, small launch with `IndexMap.prefix_group`.
 
 "split" runs heads [0, H/2) with the spatial map and [H/2, H) with the temporal map in the same
 launch. Every kernel walks the tokens of a head in group-major order ("rows": row r is member
 r % RL of group r // RL, RL = X + L). When groups are shorter than the block, BLOCK // RL whole
-groups share one block (a "pack") and a block-diagonal mask keeps them apart, so short temporal
-groups still fill the tensor-core tiles; when groups are longer, a group spans several blocks and
-a pack is one group. The grid is flat: (programs of every head, B), programs of the first-map
+groups (`groups_per_pack`) share one block (a "pack") and a block-diagonal mask keeps them apart,
+so short temporal groups still fill the tensor-core tiles; when groups are longer, a group spans
+several blocks and a pack is one group. The grid is flat: (programs of every head, B), programs of the first-map
 heads first, so no program exits early whatever the mode (see NOTES.md).
 
 Forward: online softmax in base 2 (the scale carries log2(e) so exp2 is used), saves the
@@ -30,14 +33,16 @@ every gradient element is written by one program, so no atomics and the result i
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from . import interpreted
 from ..checks import AttentionShape
+from ..index_map import IndexMap
 from ..ops.attention import prefix_shapes, split_heads, unpack_qkv
-from . import limits
+from . import interpreted, limits
 from .common import autotune_configs, cast_rounded, on_input_device, target_arch, upcast_dot_operands
 
 LOG2E = 1.4426950408889634
@@ -51,9 +56,9 @@ LOG2E_CONST = tl.constexpr(LOG2E)
 @triton.jit
 def _programs_per_head(G, RL, BLOCK: tl.constexpr):
     """Programs covering one head's G groups of RL rows with blocks of BLOCK rows."""
-    P = tl.maximum(BLOCK // RL, 1)  # groups per pack
-    blocks_per_pack = tl.cdiv(tl.minimum(P, G) * RL, BLOCK)
-    return tl.cdiv(G, P) * blocks_per_pack
+    groups_per_pack = tl.maximum(BLOCK // RL, 1)
+    blocks_per_pack = tl.cdiv(tl.minimum(groups_per_pack, G) * RL, BLOCK)
+    return tl.cdiv(G, groups_per_pack) * blocks_per_pack
 
 
 @triton.jit
@@ -74,11 +79,11 @@ def _locate(
     GS = tl.where(in_a, GS_A, GS_B)
     MS = tl.where(in_a, MS_A, MS_B)
     BASE = tl.where(in_a, BASE_A, BASE_B)
-    P = tl.maximum(BLOCK // RL, 1)
-    blocks_per_pack = tl.cdiv(tl.minimum(P, G) * RL, BLOCK)
+    groups_per_pack = tl.maximum(BLOCK // RL, 1)
+    blocks_per_pack = tl.cdiv(tl.minimum(groups_per_pack, G) * RL, BLOCK)
     pack = local // blocks_per_pack
-    group0 = pack * P
-    pack_len = tl.minimum(P, G - group0) * RL
+    group0 = pack * groups_per_pack
+    pack_len = tl.minimum(groups_per_pack, G - group0) * RL  # mutant: tri-pack-len
     row0 = (local % blocks_per_pack) * BLOCK
     return head, RL, GS, MS, BASE, X, group0, pack_len, row0
 
@@ -90,9 +95,9 @@ def _tokens(rows, group0, RL, GS, MS, BASE, X, PREFIX: tl.constexpr):
     i = rows % RL
     g = group0 + rows // RL
     if PREFIX:
-        tok = tl.where(i < X, i, BASE + g * GS + (i - X) * MS)
+        tok = tl.where(i < X, i, BASE + g * GS + (i - X) * MS)  # mutant: tri-prefix-member
     else:
-        tok = BASE + g * GS + i * MS
+        tok = BASE + g * GS + i * MS  # mutant: tri-base
     return tok.to(tl.int64)
 
 
@@ -132,7 +137,7 @@ def _attention_fwd(
     qk_scale, TUNE_A, TUNE_B,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PREFIX: tl.constexpr,
-):  # fmt: skip
+):
     head, RL, GS, MS, BASE, X, group0, pack_len, row0 = _locate(
         tl.program_id(0), H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B, BLOCK_M
     )
@@ -145,7 +150,7 @@ def _attention_fwd(
     d_ok = d < HEAD_DIM
 
     q = tl.load(Q + b * sqb + head * sqh + q_tok[:, None] * sqn + d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     K += b * skb + head * skh
     V += b * svb + head * svh
 
@@ -160,7 +165,7 @@ def _attention_fwd(
         k_tok = _tokens(cols, group0, RL, GS, MS, BASE, X, PREFIX)
         kt = tl.load(K + k_tok[None, :] * skn + d[:, None] * skd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         s = _dot(q, kt, UPCAST) * qk_scale
-        allowed = col_ok[None, :] & (row_group[:, None] == (cols // RL)[None, :])
+        allowed = col_ok[None, :] & (row_group[:, None] == (cols // RL)[None, :])  # mutant: tri-mask
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -173,7 +178,7 @@ def _attention_fwd(
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padded rows only
     out = cast_rounded(acc / l_i[:, None], O.dtype.element_ty, UPCAST)
     # Natural-log LSE of the scaled logits: (m + log2 l) is its base-2 value.
-    lse = (m_i + tl.log2(l_i)) / LOG2E_CONST
+    lse = (m_i + tl.log2(l_i)) / LOG2E_CONST  # mutant: tri-lse-base
     member = row_ok
     if PREFIX:
         is_prefix = (rows % RL) < X
@@ -183,7 +188,7 @@ def _attention_fwd(
         tl.store(PO + part[:, None] * HEAD_DIM + d[None, :], out, mask=prefix[:, None] & d_ok[None, :])
         tl.store(PL + part, lse, mask=prefix)
     tl.store(O + b * sob + head * soh + q_tok[:, None] * son + d[None, :] * sod, out,
-             mask=member[:, None] & d_ok[None, :])  # fmt: skip
+             mask=member[:, None] & d_ok[None, :])
     tl.store(LSE + b * slb + head * slh + q_tok, lse, mask=member)
 
 
@@ -193,7 +198,7 @@ def _attention_bwd_delta(
     sob, soh, son, sod, sgb, sgh, sgn, sgd, slb, slh,
     N,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     """delta = rowsum(dO * O) per token: the softmax-backward term shared by dK/dV and dQ."""
     n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1)
@@ -204,13 +209,13 @@ def _attention_bwd_delta(
     n64 = n.to(tl.int64)
     o = tl.load(O + b * sob + head * soh + n64[:, None] * son + d[None, :] * sod, mask=mask, other=0.0)
     do = tl.load(DO + b * sgb + head * sgh + n64[:, None] * sgn + d[None, :] * sgd, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # mutant: tri-delta
     tl.store(DELTA + b * slb + head * slh + n64, delta, mask=n_ok)
 
 
 @triton.jit
 def _row_statistics(LSE, DELTA, PL, PD, rows, q_tok, b, head, group0, RL, X, H_A, G_A, X_A, row_ok,
-                    PREFIX: tl.constexpr):  # fmt: skip
+                    PREFIX: tl.constexpr):
     """Per query row: log2-sum-exp, delta, and the factor its gradient contributions carry: 1/G for a
     prefix row of a spatial group (its output is the mean of G groups' outputs), else 1."""
     if PREFIX:
@@ -219,8 +224,8 @@ def _row_statistics(LSE, DELTA, PL, PD, rows, q_tok, b, head, group0, RL, X, H_A
         member, prefix = row_ok & ~is_prefix, row_ok & is_prefix
         lse = tl.where(is_prefix, tl.load(PL + part, mask=prefix, other=0.0), tl.load(LSE + q_tok, mask=member, other=0.0))
         delta = tl.where(is_prefix, tl.load(PD + part, mask=prefix, other=0.0),
-                         tl.load(DELTA + q_tok, mask=member, other=0.0))  # fmt: skip
-        share = tl.where(is_prefix, 1.0 / G_A, 1.0)
+                         tl.load(DELTA + q_tok, mask=member, other=0.0))
+        share = tl.where(is_prefix, 1.0 / G_A, 1.0)  # mutant: tri-prefix-share
     else:
         lse = tl.load(LSE + q_tok, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + q_tok, mask=row_ok, other=0.0)
@@ -237,7 +242,7 @@ def _attention_bwd_dkdv(
     qk_scale, scale, TUNE_A, TUNE_B,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PREFIX: tl.constexpr,
-):  # fmt: skip
+):
     """A block of keys; loops over the queries of its pack (the only ones that see these keys)."""
     head, RL, GS, MS, BASE, X, group0, pack_len, row0 = _locate(
         tl.program_id(0), H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B, BLOCK_N
@@ -268,7 +273,7 @@ def _attention_bwd_dkdv(
         )
         qt = tl.load(Q + q_tok[None, :] * sqn + d[:, None] * sqd, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
         do = tl.load(DO + q_tok[:, None] * sgn + d[None, :] * sgd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        # Transposed tiles (keys x queries): P^T recomputed from the saved LSE.
+        # Transposed tiles (keys x queries): the probabilities recomputed from the saved LSE.
         st = _dot(k, qt, UPCAST) * qk_scale
         allowed = row_ok[None, :] & (col_group[:, None] == (rows // RL)[None, :])
         pt = tl.exp2(tl.where(allowed, st - lse2[None, :], float("-inf")))  # masked before exp2: no overflow
@@ -280,7 +285,7 @@ def _attention_bwd_dkdv(
         dv += _dot(cast_rounded(pt, do.dtype, UPCAST), do, UPCAST)
         dk += _dot(cast_rounded(dst, qt.dtype, UPCAST), tl.trans(qt), UPCAST)
 
-    dk *= scale
+    dk *= scale  # mutant: tri-dk-scale
     member = col_ok
     if PREFIX:
         is_prefix = (cols % RL) < X
@@ -290,9 +295,9 @@ def _attention_bwd_dkdv(
         tl.store(PDK + part[:, None] * HEAD_DIM + d[None, :], dk, mask=prefix)
         tl.store(PDV + part[:, None] * HEAD_DIM + d[None, :], dv, mask=prefix)
     tl.store(DK + b * sdkb + head * sdkh + k_tok[:, None] * sdkn + d[None, :] * sdkd,
-             cast_rounded(dk, DK.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])  # fmt: skip
+             cast_rounded(dk, DK.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])
     tl.store(DV + b * sdvb + head * sdvh + k_tok[:, None] * sdvn + d[None, :] * sdvd,
-             cast_rounded(dv, DV.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])  # fmt: skip
+             cast_rounded(dv, DV.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])
 
 
 @triton.jit(do_not_specialize=_SHAPE_INTS)
@@ -304,7 +309,7 @@ def _attention_bwd_dq(
     qk_scale, scale, TUNE_A, TUNE_B,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PREFIX: tl.constexpr,
-):  # fmt: skip
+):
     """A block of queries; loops over the keys of its pack, like the forward."""
     head, RL, GS, MS, BASE, X, group0, pack_len, row0 = _locate(
         tl.program_id(0), H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B, BLOCK_M
@@ -353,7 +358,7 @@ def _attention_bwd_dq(
         part = _partial_rows(rows, b, head, group0, RL, H_A, G_A, X_A)
         tl.store(PDQ + part[:, None] * HEAD_DIM + d[None, :], dq, mask=(row_ok & is_prefix)[:, None] & d_ok[None, :])
     tl.store(DQ + b * sdqb + head * sdqh + q_tok[:, None] * sdqn + d[None, :] * sdqd,
-             cast_rounded(dq, DQ.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])  # fmt: skip
+             cast_rounded(dq, DQ.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,41 +432,54 @@ _dq = _autotuned("dq", _attention_bwd_dq, _INTERPRETER_DQ)
 # Launchers, with the contract of `vivit_kernels.ops.attention` (the op layer calls them).
 
 
-def index_maps(shape: AttentionShape) -> list[tuple[int, int, int, tuple, tuple]]:
-    """The launches of a call: (first head, heads, heads using map A, map A, map B) each. A map
-    is (groups, group length, group stride, member stride, base, extra prefix members)."""
-    T, S, P, H = shape.frames, shape.spatial, shape.prefix, shape.heads
-    time_major = shape.layout == "time_major"
-    maps = {
-        "joint": (1, shape.tokens, 0, 1, 0, 0),
-        "spatial": (T, S, S, 1, P, P) if time_major else (T, S, 1, T, P, P),
-        "temporal": (S, T, 1, S, P, 0) if time_major else (S, T, T, 1, P, 0),
-    }
-    # A map B nobody uses (no head past H_A) only has to keep the program arithmetic finite.
-    unused = (1, 1, 0, 1, 0, 0)
+class Launch(NamedTuple):
+    """One launch of a call: heads [first_head, first_head + heads), the first `heads_a` of them
+    with `map_a`, the rest with `map_b`."""
+
+    first_head: int
+    heads: int
+    heads_a: int
+    map_a: IndexMap
+    map_b: IndexMap
+
+
+# A map B nobody uses (no head past heads_a) only has to keep the program arithmetic finite.
+_UNUSED = IndexMap(groups=1, length=1, group_stride=0, member_stride=1, base=0, prefix=0)
+
+
+def index_maps(shape: AttentionShape) -> list[Launch]:
+    """The launches of a call."""
+    H = shape.heads
     if shape.mode == "split":
-        launches = [(0, H, H // 2, maps["spatial"], maps["temporal"])]
+        launches = [Launch(0, H, H // 2, IndexMap.of(shape, "spatial"), IndexMap.of(shape, "temporal"))]
         temporal_heads = (H // 2, H - H // 2)
     else:
-        launches = [(0, H, H, maps[shape.mode], unused)]
+        launches = [Launch(0, H, H, IndexMap.of(shape), _UNUSED)]
         temporal_heads = (0, H) if shape.mode == "temporal" else None
-    if P and temporal_heads:  # the temporal heads' prefix tokens: one group of their own
+    if shape.prefix and temporal_heads:  # the temporal heads' prefix tokens: one group of their own
         h0, heads = temporal_heads
-        launches.append((h0, heads, heads, (1, P, 0, 1, 0, 0), unused))
+        launches.append(Launch(h0, heads, heads, IndexMap.prefix_group(shape), _UNUSED))
     return launches
+
+
+def _map_args(heads_a: int, map_a: IndexMap, map_b: IndexMap) -> tuple[int, ...]:
+    """The kernels' H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B."""
+    return (heads_a, *(x for m in (map_a, map_b)
+                       for x in (m.groups, m.length, m.group_stride, m.member_stride, m.base, m.prefix)))
 
 
 def _host_programs_per_head(groups: int, row_length: int, block: int) -> int:
     """`_programs_per_head` for the launch grid."""
-    packed = max(block // row_length, 1)
-    return triton.cdiv(groups, packed) * triton.cdiv(min(packed, groups) * row_length, block)
+    groups_per_pack = max(block // row_length, 1)
+    blocks_per_pack = triton.cdiv(min(groups_per_pack, groups) * row_length, block)  # mutant: tri-grid
+    return triton.cdiv(groups, groups_per_pack) * blocks_per_pack
 
 
-def _grid(heads: int, batch: int, h_a: int, map_a: tuple, map_b: tuple, block: str):
+def _grid(heads: int, batch: int, h_a: int, map_a: IndexMap, map_b: IndexMap, block: str):
     def grid(meta):
         bs = meta[block]
-        progs_a = _host_programs_per_head(map_a[0], map_a[1] + map_a[5], bs)
-        progs = h_a * progs_a + (heads - h_a) * _host_programs_per_head(map_b[0], map_b[1] + map_b[5], bs)
+        progs_a = _host_programs_per_head(map_a.groups, map_a.row_length, bs)
+        progs = h_a * progs_a + (heads - h_a) * _host_programs_per_head(map_b.groups, map_b.row_length, bs)
         return (progs, batch)
 
     return grid
@@ -476,9 +494,10 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _buckets(map_a: tuple, map_b: tuple) -> tuple[int, int]:
-    """The autotuning buckets of two maps: the next power of two of each row length (>= 16)."""
-    return tuple(max(16, triton.next_power_of_2(m[1] + m[5])) for m in (map_a, map_b))
+def _buckets(map_a: IndexMap, map_b: IndexMap) -> tuple[int, int]:
+    """The autotuning buckets of two maps (or tuples of their fields): the next power of two of
+    each row length (>= 16)."""
+    return tuple(max(16, triton.next_power_of_2(IndexMap(*m).row_length)) for m in (map_a, map_b))
 
 
 def _or(x: torch.Tensor, stand_in: torch.Tensor) -> torch.Tensor:
@@ -510,12 +529,13 @@ def forward(
         qh, kh, vh, oh, lh = (_heads(x, h0, heads) for x in (q, k, v, out, lse))
         _fwd[_grid(heads, B, h_a, map_a, map_b, "BLOCK_M")](
             qh, kh, vh, oh, lh, po, pl,
+            # mutant: tri-v-strides
             *qh.stride(), *kh.stride(), *vh.stride(), *oh.stride(), lh.stride(0), lh.stride(1),
-            h_a, *map_a, *map_b, scale * LOG2E, *_buckets(map_a, map_b),
-            HEAD_DIM=Dh, BLOCK_D=_block_d(Dh), UPCAST=upcast_dot_operands(q.dtype), PREFIX=map_a[5] > 0,
-        )  # fmt: skip
+            *_map_args(h_a, map_a, map_b), scale * LOG2E, *_buckets(map_a, map_b),  # mutant: tri-log2e
+            HEAD_DIM=Dh, BLOCK_D=_block_d(Dh), UPCAST=upcast_dot_operands(q.dtype), PREFIX=map_a.prefix > 0,
+        )
     if averaged_heads:  # a spatial head's prefix query: the mean of its per-frame outputs
-        out[:, :averaged_heads, :prefix] = prefix_out.float().mean(2).to(q.dtype)
+        out[:, :averaged_heads, :prefix] = prefix_out.float().mean(2).to(q.dtype)  # mutant: tri-prefix-mean
         lse[:, :averaged_heads, :prefix] = 0.0  # unused
     return out, lse, prefix_out, prefix_lse
 
@@ -548,7 +568,7 @@ def backward(
     _attention_bwd_delta[(triton.cdiv(N, _DELTA_BLOCK), H, B)](
         out, dout, delta, *out.stride(), *dout.stride(), delta.stride(0), delta.stride(1), N,
         HEAD_DIM=Dh, BLOCK_M=_DELTA_BLOCK, BLOCK_D=block_d,
-    )  # fmt: skip
+    )
     # The averaged prefix rows, per frame: delta against that frame's output (the 1/T share of the
     # gradient is applied in the kernels), and fp32 partial gradients, summed below.
     prefix_delta = (dout[:, :averaged_heads, None, :prefix].float() * prefix_out.float()).sum(-1) if averaged_heads \
@@ -558,18 +578,19 @@ def backward(
     pl, pd, pdq_, pdk_, pdv_ = (_or(x, delta) for x in (prefix_lse, prefix_delta, pdq, pdk, pdv))
     for h0, heads, h_a, map_a, map_b in index_maps(shape):
         qh, kh, vh, gh, lh, deltah = (_heads(x, h0, heads) for x in (q, k, v, dout, lse, delta))
+        # mutant: tri-dout-strides
         common = (*qh.stride(), *kh.stride(), *vh.stride(), *gh.stride(), lh.stride(0), lh.stride(1))
-        maps = (h_a, *map_a, *map_b, scale * LOG2E, scale, *_buckets(map_a, map_b))
+        maps = (*_map_args(h_a, map_a, map_b), scale * LOG2E, scale, *_buckets(map_a, map_b))
         dqh, dkh, dvh = (_heads(x, h0, heads) for x in (dq, dk, dv))
         _dkdv[_grid(heads, B, h_a, map_a, map_b, "BLOCK_N")](
             qh, kh, vh, gh, lh, deltah, dkh, dvh, pl, pd, pdk_, pdv_,
             *common, *dkh.stride(), *dvh.stride(), *maps,
-            HEAD_DIM=Dh, BLOCK_D=block_d, UPCAST=upcast, PREFIX=map_a[5] > 0,
-        )  # fmt: skip
+            HEAD_DIM=Dh, BLOCK_D=block_d, UPCAST=upcast, PREFIX=map_a.prefix > 0,
+        )
         _dq[_grid(heads, B, h_a, map_a, map_b, "BLOCK_M")](
             qh, kh, vh, gh, lh, deltah, dqh, pl, pd, pdq_,
-            *common, *dqh.stride(), *maps, HEAD_DIM=Dh, BLOCK_D=block_d, UPCAST=upcast, PREFIX=map_a[5] > 0,
-        )  # fmt: skip
+            *common, *dqh.stride(), *maps, HEAD_DIM=Dh, BLOCK_D=block_d, UPCAST=upcast, PREFIX=map_a.prefix > 0,
+        )
     if averaged_heads:
         for grad, partial in ((dq, pdq), (dk, pdk), (dv, pdv)):
             grad[:, :averaged_heads, :prefix] = partial.sum(2).to(q.dtype)
@@ -603,5 +624,5 @@ def packed_backward(
     """The gradient of the packed projection, (B, N, 3 * H * Dh), written by the kernels in place."""
     dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
     backward(split_heads(dout, heads), *unpack_qkv(qkv, heads), split_heads(out, heads), lse, prefix_out, prefix_lse,
-             frames, prefix, layout, mode, scale, into=unpack_qkv(dqkv, heads))  # fmt: skip
+             frames, prefix, layout, mode, scale, into=unpack_qkv(dqkv, heads))
     return dqkv

@@ -47,7 +47,6 @@ import triton.language as tl
 from ..checks import TubeletShape
 from .common import autotune_configs, cast_rounded, on_input_device, upcast_dot_operands
 
-
 # ----------------------------------------------------------------------------------------------
 # Index maps: a token p of a clip and a tube position k to element offsets inside one clip.
 # Offsets inside a clip are int32 (the backend declares `INT32_MAX` as its limit, so a clip
@@ -62,7 +61,7 @@ def _token_offsets(p, nh, nw, t, h, w, stride_t, stride_h, stride_w):
     r = p // nw
     j = r % nh
     i = r // nh
-    return i * t * stride_t + j * h * stride_h + l * w * stride_w
+    return i * t * stride_t + j * h * stride_h + l * w * stride_w  # mutant: tri-tube-corner
 
 
 @triton.jit
@@ -75,7 +74,7 @@ def _tube_offsets(k, t, h, w, stride_c, stride_t, stride_h, stride_w):
     r = r // h
     dt = r % t
     c = r // t
-    return c * stride_c + dt * stride_t + dh * stride_h + dw * stride_w
+    return c * stride_c + dt * stride_t + dh * stride_h + dw * stride_w  # mutant: tri-tube-w-stride
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +92,7 @@ def tubelet_fwd_kernel(
     stride_wd, stride_wk,
     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+):
     """out[b, p, d] = sum_k video[b, A(p, k)] * weight[d, k] + bias[d] + pos[p, d]; out is (B, P, D)."""
     blocks = tl.cdiv(P, BLOCK_M)
     pid_m = tl.program_id(0) % blocks
@@ -137,7 +136,7 @@ def tubelet_bwd_video_kernel(
     stride_vb, stride_vc, stride_vt, stride_vh, stride_vw,
     stride_wd, stride_wk,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     """dvideo[b, A(p, k)] = sum_d grad[b, p, d] * weight[d, k]; grad is (B, P, D) contiguous.
     Tubes do not overlap, so each element is written by exactly one program."""
     blocks = tl.cdiv(P, BLOCK_M)
@@ -180,7 +179,7 @@ def tubelet_bwd_weight_kernel(
     stride_vb, stride_vc, stride_vt, stride_vh, stride_vw, SPLIT,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
+):
     """dweight[d, k] = sum_{b, p} grad[b, p, d] * video[b, A(p, k)] (A gathered again, never
     stored); dbias[d] = sum_{b, p} grad[b, p, d], accumulated by the programs of the first K block.
 
@@ -202,7 +201,7 @@ def tubelet_bwd_weight_kernel(
     bias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     blocks = tl.cdiv(P, BLOCK_M)
     tiles = B * blocks
-    chunk = tl.cdiv(tiles, SPLIT)
+    chunk = tl.cdiv(tiles, SPLIT)  # mutant: tri-tube-split
     first = pid_s * chunk
     # The last chunks may be short or empty: an empty one stores zeros.
     for tile in range(first, tl.minimum(first + chunk, tiles)):
@@ -290,7 +289,7 @@ _GPU_CONFIGS = {
         "16": _configs(_BWD_WEIGHT, [(128, 128, 32, 8, 3), (64, 64, 32, 8, 3)]),
         "32": _configs(_BWD_WEIGHT, [(128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 64, 16, 4, 3)]),
     },
-}  # fmt: skip
+}
 _INTERPRETER_CONFIGS = {
     "fwd": triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}),
     "bwd_video": triton.Config({"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_D": 16}),
@@ -382,7 +381,7 @@ def forward(
         P, D, K, nh, nw, t, h, w,
         *video.stride(), *wmat.stride(),
         HAS_BIAS=bias is not None, HAS_POS=pos is not None, UPCAST=upcast_dot_operands(video.dtype),
-    )  # fmt: skip
+    )
     return out
 
 
@@ -415,7 +414,7 @@ def backward_video(
         P, D, K, nh, nw, t, h, w,
         *dvideo.stride(), *wmat.stride(),
         UPCAST=upcast_dot_operands(video.dtype),
-    )  # fmt: skip
+    )
     return dvideo
 
 
@@ -455,7 +454,7 @@ def backward_weight(
         B, P, D, K, nh, nw, t, h, w,
         *video.stride(), split,
         HAS_BIAS=bias_grad, PARTIAL=partial, UPCAST=upcast_dot_operands(video.dtype),
-    )  # fmt: skip
+    )
     if partial:  # a fixed-order fp32 sum over the chunks, then one rounding: deterministic, no atomics
         dweight.view(D, K).copy_(dweight_out.sum(0))
         if bias_grad:
