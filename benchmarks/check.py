@@ -18,14 +18,17 @@ The attention oracle runs one head at a time, so its score matrices take one hea
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from vivit_kernels import reference
 
-from .cases import BACKWARD, BASELINE, attention_fn, dtype_name, parse_target, training_model, tubelet_fn
+from .attention import attention_fn
+from .core import BACKWARD, BASELINE, dtype_name, parse_target, relative_error
+from .training import training_model
+from .tubelet import tubelet_fn
 
 # What the oracle runs in: float64 for fp32 targets, float32 for fp16/bf16 (STYLE.md).
 ORACLE_DTYPE = {torch.float32: torch.float64, torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -36,12 +39,6 @@ ORACLE_DTYPE = {torch.float32: torch.float64, torch.float16: torch.float32, torc
 # tokens error. The floor is 2.5x the largest. fp16/bf16: one unit of rounding (there the rule
 # itself carries the tolerance).
 FLOOR = {torch.float32: 5e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|, in float64 (0 where both are zero)."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
 def errors(results: dict, oracle: dict) -> dict[str, float]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import gc
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import pytest
 import torch
 
-from .cases import TORCH_BASELINES, einsum_baseline, parse_target
+from .core import TORCH_BASELINES, einsum_baseline, parse_target
 from .loader import OLD as LOADER_OLD
 from .loader import OLD_DECODE as LOADER_OLD_DECODE
 from .measure import run_case
@@ -109,7 +109,7 @@ def _key(info: dict) -> tuple:
 
 def fill_speedups(rows: list[dict]) -> None:
     """speedup_vs_einsum (and speedup_vs_torch: SDPA, Conv3d) = baseline median / median, where the baseline ran
-    (for attention the plain baselines of benchmarks/cases.py); for the loader, clips_per_s and speedup_vs_old."""
+    (for attention the plain baselines of benchmarks/attention.py); for the loader, clips_per_s and speedup_vs_old."""
     medians = {(_key(r), r["backend"]): r["median_s"] for r in rows}
     for row in rows:
         key, median = _key(row), row["median_s"]

@@ -6,7 +6,7 @@
 
 Forward+backward of attention between a layer's projections: from one packed (B, N, 3 * H * Dh)
 qkv leaf, with a dense (B, N, H * Dh) output gradient, fp32, no prefix tokens. Each
-implementation (the plain einsum and SDPA baselines of benchmarks/cases.py, then every registry
+implementation (the plain einsum and SDPA baselines of benchmarks/attention.py, then every registry
 backend that runs fp32 on the CPU) is timed at one thread by the process's CPU time per call: on
 a shared machine wall time at two threads mostly times waits at parallel-region barriers. The
 implementations take turns within each round, the first one rotating, so a neighbour's burst
@@ -31,24 +31,16 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from vivit_kernels import backends
 from vivit_kernels.checks import MODES
 
-from .cases import (
-    ATTENTION_FLOP_FORMULA,
-    BACKWARD,
-    PLAIN_EINSUM,
-    PLAIN_SDPA,
-    attention_flops,
-    attention_fn,
-    attention_shape,
-    registry_skip_reason,
-)
+from .attention import ATTENTION_FLOP_FORMULA, attention_flops, attention_fn, attention_shape
+from .core import BACKWARD, PLAIN_EINSUM, PLAIN_SDPA, registry_skip_reason
 from .provenance import cores, is_loaded, load_average, run_metadata
 from .report import render_file
 

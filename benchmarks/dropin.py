@@ -12,11 +12,13 @@ logits and the patch embedding's gradient (which every attention layer's backwar
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 import vivit_kernels
+
+from .core import Case, parse_target, relative_error, train_step_case
 
 ORIGINAL, CONVERTED = "original", "converted"
 DROPIN_BACKENDS = (ORIGINAL, CONVERTED)
@@ -66,19 +68,19 @@ def _original(family: str, shape: dict) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     if family == "timm_vit":
-        from timm.models.vision_transformer import VisionTransformer  # noqa: PLC0415
+        from timm.models.vision_transformer import VisionTransformer
 
         model = VisionTransformer(img_size=size, patch_size=patch, embed_dim=D, depth=L, num_heads=H,
                                   num_classes=CLASSES, qkv_bias=True)
         return model, torch.randn(B, 3, size, size, generator=g)
     if family.startswith("vit_pytorch"):
-        from vit_pytorch.vivit import ViViT  # noqa: PLC0415
+        from vit_pytorch.vivit import ViViT
 
         model = ViViT(image_size=size, image_patch_size=patch, frames=T, frame_patch_size=2, num_classes=CLASSES,
                       dim=D, spatial_depth=L, temporal_depth=L if family.endswith("self_attention") else max(1, L // 3),
                       heads=H, dim_head=D // H, mlp_dim=4 * D, variant=family.removeprefix("vit_pytorch_"))
         return model, torch.randn(B, 3, T, size, size, generator=g)
-    import transformers  # noqa: PLC0415
+    import transformers
 
     common = dict(image_size=size, num_frames=T, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
                   intermediate_size=4 * D, num_labels=CLASSES)
@@ -105,7 +107,7 @@ def dropin_model(spec: dict, device: torch.device) -> tuple[torch.nn.Module, tor
 
 def _patch_embedding_weight(model: torch.nn.Module) -> torch.Tensor:
     """The first layer's weight: its gradient has passed through every attention layer's backward."""
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.dim() >= 2:
             return p
     raise AssertionError(f"{type(model).__name__} has no weight matrix")
@@ -127,15 +129,13 @@ def check_against_original(spec: dict, tolerance: float = 1e-4) -> None:
         out.square().mean().backward()
         results.append((out.detach(), _patch_embedding_weight(model).grad))
     for what, expected, actual in zip(("logits", "patch embedding gradient"), *results):
-        error = ((actual - expected).abs().max() / expected.abs().max()).item()
+        error = relative_error(actual, expected)
         if not error <= tolerance:
             raise AssertionError(f"dropin {spec['variant']}: converted {what} differ from the original's by "
                                  f"{error:.2e} relative (> {tolerance:g})")
 
 
-def dropin_case(spec: dict):
-    from .cases import parse_target, train_step_case  # noqa: PLC0415  (cases registers this builder)
-
+def dropin_case(spec: dict) -> Case:
     device, dtype = parse_target(spec["target"])
     model, inputs, logits = dropin_model(spec, device)
     labels = torch.randint(0, CLASSES, (inputs.shape[0],), generator=torch.Generator().manual_seed(0)).to(device)

@@ -18,11 +18,18 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import torch
+import torch.nn.functional as F
+
+from tests.support.videofiles import write_video
+from vivit.data import backend_unavailable_reason, decode, open_video, read_frames, train_transform
+from vivit_kernels import uniform_frame_indices
+
+from .core import Case
 
 OLD, OLD_DECODE = "old", "old decode"
 LOADER_BACKENDS = (OLD, OLD_DECODE, "pyav", "torchcodec")
@@ -41,8 +48,6 @@ LOADER_SMOKE = {
 
 def loader_video(shape: dict) -> Path:
     """The generated file of `shape`, written on first use (atomically: workers may share it)."""
-    from vivit.data.videofiles import write_video  # noqa: PLC0415
-
     directory = Path(tempfile.gettempdir()) / "vivit-bench-videos"
     directory.mkdir(exist_ok=True)
     name = f"kinetics-like-{shape['width']}x{shape['height']}-{shape['fps']}fps-{shape['seconds']}s.mp4"
@@ -56,8 +61,6 @@ def loader_video(shape: dict) -> Path:
 
 
 def loader_skip_reason(spec: dict) -> str | None:
-    from vivit.data import backend_unavailable_reason  # noqa: PLC0415
-
     # Every case's file is written, and every decoder's clips checked against the old path, with PyAV.
     backends = ["pyav"] if spec["backend"] in (OLD, OLD_DECODE) else ["pyav", spec["backend"]]
     return next(filter(None, map(backend_unavailable_reason, backends)), None)
@@ -65,8 +68,6 @@ def loader_skip_reason(spec: dict) -> str | None:
 
 def float_train_transform(frames: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """The training transform of the old loader: the whole clip to float32, resized, then cropped."""
-    import torch.nn.functional as F  # noqa: PLC0415
-
     short = max(size, round(size * float(torch.empty(1, dtype=torch.float64).uniform_(1.0, 1.25, generator=generator))))
     clip = frames.permute(3, 0, 1, 2).float().div_(255.0)  # (C, T, H, W)
     H, W = clip.shape[-2:]
@@ -84,9 +85,6 @@ def float_train_transform(frames: torch.Tensor, size: int, generator: torch.Gene
 
 def old_clip(path: Path, shape: dict, seed: int, transform: Callable | None = None) -> torch.Tensor:
     """The full-decode path: decode every frame, pick the clip's, then `transform` (default: today's)."""
-    from vivit.data import decode, train_transform  # noqa: PLC0415
-    from vivit_kernels import uniform_frame_indices  # noqa: PLC0415
-
     frames = decode(path)
     generator = torch.Generator().manual_seed(seed)
     indices = uniform_frame_indices(len(frames), shape["num_frames"], jitter=True, generator=generator)
@@ -99,9 +97,6 @@ def clip_fn(backend: str, path: Path, shape: dict) -> Callable[[int], torch.Tens
         return lambda seed: old_clip(path, shape, seed, float_train_transform)
     if backend == OLD_DECODE:
         return lambda seed: old_clip(path, shape, seed)
-    from vivit.data import read_frames, train_transform  # noqa: PLC0415
-    from vivit_kernels import uniform_frame_indices  # noqa: PLC0415
-
     def clip(seed: int) -> torch.Tensor:
         generator = torch.Generator()
 
@@ -147,9 +142,7 @@ def one_worker():
         torch.set_num_threads(threads)
 
 
-def loader_case(spec: dict):
-    from .cases import Case  # noqa: PLC0415  (cases registers this builder)
-
+def loader_case(spec: dict) -> Case:
     shape = spec["shape"]
     path = loader_video(shape)
     clip = clip_fn(spec["backend"], path, shape)
@@ -161,8 +154,6 @@ def loader_case(spec: dict):
     def run() -> None:
         with one_worker():
             clip(seed[0])
-
-    from vivit.data import open_video  # noqa: PLC0415
 
     with open_video(path) as video:
         frames = video.num_frames

@@ -21,13 +21,23 @@ from __future__ import annotations
 
 import gc
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from vivit.memory_report import IMPLEMENTATIONS, build, count
 
-BASELINE = "reference"  # the spec backend of the einsum implementation (cases.BASELINE: speedups are against it)
+from .core import (
+    BASELINE,
+    Case,
+    cpu_peak_in_process,
+    parse_target,
+    probe_in_child,
+    relative_error,
+    train_step_case,
+    training_skip_reason,
+)
+
 EINSUM = "einsum"
 MEMORY_TARGETS = ("cpu-float32", "cuda-bfloat16")
 MEMORY_BACKENDS = tuple(BASELINE if impl == EINSUM else impl for impl in IMPLEMENTATIONS)
@@ -76,16 +86,12 @@ def memory_model(spec: dict, device: torch.device) -> torch.nn.Module:
 
 
 def memory_skip_reason(spec: dict) -> str | None:
-    from .cases import training_skip_reason  # noqa: PLC0415  (cases registers this builder)
-
     # Every implementation but einsum runs "auto"'s fused kernels; without them there is nothing to compare.
     return training_skip_reason(dict(spec, backend=BASELINE if spec["backend"] == BASELINE else "auto"))
 
 
-def memory_case(spec: dict):
+def memory_case(spec: dict) -> Case:
     """A training step of the spec's model at batch spec["shape"]["B"]."""
-    from .cases import parse_target, train_step_case  # noqa: PLC0415
-
     device, dtype = parse_target(spec["target"])
     model = memory_model(spec, device)
     video, labels = _batch(spec, spec["shape"]["B"], device)
@@ -115,7 +121,7 @@ def check_against_einsum(spec: dict, tolerance: float = 1e-4) -> None:
         _einsum_results[key] = _logits_and_gradient(dict(spec, backend=BASELINE), video)
     actual = _logits_and_gradient(spec, video)
     for what, expected, got in zip(("logits", "tubelet weight gradient"), _einsum_results[key], actual):
-        error = ((got - expected).abs().max() / expected.abs().max()).item()
+        error = relative_error(got, expected)
         if not error <= tolerance:
             raise AssertionError(f"memory {spec['variant']}: {implementation(spec)} {what} differ from einsum's by "
                                  f"{error:.2e} relative (> {tolerance:g})")
@@ -123,8 +129,6 @@ def check_against_einsum(spec: dict, tolerance: float = 1e-4) -> None:
 
 def kept_for_backward(spec: dict) -> dict:
     """`vivit.memory_report.count` of the spec's model at its clip size, on its device and autocast dtype."""
-    from .cases import parse_target  # noqa: PLC0415
-
     device, dtype = parse_target(spec["target"])
     shape = spec["shape"]
     kept = count(implementation(spec), spec["variant"], device=device,
@@ -188,11 +192,8 @@ def search_in_process(spec: dict, footprint_kib: int | None = None) -> dict:
     """The largest batch whose training step fits spec["budget_bytes"] (up to spec["batch_limit"]),
     searched in this process: the model is built and its AdamW state filled once, then each batch's
     step is measured in turn. CPU: VmHWM during the step above `footprint_kib`, this process's RSS
-    before the model existed (freed tensors go back to the kernel: measure.py's mmap threshold).
+    before the model existed (freed tensors go back to the kernel: the probe server's mmap threshold).
     CUDA: torch.cuda.max_memory_allocated of the step (after a warm-up step: autotuning)."""
-    from .cases import parse_target, train_step_case  # noqa: PLC0415
-    from .measure import cpu_peak_in_process  # noqa: PLC0415
-
     device, dtype = parse_target(spec["target"])
     model = memory_model(spec, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -203,7 +204,7 @@ def search_in_process(spec: dict, footprint_kib: int | None = None) -> dict:
 
     def peak_at(batch: int) -> int | None:
         video, labels = _batch(spec, batch, device)
-        case = train_step_case(model, lambda: model(video), labels, device, dtype, optimizer)
+        case = train_step_case(model, lambda: model(video), labels, device, dtype, optimizer)  # noqa: F821 (del in finally)
         try:
             if device.type != "cuda":
                 return cpu_peak_in_process(case, footprint_kib)
@@ -233,11 +234,8 @@ def search_in_process(spec: dict, footprint_kib: int | None = None) -> dict:
 
 def largest_batch_under_budget(spec: dict, smoke: bool = False, kept_per_clip: int = 0) -> dict:
     """The largest batch of `spec`'s training step within the device's budget, and the peaks measured:
-    on CPU in a fresh child process (benchmarks/measure.py), on CUDA in this one. kept_per_clip (the
+    on CPU in a fresh child process (benchmarks/probe.py), on CUDA in this one. kept_per_clip (the
     activations a clip keeps) steers the first guess."""
-    from .cases import parse_target  # noqa: PLC0415
-    from .measure import probe_in_child  # noqa: PLC0415
-
     device, _ = parse_target(spec["target"])
     search = dict(spec, peak="budget", budget_bytes=budget_bytes(device.type), slope_hint=kept_per_clip,
                   batch_limit=SMOKE_BATCH_LIMIT if smoke else BATCH_LIMIT[device.type])

@@ -20,8 +20,11 @@ import json
 import re
 from pathlib import Path
 
-from .cases import BACKWARD, MODES, VARIANTS
-from .memory import IMPLEMENTATIONS
+from vivit import VARIANTS
+from vivit.memory_report import IMPLEMENTATIONS
+from vivit_kernels.checks import MODES
+
+from .core import BACKWARD
 from .report import implementation_name
 
 try:

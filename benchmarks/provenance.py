@@ -87,6 +87,6 @@ def run_metadata(load_at_start: list[float], peak_load: float | None = None) -> 
         "threads": torch.get_num_threads(),
         "commit": commit,
         "dirty": dirty,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command_line(),
     }

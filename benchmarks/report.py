@@ -24,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-from .cases import BASELINE, PLAIN_EINSUM, PLAIN_SDPA, TORCH_BASELINES, UNFUSED_ATTENTION, einsum_baseline
+from .core import BASELINE, PLAIN_EINSUM, PLAIN_SDPA, TORCH_BASELINES, UNFUSED_ATTENTION, einsum_baseline
 from .loader import OLD as LOADER_OLD
 from .loader import OLD_DECODE as LOADER_OLD_DECODE
 

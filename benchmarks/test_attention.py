@@ -1,7 +1,7 @@
 """Factorised attention: every registered backend against the plain einsum and SDPA baselines.
 
 Parametrised over shape (ViViT-B and a long clip), device/dtype target, mode, pass and
-implementation: the plain baselines (benchmarks/cases.py: the code a user would write instead,
+implementation: the plain baselines (benchmarks/attention.py: the code a user would write instead,
 what speedups are against), then the registry's backends, so a newly registered one is
 benchmarked without editing this file; a backend that cannot take an input is skipped with its reason.
 
@@ -15,20 +15,12 @@ from __future__ import annotations
 import pytest
 
 from vivit_kernels import backends
+from vivit_kernels.checks import MODES
 
-from .cases import (
-    ATTENTION_SHAPES,
-    ATTENTION_SMOKE,
-    MODES,
-    PASSES,
-    PLAIN_ATTENTION,
-    SHAPE_SKIPS,
-    TARGETS,
-    UNFUSED_ATTENTION,
-    attention_skip_reason,
-)
+from .attention import ATTENTION_SHAPES, ATTENTION_SMOKE, PLAIN_ATTENTION, SHAPE_SKIPS, attention_skip_reason
 from .check import check_attention
 from .conftest import require_target
+from .core import PASSES, TARGETS, UNFUSED_ATTENTION
 
 
 def implementations() -> list[str]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from .cases import TRAIN_STEP
 from .conftest import require_target
+from .core import TRAIN_STEP
 from .dropin import (
     DROPIN_BACKENDS,
     DROPIN_SHAPES,

@@ -6,8 +6,8 @@ the timed run cannot rot while the smoke bodies measure in-process.
 
 from __future__ import annotations
 
-from .cases import attention_score_bytes, parse_target
-from .measure import probe_in_child
+from .attention import attention_score_bytes
+from .core import parse_target, probe_in_child
 
 
 def test_child_probe_sees_the_einsum_score_matrices():

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from .cases import TRAIN_STEP, VARIANTS
+from vivit import VARIANTS
+
 from .conftest import require_target, smoke_threads
+from .core import TRAIN_STEP
 from .memory import (
     MEMORY_BACKENDS,
     MEMORY_SHAPES,

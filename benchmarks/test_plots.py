@@ -9,8 +9,9 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="benchmarks/plots.py draws with matplotlib: pip install matplotlib")
 
-from .memory import IMPLEMENTATIONS  # noqa: E402
-from .plots import load_rows, main, memory_table  # noqa: E402
+from vivit.memory_report import IMPLEMENTATIONS
+
+from .plots import load_rows, main, memory_table
 
 MIB = 2**20
 

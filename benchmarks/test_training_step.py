@@ -14,17 +14,12 @@ from __future__ import annotations
 
 import pytest
 
-from .cases import (
-    TRAIN_STEP,
-    TRAINING_BACKENDS,
-    TRAINING_SHAPES,
-    TRAINING_SMOKE,
-    TRAINING_TARGETS,
-    VARIANTS,
-    training_skip_reason,
-)
+from vivit import VARIANTS
+
 from .check import check_training
 from .conftest import require_target
+from .core import TRAIN_STEP, training_skip_reason
+from .training import TRAINING_BACKENDS, TRAINING_SHAPES, TRAINING_SMOKE, TRAINING_TARGETS
 
 CASES = [
     pytest.param(shape, target, variant, backend, id=f"{shape}-{target}-{variant}-{backend}")

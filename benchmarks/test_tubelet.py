@@ -15,9 +15,10 @@ import pytest
 
 from vivit_kernels import backends
 
-from .cases import BASELINE, PASSES, TARGETS, TUBELET_SHAPES, TUBELET_SMOKE, tubelet_skip_reason
 from .check import check_tubelet
 from .conftest import require_target
+from .core import BASELINE, PASSES, TARGETS
+from .tubelet import TUBELET_SHAPES, TUBELET_SMOKE, tubelet_skip_reason
 
 
 def implementations() -> list[str]:

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vivit_kernels import factorised_attention, factorised_attention_packed, tubelet_embedding
-from vivit_kernels.checks import MODES  # noqa: F401  (re-exported for the test modules)
+from vivit_kernels.checks import MODES
 from vivit_kernels.ops.attention import split_heads, unpack_qkv
 
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # benchmarks/ is a package of the repository, not of the installed project
+    sys.path.insert(0, str(REPO))
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|, computed in float64."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+# The benchmarks' correctness checks measure errors the same way (one definition, re-exported here).
+from benchmarks.core import relative_error  # noqa: E402
 
 
 def oracle_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -56,7 +59,7 @@ TOLERANCES: dict[tuple[str, str, torch.dtype], float] = {
 
 
 def assert_near_oracle(actual: torch.Tensor, expected: torch.Tensor, backend: str, what: str = "out",
-                       dtype: torch.dtype | None = None, op: str = "attention") -> None:  # fmt: skip
+                       dtype: torch.dtype | None = None, op: str = "attention") -> None:
     """oracle_error(actual, expected) below TOLERANCES[op, backend, dtype] (dtype: actual's; the
     backend "triton:cuda" for the compiled kernels' results)."""
     dtype = actual.dtype if dtype is None else dtype
@@ -131,7 +134,7 @@ def every_layout_case(test):
 
 
 def check_distinct_layouts(backend: str, grid: tuple, mode: str, packed: bool, generator: torch.Generator,
-                           dtype: torch.dtype = torch.float64, device: str = "cpu") -> None:  # fmt: skip
+                           dtype: torch.dtype = torch.float64, device: str = "cpu") -> None:
     """The q/k/v op (or the packed op) with q, k, v and the output gradient (or qkv and the output
     gradient) each in a layout of its own: out and every gradient against the float64 oracle."""
     P, T, S, layout, scale = grid
@@ -157,7 +160,7 @@ def check_distinct_layouts(backend: str, grid: tuple, mode: str, packed: bool, g
 
 
 def check_tubelet_distinct_layouts(backend: str, shift: int, generator: torch.Generator,
-                                   dtype: torch.dtype = torch.float64, device: str = "cpu") -> None:  # fmt: skip
+                                   dtype: torch.dtype = torch.float64, device: str = "cpu") -> None:
     """tubelet_embedding with video, weight, pos_embed and the output gradient each in a layout of
     its own (LAYOUTS in turn from `shift`): tokens and every gradient against F.conv3d in float64;
     from the fused backends, d(video) in the video's layout where that is dense."""
@@ -218,7 +221,7 @@ def _masked_softmax_attention(q, k, v, mask, scale):
 
 
 def masked_attention(q, k, v, frames: int, mode: str, scale: float | None = None, prefix: int = 0,
-                     layout: str = "time_major") -> torch.Tensor:  # fmt: skip
+                     layout: str = "time_major") -> torch.Tensor:
     """The independent oracle: dense N x N attention with each mode's mask, in float64. A spatial
     head's prefix queries attend to the prefix and frame f, for every f, and average the T results."""
     H, N, Dh = q.shape[1:]

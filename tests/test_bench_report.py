@@ -1,6 +1,6 @@
 """The benchmarks' plain baselines, the CPU ratio measurement and the tables rendered from results files.
 
-benchmarks/cases.py (plain_attention), benchmarks/cpu_ratios.py, benchmarks/report.py.
+benchmarks/attention.py (plain_attention), benchmarks/cpu_ratios.py, benchmarks/report.py.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ import pytest
 import torch
 from conftest import MODES, masked_attention, relative_error
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # benchmarks/ is a package of the repository, not of the installed project
-    sys.path.insert(0, str(REPO))
+from benchmarks import cpu_ratios, report
+from benchmarks.attention import PLAIN_ATTENTION
+from benchmarks.core import PLAIN_EINSUM, PLAIN_SDPA
 
-from benchmarks import cpu_ratios, report  # noqa: E402
-from benchmarks.cases import PLAIN_ATTENTION, PLAIN_EINSUM, PLAIN_SDPA  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 # ------------------------------------------------------------------------------ plain baselines
 
