@@ -68,7 +68,7 @@ def test_sigkill_during_writes_never_leaves_an_unloadable_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     rng = random.Random(0)
     last_step = 0
-    for trial in range(4):
+    for _ in range(4):
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True)
         try:
             proc.stdout.readline()  # one complete write, so a checkpoint exists

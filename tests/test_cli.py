@@ -24,7 +24,7 @@ from test_checkpoint import write_code_running_checkpoint
 from test_data import write_mp4
 from test_train import TINY, run
 
-from vivit.train import build_parser, train
+from vivit.cli.train import build_parser, train
 
 # Runs every case of a JSON table [[module, argv], ...] as `python -m module argv`, and prints
 # [{"status", "stderr"}] as JSON: what the user would see on the terminal.

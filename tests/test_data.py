@@ -81,7 +81,7 @@ def test_moving_shapes_of_any_length_stay_in_the_frame(num_frames):
                 assert clip.radius <= min(ends) and max(ends) <= 32 - clip.radius, (name, seed, ends)
     speed = {name: max(abs(v) for v in sample_clip(np.random.default_rng(0), num_frames, 32,
                                                     label=SYNTHETIC_CLASSES.index(name)).velocity)
-             for name in ("up-slow", "up-fast")}  # fmt: skip
+             for name in ("up-slow", "up-fast")}
     assert speed["up-fast"] == pytest.approx(2.5 * speed["up-slow"])
 
 
@@ -192,9 +192,9 @@ def test_sharded_batches_make_the_single_process_batch():
 
 
 def test_train_and_evaluate_one_step_on_video_files(tmp_path, capsys):
-    from vivit.evaluate import main as eval_main
-    from vivit.predict import main as predict_main
-    from vivit.train import main as train_main
+    from vivit.cli.evaluate import main as eval_main
+    from vivit.cli.predict import main as predict_main
+    from vivit.cli.train import main as train_main
 
     for i in range(4):
         write_mp4(tmp_path / f"clip{i}.mp4", 12, seed=i)
@@ -231,7 +231,7 @@ def test_train_and_evaluate_one_step_on_video_files(tmp_path, capsys):
 
 
 def test_a_bad_listing_fails_before_training(tmp_path):
-    from vivit.train import main as train_main
+    from vivit.cli.train import main as train_main
 
     write_mp4(tmp_path / "a.mp4", 4)
     (tmp_path / "train.csv").write_text("a.mp4,run\nb.mp4,run\n")

@@ -13,14 +13,21 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vivit import build_model
+from vivit import build_model, distributed
 from vivit.checkpoint import load_checkpoint, load_model
-from vivit.training import seed_everything
+from vivit.run.optim import seed_everything
 
 ARGS = ["--dim", "32", "--depth", "2", "--heads", "2", "--tubelet", "2", "8", "8", "--steps", "3", "--batch-size", "8",
         "--synthetic-clips", "48", "--synthetic-val-clips", "8", "--optimizer", "sgd", "--lr", "0.1",
         "--label-smoothing", "0.1",
         "--log-every", "1", "--no-progress", "--device", "cpu", "--threads", "1", "--dist-timeout", "120"]
+
+
+def test_an_unknown_device_or_strategy_is_named():
+    with pytest.raises(ValueError, match=r"^distributed.setup: device must be one of 'auto', 'cpu', 'cuda', got 'tpu'$"):
+        distributed.setup("tpu")
+    with pytest.raises(ValueError, match=r"^distributed.wrap: strategy must be one of 'ddp', 'fsdp', got 'zero'$"):
+        distributed.wrap(torch.nn.Linear(2, 2), distributed.Context(), "zero")
 
 
 def _free_port() -> int:

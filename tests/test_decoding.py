@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from vivit.data import VideoFolder, decode, temporal_view_indices, train_transform
-from vivit.data import decoding
+from support.videofiles import truncate, variable_rate_pts_ms, write_video
+from vivit.data import VideoFolder, decode, decoding, temporal_view_indices, train_transform
 from vivit.data.decoding import backend_unavailable_reason, open_video, read_frames
-from vivit.data.videofiles import truncate, variable_rate_pts_ms, write_video
 from vivit_kernels import uniform_frame_indices
 
 av = pytest.importorskip("av", reason="PyAV writes and decodes the test files")

@@ -65,7 +65,7 @@ def scratch(tmp_path_factory) -> Path:
     """A directory with the files the examples name."""
     av = pytest.importorskip("av", reason="PyAV (`pip install av`) writes the examples' clip.mp4")
     del av
-    from vivit.data.videofiles import write_video
+    from support.videofiles import write_video
 
     directory = tmp_path_factory.mktemp("docs")
     write_video(directory / "clip.mp4", frames=40, width=64, height=48)

@@ -27,16 +27,16 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 from test_train import TINY, run
 
-from vivit import training
 from vivit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vivit.cli import UserError
+from vivit.run import metrics
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self/fd").is_dir(),
                                 reason="the faults are injected into forked processes, observed through /proc")
@@ -54,7 +54,7 @@ def die_in_child(body: Callable[[], None], timeout: float = 120.0) -> None:
         status = 0
         try:
             body()
-        except BaseException:  # noqa: BLE001  (reported through the exit status)
+        except BaseException:
             traceback.print_exc()
             status = 3
         finally:
@@ -251,7 +251,7 @@ def straight(tmp_path_factory) -> Path:
 
 def _torn_record_at_step_5(out: Path) -> None:
     """The kill comes while the step-5 record is written: half a line on disk, no newline."""
-    real_write = training.Metrics.write
+    real_write = metrics.Metrics.write
 
     def write(self, record):
         if record.get("step") == 5 and "event" not in record:
@@ -261,7 +261,7 @@ def _torn_record_at_step_5(out: Path) -> None:
             _kill_self()
         real_write(self, record)
 
-    training.Metrics.write = write
+    metrics.Metrics.write = write
     run(out.parent, out.name, *RUN)
 
 

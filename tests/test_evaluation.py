@@ -1,4 +1,4 @@
-"""vivit.evaluation: the bytes-saved report the demo prints."""
+"""vivit.run.evaluation: the bytes-saved report the demo prints."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from test_train import TINY, run
 
 from vivit.checkpoint import load_checkpoint
-from vivit.evaluation import saved_bytes_report
+from vivit.run.evaluation import saved_bytes_report
 
 
 def test_saved_bytes_report_of_the_demo(tmp_path):

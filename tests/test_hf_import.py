@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from conftest import relative_error, require_transformers
+
 from vivit import ViViT, ViViTConfig, load_hf_vivit, vivit_config_from_hf
 
 transformers = require_transformers("transformers builds the reference HF ViViT")

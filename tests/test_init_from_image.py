@@ -8,8 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import relative_error, require_transformers
-from vivit import (ViViT, ViViTConfig, central_frame, image_to_video, inflate, load_image_pretrained, resample_pos_embed,
-                   tile_pos_embed)
+
+from vivit import (
+    ViViT,
+    ViViTConfig,
+    central_frame,
+    image_to_video,
+    inflate,
+    load_image_pretrained,
+    resample_pos_embed,
+    tile_pos_embed,
+)
 from vivit_kernels import tubelet_embedding
 
 timm = pytest.importorskip("timm", reason="timm builds the image ViTs these tests start from")

@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import require_cpu_kernels
+
+from support.memory import count_directly
 from vivit import memory_report
 from vivit.config import VARIANTS
-from vivit.memory_report import IMPLEMENTATIONS, count, count_directly
+from vivit.memory_report import IMPLEMENTATIONS, count
 
 # A small model: D = 64, 4 heads of 16, 6 frames of 40 x 40 in 2 x 8 x 8 tubelets (3 x 25 tokens).
 D, H, C, FRAMES, SIZE, NT, S = 64, 4, 3, 6, 40, 3, 25

@@ -66,7 +66,7 @@ def head_masks(kinds, frames, spatial, prefix):
     n = torch.arange(frames * spatial)
     t, s = n // spatial, n % spatial
     allowed = {"joint": torch.ones(len(n), len(n), dtype=torch.bool), "spatial": t[:, None] == t[None, :],
-               "temporal": s[:, None] == s[None, :]}  # fmt: skip
+               "temporal": s[:, None] == s[None, :]}
     masks = []
     for kind in kinds:
         mask = torch.ones(prefix + len(n), prefix + len(n), dtype=torch.bool)
@@ -111,7 +111,7 @@ def block(x, p, name, c, kinds, frames, spatial, prefix, drop, rate):
     """Eqs. 2-3: y = x + MSA(LN(x)), z = y + MLP(LN(y)), each branch through stochastic depth."""
     eps, masks = c.norm_eps, head_masks(kinds, frames, spatial, prefix)
     x = x + drop(msa(layer_norm(x, p[f"{name}.norm1.weight"], p[f"{name}.norm1.bias"], eps), p, f"{name}.attn",
-                     c.num_heads, masks), rate)  # fmt: skip
+                     c.num_heads, masks), rate)
     return x + drop(mlp(x, p, name, c), rate)
 
 
@@ -124,7 +124,7 @@ def factorised_self_attention_block(x, p, name, c, frames, spatial, drop, rate):
     """Eqs. 4-6: spatial MSA, then temporal MSA, then the MLP (the order swapped for "time_space")."""
     eps = c.norm_eps
     spatial_mask, temporal_mask = head_masks(["spatial"] * c.num_heads, frames, spatial, 0), \
-        head_masks(["temporal"] * c.num_heads, frames, spatial, 0)  # fmt: skip
+        head_masks(["temporal"] * c.num_heads, frames, spatial, 0)
 
     def space(x):
         normed = layer_norm(x, p[f"{name}.norm1.weight"], p[f"{name}.norm1.bias"], eps)
@@ -181,7 +181,7 @@ def oracle_logits(p, c, video, drop):
             z = torch.cat([(p["cls_token"] + p["pos_embed"][:, :1]).expand(B, 1, D), z], 1)
         half = c.num_heads // 2
         kinds = {"spatio_temporal": ["joint"] * c.num_heads,
-                 "factorised_dot_product": ["spatial"] * half + ["temporal"] * (c.num_heads - half)}  # fmt: skip
+                 "factorised_dot_product": ["spatial"] * half + ["temporal"] * (c.num_heads - half)}
         for i in range(c.depth):
             if c.variant == "factorised_self_attention":
                 z = factorised_self_attention_block(z, p, f"blocks.{i}", c, nt, S, drop, rates[i])
@@ -210,7 +210,7 @@ def randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
 
 def build(variant, overrides, backend, memory, dtype, generator, **extra):
     config = ViViTConfig(variant=variant, memory=memory, backend="reference" if backend == "sdpa" else backend,
-                         **{**TINY, **overrides, **extra})  # fmt: skip
+                         **{**TINY, **overrides, **extra})
     model = ViViT(config).to(dtype)
     if backend == "sdpa":  # the sdpa backend has attention only: the tokeniser stays on the reference op
         for module in model.modules():
@@ -238,7 +238,7 @@ def compare(model, video, generator, drop):
     logits.backward(grad.to(logits.dtype))
     expected, expected_grads = oracle_and_grads(model, video, grad, drop)
     errors = {name: math.inf if p.grad is None else relative_error(p.grad, expected_grads[name])
-              for name, p in model.named_parameters()}  # fmt: skip
+              for name, p in model.named_parameters()}
     return relative_error(logits, expected), errors
 
 
@@ -271,7 +271,7 @@ FLOAT64_BACKENDS = ("cpu", "sdpa", "reference")
 CASES = [(variant, overrides, backend) for variant, overrides in VARIANTS for backend in FLOAT64_BACKENDS] + \
         [(variant, overrides, "triton") for variant, overrides in VARIANTS[::2]]  # one case of each model
 CASE_IDS = [f"{name}-{backend}" for name in VARIANT_IDS for backend in FLOAT64_BACKENDS] + \
-           [f"{name}-triton" for name in VARIANT_IDS[::2]]  # fmt: skip
+           [f"{name}-triton" for name in VARIANT_IDS[::2]]
 
 
 def check(logits_error, grad_errors, backend):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from vivit import VARIANTS, create_model
 from vivit.summary import count, main
 

@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import require_transformers
+
 from vivit.checkpoint import load_checkpoint
 from vivit.cli import UserError
-from vivit.train import build_parser, train
-from vivit.training import Trainer
+from vivit.cli.train import build_parser, train
+from vivit.run.trainer import Trainer
 
 TINY = ["--dim", "32", "--depth", "2", "--heads", "2", "--tubelet", "2", "8", "8", "--no-progress", "--workers", "0"]
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import relative_error, require_transformers
+
 from vivit import ViViT, ViViTConfig, hf_to_timm, load_image_pretrained, load_video_pretrained, model_spec
 from vivit.adapt import resample_video_pos_embed
 from vivit.checkpoint import save_checkpoint

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+
 from vivit_kernels.checks import check_choice
 
 from .config import ViViTConfig
@@ -389,28 +390,9 @@ def image_to_video(
         elif key == "pos_embed":
             _adapt_pos_embed(image, want, config, image_grid, put, used)
         elif key == "head.weight" or key == "head.bias":
-            source = image.get(key)
-            if source is not None and source.shape != want.shape:
-                used.add(key)
-                report.skipped[key] = f"class count differs: checkpoint {tuple(source.shape)}, model {tuple(want.shape)}"
-            elif source is not None:
-                used.add(key)
-                put(key, source)
-            else:
-                report.missing.append(key)
+            _adapt_head(image, key, want, put, used, report)
         elif (m := re.fullmatch(r"blocks\.(\d+)\.temporal_(norm|attn)\.(.+)", key)) is not None:
-            i, part, rest = m[1], m[2], m[3]
-            if part == "attn" and rest.startswith("proj."):
-                put(key, torch.zeros_like(want), "zero: the temporal MSA starts as the identity")
-            elif temporal_attn_init == "copy":
-                source_key = f"blocks.{i}.{'norm1' if part == 'norm' else 'attn'}.{rest}"
-                if source_key in image:
-                    used.add(source_key)
-                    put(key, image[source_key], f"from {source_key}")
-                else:
-                    report.missing.append(key)
-            else:
-                report.missing.append(key)
+            _adapt_temporal_msa(image, key, m, want, temporal_attn_init, put, used, report)
         elif key.startswith("temporal."):
             source_key = key.removeprefix("temporal.")
             if temporal_encoder_init == "image" and source_key not in ("cls_token", "pos_embed") and source_key in image:
@@ -430,6 +412,35 @@ def image_to_video(
                    if key.startswith("fc_norm.") else "not in the model")
             report.skipped.setdefault(key, why)
     return out, report
+
+
+def _adapt_head(image, key, want, put, used, report: LoadReport) -> None:
+    """The head's `key`, kept only when the class count matches."""
+    source = image.get(key)
+    if source is not None and source.shape != want.shape:
+        used.add(key)
+        report.skipped[key] = f"class count differs: checkpoint {tuple(source.shape)}, model {tuple(want.shape)}"
+    elif source is not None:
+        used.add(key)
+        put(key, source)
+    else:
+        report.missing.append(key)
+
+
+def _adapt_temporal_msa(image, key, match: re.Match, want, temporal_attn_init, put, used, report: LoadReport) -> None:
+    """Model 3's temporal MSA `key` (`match`: block, norm or attn, the rest of the key)."""
+    i, part, rest = match[1], match[2], match[3]
+    if part == "attn" and rest.startswith("proj."):
+        put(key, torch.zeros_like(want), "zero: the temporal MSA starts as the identity")
+    elif temporal_attn_init == "copy":
+        source_key = f"blocks.{i}.{'norm1' if part == 'norm' else 'attn'}.{rest}"
+        if source_key in image:
+            used.add(source_key)
+            put(key, image[source_key], f"from {source_key}")
+        else:
+            report.missing.append(key)
+    else:
+        report.missing.append(key)
 
 
 def _adapt_patch_filter(image, want, config, tubelet_init, put, used) -> None:

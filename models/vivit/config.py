@@ -182,8 +182,7 @@ PRESETS: dict[str, dict] = {
 
 def preset_config(name: str, variant: str = "spatio_temporal", **overrides) -> ViViTConfig:
     """The ViViTConfig of a preset, with `overrides` (any ViViTConfig field) applied."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(map(repr, PRESETS))}")
+    check_choice("preset_config", "name", name, tuple(PRESETS))
     known = {f.name for f in fields(ViViTConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vivit_kernels.checks import check_choice
+
 
 @dataclass(frozen=True)
 class Context:
@@ -38,10 +40,9 @@ def setup(device: str = "auto", timeout_s: float = 300.0) -> Context:
     NCCL for CUDA, gloo for CPU. `timeout_s` bounds every collective, so a dead peer ends the
     run with an error instead of a hang.
     """
+    check_choice("distributed.setup", "device", device, ("auto", "cpu", "cuda"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -71,8 +72,7 @@ def wrap(model: nn.Module, ctx: Context, strategy: str = "ddp") -> nn.Module:
     """Wrap for data parallelism. strategy: "ddp" (replicated parameters, averaged gradients) or
     "fsdp" (parameters, gradients and optimiser state sharded over processes: ViViT-L/H).
     A world of one is returned unwrapped."""
-    if strategy not in ("ddp", "fsdp"):
-        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+    check_choice("distributed.wrap", "strategy", strategy, ("ddp", "fsdp"))
     if not ctx.distributed:
         return model
     if strategy == "ddp":

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
 from vivit_kernels import FactorisedAttention, gelu_linear, norm_linear
 from vivit_kernels.checks import check_choice
 

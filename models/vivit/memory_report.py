@@ -45,7 +45,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from vivit_kernels import FactorisedAttention, saved_bytes
+
+from vivit_kernels import FactorisedAttention
 from vivit_kernels.checks import check_choice
 
 from .config import VARIANTS, ViViTConfig, preset_config
@@ -213,22 +214,6 @@ def count(implementation: str, variant: str, preset: str = "vivit_b", *, device:
         dim=config.dim,
         element_size=torch.finfo(autocast or torch.float32).bits // 8,
     )
-
-
-def count_directly(implementation: str, variant: str, preset: str = "vivit_b", *,
-                   autocast: torch.dtype | None = None, **overrides) -> tuple[int, int]:
-    """(activations per clip, batch 1 with weights) of the whole model by another route: its
-    `vivit_kernels.saved_bytes` at batches 1 and 2 (the weights cancel in the difference). What
-    `count` must agree with."""
-    torch.manual_seed(0)
-    model = build(implementation, variant, preset, **overrides).train()
-    saved = []
-    for batch in (1, 2):
-        video = _video(model, batch)
-        with warnings.catch_warnings(), torch.autocast(video.device.type, dtype=autocast, enabled=autocast is not None):
-            warnings.simplefilter("ignore")
-            saved.append(saved_bytes(model, video))
-    return saved[1] - saved[0], saved[0]
 
 
 def table(preset: str = "vivit_b", variants=VARIANTS, implementations=IMPLEMENTATIONS, **overrides) -> list[Kept]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
 from vivit_kernels import TubeletEmbedding, UniformFrameEmbedding
 from vivit_kernels.checks import check_video
 

@@ -11,12 +11,22 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from .adapt import LoadReport, _collapse, check_inits, hf_to_timm, image_to_video, is_hf_layout, shape_error, video_to_video
+from .adapt import (
+    LoadReport,
+    _collapse,
+    check_inits,
+    hf_to_timm,
+    image_to_video,
+    is_hf_layout,
+    shape_error,
+    video_to_video,
+)
 from .checkpoint import CheckpointError, checkpoint_config, load_checkpoint
 from .config import EXECUTION_FIELDS, TRAINING_ONLY_FIELDS, ViViTConfig, config_differences, format_differences
 from .model import ViViT

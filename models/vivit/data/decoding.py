@@ -32,9 +32,9 @@ import functools
 import io
 import itertools
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(error).__name__
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(backend: str) -> str | None:
     if backend == "pyav":
         try:
@@ -119,7 +119,7 @@ def decode_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def open_video(path: str | Path, backend: str = DEFAULT_BACKEND, *, threads: int = 1) -> "VideoReader":
+def open_video(path: str | Path, backend: str = DEFAULT_BACKEND, *, threads: int = 1) -> VideoReader:
     """A reader of the first video stream of `path` (see `VideoReader`).
 
     Args:
@@ -169,7 +169,7 @@ class VideoReader:
     frames in the order asked (repeats allowed); `read(choose)` picks indices from the count.
     """
 
-    def __enter__(self) -> "VideoReader":
+    def __enter__(self) -> VideoReader:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .checkpoint import CheckpointError, load_model
-from .data import DataError
+from ..checkpoint import CheckpointError, load_model
+from ..data import DataError
 
 USAGE, INPUT = 2, 1  # exit statuses: a mistake in the command line, a problem in an input's contents
 

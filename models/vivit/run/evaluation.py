@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 
 from vivit_kernels import FactorisedAttention, attention_backend, saved_bytes
 
-from . import distributed
-from .data import ShardedSampler, collate
-from .model import build_model
+from .. import distributed
+from ..data import ShardedSampler, collate
+from ..model import build_model
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
