@@ -32,7 +32,7 @@ def build_cpu_kernels(package: Path) -> None:
     try:
         library = extension.build(package / "_csrc")
     except Exception as error:  # no compiler, no OpenMP, ...: build on first use instead
-        warnings.warn(f"vivit_kernels: C++ CPU kernels not built ({error}); they will be built on first use")
+        warnings.warn(f"vivit_kernels: C++ CPU kernels not built ({error}); they will be built on first use", stacklevel=2)
         return
     for path in library.parent.iterdir():  # keep the library, not the objects and ninja files
         if path != library and path.is_file() and package != HERE / "vivit_kernels":
@@ -69,7 +69,9 @@ class Develop(develop):
 
 setup(
     name="vivit-kernels",
-    version="0.1.0",
+    # Read from the package's file, not imported: importing vivit_kernels imports torch.
+    version=next(line.split('"')[1] for line in (HERE / "vivit_kernels" / "__init__.py").read_text().splitlines()
+                 if line.startswith("__version__ = ")),
     description="Fused factorised (spatial / temporal / split-head) attention and tubelet embedding for ViViT",
     # The tested versions, both ends: `make test` (torch 2.14.1), `make test-compat` (torch 2.13.0),
     # on Python 3.11.
@@ -81,6 +83,6 @@ setup(
     distclass=BinaryDistribution,
     install_requires=["torch>=2.13,<2.15", "einops>=0.8", "numpy"],
     extras_require={"triton": ["triton>=3.1"]},
-    entry_points={"console_scripts": ["vivit-train=vivit.train:main", "vivit-eval=vivit.evaluate:main",
-                                      "vivit-predict=vivit.predict:main"]},
+    entry_points={"console_scripts": ["vivit-train=vivit.cli.train:main", "vivit-eval=vivit.cli.evaluate:main",
+                                      "vivit-predict=vivit.cli.predict:main"]},
 )

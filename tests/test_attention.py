@@ -71,6 +71,63 @@ def test_module_attention_dropout_only_in_training(generator):
     assert not torch.allclose(attn(x), attn(x))
 
 
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["packed", "qk_norm"])
+def test_module_dropout_rate_is_read_from_its_dropout_module(qk_norm, monkeypatch, generator):
+    """The op gets `attn_drop.p` (as set now, not at construction) in training and 0 in eval."""
+    import vivit_kernels.attention as attention
+
+    rates = []
+
+    def recording(op):
+        def call(*args, **kwargs):
+            rates.append(kwargs["dropout_p"])
+            return op(*args, **kwargs)
+
+        return call
+
+    for name in ("factorised_attention", "factorised_attention_packed"):
+        monkeypatch.setattr(attention, name, recording(getattr(attention, name)))
+    attn = FactorisedAttention(32, num_heads=4, mode="split", attn_drop=0.5, qk_norm=qk_norm, backend="reference")
+    assert isinstance(attn.attn_drop, torch.nn.Dropout) and attn.attn_drop.p == 0.5
+    attn.attn_drop.p = 0.25
+    x = torch.randn(1, 3, 4, 32, generator=generator)
+    attn.train()(x)
+    attn.eval()(x)
+    assert rates == [0.25, 0.0]
+
+
+def test_module_takes_timm_attention_arguments(generator):
+    """attn_drop / proj_drop are nn.Dropout modules, norm_layer builds the qk norms, as in timm."""
+    pytest.importorskip("timm", reason="timm is not installed")
+    from functools import partial
+
+    from timm.layers import Attention
+
+    options = dict(num_heads=4, qkv_bias=True, qk_norm=True, attn_drop=0.1, proj_drop=0.2,
+                   norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    torch.manual_seed(0)
+    timm_attn = Attention(48, **options).eval()
+    ours = FactorisedAttention(48, mode="joint", **options).eval()
+    ours.load_state_dict(timm_attn.state_dict())  # strict: the parameter names are the interface
+    for name in ("attn_drop", "proj_drop"):
+        theirs, mine = getattr(timm_attn, name), getattr(ours, name)
+        assert type(mine) is type(theirs) is torch.nn.Dropout and mine.p == theirs.p
+    assert ours.q_norm.eps == ours.k_norm.eps == timm_attn.q_norm.eps == 1e-6
+    x = torch.randn(2, 3 * 5, 48, generator=generator)
+    assert relative_error(ours(x, frames=3), timm_attn(x)) < 1e-6
+    assert FactorisedAttention(48, 4, qk_norm=True).q_norm.eps == 1e-5  # no norm_layer: nn.LayerNorm's default
+
+
+@pytest.mark.parametrize("device, dtype", [("meta", torch.float64), ("cpu", torch.float64), ("meta", None)])
+def test_module_factory_arguments(device, dtype):
+    """device / dtype reach every parameter and buffer (the zero key bias and the qk norms too), as in nn.Linear."""
+    attn = FactorisedAttention(48, 4, qk_norm=True, key_bias=False, proj_bias=True, device=device, dtype=dtype)
+    tensors = dict(attn.named_parameters()) | dict(attn.named_buffers())
+    assert {"qkv.weight", "q_bias", "k_bias", "v_bias", "q_norm.weight", "k_norm.bias", "proj.bias"} <= tensors.keys()
+    for name, tensor in tensors.items():
+        assert tensor.device.type == device and tensor.dtype == (dtype or torch.get_default_dtype()), name
+
+
 # (the backends that promise it, the tensors whose NaN they confine): triton packs groups shorter
 # than its tile into one, where a NaN value reaches the tile's other groups (see the docstring).
 NAN_CONFINED = [("reference", "qkv"), ("sdpa", "qkv"), ("cpu", "qkv"), ("triton", "qk")]

@@ -398,11 +398,33 @@ def test_vit_pytorch_modes_and_refusals():
 # ------------------------------------------------------------------------------- any model
 
 
+def test_attention_dropout_is_the_originals_module_or_rate():
+    """Each converted layer's `attn_drop` is an nn.Dropout with the original's rate (timm's own module)."""
+    timm_model = timm_vit(attn_drop_rate=0.1)
+    timm_modules = [block.attn.attn_drop for block in timm_model.blocks]
+    hf = dict(attention_probs_dropout_prob=0.1)
+    models = {
+        "timm": convert(timm_model, mode="split"),
+        "timesformer": convert(timesformer(**hf)),
+        "hf_vivit": convert(hf_vivit(**hf)),
+        "videomae": convert(videomae(**hf)),
+        "vit_pytorch": convert(vivit_pytorch.ViViT(
+            image_size=32, image_patch_size=8, frames=4, frame_patch_size=2, num_classes=5, dim=32, spatial_depth=1,
+            temporal_depth=1, heads=2, mlp_dim=64, dim_head=16, variant="factorized_self_attention", dropout=0.1,
+        )),
+    }
+    for family, model in models.items():
+        layers = converted_layers(model)
+        assert layers and all(isinstance(m.attn_drop, nn.Dropout) and m.attn_drop.p == 0.1 for m in layers), family
+    assert all(block.attn.attn_drop is module for block, module in zip(timm_model.blocks, timm_modules, strict=True))
+
+
 def test_unknown_models_and_arguments():
     with pytest.raises(TypeError, match=r"torch\.nn\.modules\.container\.Sequential is not a model convert knows"):
         convert(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(ValueError, match=r"^convert: mode must be one of 'joint', 'spatial', 'temporal', 'split', "
                                          r"None, got 'diagonal'$"):
         convert(timm_vit(), mode="diagonal")
-    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+    with pytest.raises(ValueError, match=r"^convert: backend must be one of 'auto', 'reference', 'triton', "
+                                         r"'cpu', 'sdpa', got 'cuda'$"):
         convert(timm_vit(), mode="joint", backend="cuda")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import relative_error
-from vivit import PRESETS, VARIANTS, ViViT, ViViTConfig, build_model, create_model
+
+from vivit import PRESETS, VARIANTS, ViViT, ViViTConfig, build_model, create_model, preset_config
 
 # On a machine without a fused backend for the input, "auto" runs the reference ops and says so.
 pytestmark = pytest.mark.filterwarnings("ignore:.*no fused backend fits")
@@ -214,12 +215,13 @@ def test_config_settings_reach_every_layer(tokeniser):
     from vivit_kernels import FactorisedAttention
 
     model = tiny("factorised_self_attention", drop_rate=0.3, attn_drop_rate=0.2, tokeniser=tokeniser,
-                 backend="reference")  # fmt: skip
+                 backend="reference")
     assert model.patch_embed.backend == "reference"
     attentions = [m for m in model.modules() if isinstance(m, FactorisedAttention)]
     assert len(attentions) == 2 * TINY["depth"]
-    assert all(a.backend == "reference" and a.attn_drop == 0.2 for a in attentions)
-    dropouts = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert all(a.backend == "reference" and a.attn_drop.p == 0.2 for a in attentions)
+    attention_dropouts = {id(a.attn_drop) for a in attentions}
+    dropouts = [m.p for m in model.modules() if isinstance(m, nn.Dropout) and id(m) not in attention_dropouts]
     assert dropouts and set(dropouts) == {0.3}
 
 
@@ -332,3 +334,9 @@ def test_uniform_sampling_takes_the_configured_frames_and_patches():
 def test_no_weight_decay_names_the_embeddings_and_class_tokens():
     model = tiny("factorised_encoder", depth=1, temporal_depth=1)
     assert model.no_weight_decay() == {"pos_embed", "cls_token", "temporal.pos_embed", "temporal.cls_token"}
+
+
+def test_an_unknown_preset_is_named():
+    with pytest.raises(ValueError, match=r"^preset_config: name must be one of 'vivit_b', 'vivit_l', 'vivit_h', "
+                                         r"got 'vivit_x'$"):
+        preset_config("vivit_x")

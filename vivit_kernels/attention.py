@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -135,9 +136,10 @@ class FactorisedAttention(nn.Module):
         num_heads: number of heads H (even for "split").
         mode: "joint", "spatial", "temporal" or "split" (see `factorised_attention`).
         qkv_bias: learn biases for the q, k, v projections.
-        attn_drop: dropout on the attention probabilities (the fused kernels do not implement
-            it: with attn_drop > 0 training runs torch SDPA).
-        proj_drop: dropout after the output projection.
+        attn_drop: dropout on the attention probabilities, kept as the `nn.Dropout` module
+            `attn_drop` as in timm (the op reads its `p`, in training only; the fused kernels do
+            not implement it: with attn_drop > 0 training runs torch SDPA).
+        proj_drop: dropout after the output projection (the `nn.Dropout` module `proj_drop`).
         scale: logit scale, head_dim ** -0.5 when None.
         frames: T for (B, N, D) inputs when `forward` is not told it.
         backend: backend for the attention op ("auto" picks the fastest that fits).
@@ -147,9 +149,12 @@ class FactorisedAttention(nn.Module):
         layout: "time_major" or "space_major" order of the grid tokens.
         head_dim: width of a head; default dim // num_heads (the inner width H * head_dim may
             differ from dim, as in vit-pytorch).
-        qk_norm: LayerNorm over the head dim of q and k before attention (timm's qk_norm).
+        qk_norm: normalise q and k over the head dim before attention (timm's qk_norm).
+        norm_layer: the constructor of the qk_norm layers, called as `norm_layer(head_dim,
+            device=..., dtype=...)` (timm's); nn.LayerNorm when None.
         proj_bias: learn a bias for the output projection.
         key_bias: with qkv_bias, learn a key bias too (False: VideoMAE / BEiT style).
+        device, dtype: where and in which dtype the parameters are created, as for nn.Linear.
     """
 
     def __init__(
@@ -171,6 +176,9 @@ class FactorisedAttention(nn.Module):
         qk_norm: bool = False,
         proj_bias: bool = True,
         key_bias: bool = True,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         op = "FactorisedAttention"
@@ -195,19 +203,21 @@ class FactorisedAttention(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.layout = layout
         self.backend = backend
+        dd = dict(device=device, dtype=dtype)
         inner = num_heads * head_dim
         separate_biases = qkv_bias and not key_bias
-        self.qkv = nn.Linear(dim, inner * 3, bias=qkv_bias and key_bias)
+        self.qkv = nn.Linear(dim, inner * 3, bias=qkv_bias and key_bias, **dd)
         if separate_biases:
-            self.q_bias = nn.Parameter(torch.zeros(inner))
-            self.register_buffer("k_bias", torch.zeros(inner), persistent=False)
-            self.v_bias = nn.Parameter(torch.zeros(inner))
+            self.q_bias = nn.Parameter(torch.zeros(inner, **dd))
+            self.register_buffer("k_bias", torch.zeros(inner, **dd), persistent=False)
+            self.v_bias = nn.Parameter(torch.zeros(inner, **dd))
         else:
             self.q_bias = self.k_bias = self.v_bias = None
-        self.q_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(inner, dim, bias=proj_bias)
+        norm_layer = nn.LayerNorm if norm_layer is None else norm_layer
+        self.q_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(inner, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def grid_frames(self, tokens: int, frames: int | None = None) -> int:
@@ -277,7 +287,7 @@ class FactorisedAttention(nn.Module):
         options = dict(
             num_prefix_tokens=self.num_prefix_tokens,
             layout=self.layout,
-            dropout_p=self.attn_drop if self.training else 0.0,
+            dropout_p=self.attn_drop.p if self.training else 0.0,
             backend=self.backend,
         )
         B, N, _ = qkv.shape

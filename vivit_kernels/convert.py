@@ -75,8 +75,7 @@ def convert(
     for name, value in (("frames", frames), ("tokens_per_frame", tokens_per_frame)):
         if value is not None:
             check_positive_int("convert", name, value)
-    if backend != "auto" and backend not in backends.names():
-        raise ValueError(f"convert: backend must be 'auto' or one of {', '.join(backends.names())}, got {backend!r}")
+    check_choice("convert", "backend", backend, ("auto", *backends.names()))
     options = dict(mode=mode, frames=frames, tokens_per_frame=tokens_per_frame, backend=backend)
     for recognises, convert_family in _FAMILIES:
         if recognises(model):
@@ -109,7 +108,11 @@ def _dropout_p(module: nn.Module) -> float:
 
 
 def _attention(name: str, like: nn.Module, cls: type = FactorisedAttention, **kwargs) -> FactorisedAttention:
-    """A `cls` for the layer `name`, in `like`'s training state; its own errors name the layer."""
+    """A `cls` for the layer `name`, in `like`'s training state, on its device and in its dtype;
+    its own errors name the layer."""
+    weight = next(like.parameters(), None)
+    if weight is not None:
+        kwargs.update(device=weight.device, dtype=weight.dtype)
     try:
         module = cls(**kwargs)
     except ValueError as error:
@@ -141,12 +144,12 @@ def _no_mode(family: str, mode: str | None, allowed: tuple = (None,)) -> None:
         )
 
 
-def _no_grid(family: str, frames: int | None, tokens_per_frame: int | None) -> None:
+def _no_grid(
+    family: str, frames: int | None, tokens_per_frame: int | None,
+    why: str = "attends jointly over its whole sequence, so frames / tokens_per_frame have no meaning there",
+) -> None:
     if frames is not None or tokens_per_frame is not None:
-        raise ValueError(
-            f"convert: {family} attends jointly over its whole sequence, so frames / tokens_per_frame have no "
-            f"meaning there (got frames={frames}, tokens_per_frame={tokens_per_frame})"
-        )
+        raise ValueError(f"convert: {family} {why} (got frames={frames}, tokens_per_frame={tokens_per_frame})")
 
 
 def _unsupported_extras(layer: str, *, mask=None, output_attentions: bool = False) -> None:
@@ -237,12 +240,10 @@ def _convert_timm(model, *, mode, frames, tokens_per_frame, backend) -> list:
                 f"convert: {name}: dim_out={attn.proj.out_features} differs from dim={dim}; FactorisedAttention "
                 "keeps the token width"
             )
-        new = _attention(
-            name, attn, dim=dim, num_heads=attn.num_heads, head_dim=attn.head_dim,
-            attn_drop=_dropout_p(attn.attn_drop), backend=backend, **grid,
-        )
+        new = _attention(name, attn, dim=dim, num_heads=attn.num_heads, head_dim=attn.head_dim, backend=backend, **grid)
         # timm's fused path uses SDPA's default scale, head_dim ** -0.5, which is ours.
-        new.qkv, new.q_norm, new.k_norm, new.proj, new.proj_drop = attn.qkv, attn.q_norm, attn.k_norm, attn.proj, attn.proj_drop
+        for module in ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop"):
+            setattr(new, module, getattr(attn, module))
         replacements.append((block, "attn", new))
     return replacements
 
@@ -307,11 +308,11 @@ class _TimesformerJointAttention(FactorisedAttention):
         return (super().forward(hidden_states),)
 
 
-def _group_drop_path(x: torch.Tensor, drop_prob: float, mask_shape: tuple) -> torch.Tensor:
-    """Stochastic depth with one draw per group: `x * mask`, mask of `mask_shape` (broadcast over x),
-    each entry 0 or 1 / keep."""
+def _group_drop_mask(like: torch.Tensor, drop_prob: float, mask_shape: tuple) -> torch.Tensor:
+    """Stochastic depth with one draw per group: a mask of `mask_shape` (broadcast over the groups'
+    tensor `like`), each entry 0 or 1 / keep."""
     keep = 1.0 - drop_prob
-    return x * torch.empty(mask_shape, dtype=x.dtype, device=x.device).bernoulli_(keep).div_(keep)
+    return torch.empty(mask_shape, dtype=like.dtype, device=like.device).bernoulli_(keep).div_(keep)
 
 
 @functools.cache
@@ -342,15 +343,15 @@ def _timesformer_divided_layer(base: type) -> type:
             # Temporal: the class token's row (it attends only to itself) is dropped: it skips this branch.
             temporal = self.temporal_attention(self.temporal_layernorm(hidden_states))[:, 1:]
             if drop_prob:
-                temporal = _group_drop_path(temporal.view(B, S, T, D), drop_prob, (B, S, 1, 1)).view(B, S * T, D)
+                position_mask = _group_drop_mask(temporal, drop_prob, (B, S, 1, 1))
+                temporal = (temporal.view(B, S, T, D) * position_mask).view(B, S * T, D)
             patches = hidden_states[:, 1:] + self.temporal_dense(temporal)
             hidden_states = torch.cat((hidden_states[:, :1], patches), 1)
 
             # Spatial: the class token attends within every frame; its T outputs come back averaged.
             spatial = self.attention(self.layernorm_before(hidden_states))
             if drop_prob:
-                keep = 1.0 - drop_prob
-                frame_mask = torch.empty(B, 1, T, 1, dtype=spatial.dtype, device=spatial.device).bernoulli_(keep) / keep
+                frame_mask = _group_drop_mask(spatial, drop_prob, (B, 1, T, 1))
                 spatial = torch.cat(
                     (spatial[:, :1] * frame_mask.mean(2), (spatial[:, 1:].view(B, S, T, D) * frame_mask).view(B, S * T, D)),
                     1,
@@ -368,7 +369,7 @@ def _timesformer_divided_layer(base: type) -> type:
 
 def __getattr__(name: str):
     if name == "TimesformerDividedLayer":
-        from transformers.models.timesformer.modeling_timesformer import TimesformerLayer  # noqa: PLC0415
+        from transformers.models.timesformer.modeling_timesformer import TimesformerLayer
 
         return _timesformer_divided_layer(TimesformerLayer)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -505,11 +506,8 @@ def _vit_pytorch_attention(name: str, attn: nn.Module, mode: str, backend: str) 
 def _convert_vit_pytorch(model, *, mode, frames, tokens_per_frame, backend) -> list:
     family = "a vit-pytorch ViViT"
     _no_mode(family, mode)
-    if frames is not None or tokens_per_frame is not None:
-        raise ValueError(
-            f"convert: {family} passes its attention (B, T, n, D) grids or per-frame sequences, so frames / "
-            f"tokens_per_frame are not needed (got frames={frames}, tokens_per_frame={tokens_per_frame})"
-        )
+    _no_grid(family, frames, tokens_per_frame, "passes its attention (B, T, n, D) grids or per-frame sequences, "
+             "so frames / tokens_per_frame are not needed")
     replacements = []
     if model.variant == "factorized_encoder":
         for part in ("spatial_transformer", "temporal_transformer"):

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_choice
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer computes in here: the autocast region's, else x's."""
@@ -59,7 +61,7 @@ class _NormLinear(torch.autograd.Function):
         needs_x, needs_nw, needs_nb, _, needs_w, needs_b = ctx.needs_input_grad
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             leaves = [t.detach().requires_grad_(need) if t is not None else None
-                      for t, need in ((x, needs_x), (norm_weight, needs_nw), (norm_bias, needs_nb))]  # fmt: skip
+                      for t, need in ((x, needs_x), (norm_weight, needs_nw), (norm_bias, needs_nb))]
             normed = F.layer_norm(leaves[0], x.shape[-1:], leaves[1], leaves[2], ctx.eps)
         d_normed, d_weight, d_bias = _linear_backward(
             grad, normed.detach().to(ctx.dtype), weight, ctx.bias_dtype, (True, needs_w, needs_b and ctx.bias_dtype)
@@ -115,6 +117,5 @@ def gelu_linear(
 ) -> torch.Tensor:
     """`F.linear(F.gelu(hidden, approximate=approximate), weight, bias)` keeping hidden for backward,
     not gelu(hidden) (recomputed there). approximate: "none" (exact) or "tanh"."""
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"gelu_linear: approximate must be 'none' or 'tanh', got {approximate!r}")
+    check_choice("gelu_linear", "approximate", approximate, ("none", "tanh"))
     return _GeluLinear.apply(hidden, approximate, weight, bias)

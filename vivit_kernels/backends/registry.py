@@ -4,17 +4,19 @@ Each backend declares, per op, its limits: devices, dtypes, head dims, attention
 index range of its kernels, and reasons that depend on the machine (a missing package, a failed
 build) or on the call (CPU tensors only under the Triton interpreter). A `Request` carries the
 call's device, dtype and checked shape; every limit is a reason read from it before anything
-runs. `backend="auto"` picks the first fused backend with no reason against it and falls back to
-the reference implementation with a warning that lists every reason; a named backend that
-cannot take the input raises `BackendUnsupportedError` with its reasons. Whatever is picked
-runs with one signature: `run(*tensors, shape)`.
+runs. `backend="auto"` picks the first fused backend with no reason against it; when none fits it
+falls back, with a warning that lists every reason, to the first unfused backend that fits:
+torch SDPA for attention, the reference implementation for the tubelet embedding (which SDPA
+does not implement) or an input SDPA cannot take. A named backend that cannot take the input
+raises `BackendUnsupportedError` with its reasons. Whatever is picked runs with one signature:
+`run(*tensors, shape)`.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
