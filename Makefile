@@ -6,7 +6,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.vivit-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-compat dist-check bench gpu-check mutate clean
+.PHONY: install demo test lint test-compat dist-check bench gpu-check mutate clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest tests benchmarks --benchmark-disable -q $(PYTEST_ARGS)
+
+# The style ruff.toml declares.
+lint: $(STAMP)
+	$(PYTHON) -m ruff check .
 
 # The oldest torch setup.py allows (`make test` has the newest) on the kernel, op and model tests, in
 # a venv of its own; its C++ library is built beside .venv's (the name carries the torch it links).

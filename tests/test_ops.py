@@ -187,9 +187,9 @@ def test_packed_op_writes_the_projection_gradient_in_place(backend, generator):
         return {event.name for event in profile.events()}
 
     packed_ops = backward_ops(lambda: factorised_attention_packed(packed, 4, 3, "split", num_prefix_tokens=1,
-                                                                  backend=backend))  # fmt: skip
+                                                                  backend=backend))
     unbound = backward_ops(lambda: factorised_attention(*unpack_qkv(packed, 4), 3, "split", num_prefix_tokens=1,
-                                                        backend=backend))  # fmt: skip
+                                                        backend=backend))
     assert f"vivit_kernels::{backend}_attention_packed_backward" in packed_ops
     assert "aten::stack" in unbound and not {"aten::stack", "aten::cat"} & packed_ops
 

@@ -28,7 +28,7 @@ def _inspect(*args: str) -> tuple[list[dict], str]:
     # A fresh process compiles (this one interprets: Triton decides when a kernel is defined).
     command = [sys.executable, "-m", "vivit_kernels.triton.inspect", "--json", "--jobs", "2", *args]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"},
-                            timeout=900)  # fmt: skip
+                            timeout=900)
     assert result.stdout, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1]), result.stderr
 
@@ -52,7 +52,7 @@ def test_says_what_it_will_compile_then_each_compile_done(inspections):
         lines = stderr.splitlines()
         head_dim = rows[0]["head_dim"]
         assert re.fullmatch(rf"inspect: {n} compiles \(attention kernels; sm_{arch}; {dtype}; head dim {head_dim}; "
-                            r"autotune candidates\), about [^,]+ in 2 processes .*", lines[0]), lines[0]  # fmt: skip
+                            r"autotune candidates\), about [^,]+ in 2 processes .*", lines[0]), lines[0]
         assert not any("to narrow it" in line for line in lines)  # a minute's run needs no advice
         done = [line for line in lines if line.startswith("[")]
         assert [line.split("]")[0] for line in done] == [f"[{k}/{n}" for k in range(1, n + 1)]
@@ -62,7 +62,7 @@ def test_says_what_it_will_compile_then_each_compile_done(inspections):
 
 def test_plan_says_how_much_the_whole_inspection_is_and_how_to_narrow_it(rows):
     result = subprocess.run([sys.executable, "-m", "vivit_kernels.triton.inspect", "--plan", "--json"], timeout=300,
-                            capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})  # fmt: skip
+                            capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json.loads(result.stdout)  # nothing compiled, no table
     assert plan["compiles"] > 10 * len(rows) and plan["estimate_s"] > 30 * 60
@@ -86,7 +86,7 @@ def test_a_compile_that_fails_the_inspection_says_so_as_it_happens(capsys):
     from vivit_kernels.triton.inspect import Row, _Progress
 
     row = dict(launch="", kernel="attention_fwd", dtype="fp16", head_dim=64, prefix=False, config="", arch=86,
-               registers=255, stack=0, shared=1024, spill_loads=0, spill_stores=0)  # fmt: skip
+               registers=255, stack=0, shared=1024, spill_loads=0, spill_stores=0)
     progress = _Progress(4)  # stderr is captured, not a terminal: a line per compile
     progress.update(Row(name="a", autotune_candidate=True, **row))
     progress.update(Row(name="b", autotune_candidate=True, **{**row, "spill_loads": 2}))
@@ -95,7 +95,7 @@ def test_a_compile_that_fails_the_inspection_says_so_as_it_happens(capsys):
     progress.close()
     assert capsys.readouterr().err.splitlines() == [
         "[1/4] sm_86 a", "[2/4] sm_86 b: autotune candidate spills", "[3/4] sm_86 c",
-        "[4/4] sm_86 d: autotune candidate over the shared memory limit"]  # fmt: skip
+        "[4/4] sm_86 d: autotune candidate over the shared memory limit"]
 
 
 def test_every_kernel_and_variant_compiles(rows):
@@ -209,5 +209,5 @@ def test_a_new_clip_length_reuses_the_compiled_kernels_and_the_tuning():
     the launches of a 15-frame and a 16-frame clip bind to the same compiled kernels (for a GPU
     target) and the same autotuning keys, so a new clip length neither recompiles nor retunes."""
     result = subprocess.run([sys.executable, "-c", _REUSE_CHECK], capture_output=True, text=True,
-                            env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600)  # fmt: skip
+                            env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600)
     assert result.returncode == 0 and "reused" in result.stdout, result.stderr[-3000:]

@@ -19,9 +19,9 @@ from conftest import assert_near_oracle, check_tubelet_distinct_layouts, in_layo
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
-from vivit_kernels import TubeletEmbedding, reference, tubelet_embedding  # noqa: E402
-from vivit_kernels.triton import interpreted  # noqa: E402
-from vivit_kernels.triton import tubelet as kernels  # noqa: E402
+from vivit_kernels import TubeletEmbedding, reference, tubelet_embedding
+from vivit_kernels.triton import interpreted
+from vivit_kernels.triton import tubelet as kernels
 
 needs_triton_device = pytest.mark.skipif(
     not (torch.cuda.is_available() or interpreted()),
@@ -248,7 +248,7 @@ def test_weight_split_rule():
     assert kernels.weight_split(256, 16 * 196, 16, 16, torch.float16) == 4 * 132  # one tile: four full waves
     with pytest.raises(ValueError, match="split"):
         kernels.backward_weight(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2, 2), torch.zeros(2, 1, 1, 2, 2), True,
-                                split=0)  # fmt: skip
+                                split=0)
 
 
 def test_launcher_splits_by_the_rule(allocations, generator):
@@ -329,7 +329,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
     # A fresh process: Triton decides interpreted-or-compiled when a kernel module is imported.
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     command = [sys.executable, "-m", "vivit_kernels.triton.inspect", "--json", "--jobs", "2", "--kernels", "tubelet",
-               "--arch", "80", "90", "--filter", INSPECT_SUBSET]  # fmt: skip
+               "--arch", "80", "90", "--filter", INSPECT_SUBSET]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.stdout, result.stderr
     rows = json.loads(result.stdout.splitlines()[-1])

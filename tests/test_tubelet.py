@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_near_oracle
 
-from vivit_kernels import TubeletEmbedding, UniformFrameEmbedding, tubelet_backend, tubelet_embedding, uniform_frame_indices
+from vivit_kernels import (
+    TubeletEmbedding,
+    UniformFrameEmbedding,
+    tubelet_backend,
+    tubelet_embedding,
+    uniform_frame_indices,
+)
 
 
 def test_module_is_conv3d_as_tokens(generator):

@@ -71,7 +71,7 @@ ATTENTION = define_attention_ops(
 TUBELET = define_tubelet_ops(
     "triton", _tubelet_forward, _tubelet_backward_video, _tubelet_backward_weight, _tubelet_backward_pos,
     autocast=_AUTOCAST,
-)  # fmt: skip
+)
 
 
 def _unavailable() -> str | None:

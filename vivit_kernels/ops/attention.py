@@ -25,8 +25,9 @@ frame by frame):
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -54,8 +55,6 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 def packed_from(attention: Callable) -> Callable:
     """The packed-projection form of a q/k/v attention `(q, k, v, shape) -> (B, H, N, Dh)`, for
     backends without packed kernels: (qkv (B, N, 3 * H * Dh), shape) -> (B, N, H * Dh)."""
-    # A module-level body rather than a closure: backends call this at import, and a closure
-    # built then would keep its code from mutation testing.
     return functools.partial(_attention_packed, attention)
 
 
@@ -148,17 +147,17 @@ def _packed_forward_flops(qkv_shape, heads, frames, prefix, layout, mode, scale,
 
 
 def _packed_backward_flops(grad_shape, qkv_shape, o_shape, lse_shape, po_shape, pl_shape, heads, frames, prefix,
-                           layout, mode, scale, *args, out_shape=None, **kwargs) -> int:  # fmt: skip
+                           layout, mode, scale, *args, out_shape=None, **kwargs) -> int:
     return _shape(_packed_shape(qkv_shape, heads), frames, prefix, layout, mode, scale).backward_flops
 
 
 def _forward_flops(q_shape, k_shape, v_shape, frames, prefix, layout, mode, scale, *args, out_shape=None,
-                   **kwargs) -> int:  # fmt: skip
+                   **kwargs) -> int:
     return _shape(q_shape, frames, prefix, layout, mode, scale).forward_flops
 
 
 def _backward_flops(grad_shape, q_shape, k_shape, v_shape, o_shape, lse_shape, po_shape, pl_shape, frames, prefix,
-                    layout, mode, scale, *args, out_shape=None, **kwargs) -> int:  # fmt: skip
+                    layout, mode, scale, *args, out_shape=None, **kwargs) -> int:
     return _shape(q_shape, frames, prefix, layout, mode, scale).backward_flops
 
 
@@ -181,9 +180,9 @@ def define_attention_ops(
     forward_op = define(f"{name}_forward", FORWARD_SCHEMA, forward, _fake_forward, _forward_flops)
     backward_op = define(f"{name}_backward", BACKWARD_SCHEMA, backward, _fake_backward, _backward_flops)
     packed_forward_op = define(f"{name}_packed_forward", PACKED_FORWARD_SCHEMA, packed_forward, _fake_packed_forward,
-                               _packed_forward_flops)  # fmt: skip
+                               _packed_forward_flops)
     packed_backward_op = define(f"{name}_packed_backward", PACKED_BACKWARD_SCHEMA, packed_backward,
-                                _fake_packed_backward, _packed_backward_flops)  # fmt: skip
+                                _fake_packed_backward, _packed_backward_flops)
 
     def setup_context(ctx, inputs, output):
         *tensors, frames, prefix, layout, mode, scale = inputs

@@ -12,8 +12,9 @@ Autograd saves the video and the weight only (bias and pos_embed enter linearly)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -96,7 +97,7 @@ def define_tubelet_ops(
         define(f"{name}_forward", FORWARD_SCHEMA, forward, _fake_forward, _forward_flops),
         define(f"{name}_backward_video", BACKWARD_VIDEO_SCHEMA, backward_video, _fake_backward_video, _backward_flops),
         define(f"{name}_backward_weight", BACKWARD_WEIGHT_SCHEMA, backward_weight, _fake_backward_weight,
-               _backward_flops),  # fmt: skip
+               _backward_flops),
         define(f"{name}_backward_pos", BACKWARD_POS_SCHEMA, backward_pos, _fake_backward_pos),
     )
 

@@ -155,7 +155,7 @@ def record(kernels: str = "all", dtypes=DTYPES, head_dims=HEAD_DIMS) -> list[Lau
                     with _recording(launches, label, meta):
                         saved = attention.forward(q, k, v, T, prefix, "time_major", "split", head_dim**-0.5)
                         attention.backward(torch.empty_like(q), q, k, v, *saved, T, prefix, "time_major", "split",
-                                           head_dim**-0.5)  # fmt: skip
+                                           head_dim**-0.5)
         if kernels in ("all", "tubelet"):
             s = TUBELET_SHAPE
             video = torch.empty(s["B"], s["C"], s["T"], s["H"], s["W"], dtype=_torch_dtype(dtype))
@@ -212,12 +212,11 @@ _BINDERS: dict[tuple[int, int], tuple] = {}  # (id of the JIT function, arch) ->
 
 def _bind(launch: Launch, config, arch: int):
     """(ASTSource, options) of the launch with `config`, specialised as sm_`arch`'s launch would be."""
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
-
-    from triton import knobs
 
     fn = launch.fn
     # What JITFunction.run adds before it binds.
@@ -292,7 +291,7 @@ def compile_job(job: Job) -> Row:
             with open(path, "wb") as f:
                 f.write(compiled.asm["cubin"])
             usage = subprocess.run([cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
-                                   check=True)  # fmt: skip
+                                   check=True)
             sass = subprocess.run([cuobjdump(), "--dump-sass", path], capture_output=True, text=True, check=True).stdout
         ptx = compiled.asm["ptx"]
         row.registers, row.stack = _resource_usage(usage.stdout, compiled.metadata.name)
@@ -313,11 +312,11 @@ def _compile_key(launch: Launch, config, arch: int) -> tuple:
     """What decides the compiled code: two launches with the same key compile to the same kernel."""
     source, options, _ = _bind(launch, config, arch)
     return (launch.fn.__name__, str(source.signature), str(sorted(source.constants.items())),
-            str(sorted(source.attrs.items())), str(sorted(options.__dict__.items())), arch)  # fmt: skip
+            str(sorted(source.attrs.items())), str(sorted(options.__dict__.items())), arch)
 
 
 def plan(name_filter: str = "", archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, kernels: str = "all",
-         candidates_only: bool = False) -> list[Job]:  # fmt: skip
+         candidates_only: bool = False) -> list[Job]:
     """The compiles of an inspection: the launches recorded (in this process, for `compile_job`),
     then each distinct (kernel, config, specialisation, arch) once."""
     _init_worker(kernels, dtypes, head_dims)
@@ -364,7 +363,7 @@ class _Progress:
         problem = _problem(row)
         if self.bar is None:
             print(f"[{self.done}/{self.total}] sm_{row.arch} {row.name}" + (f": {problem}" if problem else ""),
-                  file=sys.stderr, flush=True)  # fmt: skip
+                  file=sys.stderr, flush=True)
             return
         if problem:
             self.bar.write(f"sm_{row.arch} {row.name}: {problem}", file=sys.stderr)
@@ -377,7 +376,7 @@ class _Progress:
 
 
 def compile_all(work: list[Job], kernels: str = "all", dtypes=DTYPES, head_dims=HEAD_DIMS, jobs: int = 2,
-                progress: bool = False) -> list[Row]:  # fmt: skip
+                progress: bool = False) -> list[Row]:
     """Compile `plan`'s jobs (planned with these kernels, dtypes and head dims) in `jobs`
     processes; rows in the order of `work`. `progress`: show the compiles done on stderr."""
     rows: list[Row | None] = [None] * len(work)
@@ -392,7 +391,7 @@ def compile_all(work: list[Job], kernels: str = "all", dtypes=DTYPES, head_dims=
         # Spawned, not forked: a fork of a process whose OpenMP threads ran (the recording) can hang.
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                                 initargs=(kernels, dtypes, head_dims)) as pool:  # fmt: skip
+                                 initargs=(kernels, dtypes, head_dims)) as pool:
             index = {pool.submit(compile_job, job): i for i, job in enumerate(work)}
             for future in as_completed(index):
                 rows[index[future]] = future.result()
@@ -405,7 +404,7 @@ def compile_all(work: list[Job], kernels: str = "all", dtypes=DTYPES, head_dims=
 
 
 def inspect(name_filter: str = "", archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, kernels: str = "all",
-            jobs: int = 2, candidates_only: bool = False, progress: bool = False) -> list[Row]:  # fmt: skip
+            jobs: int = 2, candidates_only: bool = False, progress: bool = False) -> list[Row]:
     """Record the launches, then compile each distinct (kernel, config, specialisation, arch) once."""
     work = plan(name_filter, archs, dtypes, head_dims, kernels, candidates_only)
     return compile_all(work, kernels, dtypes, head_dims, jobs, progress)
@@ -574,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="update limits.py from these compiles (every config of the dtypes, head dims and archs given)")
     parser.add_argument("--plan", action="store_true",
                         help="only say how many compiles the other options make and how long they take (with "
-                             "--json: as a JSON object)")  # fmt: skip
+                             "--json: as a JSON object)")
     args = parser.parse_args(argv)
     if args.write_limits and (args.candidates or args.filter):
         parser.error("--write-limits needs every config compiled: no --candidates or --filter")
@@ -584,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     what = scope(args.arch, args.dtype, args.head_dims, args.kernels, args.candidates, args.filter)
     print(f"inspect: {len(work)} compiles ({what}), about {duration(seconds)} in {args.jobs} process"
           f"{'es' if args.jobs > 1 else ''} (roughly {SECONDS_PER_COMPILE:.0f} s of a core per compile)",
-          file=sys.stderr, flush=True)  # fmt: skip
+          file=sys.stderr, flush=True)
     if seconds > 120:
         print(f"inspect: to narrow it: {NARROW}", file=sys.stderr, flush=True)
     if args.plan:
