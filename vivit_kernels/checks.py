@@ -193,11 +193,16 @@ def _check_same(op: str, named: dict[str, torch.Tensor | None]) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; expected one device")
 
 
-def check_positive_int(op: str, name: str, value) -> None:
+def check_int(op: str, name: str, value, minimum: int) -> None:
+    """TypeError unless `value` is an int (not a bool); ValueError if it is below `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{op}: {name} must be >= 1, got {value}")
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+
+
+def check_positive_int(op: str, name: str, value) -> None:
+    check_int(op, name, value, minimum=1)
 
 
 def check_choice(op: str, name: str, value, allowed: tuple) -> None:
@@ -223,10 +228,7 @@ def check_layout(op: str, layout) -> None:
 
 
 def check_prefix(op: str, prefix) -> None:
-    if isinstance(prefix, bool) or not isinstance(prefix, int):
-        raise TypeError(f"{op}: num_prefix_tokens must be an int, got {type(prefix).__name__}")
-    if prefix < 0:
-        raise ValueError(f"{op}: num_prefix_tokens must be >= 0, got {prefix}")
+    check_int(op, "num_prefix_tokens", prefix, minimum=0)
 
 
 def grid_mismatch(

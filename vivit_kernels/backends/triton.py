@@ -25,51 +25,25 @@ _DEVICES = ("cuda", "cpu")
 _HEAD_DIMS = (16, 128)
 
 
-def _kernels(name: str):
-    return importlib.import_module(f"vivit_kernels.triton.{name}")
+def _launcher(module: str, name: str):
+    """`vivit_kernels.triton.<module>.<name>`, imported at its first call: triton is imported only
+    when a kernel runs."""
 
+    def launch(*args):
+        return getattr(importlib.import_module(f"vivit_kernels.triton.{module}"), name)(*args)
 
-def _attention_forward(*args):
-    return _kernels("attention").forward(*args)
-
-
-def _attention_backward(*args):
-    return _kernels("attention").backward(*args)
-
-
-def _attention_packed_forward(*args):
-    return _kernels("attention").packed_forward(*args)
-
-
-def _attention_packed_backward(*args):
-    return _kernels("attention").packed_backward(*args)
-
-
-def _tubelet_forward(video, weight, bias, pos_embed):
-    return _kernels("tubelet").forward(video, weight, bias, pos_embed)
-
-
-def _tubelet_backward_video(grad, video, weight):
-    return _kernels("tubelet").backward_video(grad, video, weight)
-
-
-def _tubelet_backward_weight(grad, video, weight, bias_grad):
-    return _kernels("tubelet").backward_weight(grad, video, weight, bias_grad)
-
-
-def _tubelet_backward_pos(grad):
-    return _kernels("tubelet").backward_pos(grad)
+    return launch
 
 
 # Under autocast the ops follow torch's policy for SDPA and convolution: inputs cast to the region's
 # dtype (CPU too, where the kernels run interpreted).
 _AUTOCAST = {"cuda": None, "cpu": None}
 ATTENTION = define_attention_ops(
-    "triton", _attention_forward, _attention_backward, _attention_packed_forward, _attention_packed_backward,
+    "triton", *(_launcher("attention", name) for name in ("forward", "backward", "packed_forward", "packed_backward")),
     autocast=_AUTOCAST,
 )
 TUBELET = define_tubelet_ops(
-    "triton", _tubelet_forward, _tubelet_backward_video, _tubelet_backward_weight, _tubelet_backward_pos,
+    "triton", *(_launcher("tubelet", name) for name in ("forward", "backward_video", "backward_weight", "backward_pos")),
     autocast=_AUTOCAST,
 )
 
