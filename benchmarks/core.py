@@ -76,6 +76,15 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
+def check_matches(subject: str, reference: str, pairs, tolerance: float) -> None:
+    """AssertionError for the first (what, expected, actual) of `pairs` whose relative error is over
+    `tolerance`: "{subject} {what} differ from {reference} by ...". A case checked before timing."""
+    for what, expected, actual in pairs:
+        error = relative_error(actual, expected)
+        if not error <= tolerance:
+            raise AssertionError(f"{subject} {what} differ from {reference} by {error:.2e} relative (> {tolerance:g})")
+
+
 @dataclass
 class Case:
     """One benchmarked call. `setup` (untimed) resets state; `run` does one pass, synchronised on CUDA."""

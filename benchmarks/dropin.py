@@ -18,7 +18,7 @@ import torch
 
 import vivit_kernels
 
-from .core import Case, parse_target, relative_error, train_step_case
+from .core import Case, check_matches, parse_target, train_step_case
 
 ORIGINAL, CONVERTED = "original", "converted"
 DROPIN_BACKENDS = (ORIGINAL, CONVERTED)
@@ -128,11 +128,8 @@ def check_against_original(spec: dict, tolerance: float = 1e-4) -> None:
         out = logits(model, inputs)
         out.square().mean().backward()
         results.append((out.detach(), _patch_embedding_weight(model).grad))
-    for what, expected, actual in zip(("logits", "patch embedding gradient"), *results):
-        error = relative_error(actual, expected)
-        if not error <= tolerance:
-            raise AssertionError(f"dropin {spec['variant']}: converted {what} differ from the original's by "
-                                 f"{error:.2e} relative (> {tolerance:g})")
+    pairs = zip(("logits", "patch embedding gradient"), *results)
+    check_matches(f"dropin {spec['variant']}: converted", "the original's", pairs, tolerance)
 
 
 def dropin_case(spec: dict) -> Case:

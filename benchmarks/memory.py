@@ -30,10 +30,10 @@ from vivit.memory_report import IMPLEMENTATIONS, build, count
 from .core import (
     BASELINE,
     Case,
+    check_matches,
     cpu_peak_in_process,
     parse_target,
     probe_in_child,
-    relative_error,
     train_step_case,
     training_skip_reason,
 )
@@ -120,11 +120,8 @@ def check_against_einsum(spec: dict, tolerance: float = 1e-4) -> None:
     if key not in _einsum_results:
         _einsum_results[key] = _logits_and_gradient(dict(spec, backend=BASELINE), video)
     actual = _logits_and_gradient(spec, video)
-    for what, expected, got in zip(("logits", "tubelet weight gradient"), _einsum_results[key], actual):
-        error = relative_error(got, expected)
-        if not error <= tolerance:
-            raise AssertionError(f"memory {spec['variant']}: {implementation(spec)} {what} differ from einsum's by "
-                                 f"{error:.2e} relative (> {tolerance:g})")
+    pairs = zip(("logits", "tubelet weight gradient"), _einsum_results[key], actual)
+    check_matches(f"memory {spec['variant']}: {implementation(spec)}", "einsum's", pairs, tolerance)
 
 
 def kept_for_backward(spec: dict) -> dict:

@@ -17,7 +17,7 @@ from conftest import MODES, masked_attention, relative_error
 
 from benchmarks import cpu_ratios, report
 from benchmarks.attention import PLAIN_ATTENTION
-from benchmarks.core import PLAIN_EINSUM, PLAIN_SDPA
+from benchmarks.core import PLAIN_EINSUM, PLAIN_SDPA, check_matches
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -233,3 +233,11 @@ def test_a_page_without_the_block_or_with_an_unclosed_marker_is_an_error(tmp_pat
     doc.write_text("<!-- bench:cpu_attention -->\n")
     assert report.main([str(results), "--update", str(doc)]) == 2
     assert "has no matching <!-- /bench:cpu_attention -->" in capsys.readouterr().err
+
+
+def test_check_matches_names_the_first_pair_off_by_more_than_the_tolerance():
+    ones = torch.ones(3)
+    pairs = [("logits", ones, ones * (1 + 1e-6)), ("gradient", ones, ones * 1.01)]
+    check_matches("case", "the original's", pairs[:1], 1e-5)
+    with pytest.raises(AssertionError, match=r"^case gradient differ from the original's by 1\.00e-02 relative \(> 1e-05\)$"):
+        check_matches("case", "the original's", pairs, 1e-5)
