@@ -75,7 +75,7 @@ def test_bad_scale_and_backend_raise():
     q, k, v = _qkv()
     with pytest.raises(TypeError, match=r"scale must be a finite float or None, got nan"):
         factorised_attention(q, k, v, 3, "joint", scale=float("nan"))
-    with pytest.raises(ValueError, match=r"unknown backend 'cuda_magic'; expected 'auto' or one of 'reference'"):
+    with pytest.raises(ValueError, match=r"^attention: backend must be one of 'auto', 'reference', .*, got 'cuda_magic'$"):
         factorised_attention(q, k, v, 3, "joint", backend="cuda_magic")
 
 

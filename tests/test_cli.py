@@ -114,7 +114,7 @@ def cases(d) -> dict[str, tuple[str, list[str], int, str]]:
         "train-builtin-data-too-small": (TRAIN, [*tiny, "--img-size", "8", "--tubelet", "2", "4", "4"], 2,
                                          r"--img-size 8: the built-in data .* size must be an int >= 16, got 8"),
         "train-unknown-backend": (TRAIN, [*tiny, "--backend", "bogus"], 2,
-                                  r"--backend bogus: unknown backend 'bogus'; expected 'auto' or one of 'reference'"),
+                                  r"--backend bogus: attention: backend must be one of 'auto', 'reference', .*, got 'bogus'$"),
         "train-fp16-on-cpu": (TRAIN, [*tiny, "--precision", "fp16", "--device", "cpu"], 2, r"--precision fp16 needs a GPU"),
         "train-val-csv-alone": (TRAIN, [*tiny, "--val-csv", str(d / "videos.csv")], 2, r"--val-csv needs --train-csv"),
         "train-output-dir-is-a-file": (TRAIN, [*tiny, "--output-dir", str(d / "empty.pt")], 2,

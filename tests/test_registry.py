@@ -81,8 +81,10 @@ def test_auto_falls_back_from_an_index_limit(monkeypatch):
 
 
 def test_unknown_backend_is_named():
-    with pytest.raises(ValueError, match=r"unknown backend 'cuda_magic'; expected 'auto' or one of 'reference'"):
+    with pytest.raises(ValueError, match=r"^attention: backend must be one of 'auto', 'reference', .*, got 'cuda_magic'$"):
         registry.select(_attention(), "cuda_magic")
+    with pytest.raises(ValueError, match=r"^backends.get: name must be one of 'reference', .*, got 'auto'$"):
+        registry.get("auto")
     with pytest.raises(TypeError, match="backend must be a str, got int"):
         registry.select(_attention(), 3)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checks import AttentionShape, TubeletShape
+from ..checks import AttentionShape, TubeletShape, check_choice
 
 OPS = ("attention", "attention_packed", "tubelet")
 FALLBACK = "reference"
@@ -125,8 +125,7 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Backend:
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {', '.join(map(repr, _BACKENDS))}")
+    check_choice("backends.get", "name", name, tuple(_BACKENDS))
     return _BACKENDS[name]
 
 
@@ -138,6 +137,7 @@ def select(request: Request, backend: str = "auto") -> Selected:
     """The backend that runs `request` on `backend` ("auto" or a registered name)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    check_choice(request.op, "backend", backend, ("auto", *_BACKENDS))
     if backend != "auto":
         chosen = get(backend)
         reasons = chosen.not_supported_reasons(request)
