@@ -2,24 +2,24 @@
 initialisation from pretrained image ViTs and import of Hugging Face ViViT checkpoints."""
 
 from .adapt import (
-                    LoadReport,
-                    central_frame,
-                    hf_to_timm,
-                    image_to_video,
-                    inflate,
-                    resample_pos_embed,
-                    resample_video_pos_embed,
-                    tile_pos_embed,
+    LoadReport,
+    central_frame,
+    hf_to_timm,
+    image_to_video,
+    inflate,
+    resample_pos_embed,
+    resample_video_pos_embed,
+    tile_pos_embed,
 )
 from .config import PRESETS, VARIANTS, ViViTConfig, preset_config
 from .layers import BlockConfig
 from .model import ViViT, build_model, create_model, model_spec
 from .pretrained import (
-                    load_hf_vivit,
-                    load_image_pretrained,
-                    load_video_pretrained,
-                    read_state_dict,
-                    vivit_config_from_hf,
+    load_hf_vivit,
+    load_image_pretrained,
+    load_video_pretrained,
+    read_state_dict,
+    vivit_config_from_hf,
 )
 
 __all__ = [
