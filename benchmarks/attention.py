@@ -155,7 +155,9 @@ def attention_skip_reason(spec: dict) -> str | None:
         need = 4 * attention_score_bytes(mode, shape, dtype)
         total = torch.cuda.get_device_properties(device).total_memory
         if need > 0.8 * total:
-            return f"the einsum path needs ~{need / 2**30:.0f} GiB of score matrices; this GPU has {total / 2**30:.0f} GiB"
+            return (
+                f"the einsum path needs ~{need / 2**30:.0f} GiB of score matrices; this GPU has {total / 2**30:.0f} GiB"
+            )
     return None
 
 

@@ -148,8 +148,10 @@ def check_attention(spec: dict) -> None:
     """AssertionError unless the benchmarked attention's output (and qkv gradient) is as near the
     oracle as the rule allows (see the module docstring)."""
     _, dtype = parse_target(spec["target"])
-    oracle, plain = _cache.get(("attention", _spec_key(spec)),
-                               lambda: _oracle_and_plain(lambda run: _attention_results(spec, None, run), dtype))
+    oracle, plain = _cache.get(
+        ("attention", _spec_key(spec)),
+        lambda: _oracle_and_plain(lambda run: _attention_results(spec, None, run), dtype),
+    )
     measured = _attention_results(spec, attention_fn(spec["backend"]), dtype)
     compare(f"attention {spec['mode']} {spec['pass']} {spec['backend']}", measured, oracle, plain, dtype)
 
@@ -166,8 +168,13 @@ def _tubelet_results(spec: dict, fn: Callable, run_dtype: torch.dtype) -> dict:
     tubelet = (shape["t"], shape["h"], shape["w"])
     nt, S = T // tubelet[0], (H // tubelet[1]) * (W // tubelet[2])
     g = torch.Generator().manual_seed(1)
-    drawn = (torch.randn(B, C, T, H, W, generator=g), torch.randn(D, C, *tubelet, generator=g) * 0.02,
-             torch.randn(D, generator=g), torch.randn(nt, S, D, generator=g), torch.randn(B, nt, S, D, generator=g))
+    drawn = (
+        torch.randn(B, C, T, H, W, generator=g),
+        torch.randn(D, C, *tubelet, generator=g) * 0.02,
+        torch.randn(D, generator=g),
+        torch.randn(nt, S, D, generator=g),
+        torch.randn(B, nt, S, D, generator=g),
+    )
     video, weight, bias, pos, grad = (x.to(device, dtype).to(run_dtype) for x in drawn)
     params = {"weight gradient": weight, "bias gradient": bias, "pos_embed gradient": pos}
     backward = spec["pass"] == BACKWARD
@@ -186,8 +193,9 @@ def check_tubelet(spec: dict) -> None:
     are as near the oracle as the rule allows (see the module docstring)."""
     _, dtype = parse_target(spec["target"])
     einsum = tubelet_fn(BASELINE)
-    oracle, plain = _cache.get(("tubelet", _spec_key(spec)),
-                               lambda: _oracle_and_plain(lambda run: _tubelet_results(spec, einsum, run), dtype))
+    oracle, plain = _cache.get(
+        ("tubelet", _spec_key(spec)), lambda: _oracle_and_plain(lambda run: _tubelet_results(spec, einsum, run), dtype)
+    )
     measured = _tubelet_results(spec, tubelet_fn(spec["backend"]), dtype)
     compare(f"tubelet {spec['pass']} {spec['backend']}", measured, oracle, plain, dtype)
 

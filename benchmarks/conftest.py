@@ -155,5 +155,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         "FLOP/s from the stated formulas "
         "(attention: forward 4*B*H*N*L*Dh, backward 2.5x; training: FlopCounterMode). "
         "peak mem: bytes above those allocated before the call (inputs, parameters, optimiser state), "
-        + "; ".join(methods) + "."
+        + "; ".join(methods)
+        + "."
     )

@@ -140,8 +140,12 @@ def training_skip_reason(spec: dict) -> str | None:
 
 
 def train_step_case(
-    model: torch.nn.Module, logits: Callable[[], torch.Tensor], labels: torch.Tensor, device: torch.device,
-    dtype: torch.dtype, optimizer: torch.optim.Optimizer | None = None,
+    model: torch.nn.Module,
+    logits: Callable[[], torch.Tensor],
+    labels: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Case:
     """One training step of `model` (on `device`): cross-entropy of `logits()` against `labels`, its
     backward and an update by `optimizer` (default: a new AdamW); zero_grad runs untimed before it."""

@@ -183,14 +183,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", type=_modes, default=["temporal", "split", "spatial", "joint"])
     parser.add_argument("--frames", type=_ints, default=[8, 16], help="T values, comma-separated")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (min taken)")
-    parser.add_argument("--implementations", type=lambda s: [x for x in s.split(",") if x], default=None,
-                        help="comma-separated (default: the plain baselines and every backend that runs here)")
+    parser.add_argument(
+        "--implementations",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=None,
+        help="comma-separated (default: the plain baselines and every backend that runs here)",
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens-per-frame", type=int, default=196, help="S")
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--allow-loaded", action="store_true",
-                        help="record at a load at or above the core count, every row marked loaded")
+    parser.add_argument(
+        "--allow-loaded",
+        action="store_true",
+        help="record at a load at or above the core count, every row marked loaded",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -249,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({"metadata": metadata, "rows": rows}, indent=1) + "\n")
     if metadata["loaded"] and not args.allow_loaded:
         peak_load = metadata["load_1min_peak"]
-        print(f"cpu_ratios: the 1-min load reached {peak_load:.2f} (>= {cores()} cores): {args.out} is marked loaded",
-              file=sys.stderr)
+        print(
+            f"cpu_ratios: the 1-min load reached {peak_load:.2f} (>= {cores()} cores): {args.out} is marked loaded",
+            file=sys.stderr,
+        )
     print("\n".join(render_file(args.out, allow_loaded=True)[FAMILY]))
     print(f"wrote {args.out} ({metadata['seconds']} s of measuring)")
     return 0

@@ -70,27 +70,51 @@ def _original(family: str, shape: dict) -> tuple[torch.nn.Module, torch.Tensor]:
     if family == "timm_vit":
         from timm.models.vision_transformer import VisionTransformer
 
-        model = VisionTransformer(img_size=size, patch_size=patch, embed_dim=D, depth=L, num_heads=H,
-                                  num_classes=CLASSES, qkv_bias=True)
+        model = VisionTransformer(
+            img_size=size, patch_size=patch, embed_dim=D, depth=L, num_heads=H, num_classes=CLASSES, qkv_bias=True
+        )
         return model, torch.randn(B, 3, size, size, generator=g)
     if family.startswith("vit_pytorch"):
         from vit_pytorch.vivit import ViViT
 
-        model = ViViT(image_size=size, image_patch_size=patch, frames=T, frame_patch_size=2, num_classes=CLASSES,
-                      dim=D, spatial_depth=L, temporal_depth=L if family.endswith("self_attention") else max(1, L // 3),
-                      heads=H, dim_head=D // H, mlp_dim=4 * D, variant=family.removeprefix("vit_pytorch_"))
+        model = ViViT(
+            image_size=size,
+            image_patch_size=patch,
+            frames=T,
+            frame_patch_size=2,
+            num_classes=CLASSES,
+            dim=D,
+            spatial_depth=L,
+            temporal_depth=L if family.endswith("self_attention") else max(1, L // 3),
+            heads=H,
+            dim_head=D // H,
+            mlp_dim=4 * D,
+            variant=family.removeprefix("vit_pytorch_"),
+        )
         return model, torch.randn(B, 3, T, size, size, generator=g)
     import transformers
 
-    common = dict(image_size=size, num_frames=T, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
-                  intermediate_size=4 * D, num_labels=CLASSES)
+    common = dict(
+        image_size=size,
+        num_frames=T,
+        hidden_size=D,
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        intermediate_size=4 * D,
+        num_labels=CLASSES,
+    )
     if family == "timesformer":
-        model = transformers.TimesformerForVideoClassification(transformers.TimesformerConfig(patch_size=patch, **common))
+        model = transformers.TimesformerForVideoClassification(
+            transformers.TimesformerConfig(patch_size=patch, **common)
+        )
     elif family == "hf_vivit":
-        model = transformers.VivitForVideoClassification(transformers.VivitConfig(tubelet_size=[2, patch, patch], **common))
+        model = transformers.VivitForVideoClassification(
+            transformers.VivitConfig(tubelet_size=[2, patch, patch], **common)
+        )
     else:
         model = transformers.VideoMAEForVideoClassification(
-            transformers.VideoMAEConfig(patch_size=patch, tubelet_size=2, **common))
+            transformers.VideoMAEConfig(patch_size=patch, tubelet_size=2, **common)
+        )
     return model, torch.randn(B, T, 3, size, size, generator=g)
 
 
@@ -100,8 +124,9 @@ def dropin_model(spec: dict, device: torch.device) -> tuple[torch.nn.Module, tor
     model, inputs = _original(family, spec["shape"])
     if spec["backend"] == CONVERTED:
         vivit_kernels.convert(model, backend="auto", **FAMILIES[family][1])
-    logits = (lambda m, x: m(x)) if family == "timm_vit" or family.startswith("vit_pytorch") else (
-        lambda m, x: m(x).logits)
+    logits = (
+        (lambda m, x: m(x)) if family == "timm_vit" or family.startswith("vit_pytorch") else (lambda m, x: m(x).logits)
+    )
     return model.to(device), inputs.to(device), logits
 
 

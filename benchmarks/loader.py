@@ -54,8 +54,9 @@ def loader_video(shape: dict) -> Path:
     path = directory / name
     if not path.is_file():
         partial = directory / f".{name}.{os.getpid()}.mp4"
-        write_video(partial, shape["seconds"] * shape["fps"], width=shape["width"], height=shape["height"],
-                    fps=shape["fps"])
+        write_video(
+            partial, shape["seconds"] * shape["fps"], width=shape["width"], height=shape["height"], fps=shape["fps"]
+        )
         partial.replace(path)
     return path
 
@@ -73,8 +74,9 @@ def float_train_transform(frames: torch.Tensor, size: int, generator: torch.Gene
     H, W = clip.shape[-2:]
     out_hw = (max(short, round(H * short / min(H, W))), max(short, round(W * short / min(H, W))))
     if out_hw != (H, W):
-        clip = F.interpolate(clip.permute(1, 0, 2, 3), size=out_hw, mode="bilinear", align_corners=False,
-                             antialias=True).permute(1, 0, 2, 3)
+        clip = F.interpolate(
+            clip.permute(1, 0, 2, 3), size=out_hw, mode="bilinear", align_corners=False, antialias=True
+        ).permute(1, 0, 2, 3)
     top = int(torch.randint(clip.shape[-2] - size + 1, (1,), generator=generator))
     left = int(torch.randint(clip.shape[-1] - size + 1, (1,), generator=generator))
     clip = clip[:, :, top : top + size, left : left + size]
@@ -97,6 +99,7 @@ def clip_fn(backend: str, path: Path, shape: dict) -> Callable[[int], torch.Tens
         return lambda seed: old_clip(path, shape, seed, float_train_transform)
     if backend == OLD_DECODE:
         return lambda seed: old_clip(path, shape, seed)
+
     def clip(seed: int) -> torch.Tensor:
         generator = torch.Generator()
 
@@ -125,7 +128,9 @@ def check_against_old(spec: dict, seeds=(0, 1)) -> None:
         if key not in _OLD_CLIPS:
             _OLD_CLIPS[key] = old_clip(path, spec["shape"], seed)
         if not torch.equal(new(seed), _OLD_CLIPS[key]):
-            raise AssertionError(f"loader {spec['backend']}: the clip of seed {seed} of {path.name} differs from the full decode's")
+            raise AssertionError(
+                f"loader {spec['backend']}: the clip of seed {seed} of {path.name} differs from the full decode's"
+            )
 
 
 @contextmanager

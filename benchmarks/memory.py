@@ -80,8 +80,14 @@ def memory_model(spec: dict, device: torch.device) -> torch.nn.Module:
     variant has the same weights."""
     shape = spec["shape"]
     torch.manual_seed(0)
-    model = build(implementation(spec), spec["variant"], num_classes=CLASSES, num_frames=shape["num_frames"],
-                  img_size=shape["img_size"], **shape.get("overrides", {}))
+    model = build(
+        implementation(spec),
+        spec["variant"],
+        num_classes=CLASSES,
+        num_frames=shape["num_frames"],
+        img_size=shape["img_size"],
+        **shape.get("overrides", {}),
+    )
     return model.to(device)
 
 
@@ -128,10 +134,16 @@ def kept_for_backward(spec: dict) -> dict:
     """`vivit.memory_report.count` of the spec's model at its clip size, on its device and autocast dtype."""
     device, dtype = parse_target(spec["target"])
     shape = spec["shape"]
-    kept = count(implementation(spec), spec["variant"], device=device,
-                 autocast=dtype if device.type == "cuda" and dtype != torch.float32 else None,
-                 num_classes=CLASSES, num_frames=shape["num_frames"], img_size=shape["img_size"],
-                 **shape.get("overrides", {}))
+    kept = count(
+        implementation(spec),
+        spec["variant"],
+        device=device,
+        autocast=dtype if device.type == "cuda" and dtype != torch.float32 else None,
+        num_classes=CLASSES,
+        num_frames=shape["num_frames"],
+        img_size=shape["img_size"],
+        **shape.get("overrides", {}),
+    )
     return {
         "implementation": kept.implementation,
         "activation_bytes_per_clip": kept.per_clip,
@@ -142,8 +154,9 @@ def kept_for_backward(spec: dict) -> dict:
     }
 
 
-def largest_batch(peak_at: Callable[[int], int | None], budget: int, limit: int,
-                  slope_hint: float = 0) -> tuple[int, dict[int, int | None]]:
+def largest_batch(
+    peak_at: Callable[[int], int | None], budget: int, limit: int, slope_hint: float = 0
+) -> tuple[int, dict[int, int | None]]:
     """(the largest batch b <= limit with peak_at(b) <= budget, every peak measured).
 
     peak_at(b): the peak bytes of a step at batch b, None when the step failed (out of memory).
@@ -234,8 +247,13 @@ def largest_batch_under_budget(spec: dict, smoke: bool = False, kept_per_clip: i
     on CPU in a fresh child process (benchmarks/probe.py), on CUDA in this one. kept_per_clip (the
     activations a clip keeps) steers the first guess."""
     device, _ = parse_target(spec["target"])
-    search = dict(spec, peak="budget", budget_bytes=budget_bytes(device.type), slope_hint=kept_per_clip,
-                  batch_limit=SMOKE_BATCH_LIMIT if smoke else BATCH_LIMIT[device.type])
+    search = dict(
+        spec,
+        peak="budget",
+        budget_bytes=budget_bytes(device.type),
+        slope_hint=kept_per_clip,
+        batch_limit=SMOKE_BATCH_LIMIT if smoke else BATCH_LIMIT[device.type],
+    )
     if smoke:
         search["threads"] = 1  # the smoke run's tiny steps: one thread, as `measure` does
     if device.type == "cuda":
@@ -246,7 +264,9 @@ def largest_batch_under_budget(spec: dict, smoke: bool = False, kept_per_clip: i
         "budget_bytes": search["budget_bytes"],
         "batch_limit": search["batch_limit"],  # largest_batch == batch_limit: at least that many
         **result,
-        "budget_method": ("torch.cuda.max_memory_allocated of a step (weights, gradients, AdamW state included)"
-                          if device.type == "cuda" else
-                          "VmHWM of a fresh child during a step, above its footprint before the model was built"),
+        "budget_method": (
+            "torch.cuda.max_memory_allocated of a step (weights, gradients, AdamW state included)"
+            if device.type == "cuda"
+            else "VmHWM of a fresh child during a step, above its footprint before the model was built"
+        ),
     }

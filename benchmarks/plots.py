@@ -128,12 +128,19 @@ def plot_memory(rows: list[dict], out: Path) -> Path | None:
     fig, axes = plt.subplots(len(tables), 2, figsize=(13, 4.2 * len(tables)), squeeze=False)
     for (target, table), (left, right) in zip(sorted(tables.items()), axes):
         first = next(iter(table.values()))
-        _grouped_bars(left, table, lambda r: r.get("activation_bytes_per_clip", 0) / MIB,
-                      "MiB per clip kept for backward", lambda r: f"{r['activation_bytes_per_clip'] / MIB:.0f}")
+        _grouped_bars(
+            left,
+            table,
+            lambda r: r.get("activation_bytes_per_clip", 0) / MIB,
+            "MiB per clip kept for backward",
+            lambda r: f"{r['activation_bytes_per_clip'] / MIB:.0f}",
+        )
         left.set_title(f"Activation memory per clip: {_title(first, target)}", fontsize=9)
         _grouped_bars(right, table, lambda r: r.get("largest_batch"), "clips", _largest_batch_label)
-        right.set_title(f"Largest batch whose step fits {first['budget_bytes'] / 2**30:.1f} GiB "
-                        f"(>= : the search's limit)", fontsize=9)
+        right.set_title(
+            f"Largest batch whose step fits {first['budget_bytes'] / 2**30:.1f} GiB (>= : the search's limit)",
+            fontsize=9,
+        )
         left.legend(fontsize=7)
     return _save(fig, out / "memory.png")
 
@@ -145,10 +152,12 @@ def plot_step_time(rows: list[dict], out: Path) -> Path | None:
     fig, axes = plt.subplots(len(tables), 1, figsize=(8, 4.2 * len(tables)), squeeze=False)
     for (target, table), (ax,) in zip(sorted(tables.items()), axes):
         first = next(iter(table.values()))
-        _grouped_bars(ax, table, lambda r: r["median_s"] * 1e3, "ms per step (median)",
-                      lambda r: f"{r['median_s'] * 1e3:.0f}")
-        ax.set_title(f"Training step (fwd+bwd+AdamW), batch {shape_field(first, 'B')}: {_title(first, target)}",
-                     fontsize=9)
+        _grouped_bars(
+            ax, table, lambda r: r["median_s"] * 1e3, "ms per step (median)", lambda r: f"{r['median_s'] * 1e3:.0f}"
+        )
+        ax.set_title(
+            f"Training step (fwd+bwd+AdamW), batch {shape_field(first, 'B')}: {_title(first, target)}", fontsize=9
+        )
         ax.legend(fontsize=7)
     return _save(fig, out / "step_time.png")
 
@@ -161,14 +170,17 @@ def plot_attention_frames(rows: list[dict], out: Path) -> Path | None:
             continue
         per_clip = row["median_s"] / shape_field(row, "B")
         series.setdefault(_target(row), {}).setdefault(row["case"], {}).setdefault(implementation(row), []).append(
-            (shape_field(row, "T"), per_clip))
+            (shape_field(row, "T"), per_clip)
+        )
     if not series:
         return None
     fig, axes = plt.subplots(len(series), len(MODES), figsize=(4 * len(MODES), 3.6 * len(series)), squeeze=False)
     for (target, modes), row_axes in zip(sorted(series.items()), axes):
         frames = sorted({t for lines in modes.values() for points in lines.values() for t, _ in points})
         for mode, ax in zip(MODES, row_axes):
-            for impl, points in sorted(modes.get(mode, {}).items(), key=lambda kv: (not kv[0].endswith("einsum"), kv[0])):
+            for impl, points in sorted(
+                modes.get(mode, {}).items(), key=lambda kv: (not kv[0].endswith("einsum"), kv[0])
+            ):
                 points.sort()
                 ax.plot([t for t, _ in points], [s * 1e3 for _, s in points], marker="o", label=impl)
             ax.set_xscale("log", base=2)
@@ -227,7 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     for line in memory_table(rows):
         print(line)
     drawn = [p for p in (plot_memory(rows, out), plot_step_time(rows, out), plot_attention_frames(rows, out)) if p]
-    print("wrote " + (", ".join(map(str, drawn)) if drawn else f"no figure: {args.json} has no memory or attention rows"))
+    print(
+        "wrote " + (", ".join(map(str, drawn)) if drawn else f"no figure: {args.json} has no memory or attention rows")
+    )
 
 
 if __name__ == "__main__":

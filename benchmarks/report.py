@@ -85,8 +85,17 @@ def format_table(rows: list[dict]) -> list[str]:
     """The pytest-benchmark rows (benchmarks/measure.py's extra_info): one line per result,
     grouped by op, shape, device/dtype and pass, baselines first."""
     header = (
-        "op / mode", "shape", "target", "backend", "pass", "median", "GFLOP/s", "vs einsum", "vs SDPA/Conv3d",
-        "peak mem", "saved for bwd",
+        "op / mode",
+        "shape",
+        "target",
+        "backend",
+        "pass",
+        "median",
+        "GFLOP/s",
+        "vs einsum",
+        "vs SDPA/Conv3d",
+        "peak mem",
+        "saved for bwd",
     )
     ops = {"attention": 0, "tubelet": 1, "training": 2}
 
@@ -117,8 +126,16 @@ def format_table(rows: list[dict]) -> list[str]:
 
 def format_loader_table(rows: list[dict]) -> list[str]:
     """The loader rows: one per file and path, the old path first."""
-    header = ("file", "path", "video frames", "median / clip", "clips/s per worker", "vs old", "vs old decode",
-              "peak mem per worker")
+    header = (
+        "file",
+        "path",
+        "video frames",
+        "median / clip",
+        "clips/s per worker",
+        "vs old",
+        "vs old decode",
+        "peak mem per worker",
+    )
     order = {LOADER_OLD: 0, LOADER_OLD_DECODE: 1}
     rows = sorted((r for r in rows if r["op"] == "loader"), key=lambda r: (r["shape_name"], order.get(r["backend"], 2)))
     lines = [
@@ -139,8 +156,10 @@ def format_loader_table(rows: list[dict]) -> list[str]:
 
 def _sorted_ratio_rows(rows: list[dict]) -> list[dict]:
     modes = list(dict.fromkeys(r["mode"] for r in rows))  # the order the run measured them in
-    return sorted(rows, key=lambda r: (modes.index(r["mode"]), r["T"], _order("attention", r["implementation"]),
-                                       r["implementation"]))
+    return sorted(
+        rows,
+        key=lambda r: (modes.index(r["mode"]), r["T"], _order("attention", r["implementation"]), r["implementation"]),
+    )
 
 
 def ratio_table(rows: list[dict]) -> list[str]:
@@ -277,9 +296,7 @@ def render(data: dict, source: str, allow_loaded: bool = False) -> dict[str, lis
     check_load(meta, source, allow_loaded)
     loaded = bool(meta and meta.get("loaded")) or meta is None
     head = metadata_line(meta) if meta else "Recorded without load averages, torch version or command."
-    return {
-        name: [head, "", *(_mark_loaded(table) if loaded else table)] for name, table in tables.items() if table
-    }
+    return {name: [head, "", *(_mark_loaded(table) if loaded else table)] for name, table in tables.items() if table}
 
 
 def render_file(path: str | Path, allow_loaded: bool = False) -> dict[str, list[str]]:
@@ -357,8 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         elif new != text:
             pairs = zip(MARKER.finditer(text), MARKER.finditer(new))
             stale = [old.group("name") for old, rendered in pairs if old.group(0) != rendered.group(0)]
-            print(f"{doc}: {', '.join(stale)} differ from {', '.join(map(str, args.files))} "
-                  f"(python -m benchmarks.report ... --update {doc})", file=sys.stderr)
+            print(
+                f"{doc}: {', '.join(stale)} differ from {', '.join(map(str, args.files))} "
+                f"(python -m benchmarks.report ... --update {doc})",
+                file=sys.stderr,
+            )
             status = 1
     return status
 

@@ -53,9 +53,11 @@ def test_memory(benchmark, checked, measure, target, variant, backend):
     benchmark.extra_info.update(figures)
     # What autograd keeps in the timed step: its batch's activations and the weights.
     benchmark.extra_info["saved_for_backward_bytes"] = (
-        figures["weights_kept_bytes"] + shape["B"] * figures["activation_bytes_per_clip"])
+        figures["weights_kept_bytes"] + shape["B"] * figures["activation_bytes_per_clip"]
+    )
     benchmark.extra_info.update(
-        largest_batch_under_budget(spec, smoke=smoke, kept_per_clip=figures["activation_bytes_per_clip"]))
+        largest_batch_under_budget(spec, smoke=smoke, kept_per_clip=figures["activation_bytes_per_clip"])
+    )
 
 
 @pytest.mark.parametrize("limit", [1, 32, 64])

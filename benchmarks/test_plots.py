@@ -19,17 +19,35 @@ MIB = 2**20
 def _run(tmp_path) -> str:
     benchmarks = []
     for i, impl in enumerate(IMPLEMENTATIONS):
-        extra = dict(op="memory", case="factorised_dot_product", backend="reference" if impl == "einsum" else impl,
-                     pass_="train step", device="cpu", dtype="float32", shape="B=1, num_frames=8, img_size=112",
-                     median_s=0.5 + 0.1 * i, activation_bytes_per_clip=(100 - 15 * i) * MIB,
-                     tensors_per_token_per_block=16.0 - i, largest_batch=min(2 + 4 * i, 16), batch_limit=16,
-                     budget_bytes=5 * 2**29, step_peak_bytes_by_batch={"1": 1400 * MIB, "2": 1500 * MIB})
+        extra = dict(
+            op="memory",
+            case="factorised_dot_product",
+            backend="reference" if impl == "einsum" else impl,
+            pass_="train step",
+            device="cpu",
+            dtype="float32",
+            shape="B=1, num_frames=8, img_size=112",
+            median_s=0.5 + 0.1 * i,
+            activation_bytes_per_clip=(100 - 15 * i) * MIB,
+            tensors_per_token_per_block=16.0 - i,
+            largest_batch=min(2 + 4 * i, 16),
+            batch_limit=16,
+            budget_bytes=5 * 2**29,
+            step_peak_bytes_by_batch={"1": 1400 * MIB, "2": 1500 * MIB},
+        )
         extra["pass"] = extra.pop("pass_")
         benchmarks.append(dict(extra_info=extra, stats=dict(median=extra["median_s"])))
     for T in (4, 8, 16):
         for backend, cost in (("reference", 2.0), ("cpu", 1.0)):
-            extra = dict(op="attention", case="temporal", backend=backend, device="cpu", dtype="float32",
-                         shape=f"B=1, T={T}, S=196, H=12, Dh=64", median_s=cost * T * 1e-3)
+            extra = dict(
+                op="attention",
+                case="temporal",
+                backend=backend,
+                device="cpu",
+                dtype="float32",
+                shape=f"B=1, T={T}, S=196, H=12, Dh=64",
+                median_s=cost * T * 1e-3,
+            )
             extra["pass"] = "forward+backward"
             benchmarks.append(dict(extra_info=extra, stats=dict(median=extra["median_s"])))
     path = tmp_path / "bench.json"

@@ -58,8 +58,14 @@ TOLERANCES: dict[tuple[str, str, torch.dtype], float] = {
 }
 
 
-def assert_near_oracle(actual: torch.Tensor, expected: torch.Tensor, backend: str, what: str = "out",
-                       dtype: torch.dtype | None = None, op: str = "attention") -> None:
+def assert_near_oracle(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    backend: str,
+    what: str = "out",
+    dtype: torch.dtype | None = None,
+    op: str = "attention",
+) -> None:
     """oracle_error(actual, expected) below TOLERANCES[op, backend, dtype] (dtype: actual's; the
     backend "triton:cuda" for the compiled kernels' results)."""
     dtype = actual.dtype if dtype is None else dtype
@@ -68,7 +74,9 @@ def assert_near_oracle(actual: torch.Tensor, expected: torch.Tensor, backend: st
     if os.environ.get("VIVIT_ERROR_LOG"):
         with open(os.environ["VIVIT_ERROR_LOG"], "a") as log:
             test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
-            record = dict(op=op, backend=backend, dtype=str(dtype).removeprefix("torch."), what=what, error=error, test=test)
+            record = dict(
+                op=op, backend=backend, dtype=str(dtype).removeprefix("torch."), what=what, error=error, test=test
+            )
             log.write(json.dumps(record) + "\n")
     assert error < bound, f"{what}: error {error:.2e}, bound {bound:.0e} ({op}, {backend}, {dtype})"
 
@@ -83,8 +91,14 @@ def packed_qkv(B, H, N, Dh, *, dtype=torch.float64, device="cpu", generator=None
 
 # Prefix tokens and token layouts: (P, T, S, layout). Grids not multiples of any block; T = 1 and
 # S = 1 edge cases; P > 1 (register tokens) so prefix rows of several tokens are exercised.
-PREFIX_CASES = [(1, 3, 7, "time_major"), (1, 5, 7, "space_major"), (3, 3, 10, "time_major"), (2, 4, 1, "space_major"),
-                (1, 1, 12, "space_major"), (3, 5, 20, "space_major")]
+PREFIX_CASES = [
+    (1, 3, 7, "time_major"),
+    (1, 5, 7, "space_major"),
+    (3, 3, 10, "time_major"),
+    (2, 4, 1, "space_major"),
+    (1, 1, 12, "space_major"),
+    (3, 5, 20, "space_major"),
+]
 
 
 # Non-contiguous layouts, each with strides of its own, for tensors of 3 or more dims:
@@ -133,8 +147,15 @@ def every_layout_case(test):
     return pytest.mark.parametrize("grid", STRIDE_GRIDS, ids=lambda g: f"P{g[0]}-{g[3]}")(test)
 
 
-def check_distinct_layouts(backend: str, grid: tuple, mode: str, packed: bool, generator: torch.Generator,
-                           dtype: torch.dtype = torch.float64, device: str = "cpu") -> None:
+def check_distinct_layouts(
+    backend: str,
+    grid: tuple,
+    mode: str,
+    packed: bool,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float64,
+    device: str = "cpu",
+) -> None:
     """The q/k/v op (or the packed op) with q, k, v and the output gradient (or qkv and the output
     gradient) each in a layout of its own: out and every gradient against the float64 oracle."""
     P, T, S, layout, scale = grid
@@ -152,15 +173,18 @@ def check_distinct_layouts(backend: str, grid: tuple, mode: str, packed: bool, g
         results = (split_heads(out, H), *unpack_qkv(dqkv, H))
     else:
         q, k, v, grad = distinct_layouts(*(x.to(device) for x in (q, k, v, grad)), shift=shift)
-        out = factorised_attention(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), T, mode, scale, **options)
+        out = factorised_attention(
+            q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), T, mode, scale, **options
+        )
         results = (out, *torch.autograd.grad(out, (q, k, v), grad))
     for name, actual, want in zip(("out", "dq", "dk", "dv"), results, expected):
         assert not actual.isnan().any().item(), f"{name} has NaN elements (unwritten, or read from outside an input)"
         assert_near_oracle(actual, want, backend, name, dtype)
 
 
-def check_tubelet_distinct_layouts(backend: str, shift: int, generator: torch.Generator,
-                                   dtype: torch.dtype = torch.float64, device: str = "cpu") -> None:
+def check_tubelet_distinct_layouts(
+    backend: str, shift: int, generator: torch.Generator, dtype: torch.dtype = torch.float64, device: str = "cpu"
+) -> None:
     """tubelet_embedding with video, weight, pos_embed and the output gradient each in a layout of
     its own (LAYOUTS in turn from `shift`): tokens and every gradient against F.conv3d in float64;
     from the fused backends, d(video) in the video's layout where that is dense."""
@@ -171,7 +195,9 @@ def check_tubelet_distinct_layouts(backend: str, shift: int, generator: torch.Ge
     exact = [x.double().requires_grad_() for x in (video, weight, bias, pos_embed)]
     expected = F.conv3d(exact[0], exact[1], exact[2], stride=(2, 4, 4)).flatten(3).permute(0, 2, 3, 1) + exact[3]
     expected = (expected, *torch.autograd.grad(expected, exact, grad.double()))
-    video, weight, pos_embed, grad = distinct_layouts(*(x.to(device) for x in (video, weight, pos_embed, grad)), shift=shift)
+    video, weight, pos_embed, grad = distinct_layouts(
+        *(x.to(device) for x in (video, weight, pos_embed, grad)), shift=shift
+    )
     inputs = [x.requires_grad_() for x in (video, weight, bias.to(device), pos_embed)]
     tokens = tubelet_embedding(*inputs, backend=backend)
     results = (tokens, *torch.autograd.grad(tokens, inputs, grad))
@@ -220,8 +246,9 @@ def _masked_softmax_attention(q, k, v, mask, scale):
     return scores.masked_fill(~mask.to(q.device), float("-inf")).softmax(-1) @ v
 
 
-def masked_attention(q, k, v, frames: int, mode: str, scale: float | None = None, prefix: int = 0,
-                     layout: str = "time_major") -> torch.Tensor:
+def masked_attention(
+    q, k, v, frames: int, mode: str, scale: float | None = None, prefix: int = 0, layout: str = "time_major"
+) -> torch.Tensor:
     """The independent oracle: dense N x N attention with each mode's mask, in float64. A spatial
     head's prefix queries attend to the prefix and frame f, for every f, and average the T results."""
     H, N, Dh = q.shape[1:]
@@ -238,7 +265,9 @@ def masked_attention(q, k, v, frames: int, mode: str, scale: float | None = None
             per_frame = []
             for f in range(frames):
                 keys = torch.cat([torch.ones(prefix, dtype=torch.bool), t == f])
-                per_frame.append(_masked_softmax_attention(qh[:, :prefix], kh, vh, keys[None, :].expand(prefix, -1), scale))
+                per_frame.append(
+                    _masked_softmax_attention(qh[:, :prefix], kh, vh, keys[None, :].expand(prefix, -1), scale)
+                )
             out = torch.cat([torch.stack(per_frame).mean(0), out[:, prefix:]], dim=1)
         heads.append(out)
     return torch.stack(heads, dim=1)

@@ -103,8 +103,14 @@ def test_module_takes_timm_attention_arguments(generator):
 
     from timm.layers import Attention
 
-    options = dict(num_heads=4, qkv_bias=True, qk_norm=True, attn_drop=0.1, proj_drop=0.2,
-                   norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    options = dict(
+        num_heads=4,
+        qkv_bias=True,
+        qk_norm=True,
+        attn_drop=0.1,
+        proj_drop=0.2,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+    )
     torch.manual_seed(0)
     timm_attn = Attention(48, **options).eval()
     ours = FactorisedAttention(48, mode="joint", **options).eval()
@@ -240,12 +246,25 @@ def test_module_derives_frames_from_tokens_per_frame(generator):
 @pytest.mark.parametrize(
     "kwargs, tokens, call_frames, message",
     [
-        (dict(frames=8, tokens_per_frame=196), 4 * 196, None,
-         r"N=784 tokens with num_prefix_tokens=0 do not fit frames=8, tokens_per_frame=196"),
-        (dict(tokens_per_frame=196, num_prefix_tokens=1), 4 * 196, None,
-         r"N=784 tokens with num_prefix_tokens=1 do not fit tokens_per_frame=196"),
+        (
+            dict(frames=8, tokens_per_frame=196),
+            4 * 196,
+            None,
+            r"N=784 tokens with num_prefix_tokens=0 do not fit frames=8, tokens_per_frame=196",
+        ),
+        (
+            dict(tokens_per_frame=196, num_prefix_tokens=1),
+            4 * 196,
+            None,
+            r"N=784 tokens with num_prefix_tokens=1 do not fit tokens_per_frame=196",
+        ),
         (dict(tokens_per_frame=196), 1569, None, r"N=1569 .* \(a class token\? pass num_prefix_tokens\)"),
-        (dict(tokens_per_frame=196), 784, 8, r"N=784 tokens with num_prefix_tokens=0 do not fit frames=8, tokens_per_frame=196"),
+        (
+            dict(tokens_per_frame=196),
+            784,
+            8,
+            r"N=784 tokens with num_prefix_tokens=0 do not fit frames=8, tokens_per_frame=196",
+        ),
     ],
 )
 def test_module_refuses_a_grid_that_does_not_fit(kwargs, tokens, call_frames, message):
@@ -266,7 +285,9 @@ def _plain_attention(attn, x, frames, mode, prefix=0, layout="time_major"):
     """What the module computes, written out with torch ops and the oracle: the check of its options."""
     B, N, D = x.shape
     H, Dh = attn.num_heads, attn.head_dim
-    bias = attn.qkv.bias if attn.q_bias is None else torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+    bias = (
+        attn.qkv.bias if attn.q_bias is None else torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+    )
     q, k, v = torch.nn.functional.linear(x, attn.qkv.weight, bias).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = masked_attention(q, k, v, frames, mode, None, prefix, layout).float()
@@ -277,8 +298,16 @@ def test_module_options_of_other_libraries(generator):
     """qk norm (timm), no key bias (VideoMAE), inner width != dim (vit-pytorch), no output bias."""
     torch.manual_seed(0)
     attn = FactorisedAttention(
-        48, 4, mode="split", head_dim=20, qk_norm=True, key_bias=False, proj_bias=False,
-        tokens_per_frame=5, num_prefix_tokens=2, layout="space_major",
+        48,
+        4,
+        mode="split",
+        head_dim=20,
+        qk_norm=True,
+        key_bias=False,
+        proj_bias=False,
+        tokens_per_frame=5,
+        num_prefix_tokens=2,
+        layout="space_major",
     )
     for param in (attn.q_bias, attn.v_bias, attn.q_norm.weight, attn.k_norm.bias):
         torch.nn.init.normal_(param)

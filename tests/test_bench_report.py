@@ -59,7 +59,10 @@ def test_speedups_divide_each_baselines_minimum_by_the_rows():
     ]
     cpu_ratios.fill_speedups(rows)
     assert [(r["speedup_vs_plain_einsum"], r["speedup_vs_plain_sdpa"]) for r in rows] == [
-        (1.0, 0.5), (2.0, 1.0), (2.5, 1.25), (None, None),
+        (1.0, 0.5),
+        (2.0, 1.0),
+        (2.5, 1.25),
+        (None, None),
     ]
 
 
@@ -139,10 +142,20 @@ METADATA = {
 def _row(implementation: str, min_ms: float, einsum: float, sdpa: float) -> dict:
     flops, moved = 5.4e8, 115_605_504
     return dict(
-        mode="temporal", T=16, shape=dict(B=1, T=16, S=196, H=12, Dh=64), implementation=implementation,
-        min_ms=min_ms, times_ms=[min_ms], flops=flops, gflop_per_s=flops / min_ms / 1e6, io_bytes=moved,
-        io_gb_per_s=moved / min_ms / 1e6, bound_ms=5.9, speedup_vs_plain_einsum=einsum,
-        speedup_vs_plain_sdpa=sdpa, loaded=False,
+        mode="temporal",
+        T=16,
+        shape=dict(B=1, T=16, S=196, H=12, Dh=64),
+        implementation=implementation,
+        min_ms=min_ms,
+        times_ms=[min_ms],
+        flops=flops,
+        gflop_per_s=flops / min_ms / 1e6,
+        io_bytes=moved,
+        io_gb_per_s=moved / min_ms / 1e6,
+        bound_ms=5.9,
+        speedup_vs_plain_einsum=einsum,
+        speedup_vs_plain_sdpa=sdpa,
+        loaded=False,
     )
 
 
@@ -188,8 +201,17 @@ def test_loaded_runs_are_refused_unless_allowed_and_then_marked():
 
 def test_a_pytest_benchmark_file_renders_a_table_per_op_and_device():
     row = dict(
-        op="attention", case="temporal", backend="cpu", device="cpu", dtype="float32", shape_name="vivit_b",
-        median_s=0.033, flop_per_s=1.6e10, speedup_vs_einsum=1.06, speedup_vs_torch=0.95, peak_bytes=2**20,
+        op="attention",
+        case="temporal",
+        backend="cpu",
+        device="cpu",
+        dtype="float32",
+        shape_name="vivit_b",
+        median_s=0.033,
+        flop_per_s=1.6e10,
+        speedup_vs_einsum=1.06,
+        speedup_vs_torch=0.95,
+        peak_bytes=2**20,
         saved_for_backward_bytes=2**21,
     )
     row["pass"] = "forward+backward"
@@ -239,5 +261,7 @@ def test_check_matches_names_the_first_pair_off_by_more_than_the_tolerance():
     ones = torch.ones(3)
     pairs = [("logits", ones, ones * (1 + 1e-6)), ("gradient", ones, ones * 1.01)]
     check_matches("case", "the original's", pairs[:1], 1e-5)
-    with pytest.raises(AssertionError, match=r"^case gradient differ from the original's by 1\.00e-02 relative \(> 1e-05\)$"):
+    with pytest.raises(
+        AssertionError, match=r"^case gradient differ from the original's by 1\.00e-02 relative \(> 1e-05\)$"
+    ):
         check_matches("case", "the original's", pairs, 1e-5)

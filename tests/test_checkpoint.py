@@ -147,7 +147,9 @@ def write_code_running_checkpoint(path, marker) -> None:
 def test_a_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "code-ran"
     write_code_running_checkpoint(tmp_path / "crafted.pt", marker)
-    with pytest.raises(CheckpointError, match=r"crafted\.pt: refers to posix\.system, which is not a tensor or plain data"):
+    with pytest.raises(
+        CheckpointError, match=r"crafted\.pt: refers to posix\.system, which is not a tensor or plain data"
+    ):
         load_checkpoint(tmp_path / "crafted.pt")
     assert not marker.exists()
 
@@ -174,12 +176,26 @@ def _training_checkpoint(tmp_path, **changes):
     from vivit import build_model
     from vivit.model import model_spec
 
-    spec = model_spec("vivit_b", "factorised_encoder", 3, dim=32, depth=1, num_heads=2, temporal_depth=1,
-                      num_frames=4, img_size=32, tubelet=(2, 16, 16))
+    spec = model_spec(
+        "vivit_b",
+        "factorised_encoder",
+        3,
+        dim=32,
+        depth=1,
+        num_heads=2,
+        temporal_depth=1,
+        num_frames=4,
+        img_size=32,
+        tubelet=(2, 16, 16),
+    )
     torch.manual_seed(0)
     model = build_model(spec)
-    state = {"model": model.state_dict(), "model_spec": spec, "classes": ["a", "b", "c"],
-             "data": {"num_frames": 4, "img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}}
+    state = {
+        "model": model.state_dict(),
+        "model_spec": spec,
+        "classes": ["a", "b", "c"],
+        "data": {"num_frames": 4, "img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+    }
     state.update(changes)
     return save_checkpoint(state, tmp_path / "checkpoint.pt"), model
 
@@ -201,13 +217,29 @@ def test_load_model_rebuilds_the_trained_model(tmp_path):
     [
         (dict(classes=["a", "b"]), r"its classes are not 3 label names, as its model_spec says$"),
         (dict(data={"num_frames": 4, "img_size": 32}), r"its 'data' entry lacks num_frames, img_size, mean or std$"),
-        (dict(data={"num_frames": 8, "img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}),
-         r"its data makes clips of 8 frames of 32 px, its model takes 4 of \(32, 32\)$"),
+        (
+            dict(data={"num_frames": 8, "img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}),
+            r"its data makes clips of 8 frames of 32 px, its model takes 4 of \(32, 32\)$",
+        ),
         (dict(model_spec={"preset": "vivit_b"}), r"its model_spec describes no model \(KeyError"),
         (dict(model=[1, 2]), r"its 'model' entry is a list, not a state dict$"),
-        (dict(model_spec=model_spec("vivit_b", "factorised_encoder", 3, dim=32, depth=1, num_heads=2, temporal_depth=1,
-                                    num_frames=4, img_size=(32, 48), tubelet=(2, 16, 16))),
-         r"its data makes clips of 4 frames of 32 px, its model takes 4 of \(32, 48\)$"),  # square crops only
+        (
+            dict(
+                model_spec=model_spec(
+                    "vivit_b",
+                    "factorised_encoder",
+                    3,
+                    dim=32,
+                    depth=1,
+                    num_heads=2,
+                    temporal_depth=1,
+                    num_frames=4,
+                    img_size=(32, 48),
+                    tubelet=(2, 16, 16),
+                )
+            ),
+            r"its data makes clips of 4 frames of 32 px, its model takes 4 of \(32, 48\)$",
+        ),  # square crops only
     ],
     ids=["classes", "data keys", "frames", "model_spec", "weights type", "non-square model"],
 )
@@ -228,9 +260,13 @@ def test_load_model_names_missing_unexpected_and_misshapen_weights(tmp_path):
     weights["extra.weight"] = torch.zeros(1)
     weights["head.weight"] = torch.zeros(5, 32)
     save_checkpoint({**load_checkpoint(path), "model": weights}, path)
-    with pytest.raises(CheckpointError, match=(
+    with pytest.raises(
+        CheckpointError,
+        match=(
             at(path) + r": its weights do not fit its model_spec: missing head\.bias; unexpected extra\.weight; "
-            r"head.weight \(5, 32\) \(its model_spec needs \(3, 32\)\)$")):
+            r"head.weight \(5, 32\) \(its model_spec needs \(3, 32\)\)$"
+        ),
+    ):
         load_model(path)
 
 
@@ -246,21 +282,32 @@ def test_an_unreadable_files_message_is_its_path_and_one_sentence_of_the_cause()
 def test_unreadable_and_code_running_files_get_exact_messages(tmp_path):
     path = save_checkpoint({"w": torch.randn(1000)}, tmp_path / "ckpt.pt")
     path.write_bytes(path.read_bytes()[:600])
-    with pytest.raises(CheckpointError, match=(
-            at(path) + r": not a readable checkpoint \(truncated, or not written by torch\.save(: \w*Error: [^\n]+)?\)$")):
+    with pytest.raises(
+        CheckpointError,
+        match=(
+            at(path) + r": not a readable checkpoint \(truncated, or not written by torch\.save(: \w*Error: [^\n]+)?\)$"
+        ),
+    ):
         load_checkpoint(path)
     write_code_running_checkpoint(tmp_path / "crafted.pt", tmp_path / "code-ran")
-    with pytest.raises(CheckpointError, match=(
+    with pytest.raises(
+        CheckpointError,
+        match=(
             r"crafted\.pt: refers to posix\.system, which is not a tensor or plain data; refused, as loading it "
-            r"could run code from the file$")):
+            r"could run code from the file$"
+        ),
+    ):
         load_checkpoint(tmp_path / "crafted.pt")
 
 
 def test_a_file_of_other_bytes_is_no_readable_checkpoint(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("not a checkpoint at all")  # refused by the unpickler, naming no object
-    with pytest.raises(CheckpointError, match=at(path) + r": not a readable checkpoint \(truncated, or not written by "
-                                          r"torch\.save\)$"):
+    with pytest.raises(
+        CheckpointError,
+        match=at(path) + r": not a readable checkpoint \(truncated, or not written by "
+        r"torch\.save\)$",
+    ):
         load_checkpoint(path)
 
 
@@ -293,15 +340,19 @@ def test_a_temporary_file_another_process_removed_first_is_no_error(tmp_path):
 
 
 def test_a_checkpoint_key_that_is_not_str_or_int_is_named(tmp_path):
-    with pytest.raises(TypeError, match=r"^checkpoint\['model'\]: key \('a', 1\) is a tuple; checkpoint keys are str or int$"):
+    with pytest.raises(
+        TypeError, match=r"^checkpoint\['model'\]: key \('a', 1\) is a tuple; checkpoint keys are str or int$"
+    ):
         save_checkpoint({"model": {("a", 1): torch.zeros(1)}}, tmp_path / "ckpt.pt")
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
     "state, missing",
-    [({"model": {}, "model_spec": {}}, "'classes', 'data'"),
-     (["model", "model_spec", "classes", "data"], "'model', 'model_spec', 'classes', 'data'")],
+    [
+        ({"model": {}, "model_spec": {}}, "'classes', 'data'"),
+        (["model", "model_spec", "classes", "data"], "'model', 'model_spec', 'classes', 'data'"),
+    ],
     ids=["two keys", "not a dict"],
 )
 def test_a_file_that_is_no_training_checkpoint_names_what_it_lacks(tmp_path, state, missing):
@@ -322,8 +373,9 @@ def test_load_model_lists_at_most_four_unexpected_and_four_misshapen_weights(tmp
     misshapen = [key for key, value in weights.items() if value.dim() == 1 and key not in extra][:5]
     weights.update({key: torch.zeros(2, 2) for key in misshapen})
     save_checkpoint({**load_checkpoint(path), "model": weights}, path)
-    shapes = "; ".join(f"{key} (2, 2) (its model_spec needs {tuple(model.state_dict()[key].shape)})"
-                       for key in misshapen[:4])
+    shapes = "; ".join(
+        f"{key} (2, 2) (its model_spec needs {tuple(model.state_dict()[key].shape)})" for key in misshapen[:4]
+    )
     listed = re.escape(f"unexpected {', '.join(extra[:4])}; {shapes}")
     with pytest.raises(CheckpointError, match=at(path) + rf": its weights do not fit its model_spec: {listed}$"):
         load_model(path)
@@ -339,5 +391,7 @@ def test_load_model_lists_at_most_four_missing_weights(tmp_path):
         weights.pop(key)
     save_checkpoint({**load_checkpoint(path), "model": weights}, path)
     listed = re.escape(", ".join(gone[:4]))
-    with pytest.raises(CheckpointError, match=at(path) + rf": its weights do not fit its model_spec: missing {listed}$"):
+    with pytest.raises(
+        CheckpointError, match=at(path) + rf": its weights do not fit its model_spec: missing {listed}$"
+    ):
         load_model(path)

@@ -168,7 +168,8 @@ def test_timm_vit_spatial_over_frames_is_the_image_model_per_frame(backend, gene
     B, T, S, D = 2, 3, 16, 48
     tokens = torch.randn(B, T * S, D, generator=generator)
     assert_parity(
-        model, tokens,
+        model,
+        tokens,
         forward=lambda m, x: m.blocks(x.reshape(B * T, S, D)).reshape(B, T * S, D),
         forward_converted=lambda m, x: m.blocks(x),
         options=dict(mode="spatial", backend=backend),
@@ -189,7 +190,9 @@ def test_timm_vit_refusals():
         convert(timm_vit())
     with pytest.raises(ValueError, match="frames / tokens_per_frame have no meaning"):
         convert(timm_vit(), mode="joint", frames=8)
-    with pytest.raises(ValueError, match=r"blocks\.0\.attn: FactorisedAttention: mode .split. needs an even number of heads"):
+    with pytest.raises(
+        ValueError, match=r"blocks\.0\.attn: FactorisedAttention: mode .split. needs an even number of heads"
+    ):
         convert(timm_vit(num_heads=3), mode="split")
     with pytest.raises(ValueError, match="dynamic_img_size.* needs frames=T or tokens_per_frame=S"):
         convert(timm_vit(dynamic_img_size=True), mode="spatial")
@@ -201,7 +204,9 @@ def test_timm_vit_refusals():
         convert(model, mode="spatial")
     assert model.blocks[0].attn is first  # nothing was replaced
     model.blocks[1].attn = nn.Identity()
-    with pytest.raises(ValueError, match=r"blocks\.1\.attn: Block has torch\.nn\.modules\.linear\.Identity; only timm's Attention"):
+    with pytest.raises(
+        ValueError, match=r"blocks\.1\.attn: Block has torch\.nn\.modules\.linear\.Identity; only timm's Attention"
+    ):
         convert(model, mode="spatial")
     model = convert(timm_vit(), mode="spatial")
     with pytest.raises(ValueError, match=r"blocks\.0\.attn is already a FactorisedAttention"):
@@ -212,8 +217,18 @@ def test_timm_vit_refusals():
 
 
 def timesformer(**overrides) -> nn.Module:
-    options = dict(image_size=32, patch_size=8, num_frames=3, hidden_size=32, num_hidden_layers=2,
-                   num_attention_heads=4, intermediate_size=64) | overrides
+    options = (
+        dict(
+            image_size=32,
+            patch_size=8,
+            num_frames=3,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+        )
+        | overrides
+    )
     return randomised(transformers.TimesformerModel(transformers.TimesformerConfig(**options)))
 
 
@@ -300,8 +315,18 @@ def test_timesformer_refusals():
 
 
 def hf_vivit(task: bool = False, **overrides) -> nn.Module:
-    options = dict(image_size=32, num_frames=4, tubelet_size=[2, 8, 8], hidden_size=32, num_hidden_layers=2,
-                   num_attention_heads=4, intermediate_size=64) | overrides
+    options = (
+        dict(
+            image_size=32,
+            num_frames=4,
+            tubelet_size=[2, 8, 8],
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+        )
+        | overrides
+    )
     config = transformers.VivitConfig(**options)
     return randomised(transformers.VivitForVideoClassification(config) if task else transformers.VivitModel(config))
 
@@ -310,8 +335,12 @@ def hf_vivit(task: bool = False, **overrides) -> nn.Module:
 def test_hf_vivit(backend, generator):
     video = torch.randn(2, 4, 3, 32, 32, generator=generator)
     assert_parity(hf_vivit(), video, hidden, dict(backend=backend), train=True)
-    assert_parity(hf_vivit(task=True, num_labels=5, qkv_bias=False), video, lambda m, x: m(x).logits,
-                  dict(backend=backend, mode="joint"))
+    assert_parity(
+        hf_vivit(task=True, num_labels=5, qkv_bias=False),
+        video,
+        lambda m, x: m(x).logits,
+        dict(backend=backend, mode="joint"),
+    )
 
 
 def test_hf_vivit_refusals():
@@ -327,9 +356,23 @@ def test_hf_vivit_refusals():
 
 
 def videomae(cls=transformers.VideoMAEModel, **overrides) -> nn.Module:
-    options = dict(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32, num_hidden_layers=2,
-                   num_attention_heads=4, intermediate_size=64, decoder_hidden_size=24, decoder_num_hidden_layers=1,
-                   decoder_num_attention_heads=3, decoder_intermediate_size=48) | overrides
+    options = (
+        dict(
+            image_size=32,
+            patch_size=8,
+            num_frames=4,
+            tubelet_size=2,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            decoder_hidden_size=24,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=3,
+            decoder_intermediate_size=48,
+        )
+        | overrides
+    )
     return randomised(cls(transformers.VideoMAEConfig(**options)))
 
 
@@ -365,10 +408,23 @@ def test_videomae_key_bias_is_zero_and_never_trained():
 
 
 def vit_pytorch_vivit(variant: str, pool: str = "cls", heads: int = 3, dim_head: int = 12) -> nn.Module:
-    return randomised(vivit_pytorch.ViViT(
-        image_size=32, image_patch_size=8, frames=4, frame_patch_size=2, num_classes=5, dim=32, spatial_depth=2,
-        temporal_depth=2, heads=heads, mlp_dim=64, dim_head=dim_head, pool=pool, variant=variant,
-    ))
+    return randomised(
+        vivit_pytorch.ViViT(
+            image_size=32,
+            image_patch_size=8,
+            frames=4,
+            frame_patch_size=2,
+            num_classes=5,
+            dim=32,
+            spatial_depth=2,
+            temporal_depth=2,
+            heads=heads,
+            mlp_dim=64,
+            dim_head=dim_head,
+            pool=pool,
+            variant=variant,
+        )
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -408,10 +464,23 @@ def test_attention_dropout_is_the_originals_module_or_rate():
         "timesformer": convert(timesformer(**hf)),
         "hf_vivit": convert(hf_vivit(**hf)),
         "videomae": convert(videomae(**hf)),
-        "vit_pytorch": convert(vivit_pytorch.ViViT(
-            image_size=32, image_patch_size=8, frames=4, frame_patch_size=2, num_classes=5, dim=32, spatial_depth=1,
-            temporal_depth=1, heads=2, mlp_dim=64, dim_head=16, variant="factorized_self_attention", dropout=0.1,
-        )),
+        "vit_pytorch": convert(
+            vivit_pytorch.ViViT(
+                image_size=32,
+                image_patch_size=8,
+                frames=4,
+                frame_patch_size=2,
+                num_classes=5,
+                dim=32,
+                spatial_depth=1,
+                temporal_depth=1,
+                heads=2,
+                mlp_dim=64,
+                dim_head=16,
+                variant="factorized_self_attention",
+                dropout=0.1,
+            )
+        ),
     }
     for family, model in models.items():
         layers = converted_layers(model)
@@ -422,9 +491,15 @@ def test_attention_dropout_is_the_originals_module_or_rate():
 def test_unknown_models_and_arguments():
     with pytest.raises(TypeError, match=r"torch\.nn\.modules\.container\.Sequential is not a model convert knows"):
         convert(nn.Sequential(nn.Linear(4, 4)))
-    with pytest.raises(ValueError, match=r"^convert: mode must be one of 'joint', 'spatial', 'temporal', 'split', "
-                                         r"None, got 'diagonal'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^convert: mode must be one of 'joint', 'spatial', 'temporal', 'split', "
+        r"None, got 'diagonal'$",
+    ):
         convert(timm_vit(), mode="diagonal")
-    with pytest.raises(ValueError, match=r"^convert: backend must be one of 'auto', 'reference', 'triton', "
-                                         r"'cpu', 'sdpa', got 'cuda'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^convert: backend must be one of 'auto', 'reference', 'triton', "
+        r"'cpu', 'sdpa', got 'cuda'$",
+    ):
         convert(timm_vit(), mode="joint", backend="cuda")

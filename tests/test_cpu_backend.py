@@ -86,7 +86,9 @@ def test_inputs_and_output_gradient_in_layouts_of_their_own(grid, mode, packed, 
 @pytest.mark.parametrize("mode", MODES)
 def test_attention_gradcheck(mode, generator):
     q, k, v, _ = packed_qkv(1, 2, 3 * 4, 5, generator=generator)
-    assert torch.autograd.gradcheck(lambda q, k, v: factorised_attention(q, k, v, 3, mode, 0.7, backend="cpu"), (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: factorised_attention(q, k, v, 3, mode, 0.7, backend="cpu"), (q, k, v)
+    )
 
 
 @pytest.mark.parametrize(
@@ -115,8 +117,10 @@ def _sdpa_with_permutes(q, k, v, frames, mode):
         spatial = _sdpa_with_permutes(q[:, :half], k[:, :half], v[:, :half], frames, "spatial")
         temporal = _sdpa_with_permutes(q[:, half:], k[:, half:], v[:, half:], frames, "temporal")
         return torch.cat([spatial, temporal], dim=1)
-    group = (lambda x: x.reshape(B, H, frames, -1, Dh)) if mode == "spatial" else (
-        lambda x: x.reshape(B, H, frames, -1, Dh).transpose(2, 3)
+    group = (
+        (lambda x: x.reshape(B, H, frames, -1, Dh))
+        if mode == "spatial"
+        else (lambda x: x.reshape(B, H, frames, -1, Dh).transpose(2, 3))
     )
     out = F.scaled_dot_product_attention(group(q), group(k), group(v))
     return (out if mode == "spatial" else out.transpose(2, 3)).reshape(B, H, N, Dh)
@@ -153,7 +157,9 @@ def test_saved_for_backward(mode, generator):
 def test_auto_picks_cpu_for_cpu_tensors(generator):
     q, k, v, _ = packed_qkv(1, 2, 6, 64, dtype=torch.float32, generator=generator, requires_grad=False)
     assert attention_backend(q, k, v, 2, "split") == "cpu"
-    assert tubelet_backend(torch.zeros(1, 3, 2, 8, 8, dtype=torch.float64), torch.zeros(4, 3, 2, 4, 4).double()) == "cpu"
+    assert (
+        tubelet_backend(torch.zeros(1, 3, 2, 8, 8, dtype=torch.float64), torch.zeros(4, 3, 2, 4, 4).double()) == "cpu"
+    )
 
 
 def test_unavailable_backend_falls_back_or_refuses(monkeypatch, generator):

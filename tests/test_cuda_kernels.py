@@ -114,8 +114,9 @@ TUBELET_SHAPES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_name)
-@pytest.mark.parametrize("size, D, tubelet", TUBELET_SHAPES, ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple)
-                         else str(x))
+@pytest.mark.parametrize(
+    "size, D, tubelet", TUBELET_SHAPES, ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x)
+)
 def test_tubelet_forward_and_gradients_on_the_device(size, D, tubelet, dtype, generator):
     leaves = _tubelet_leaves(size, D, tubelet, generator)
     grad_out = torch.randn(_conv3d_tokens(*leaves).shape, generator=generator).cuda()

@@ -79,9 +79,13 @@ def test_moving_shapes_of_any_length_stay_in_the_frame(num_frames):
             for axis in (0, 1):
                 ends = (clip.start[axis], clip.start[axis] + clip.velocity[axis] * (num_frames - 1))
                 assert clip.radius <= min(ends) and max(ends) <= 32 - clip.radius, (name, seed, ends)
-    speed = {name: max(abs(v) for v in sample_clip(np.random.default_rng(0), num_frames, 32,
-                                                    label=SYNTHETIC_CLASSES.index(name)).velocity)
-             for name in ("up-slow", "up-fast")}
+    speed = {
+        name: max(
+            abs(v)
+            for v in sample_clip(np.random.default_rng(0), num_frames, 32, label=SYNTHETIC_CLASSES.index(name)).velocity
+        )
+        for name in ("up-slow", "up-fast")
+    }
     assert speed["up-fast"] == pytest.approx(2.5 * speed["up-slow"])
 
 
@@ -168,8 +172,9 @@ def test_uint8_resize_is_within_one_step_of_float32():
 
     frames = torch.randint(0, 256, (3, 3, 50, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     fast = resize_short_side(frames.contiguous(memory_format=torch.channels_last), 23)
-    ref = torch.nn.functional.interpolate(frames.float(), size=(23, 32), mode="bilinear", align_corners=False,
-                                          antialias=True)
+    ref = torch.nn.functional.interpolate(
+        frames.float(), size=(23, 32), mode="bilinear", align_corners=False, antialias=True
+    )
     assert fast.shape == (3, 3, 23, 32) and fast.dtype == torch.uint8
     assert (fast.float() - ref).abs().max() <= 1.0
 
@@ -200,14 +205,50 @@ def test_train_and_evaluate_one_step_on_video_files(tmp_path, capsys):
         write_mp4(tmp_path / f"clip{i}.mp4", 12, seed=i)
     write_mp4(tmp_path / "short.mp4", 3, seed=9)
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(300))
-    rows = ["path,label", "clip0.mp4,jump", "clip1.mp4,run", "corrupt.mp4,run", "clip2.mp4,jump", "short.mp4,run",
-            "clip3.mp4,run"]
+    rows = [
+        "path,label",
+        "clip0.mp4,jump",
+        "clip1.mp4,run",
+        "corrupt.mp4,run",
+        "clip2.mp4,jump",
+        "short.mp4,run",
+        "clip3.mp4,run",
+    ]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
-    args = ["--train-csv", str(tmp_path / "train.csv"), "--val-csv", str(tmp_path / "train.csv"),
-            "--dim", "32", "--depth", "1", "--heads", "2", "--tubelet", "2", "16", "16", "--num-frames", "4",
-            "--img-size", "32", "--batch-size", "6", "--steps", "1", "--workers", "0", "--temporal-views", "2",
-            "--spatial-crops", "2", "--output-dir", str(out), "--no-progress"]
+    args = [
+        "--train-csv",
+        str(tmp_path / "train.csv"),
+        "--val-csv",
+        str(tmp_path / "train.csv"),
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+        "--tubelet",
+        "2",
+        "16",
+        "16",
+        "--num-frames",
+        "4",
+        "--img-size",
+        "32",
+        "--batch-size",
+        "6",
+        "--steps",
+        "1",
+        "--workers",
+        "0",
+        "--temporal-views",
+        "2",
+        "--spatial-crops",
+        "2",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
     with pytest.warns(UserWarning, match=r"skipping unreadable video .*corrupt\.mp4"):
         train_main(args)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -222,8 +263,18 @@ def test_train_and_evaluate_one_step_on_video_files(tmp_path, capsys):
     capsys.readouterr()
 
     with pytest.warns(UserWarning, match="corrupt.mp4"):
-        eval_main(["--checkpoint", str(out / "checkpoint.pt"), "--csv", str(tmp_path / "train.csv"),
-                   "--temporal-views", "2", "--spatial-crops", "1"])
+        eval_main(
+            [
+                "--checkpoint",
+                str(out / "checkpoint.pt"),
+                "--csv",
+                str(tmp_path / "train.csv"),
+                "--temporal-views",
+                "2",
+                "--spatial-crops",
+                "1",
+            ]
+        )
     assert "top-1" in capsys.readouterr().out
     predict_main([str(tmp_path / "clip1.mp4"), "--checkpoint", str(out / "checkpoint.pt")])
     lines = capsys.readouterr().out.strip().splitlines()

@@ -17,14 +17,47 @@ from vivit import build_model, distributed
 from vivit.checkpoint import load_checkpoint, load_model
 from vivit.run.optim import seed_everything
 
-ARGS = ["--dim", "32", "--depth", "2", "--heads", "2", "--tubelet", "2", "8", "8", "--steps", "3", "--batch-size", "8",
-        "--synthetic-clips", "48", "--synthetic-val-clips", "8", "--optimizer", "sgd", "--lr", "0.1",
-        "--label-smoothing", "0.1",
-        "--log-every", "1", "--no-progress", "--device", "cpu", "--threads", "1", "--dist-timeout", "120"]
+ARGS = [
+    "--dim",
+    "32",
+    "--depth",
+    "2",
+    "--heads",
+    "2",
+    "--tubelet",
+    "2",
+    "8",
+    "8",
+    "--steps",
+    "3",
+    "--batch-size",
+    "8",
+    "--synthetic-clips",
+    "48",
+    "--synthetic-val-clips",
+    "8",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "0.1",
+    "--label-smoothing",
+    "0.1",
+    "--log-every",
+    "1",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--dist-timeout",
+    "120",
+]
 
 
 def test_an_unknown_device_or_strategy_is_named():
-    with pytest.raises(ValueError, match=r"^distributed.setup: device must be one of 'auto', 'cpu', 'cuda', got 'tpu'$"):
+    with pytest.raises(
+        ValueError, match=r"^distributed.setup: device must be one of 'auto', 'cpu', 'cuda', got 'tpu'$"
+    ):
         distributed.setup("tpu")
     with pytest.raises(ValueError, match=r"^distributed.wrap: strategy must be one of 'ddp', 'fsdp', got 'zero'$"):
         distributed.wrap(torch.nn.Linear(2, 2), distributed.Context(), "zero")
@@ -40,12 +73,14 @@ def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, (
-        f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +94,15 @@ def single_process(tmp_path_factory):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one_process(tmp_path, single_process, strategy):
     multi = tmp_path / strategy
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-                "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+    ]
     fsdp = ["--fsdp"] if strategy == "fsdp" else []
     _run([*torchrun, "-m", "vivit.train", *ARGS, "--output-dir", str(multi), *fsdp])
 

@@ -175,8 +175,15 @@ def test_what_torchcodec_cannot_read_is_an_unreadable_file(files, kind, tmp_path
         with open_video(path, "torchcodec") as video:
             video.get([video.num_frames - 1])
     (tmp_path / "list.csv").write_text(f"{path},a\n")
-    item = VideoFolder(tmp_path / "list.csv", num_frames=4, size=32, train=False, temporal_views=1,
-                       spatial_crops=1, backend="torchcodec")[0]
+    item = VideoFolder(
+        tmp_path / "list.csv",
+        num_frames=4,
+        size=32,
+        train=False,
+        temporal_views=1,
+        spatial_crops=1,
+        backend="torchcodec",
+    )[0]
     if kind != "truncated":  # a clip of a truncated file may end before the cut
         assert item["video"] is None and item["path"] == str(path) and item["error"]
 
@@ -191,8 +198,9 @@ def test_loader_items_equal_todays_full_decode(files, tmp_path):
     generator = torch.Generator().manual_seed(hash((3, 2, 0)) % 2**63)
     indices = uniform_frame_indices(len(full), 8, jitter=True, generator=generator)
     assert torch.equal(train[0]["video"], train_transform(full[indices], 32, generator))
-    evaluation = VideoFolder(tmp_path / "list.csv", num_frames=8, size=32, train=False, temporal_views=3,
-                             spatial_crops=2)
+    evaluation = VideoFolder(
+        tmp_path / "list.csv", num_frames=8, size=32, train=False, temporal_views=3, spatial_crops=2
+    )
     from vivit.data import eval_transform
 
     views = [eval_transform(full[i], 32, 2) for i in temporal_view_indices(len(full), 8, 3)]
@@ -256,8 +264,10 @@ def torchcodec_without_ffmpeg(monkeypatch):
 
 def test_torchcodec_without_ffmpeg_fails_at_once_with_the_reason(files, tmp_path, torchcodec_without_ffmpeg):
     reason = backend_unavailable_reason("torchcodec")
-    assert reason == ("torchcodec cannot load FFmpeg (Could not load libtorchcodec: libavutil.so.61: cannot open "
-                      f"shared object file: No such file or directory); {decoding.FFMPEG_HINT}")
+    assert reason == (
+        "torchcodec cannot load FFmpeg (Could not load libtorchcodec: libavutil.so.61: cannot open "
+        f"shared object file: No such file or directory); {decoding.FFMPEG_HINT}"
+    )
     assert "apt-get install ffmpeg" in reason
     assert backend_unavailable_reason("torchcodec") == reason
     assert len(torchcodec_without_ffmpeg) == 1  # one decoder made, of an in-memory video, once per process

@@ -109,8 +109,7 @@ def test_block(language, code, directive, scratch):
         command = [sys.executable, "-c", code]
     else:
         command = ["bash", "-e", "-o", "pipefail", "-c", dry_run(code) if directive == "dry-run" else code]
-    result = subprocess.run(command, cwd=scratch, env=environment(), capture_output=True, text=True,
-                            timeout=TIMEOUT_S)
+    result = subprocess.run(command, cwd=scratch, env=environment(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
 
@@ -122,7 +121,11 @@ def test_make_demo(tmp_path):
         pytest.skip(f"{venv} was not set up by `make install` (no {stamp.name}); `make demo` would install into it")
     result = subprocess.run(
         ["make", "-o", str(stamp), "demo", f"VENV={venv}", f"DEMO_DIR={tmp_path / 'demo'}"],
-        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     accuracy = re.search(r"top-1 ([\d.]+)%", result.stdout)

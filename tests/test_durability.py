@@ -38,8 +38,10 @@ from vivit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vivit.cli import UserError
 from vivit.run import metrics
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self/fd").is_dir(),
-                                reason="the faults are injected into forked processes, observed through /proc")
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "fork") or not Path("/proc/self/fd").is_dir(),
+    reason="the faults are injected into forked processes, observed through /proc",
+)
 
 
 def _kill_self() -> None:
@@ -71,8 +73,9 @@ def die_in_child(body: Callable[[], None], timeout: float = 120.0) -> None:
             os.waitpid(pid, 0)
             pytest.fail(f"the child did not reach its fault within {timeout:.0f} s")
         time.sleep(0.02)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
         f"the child was to be killed at its fault, but exited with status {os.WEXITSTATUS(status)}"
+    )
 
 
 def _state(step: int) -> dict:
@@ -196,8 +199,11 @@ def test_the_file_is_fsynced_whole_before_the_rename_and_the_directory_after(tmp
     final, directory = os.path.realpath(path), os.path.realpath(tmp_path)
     temporary = next((call[1] for call in calls if call[0] == "rename"), None)
     assert temporary is not None and Path(temporary).parent == Path(directory), calls
-    assert calls == [("fsync", temporary, path.stat().st_size), ("rename", temporary, final),
-                     ("fsync", directory, None)]
+    assert calls == [
+        ("fsync", temporary, path.stat().st_size),
+        ("rename", temporary, final),
+        ("fsync", directory, None),
+    ]
 
 
 def test_a_checkpoint_cut_at_any_byte_is_refused_with_one_line(tmp_path):
@@ -206,8 +212,9 @@ def test_a_checkpoint_cut_at_any_byte_is_refused_with_one_line(tmp_path):
     with the path, never another exception or a partial state. Every cut within the first 64
     bytes (magic numbers, the first record's header) and the last 128 (the zip's central
     directory), every 29th in between."""
-    path = save_checkpoint({"model": {"w": torch.randn(4, 3), "b": torch.zeros(3)}, "step": 3, "classes": ["a"]},
-                           tmp_path / "full.pt")
+    path = save_checkpoint(
+        {"model": {"w": torch.randn(4, 3), "b": torch.zeros(3)}, "step": 3, "classes": ["a"]}, tmp_path / "full.pt"
+    )
     data = path.read_bytes()
     cut = tmp_path / "checkpoint.pt"
     for size in sorted({*range(64), *range(64, len(data) - 128, 29), *range(len(data) - 128, len(data))}):
@@ -225,8 +232,21 @@ def test_resume_auto_refuses_a_cut_checkpoint_with_one_line(tmp_path):
     data = save_checkpoint({"model": {"w": torch.randn(64)}, "step": 2}, tmp_path / "full.pt").read_bytes()
     (out / "checkpoint.pt").write_bytes(data[: len(data) - 30])
     with pytest.raises(UserError) as error:
-        run(tmp_path, "run", *TINY, "--steps", "2", "--batch-size", "8", "--synthetic-clips", "8",
-            "--synthetic-val-clips", "0", "--resume", "auto")
+        run(
+            tmp_path,
+            "run",
+            *TINY,
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--synthetic-clips",
+            "8",
+            "--synthetic-val-clips",
+            "0",
+            "--resume",
+            "auto",
+        )
     message = str(error.value)
     assert message.startswith(f"--resume {out / 'checkpoint.pt'}: not a readable checkpoint (truncated")
     assert "\n" not in message
@@ -236,9 +256,31 @@ def test_resume_auto_refuses_a_cut_checkpoint_with_one_line(tmp_path):
 
 # Dropout, mixup and the held-out evaluation at every checkpoint draw from the RNGs the
 # checkpoint restores; 40 clips in batches of 8 end an epoch at step 5.
-RUN = [*TINY, "--device", "cpu", "--threads", "1", "--steps", "6", "--batch-size", "8", "--synthetic-clips", "40",
-       "--synthetic-val-clips", "8", "--checkpoint-every", "2", "--eval-every", "2", "--dropout", "0.1",
-       "--mixup", "0.4", "--log-every", "1"]
+RUN = [
+    *TINY,
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--steps",
+    "6",
+    "--batch-size",
+    "8",
+    "--synthetic-clips",
+    "40",
+    "--synthetic-val-clips",
+    "8",
+    "--checkpoint-every",
+    "2",
+    "--eval-every",
+    "2",
+    "--dropout",
+    "0.1",
+    "--mixup",
+    "0.4",
+    "--log-every",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -280,16 +322,24 @@ def _step_4_checkpoint_not_renamed(out: Path) -> None:
 
 
 # kill point -> (what the child runs, the step of the checkpoint it leaves)
-RUN_KILL_POINTS = {"record half written": (_torn_record_at_step_5, 4),
-                   "checkpoint not renamed": (_step_4_checkpoint_not_renamed, 2)}
+RUN_KILL_POINTS = {
+    "record half written": (_torn_record_at_step_5, 4),
+    "checkpoint not renamed": (_step_4_checkpoint_not_renamed, 2),
+}
 
 
 def _records(out: Path) -> list[tuple]:
     """(event, step, loss or top-1) of each metrics record. An epoch record after a resume totals
     the resumed part of the epoch only: its values are left out, its place is compared."""
     records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-    return [(r.get("event"), r.get("step", r.get("steps")), None if r.get("event") == "epoch" else
-             r.get("loss", r.get("top1"))) for r in records]
+    return [
+        (
+            r.get("event"),
+            r.get("step", r.get("steps")),
+            None if r.get("event") == "epoch" else r.get("loss", r.get("top1")),
+        )
+        for r in records
+    ]
 
 
 @pytest.mark.parametrize("kill_point", list(RUN_KILL_POINTS))

@@ -13,7 +13,19 @@ from vivit.run.evaluation import saved_bytes_report
 def test_saved_bytes_report_of_the_demo(tmp_path):
     """The demo's memory line: the fused kernels keep less for backward than the naive attention
     on a ViViT-B model-4 layer (16 x 196 tokens); both paths are measured, not assumed."""
-    run(tmp_path, "m", *TINY, "--steps", "1", "--batch-size", "8", "--synthetic-clips", "8", "--synthetic-val-clips", "0")
+    run(
+        tmp_path,
+        "m",
+        *TINY,
+        "--steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--synthetic-clips",
+        "8",
+        "--synthetic-val-clips",
+        "0",
+    )
     state = load_checkpoint(tmp_path / "m" / "checkpoint.pt")
     report = saved_bytes_report(state["model_spec"], torch.randn(1, 3, 8, 32, 32))
     assert all(report[key] > 0 for key in ("fused_model", "naive_model", "fused_vivit_b_layer", "naive_vivit_b_layer"))

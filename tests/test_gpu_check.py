@@ -54,12 +54,36 @@ def test_pytest_part_reports_counts_and_each_failure(tmp_path):
 
 
 ROWS = [
-    {"name": "attention_fwd[fp16, BLOCK_M=128]", "arch": 90, "autotune_candidate": True, "registers": 200,
-     "shared": 65536, "spill_loads": 0, "spill_stores": 0, "error": None},
-    {"name": "attention_fwd[fp32, BLOCK_M=128]", "arch": 90, "autotune_candidate": False, "registers": 255,
-     "shared": 32768, "spill_loads": 4, "spill_stores": 4, "error": None},  # pruned: its spills do not count
-    {"name": "attention_bwd_dq[fp16, BLOCK_M=64]", "arch": 90, "autotune_candidate": True, "registers": 255,
-     "shared": 1024, "spill_loads": 1, "spill_stores": 1, "error": None},
+    {
+        "name": "attention_fwd[fp16, BLOCK_M=128]",
+        "arch": 90,
+        "autotune_candidate": True,
+        "registers": 200,
+        "shared": 65536,
+        "spill_loads": 0,
+        "spill_stores": 0,
+        "error": None,
+    },
+    {
+        "name": "attention_fwd[fp32, BLOCK_M=128]",
+        "arch": 90,
+        "autotune_candidate": False,
+        "registers": 255,
+        "shared": 32768,
+        "spill_loads": 4,
+        "spill_stores": 4,
+        "error": None,
+    },  # pruned: its spills do not count
+    {
+        "name": "attention_bwd_dq[fp16, BLOCK_M=64]",
+        "arch": 90,
+        "autotune_candidate": True,
+        "registers": 255,
+        "shared": 1024,
+        "spill_loads": 1,
+        "spill_stores": 1,
+        "error": None,
+    },
     {"name": "tubelet_fwd[bf16, BLOCK_M=64]", "arch": 90, "autotune_candidate": True, "error": "CompilationError: x"},
 ]
 
@@ -87,28 +111,64 @@ def test_inspect_part_compiles_for_this_gpu_and_reports_what_fails(tmp_path, mon
     for quick in (False, True):
         commands.clear()
         part = gpu_check.inspect_part(tmp_path, None, quick, [])
-        assert commands[0][-len(gpu_check.NO_CUDA_SLICE):] == gpu_check.NO_CUDA_SLICE
+        assert commands[0][-len(gpu_check.NO_CUDA_SLICE) :] == gpu_check.NO_CUDA_SLICE
         assert "--plan" in commands[1] and "--arch" not in commands[1] and "--candidates" not in commands[1]
         jobs = str(os.cpu_count() or 2)
-        assert part["full"] == {"command": f"{gpu_check._python()} -m vivit_kernels.triton.inspect --jobs {jobs}",
-                                "compiles": 3748, "estimate_s": 3790}
+        assert part["full"] == {
+            "command": f"{gpu_check._python()} -m vivit_kernels.triton.inspect --jobs {jobs}",
+            "compiles": 3748,
+            "estimate_s": 3790,
+        }
     assert gpu_check.full_inspection_text(part["full"]).startswith(
-        "the full inspection (every architecture, dtype and head dim) is 3748 compiles, about 1 h 03 min: ")
+        "the full inspection (every architecture, dtype and head dim) is 3748 compiles, about 1 h 03 min: "
+    )
     monkeypatch.setattr(gpu_check, "cuda_device", lambda: None)
     assert gpu_check.main(["--parts", "inspect", "--out", str(tmp_path)]) == 1  # a failing part fails the run
     assert not json.loads((tmp_path / "report.json").read_text())["ok"]
     assert "the full inspection" in (tmp_path / "report.md").read_text()
 
     benchmarks = tmp_path / "bench.json"
-    benchmarks.write_text(json.dumps({"benchmarks": [{"name": "test_attention[vivit_b-cuda-float16-split-forward-triton]",
-                                                       "stats": {"median": 0.000125},
-                                                       "extra_info": {"flop_per_s": 4.2e14, "speedup_vs_torch": 3.14159}}]}))
+    benchmarks.write_text(
+        json.dumps(
+            {
+                "benchmarks": [
+                    {
+                        "name": "test_attention[vivit_b-cuda-float16-split-forward-triton]",
+                        "stats": {"median": 0.000125},
+                        "extra_info": {"flop_per_s": 4.2e14, "speedup_vs_torch": 3.14159},
+                    }
+                ]
+            }
+        )
+    )
     rows = gpu_check.summarise_benchmarks(benchmarks)
-    assert rows == [{"name": "test_attention[vivit_b-cuda-float16-split-forward-triton]", "median_ms": 0.125,
-                     "tflop_per_s": 420.0, "speedup_vs_torch": 3.14, "speedup_vs_einsum": None}]
-    report = {"device": device, "quick": True, "seconds": 2.0,
-              "parts": {"inspect": part, "bench": {"status": "passed", "seconds": 1.0, "tests": 1, "passed": 1,
-                                                   "failures": 0, "errors": 0, "skipped": 0, "benchmarks": rows}}}
+    assert rows == [
+        {
+            "name": "test_attention[vivit_b-cuda-float16-split-forward-triton]",
+            "median_ms": 0.125,
+            "tflop_per_s": 420.0,
+            "speedup_vs_torch": 3.14,
+            "speedup_vs_einsum": None,
+        }
+    ]
+    report = {
+        "device": device,
+        "quick": True,
+        "seconds": 2.0,
+        "parts": {
+            "inspect": part,
+            "bench": {
+                "status": "passed",
+                "seconds": 1.0,
+                "tests": 1,
+                "passed": 1,
+                "failures": 0,
+                "errors": 0,
+                "skipped": 0,
+                "benchmarks": rows,
+            },
+        },
+    }
     table = gpu_check.markdown(report)
     assert "| inspect | failed | 1.0 | 4 compiles, 1 errors, 1 autotune candidates spilling |" in table
     assert "- attention_bwd_dq[fp16, BLOCK_M=64] sm_90: LDL 1 STL 1" in table

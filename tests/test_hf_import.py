@@ -19,10 +19,19 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no fused backend fits")
 
 def hf_vivit(num_labels: int = 5, **config_kwargs):
     """A small HF ViViT (uneven 32x48 frames) with random weights, every parameter non-trivial."""
-    config = transformers.VivitConfig(**{
-        "image_size": [32, 48], "num_frames": 8, "tubelet_size": [2, 8, 8], "hidden_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "intermediate_size": 192, "num_labels": num_labels, **config_kwargs,
-    })
+    config = transformers.VivitConfig(
+        **{
+            "image_size": [32, 48],
+            "num_frames": 8,
+            "tubelet_size": [2, 8, 8],
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 192,
+            "num_labels": num_labels,
+            **config_kwargs,
+        }
+    )
     torch.manual_seed(0)
     model = transformers.VivitForVideoClassification(config).eval()
     with torch.no_grad():
@@ -72,8 +81,11 @@ def test_honours_the_checkpoints_exact_gelu(tmp_path, generator):
     "hf_kwargs, model_overrides, named",
     [
         # 16 frames of 16 x 48 and 8 of 32 x 48 both make 48 tubelets: only the config tells them apart.
-        (dict(num_frames=16, image_size=[16, 48]), dict(num_frames=8, img_size=(32, 48)),
-         r"img_size \(16, 48\) vs \(32, 48\), num_frames 16 vs 8"),
+        (
+            dict(num_frames=16, image_size=[16, 48]),
+            dict(num_frames=8, img_size=(32, 48)),
+            r"img_size \(16, 48\) vs \(32, 48\), num_frames 16 vs 8",
+        ),
         (dict(hidden_act="gelu"), dict(mlp_activation="gelu_tanh"), r"mlp_activation 'gelu' vs 'gelu_tanh'"),
     ],
     ids=["same-token-count-other-grid", "activation"],

@@ -13,8 +13,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # (folder, the package name it is imported as)
-ROOTS = (("vivit_kernels", "vivit_kernels"), ("models/vivit", "vivit"), ("benchmarks", "benchmarks"),
-         ("tools", "tools"))
+ROOTS = (
+    ("vivit_kernels", "vivit_kernels"),
+    ("models/vivit", "vivit"),
+    ("benchmarks", "benchmarks"),
+    ("tools", "tools"),
+)
 
 
 def modules(roots, base: Path = REPO) -> dict[str, tuple[Path, bool]]:
@@ -76,7 +80,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 state[path.pop()] = 2
                 stack.pop()
             elif state.get(step) == 1:
-                return path[path.index(step):] + [step]
+                return path[path.index(step) :] + [step]
             elif step not in state:
                 state[step] = 1
                 path.append(step)

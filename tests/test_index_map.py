@@ -9,8 +9,10 @@ from vivit_kernels.index_map import IndexMap
 def members(index_map: IndexMap) -> list[list[int]]:
     """Each group's tokens, its prefix tokens first."""
     m = index_map
-    return [list(range(m.prefix)) + [m.base + g * m.group_stride + i * m.member_stride for i in range(m.length)]
-            for g in range(m.groups)]
+    return [
+        list(range(m.prefix)) + [m.base + g * m.group_stride + i * m.member_stride for i in range(m.length)]
+        for g in range(m.groups)
+    ]
 
 
 def test_fields_are_named_in_the_kernels_order():

@@ -32,8 +32,16 @@ def timm_vit(class_token: bool = True, dim: int = 64, num_classes: int = 5, img_
     """A timm ViT with random weights, every parameter non-trivial (pos embed, CLS, norms too)."""
     torch.manual_seed(0)
     model = timm.models.vision_transformer.VisionTransformer(
-        img_size=img_size, patch_size=8, embed_dim=dim, depth=2, num_heads=4, num_classes=num_classes,
-        class_token=class_token, global_pool="token" if class_token else "avg", fc_norm=False, **kwargs,
+        img_size=img_size,
+        patch_size=8,
+        embed_dim=dim,
+        depth=2,
+        num_heads=4,
+        num_classes=num_classes,
+        class_token=class_token,
+        global_pool="token" if class_token else "avg",
+        fc_norm=False,
+        **kwargs,
     )
     with torch.no_grad():
         for param in model.parameters():
@@ -135,8 +143,14 @@ def test_hugging_face_vit_into_factorised_encoder(tmp_path, generator):
     spatial-encoder output is the HF model's CLS output of the image."""
     transformers = require_transformers("transformers builds the HF ViT")
     config = transformers.ViTConfig(
-        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=256, hidden_act="gelu", layer_norm_eps=1e-6,
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
     )
     torch.manual_seed(0)
     hf = transformers.ViTModel(config, add_pooling_layer=True).eval()
@@ -184,11 +198,22 @@ def test_fc_norm_image_model_warns_that_norm_stays_at_init(tmp_path):
     """timm ViTs with fc_norm normalise after pooling and leave `norm` an identity: our norm (before
     pooling) cannot take fc_norm's weights, stays at its initialisation, and the load says so."""
     image_model = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5, class_token=False,
-        global_pool="avg", fc_norm=True)
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        num_classes=5,
+        class_token=False,
+        global_pool="avg",
+        fc_norm=True,
+    )
     model = vivit("factorised_dot_product")
-    with pytest.warns(UserWarning, match=r"load_image_pretrained: 2 parameter\(s\) left at their initial values "
-                                         r"\(not in the checkpoint\): norm\.\*"):
+    with pytest.warns(
+        UserWarning,
+        match=r"load_image_pretrained: 2 parameter\(s\) left at their initial values "
+        r"\(not in the checkpoint\): norm\.\*",
+    ):
         report = load_image_pretrained(model, image_model.state_dict())
     assert "fc_norm" in report.skipped["fc_norm.weight"] and "norm.weight" in report.missing
 
@@ -238,11 +263,17 @@ def test_patch_size_mismatch_raises(tmp_path):
 
 def test_bad_arguments(tmp_path):
     model = vivit("spatio_temporal")
-    with pytest.raises(ValueError, match=r"^load_image_pretrained: tubelet_init must be one of 'central_frame', "
-                                         r"'inflate', got 'average'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^load_image_pretrained: tubelet_init must be one of 'central_frame', "
+        r"'inflate', got 'average'$",
+    ):
         load_image_pretrained(model, tmp_path / "absent.pth", tubelet_init="average")  # checked before reading
-    with pytest.raises(ValueError, match=r"^image_to_video: temporal_encoder_init must be one of 'random', "
-                                         r"'image', got 'copy'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^image_to_video: temporal_encoder_init must be one of 'random', "
+        r"'image', got 'copy'$",
+    ):
         image_to_video({}, model.state_dict(), model.config, temporal_encoder_init="copy")
     with pytest.raises(FileNotFoundError):
         load_image_pretrained(model, tmp_path / "absent.pth")

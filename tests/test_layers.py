@@ -63,8 +63,11 @@ def test_model3_block_runs_space_then_time_on_one_frame_unless_told(generator):
     assert relative_error(orders["time_space"](x, T), default(x, T)) > 0.01
     assert torch.equal(default(x), default(x, 1))
     assert relative_error(default(x, T), default(x)) > 0.01
-    with pytest.raises(ValueError, match=r"^FactorisedSelfAttentionBlock: order must be one of 'space_time', "
-                                         r"'time_space', got 'spacetime'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^FactorisedSelfAttentionBlock: order must be one of 'space_time', "
+        r"'time_space', got 'spacetime'$",
+    ):
         FactorisedSelfAttentionBlock(BlockConfig(D, H), order="spacetime")
 
 

@@ -23,11 +23,15 @@ def test_gradcheck(generator):
     torch.manual_seed(0)
     norm, fc1, fc2 = nn.LayerNorm(6).double(), nn.Linear(6, 8).double(), nn.Linear(8, 6).double()
     x = torch.randn(2, 3, 6, dtype=torch.float64, generator=generator, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, b, nw, nb: norm_linear(x, _with(norm, nw, nb), w, b),
-                                    (x, fc1.weight, fc1.bias, norm.weight, norm.bias))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, nw, nb: norm_linear(x, _with(norm, nw, nb), w, b),
+        (x, fc1.weight, fc1.bias, norm.weight, norm.bias),
+    )
     h = torch.randn(2, 3, 8, dtype=torch.float64, generator=generator, requires_grad=True)
     for approximate in ("none", "tanh"):
-        assert torch.autograd.gradcheck(lambda h, w, b, a=approximate: gelu_linear(h, w, b, a), (h, fc2.weight, fc2.bias))
+        assert torch.autograd.gradcheck(
+            lambda h, w, b, a=approximate: gelu_linear(h, w, b, a), (h, fc2.weight, fc2.bias)
+        )
 
 
 def _with(norm, weight, bias):

@@ -140,15 +140,19 @@ def test_lean_and_checkpointing_keep_less_than_fused(cpu_kernels):
 
 
 def test_bad_implementation():
-    with pytest.raises(ValueError, match=r"^memory_report: implementation must be one of 'einsum', 'sdpa', 'fused', "
-                                         r"'fused\+lean', 'fused\+ckpt', got 'flash'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^memory_report: implementation must be one of 'einsum', 'sdpa', 'fused', "
+        r"'fused\+lean', 'fused\+ckpt', got 'flash'$",
+    ):
         memory_report.build("flash", "spatio_temporal")
 
 
 def test_cli_prints_both_tables_and_writes_json(tmp_path, capsys):
     path = tmp_path / "kept.json"
-    memory_report.main(["--frames", "2", "--img-size", "32", "--variants", "factorised_dot_product",
-                        "--json", str(path)])
+    memory_report.main(
+        ["--frames", "2", "--img-size", "32", "--variants", "factorised_dot_product", "--json", str(path)]
+    )
     out = capsys.readouterr().out
     assert "| model | einsum | sdpa | fused | fused+lean | fused+ckpt | fused / fused+lean |" in out
     assert "| 4 factorised dot-product (4) | " in out

@@ -23,8 +23,17 @@ from vivit import ViViT, ViViTConfig
 # A grid that fills no block: 3 x 3 x 5 tubelets (S = 15, N = 45) of a 7 x 13 x 22 clip (one frame,
 # one row and two columns left over, which the tokeniser drops); 4 heads of 24.
 CLIP = (7, 13, 22)
-TINY = dict(num_frames=7, img_size=(13, 22), tubelet=(2, 4, 4), dim=96, num_heads=4, mlp_ratio=2.0, depth=2,
-            temporal_depth=2, num_classes=5)
+TINY = dict(
+    num_frames=7,
+    img_size=(13, 22),
+    tubelet=(2, 4, 4),
+    dim=96,
+    num_heads=4,
+    mlp_ratio=2.0,
+    depth=2,
+    temporal_depth=2,
+    num_classes=5,
+)
 GRID = (3, 3, 5)
 
 # (variant, config overrides): both poolings of the CLS models, both block orders of model 3.
@@ -37,8 +46,15 @@ VARIANTS = [
     ("factorised_self_attention", dict(attention_order="time_space")),
     ("factorised_dot_product", {}),
 ]
-VARIANT_IDS = ["model1-cls", "model1-avg", "model2-cls", "model2-avg-tanh", "model3-space_time", "model3-time_space",
-               "model4"]
+VARIANT_IDS = [
+    "model1-cls",
+    "model1-avg",
+    "model2-cls",
+    "model2-avg-tanh",
+    "model3-space_time",
+    "model3-time_space",
+    "model4",
+]
 
 
 # ------------------------------------------------------------------------------------- oracle
@@ -65,8 +81,11 @@ def head_masks(kinds, frames, spatial, prefix):
     are time-major, token prefix + t * S + s."""
     n = torch.arange(frames * spatial)
     t, s = n // spatial, n % spatial
-    allowed = {"joint": torch.ones(len(n), len(n), dtype=torch.bool), "spatial": t[:, None] == t[None, :],
-               "temporal": s[:, None] == s[None, :]}
+    allowed = {
+        "joint": torch.ones(len(n), len(n), dtype=torch.bool),
+        "spatial": t[:, None] == t[None, :],
+        "temporal": s[:, None] == s[None, :],
+    }
     masks = []
     for kind in kinds:
         mask = torch.ones(prefix + len(n), prefix + len(n), dtype=torch.bool)
@@ -110,8 +129,16 @@ class StochasticDepth:
 def block(x, p, name, c, kinds, frames, spatial, prefix, drop, rate):
     """Eqs. 2-3: y = x + MSA(LN(x)), z = y + MLP(LN(y)), each branch through stochastic depth."""
     eps, masks = c.norm_eps, head_masks(kinds, frames, spatial, prefix)
-    x = x + drop(msa(layer_norm(x, p[f"{name}.norm1.weight"], p[f"{name}.norm1.bias"], eps), p, f"{name}.attn",
-                     c.num_heads, masks), rate)
+    x = x + drop(
+        msa(
+            layer_norm(x, p[f"{name}.norm1.weight"], p[f"{name}.norm1.bias"], eps),
+            p,
+            f"{name}.attn",
+            c.num_heads,
+            masks,
+        ),
+        rate,
+    )
     return x + drop(mlp(x, p, name, c), rate)
 
 
@@ -123,8 +150,10 @@ def mlp(x, p, name, c):
 def factorised_self_attention_block(x, p, name, c, frames, spatial, drop, rate):
     """Eqs. 4-6: spatial MSA, then temporal MSA, then the MLP (the order swapped for "time_space")."""
     eps = c.norm_eps
-    spatial_mask, temporal_mask = head_masks(["spatial"] * c.num_heads, frames, spatial, 0), \
-        head_masks(["temporal"] * c.num_heads, frames, spatial, 0)
+    spatial_mask, temporal_mask = (
+        head_masks(["spatial"] * c.num_heads, frames, spatial, 0),
+        head_masks(["temporal"] * c.num_heads, frames, spatial, 0),
+    )
 
     def space(x):
         normed = layer_norm(x, p[f"{name}.norm1.weight"], p[f"{name}.norm1.bias"], eps)
@@ -162,26 +191,28 @@ def oracle_logits(p, c, video, drop):
 
     if c.variant == "factorised_encoder":
         # Model 2: a spatial encoder on each frame (its own CLS, a per-frame positional embedding) ...
-        z = tokens.reshape(B * nt, S, D) + p["pos_embed"][:, int(cls):]
+        z = tokens.reshape(B * nt, S, D) + p["pos_embed"][:, int(cls) :]
         if cls:
             z = torch.cat([(p["cls_token"] + p["pos_embed"][:, :1]).expand(B * nt, 1, D), z], 1)
         for i in range(c.depth):
             z = block(z, p, f"blocks.{i}", c, ["joint"] * c.num_heads, 1, S, int(cls), drop, rates[i])
         frames = pool(layer_norm(z, p["norm.weight"], p["norm.bias"], c.norm_eps)).reshape(B, nt, D)
         # ... then a temporal encoder over the n_t frame vectors, with its CLS and positional embedding.
-        z = frames + p["temporal.pos_embed"][:, int(cls):]
+        z = frames + p["temporal.pos_embed"][:, int(cls) :]
         if cls:
             z = torch.cat([(p["temporal.cls_token"] + p["temporal.pos_embed"][:, :1]).expand(B, 1, D), z], 1)
         for i, rate in enumerate(drop.rates(c.temporal_depth)):
             z = block(z, p, f"temporal.blocks.{i}", c, ["joint"] * c.num_heads, 1, nt, int(cls), drop, rate)
         z = layer_norm(z, p["temporal.norm.weight"], p["temporal.norm.bias"], c.norm_eps)
     else:
-        z = tokens.reshape(B, nt * S, D) + p["pos_embed"][:, int(cls):]
+        z = tokens.reshape(B, nt * S, D) + p["pos_embed"][:, int(cls) :]
         if cls:
             z = torch.cat([(p["cls_token"] + p["pos_embed"][:, :1]).expand(B, 1, D), z], 1)
         half = c.num_heads // 2
-        kinds = {"spatio_temporal": ["joint"] * c.num_heads,
-                 "factorised_dot_product": ["spatial"] * half + ["temporal"] * (c.num_heads - half)}
+        kinds = {
+            "spatio_temporal": ["joint"] * c.num_heads,
+            "factorised_dot_product": ["spatial"] * half + ["temporal"] * (c.num_heads - half),
+        }
         for i in range(c.depth):
             if c.variant == "factorised_self_attention":
                 z = factorised_self_attention_block(z, p, f"blocks.{i}", c, nt, S, drop, rates[i])
@@ -209,8 +240,12 @@ def randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def build(variant, overrides, backend, memory, dtype, generator, **extra):
-    config = ViViTConfig(variant=variant, memory=memory, backend="reference" if backend == "sdpa" else backend,
-                         **{**TINY, **overrides, **extra})
+    config = ViViTConfig(
+        variant=variant,
+        memory=memory,
+        backend="reference" if backend == "sdpa" else backend,
+        **{**TINY, **overrides, **extra},
+    )
     model = ViViT(config).to(dtype)
     if backend == "sdpa":  # the sdpa backend has attention only: the tokeniser stays on the reference op
         for module in model.modules():
@@ -237,8 +272,10 @@ def compare(model, video, generator, drop):
     logits = model(video.to(next(model.parameters()).dtype))
     logits.backward(grad.to(logits.dtype))
     expected, expected_grads = oracle_and_grads(model, video, grad, drop)
-    errors = {name: math.inf if p.grad is None else relative_error(p.grad, expected_grads[name])
-              for name, p in model.named_parameters()}
+    errors = {
+        name: math.inf if p.grad is None else relative_error(p.grad, expected_grads[name])
+        for name, p in model.named_parameters()
+    }
     return relative_error(logits, expected), errors
 
 
@@ -268,10 +305,12 @@ TOLERANCE = {
 # smallest head dim), one channel and one clip keep each model to a second or two.
 TRITON_SIZE = dict(depth=1, temporal_depth=1, dim=32, num_heads=2, in_chans=1)
 FLOAT64_BACKENDS = ("cpu", "sdpa", "reference")
-CASES = [(variant, overrides, backend) for variant, overrides in VARIANTS for backend in FLOAT64_BACKENDS] + \
-        [(variant, overrides, "triton") for variant, overrides in VARIANTS[::2]]  # one case of each model
-CASE_IDS = [f"{name}-{backend}" for name in VARIANT_IDS for backend in FLOAT64_BACKENDS] + \
-           [f"{name}-triton" for name in VARIANT_IDS[::2]]
+CASES = [(variant, overrides, backend) for variant, overrides in VARIANTS for backend in FLOAT64_BACKENDS] + [
+    (variant, overrides, "triton") for variant, overrides in VARIANTS[::2]
+]  # one case of each model
+CASE_IDS = [f"{name}-{backend}" for name in VARIANT_IDS for backend in FLOAT64_BACKENDS] + [
+    f"{name}-triton" for name in VARIANT_IDS[::2]
+]
 
 
 def check(logits_error, grad_errors, backend):

@@ -192,7 +192,14 @@ def test_presets():
     with torch.device("meta"):
         model = create_model("vivit_b", variant="factorised_dot_product", num_classes=10, num_frames=16)
     c = model.config
-    assert (c.dim, c.depth, c.num_heads, c.img_size, c.tubelet, c.num_frames) == (768, 12, 12, (224, 224), (2, 16, 16), 16)
+    assert (c.dim, c.depth, c.num_heads, c.img_size, c.tubelet, c.num_frames) == (
+        768,
+        12,
+        12,
+        (224, 224),
+        (2, 16, 16),
+        16,
+    )
     assert c.pooling == "avg" and model.head.out_features == 10
     with torch.device("meta"):
         default = create_model()  # ViViT-B model 1 for Kinetics-400
@@ -203,7 +210,12 @@ def test_presets():
         large = create_model("vivit_l")
         huge = create_model("vivit_h", variant="factorised_encoder")
     assert (large.config.dim, large.config.depth, large.config.num_heads, large.config.num_frames) == (1024, 24, 16, 32)
-    assert (huge.config.dim, huge.config.depth, huge.config.tubelet, len(huge.temporal.blocks)) == (1280, 32, (2, 14, 14), 4)
+    assert (huge.config.dim, huge.config.depth, huge.config.tubelet, len(huge.temporal.blocks)) == (
+        1280,
+        32,
+        (2, 14, 14),
+        4,
+    )
     assert huge.blocks[0].mlp.fc1.out_features == 5120
 
 
@@ -214,8 +226,9 @@ def test_config_settings_reach_every_layer(tokeniser):
 
     from vivit_kernels import FactorisedAttention
 
-    model = tiny("factorised_self_attention", drop_rate=0.3, attn_drop_rate=0.2, tokeniser=tokeniser,
-                 backend="reference")
+    model = tiny(
+        "factorised_self_attention", drop_rate=0.3, attn_drop_rate=0.2, tokeniser=tokeniser, backend="reference"
+    )
     assert model.patch_embed.backend == "reference"
     attentions = [m for m in model.modules() if isinstance(m, FactorisedAttention)]
     assert len(attentions) == 2 * TINY["depth"]
@@ -244,7 +257,9 @@ def test_bad_config(kwargs, message):
 
 
 def test_config_and_keyword_arguments_are_not_mixed():
-    with pytest.raises(TypeError, match=r"^ViViT: pass either a ViViTConfig or its fields as keyword arguments, not both$"):
+    with pytest.raises(
+        TypeError, match=r"^ViViT: pass either a ViViTConfig or its fields as keyword arguments, not both$"
+    ):
         ViViT(ViViTConfig(**TINY), depth=2)
     with pytest.raises(TypeError, match=r"^ViViT: config must be a ViViTConfig, got dict$"):
         ViViT(dict(TINY))
@@ -265,8 +280,18 @@ def test_build_model_applies_changes_to_the_spec():
     changes win over the spec's overrides, the rest comes from the spec."""
     from vivit.model import model_spec
 
-    spec = model_spec("vivit_b", "factorised_encoder", 5, dim=32, depth=1, num_heads=2, temporal_depth=1,
-                      num_frames=4, img_size=32, tubelet=(2, 16, 16))
+    spec = model_spec(
+        "vivit_b",
+        "factorised_encoder",
+        5,
+        dim=32,
+        depth=1,
+        num_heads=2,
+        temporal_depth=1,
+        num_frames=4,
+        img_size=32,
+        tubelet=(2, 16, 16),
+    )
     model = build_model(spec, depth=3, memory="lean")
     assert (model.config.depth, model.config.memory, model.config.temporal_depth) == (3, "lean", 1)
     assert model.config.variant == "factorised_encoder" and model.config.dim == 32
@@ -293,8 +318,15 @@ def test_wrong_video_shape():
 def test_config_fields_reach_every_block_and_the_head():
     """Each ViViTConfig field the blocks take is passed on (none left at a block's default), and
     num_classes=0 leaves features out; keyword arguments build the config."""
-    model = ViViT(variant="factorised_self_attention", num_classes=0, mlp_ratio=2, qkv_bias=False, norm_eps=1e-5,
-                  memory="lean", **TINY)
+    model = ViViT(
+        variant="factorised_self_attention",
+        num_classes=0,
+        mlp_ratio=2,
+        qkv_bias=False,
+        norm_eps=1e-5,
+        memory="lean",
+        **TINY,
+    )
     assert isinstance(model.head, torch.nn.Identity) and model.config.num_classes == 0
     for block in model.blocks:
         assert block.mlp.fc1.out_features == 2 * 64 and block.attn.qkv.bias is None and block.lean
@@ -320,8 +352,11 @@ def test_a_video_the_model_cannot_take_is_named():
         model([1, 2])
     with pytest.raises(TypeError, match=r"^ViViT: video must have a floating dtype, got torch.uint8$"):
         model(torch.zeros(1, 3, 8, 32, 48, dtype=torch.uint8))
-    with pytest.raises(ValueError, match=r"^ViViT: video of shape \(1, 1, 8, 32, 48\) gives a \(4, 4, 6\) token grid "
-                                         r"with 1 channels; this model takes 3 channels and a \(4, 4, 6\) grid"):
+    with pytest.raises(
+        ValueError,
+        match=r"^ViViT: video of shape \(1, 1, 8, 32, 48\) gives a \(4, 4, 6\) token grid "
+        r"with 1 channels; this model takes 3 channels and a \(4, 4, 6\) grid",
+    ):
         model(torch.zeros(1, 1, 8, 32, 48))
 
 
@@ -337,6 +372,9 @@ def test_no_weight_decay_names_the_embeddings_and_class_tokens():
 
 
 def test_an_unknown_preset_is_named():
-    with pytest.raises(ValueError, match=r"^preset_config: name must be one of 'vivit_b', 'vivit_l', 'vivit_h', "
-                                         r"got 'vivit_x'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^preset_config: name must be one of 'vivit_b', 'vivit_l', 'vivit_h', "
+        r"got 'vivit_x'$",
+    ):
         preset_config("vivit_x")

@@ -7,7 +7,9 @@ import pytest
 from vivit import VARIANTS, create_model
 from vivit.summary import count, main
 
-SMALL = dict(dim=64, depth=2, num_heads=4, num_frames=8, img_size=(32, 48), tubelet=(2, 8, 8), num_classes=10, temporal_depth=3)
+SMALL = dict(
+    dim=64, depth=2, num_heads=4, num_frames=8, img_size=(32, 48), tubelet=(2, 8, 8), num_classes=10, temporal_depth=3
+)
 
 
 def expected_macs(variant: str) -> int:

@@ -186,10 +186,12 @@ def test_packed_op_writes_the_projection_gradient_in_place(backend, generator):
             out.backward(torch.ones_like(out))
         return {event.name for event in profile.events()}
 
-    packed_ops = backward_ops(lambda: factorised_attention_packed(packed, 4, 3, "split", num_prefix_tokens=1,
-                                                                  backend=backend))
-    unbound = backward_ops(lambda: factorised_attention(*unpack_qkv(packed, 4), 3, "split", num_prefix_tokens=1,
-                                                        backend=backend))
+    packed_ops = backward_ops(
+        lambda: factorised_attention_packed(packed, 4, 3, "split", num_prefix_tokens=1, backend=backend)
+    )
+    unbound = backward_ops(
+        lambda: factorised_attention(*unpack_qkv(packed, 4), 3, "split", num_prefix_tokens=1, backend=backend)
+    )
     assert f"vivit_kernels::{backend}_attention_packed_backward" in packed_ops
     assert "aten::stack" in unbound and not {"aten::stack", "aten::cat"} & packed_ops
 
@@ -217,8 +219,9 @@ def test_flop_counter_counts_the_packed_ops(backend, generator):
     assert counter.get_total_flops() == 3.5 * forward
 
 
-@pytest.mark.parametrize("dtype, lse", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
-                                        (torch.float64, torch.float64)])
+@pytest.mark.parametrize(
+    "dtype, lse", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
+)
 def test_fake_kernels_keep_the_log_sum_exp_in_float32_for_half_inputs(dtype, lse):
     """What torch.compile traces on a GPU: the fakes of both forward ops at half precision give the
     outputs in the inputs' dtype and the log-sum-exps (the rows' and the averaged prefix's) in float32."""

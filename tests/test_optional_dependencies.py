@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # sitecustomize.py for the subprocess: the top-level modules in $VIVIT_HIDE_MODULES are not found
 # (an import raises ModuleNotFoundError, importlib.util.find_spec gives None), as if not installed.
-HIDE_MODULES = '''
+HIDE_MODULES = """
 import os, sys
 
 _HIDDEN = set(filter(None, os.environ.get("VIVIT_HIDE_MODULES", "").split(",")))
@@ -36,7 +36,7 @@ class _Hide:
 
 
 sys.meta_path[:] = [_Hide(finder) for finder in sys.meta_path]
-'''
+"""
 
 
 def run_without(modules: list[str], args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -96,9 +96,34 @@ def test_tests_needing_a_missing_dependency_skip_naming_it(modules, selections, 
 
 
 def test_training_without_tqdm_says_so_in_one_line(tmp_path):
-    args = ["-m", "vivit.train", "--output-dir", str(tmp_path / "run"), "--dim", "16", "--depth", "1", "--heads", "2",
-            "--tubelet", "2", "8", "8", "--num-frames", "4", "--img-size", "16", "--steps", "1", "--batch-size", "1",
-            "--workers", "0", "--synthetic-val-clips", "0"]
+    args = [
+        "-m",
+        "vivit.train",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--dim",
+        "16",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+        "--tubelet",
+        "2",
+        "8",
+        "8",
+        "--num-frames",
+        "4",
+        "--img-size",
+        "16",
+        "--steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+        "--synthetic-val-clips",
+        "0",
+    ]
     result = run_without(["tqdm"], args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

@@ -69,8 +69,9 @@ def test_declared_limits_are_reasons():
 def test_auto_falls_back_from_an_index_limit(monkeypatch):
     """A limit found in the shape (a clip too large for int32 offsets) is a reason like any other:
     "auto" passes over the backend and a named one refuses, before any kernel runs."""
-    limited = dataclasses.replace(registry.get("cpu"), ops={
-        "tubelet": dataclasses.replace(registry.get("cpu").ops["tubelet"], max_index=1000)})
+    limited = dataclasses.replace(
+        registry.get("cpu"), ops={"tubelet": dataclasses.replace(registry.get("cpu").ops["tubelet"], max_index=1000)}
+    )
     monkeypatch.setitem(registry._BACKENDS, "cpu", limited)
     video, weight = torch.randn(1, 3, 4, 16, 16), torch.randn(8, 3, 2, 8, 8)  # a clip spans 3072 elements
     with pytest.warns(UserWarning, match=r"cpu: one clip of the video spans 3072 elements \(supports at most 1001\)"):
@@ -81,7 +82,9 @@ def test_auto_falls_back_from_an_index_limit(monkeypatch):
 
 
 def test_unknown_backend_is_named():
-    with pytest.raises(ValueError, match=r"^attention: backend must be one of 'auto', 'reference', .*, got 'cuda_magic'$"):
+    with pytest.raises(
+        ValueError, match=r"^attention: backend must be one of 'auto', 'reference', .*, got 'cuda_magic'$"
+    ):
         registry.select(_attention(), "cuda_magic")
     with pytest.raises(ValueError, match=r"^backends.get: name must be one of 'reference', .*, got 'auto'$"):
         registry.get("auto")

@@ -34,10 +34,37 @@ def test_demo_config_learns_motion_beyond_a_frame_order_blind_model(tmp_path):
     """
     threads = torch.get_num_threads()
     summary = run(
-        tmp_path, "demo", "--variant", "factorised_dot_product", "--dim", "64", "--depth", "3", "--heads", "4",
-        "--tubelet", "2", "8", "8", "--steps", "300", "--batch-size", "32", "--lr", "1e-3", "--warmup-steps", "20",
-        "--synthetic-clips", "4096", "--synthetic-val-clips", "256", "--no-progress", "--log-every", "50",
-        "--threads", "1",  # a model this small gains little from a second thread, and loses a lot on a busy machine
+        tmp_path,
+        "demo",
+        "--variant",
+        "factorised_dot_product",
+        "--dim",
+        "64",
+        "--depth",
+        "3",
+        "--heads",
+        "4",
+        "--tubelet",
+        "2",
+        "8",
+        "8",
+        "--steps",
+        "300",
+        "--batch-size",
+        "32",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "20",
+        "--synthetic-clips",
+        "4096",
+        "--synthetic-val-clips",
+        "256",
+        "--no-progress",
+        "--log-every",
+        "50",
+        "--threads",
+        "1",  # a model this small gains little from a second thread, and loses a lot on a busy machine
     )
     assert summary["finished"] and summary["val_clips"] == 256
     assert summary["val_top1"] >= 0.70, summary
@@ -49,9 +76,35 @@ def test_resume_continues_bit_for_bit(tmp_path, optimizer):
     """6 steps straight == 3 steps, stop, resume, 3 steps: parameters, optimiser state and the
     logged losses identical. Dropout, stochastic depth and mixup draw from every RNG the
     checkpoint must restore; 40 clips in batches of 8 cross an epoch boundary at step 5."""
-    common = [*TINY, "--steps", "6", "--batch-size", "8", "--synthetic-clips", "40", "--synthetic-val-clips", "0",
-              "--optimizer", optimizer, "--lr", "3e-3", "--warmup-steps", "2", "--dropout", "0.1", "--drop-path", "0.1",
-              "--mixup", "0.4", "--label-smoothing", "0.1", "--log-every", "1", "--clip-grad", "1.0"]
+    common = [
+        *TINY,
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--synthetic-clips",
+        "40",
+        "--synthetic-val-clips",
+        "0",
+        "--optimizer",
+        optimizer,
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--dropout",
+        "0.1",
+        "--drop-path",
+        "0.1",
+        "--mixup",
+        "0.4",
+        "--label-smoothing",
+        "0.1",
+        "--log-every",
+        "1",
+        "--clip-grad",
+        "1.0",
+    ]
     run(tmp_path, "straight", *common)
     first = run(tmp_path, "split", *common, "--stop-at", "3")
     assert first["steps"] == 3 and not first["finished"]
@@ -86,8 +139,27 @@ def test_a_killed_run_resumed_matches_a_straight_one_record_for_record(tmp_path,
         shutil.copy(self.ckpt_path, tmp_path / f"step{self.step}.pt")
 
     monkeypatch.setattr(Trainer, "checkpoint", checkpoint_and_keep_a_copy)
-    common = [*TINY, "--steps", "6", "--batch-size", "8", "--synthetic-clips", "40", "--synthetic-val-clips", "8",
-              "--checkpoint-every", "2", "--eval-every", "2", "--dropout", "0.1", "--mixup", "0.4", "--log-every", "1"]
+    common = [
+        *TINY,
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--synthetic-clips",
+        "40",
+        "--synthetic-val-clips",
+        "8",
+        "--checkpoint-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--dropout",
+        "0.1",
+        "--mixup",
+        "0.4",
+        "--log-every",
+        "1",
+    ]
     run(tmp_path, "straight", *common)
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -103,8 +175,14 @@ def test_a_killed_run_resumed_matches_a_straight_one_record_for_record(tmp_path,
     def records(name):
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         # Epoch records after a resume total the resumed part of the epoch only: compare where they fall.
-        return [(r.get("event"), r.get("step", r.get("steps")), None if r.get("event") == "epoch" else
-                 r.get("loss", r.get("top1"))) for r in map(json.loads, lines)]
+        return [
+            (
+                r.get("event"),
+                r.get("step", r.get("steps")),
+                None if r.get("event") == "epoch" else r.get("loss", r.get("top1")),
+            )
+            for r in map(json.loads, lines)
+        ]
 
     assert records("killed") == records("straight")
     assert [step for event, step, _ in records("killed") if event is None] == [1, 2, 3, 4, 5, 6]
@@ -114,8 +192,21 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
     # SGD: its update is linear in the gradient, so the weights differ by the gradients' rounding
     # (~1e-7). AdamW divides by sqrt(v): an element whose gradient is near zero turns that
     # rounding into a visible step, and the comparison would measure the optimiser, not accumulation.
-    common = [*TINY, "--steps", "2", "--batch-size", "8", "--synthetic-clips", "32", "--synthetic-val-clips", "0",
-              "--lr", "1e-1", "--optimizer", "sgd"]
+    common = [
+        *TINY,
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--synthetic-clips",
+        "32",
+        "--synthetic-val-clips",
+        "0",
+        "--lr",
+        "1e-1",
+        "--optimizer",
+        "sgd",
+    ]
     run(tmp_path, "one", *common)
     run(tmp_path, "accum", *common, "--accum-steps", "4")
     a = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"]
@@ -138,11 +229,29 @@ def test_initialise_from_an_image_checkpoint(tmp_path, init):
     timm = pytest.importorskip("timm", reason="a timm ViT is the image checkpoint")
     from vivit import central_frame, inflate
 
-    vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2,
-                                                           num_heads=2, num_classes=10)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10
+    )
     torch.save(vit.state_dict(), tmp_path / "vit.pth")
-    run(tmp_path, "pre", *TINY, "--steps", "1", "--batch-size", "8", "--synthetic-clips", "8",
-        "--synthetic-val-clips", "0", "--lr", "0", "--pretrained", str(tmp_path / "vit.pth"), "--init", init)
+    run(
+        tmp_path,
+        "pre",
+        *TINY,
+        "--steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--synthetic-clips",
+        "8",
+        "--synthetic-val-clips",
+        "0",
+        "--lr",
+        "0",
+        "--pretrained",
+        str(tmp_path / "vit.pth"),
+        "--init",
+        init,
+    )
     weight = load_checkpoint(tmp_path / "pre" / "checkpoint.pt")["model"]["patch_embed.proj.weight"]
     expected = {"inflate": inflate, "central_frame": central_frame}[init](vit.patch_embed.proj.weight.detach(), 2)
     torch.testing.assert_close(weight, expected, rtol=0, atol=0)
@@ -159,23 +268,53 @@ def test_fine_tune_from_a_video_checkpoint(tmp_path, capsys):
     one_step = [*TINY, "--steps", "1", "--batch-size", "8", "--synthetic-clips", "8", "--synthetic-val-clips", "0"]
     run(tmp_path, "source", *one_step)
     source = load_checkpoint(tmp_path / "source" / "checkpoint.pt")["model"]
-    run(tmp_path, "larger", *one_step, "--lr", "0", "--img-size", "48",
-        "--pretrained", str(tmp_path / "source" / "checkpoint.pt"))
+    run(
+        tmp_path,
+        "larger",
+        *one_step,
+        "--lr",
+        "0",
+        "--img-size",
+        "48",
+        "--pretrained",
+        str(tmp_path / "source" / "checkpoint.pt"),
+    )
     assert "pos_embed: resampled over time and space, 4x4x4 -> 4x6x6" in capsys.readouterr().err
     tuned = load_checkpoint(tmp_path / "larger" / "checkpoint.pt")["model"]
     assert torch.equal(tuned["pos_embed"], resample_video_pos_embed(source["pos_embed"], (4, 4, 4), (4, 6, 6)))
     assert all(torch.equal(tuned[key], source[key]) for key in source if key != "pos_embed")
 
     transformers = require_transformers("transformers writes the Hugging Face ViViT")
-    config = transformers.VivitConfig(image_size=32, num_frames=8, tubelet_size=[2, 8, 8], hidden_size=32,
-                                      num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=5)
+    config = transformers.VivitConfig(
+        image_size=32,
+        num_frames=8,
+        tubelet_size=[2, 8, 8],
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=5,
+    )
     torch.manual_seed(0)
     hf = transformers.VivitForVideoClassification(config)
     hf.save_pretrained(tmp_path / "hf")
-    run(tmp_path, "from_hf", *one_step, "--lr", "0", "--variant", "spatio_temporal", "--mlp-ratio", "2",
-        "--pretrained", str(tmp_path / "hf"))
-    assert "skipped head.weight: class count differs: checkpoint (5, 32), model (8, 32): a new head" in \
-        capsys.readouterr().err
+    run(
+        tmp_path,
+        "from_hf",
+        *one_step,
+        "--lr",
+        "0",
+        "--variant",
+        "spatio_temporal",
+        "--mlp-ratio",
+        "2",
+        "--pretrained",
+        str(tmp_path / "hf"),
+    )
+    assert (
+        "skipped head.weight: class count differs: checkpoint (5, 32), model (8, 32): a new head"
+        in capsys.readouterr().err
+    )
     state = load_checkpoint(tmp_path / "from_hf" / "checkpoint.pt")
     converted, _ = hf_to_timm(hf.state_dict())
     assert all(torch.equal(state["model"][key], converted[key]) for key in converted if not key.startswith("head."))
@@ -193,8 +332,22 @@ def test_fine_tune_from_a_video_checkpoint(tmp_path, capsys):
     ids=["bf16", "grad-checkpointing", "uniform-tokeniser", "model3-sgd-mixup"],
 )
 def test_training_options_run(tmp_path, options):
-    summary = run(tmp_path, "opt", *TINY, "--steps", "2", "--batch-size", "8", "--synthetic-clips", "16",
-                  "--synthetic-val-clips", "8", "--log-every", "1", *options)
+    summary = run(
+        tmp_path,
+        "opt",
+        *TINY,
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--synthetic-clips",
+        "16",
+        "--synthetic-val-clips",
+        "8",
+        "--log-every",
+        "1",
+        *options,
+    )
     assert summary["finished"] and summary["val_clips"] == 8
     records = [json.loads(line) for line in (tmp_path / "opt" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "event" not in r]

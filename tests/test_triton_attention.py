@@ -124,6 +124,7 @@ def test_low_precision_within_twice_the_reference_error(dtype, mode, generator):
 @pytest.fixture
 def poisoned_buffers(monkeypatch):
     """Every buffer the kernels write (out, lse, delta, dq, dk, dv) starts as NaN."""
+
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
@@ -183,7 +184,9 @@ def test_backend_declares_its_limits():
         assert any(reason in r for r in triton_backend.not_supported_reasons(bad)), reason
         with pytest.raises(BackendUnsupportedError, match="backend 'triton' cannot run this input"):
             select(bad, "triton")
-    wide = Request("tubelet", torch.device(DEVICE), torch.float32, TubeletShape(1, 3, 8, (2, 4, 4), (1, 1, 1), 2**31 + 1))
+    wide = Request(
+        "tubelet", torch.device(DEVICE), torch.float32, TubeletShape(1, 3, 8, (2, 4, 4), (1, 1, 1), 2**31 + 1)
+    )
     assert triton_backend.not_supported_reasons(wide) == [
         "one clip of the video spans 2147483649 elements (supports at most 2147483648)"
     ]
@@ -216,7 +219,9 @@ def test_auto_never_picks_the_interpreter(monkeypatch):
     ]
 
 
-@pytest.mark.parametrize("op, dtype", [("attention", torch.float16), ("attention", torch.float32), ("tubelet", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "op, dtype", [("attention", torch.float16), ("attention", torch.float32), ("tubelet", torch.bfloat16)]
+)
 def test_auto_picks_triton_for_cuda_tensors(op, dtype, monkeypatch):
     """The dispatch decision for CUDA inputs (no GPU needed: a request describes the input)."""
     from vivit_kernels.backends import triton as triton_backend
@@ -225,13 +230,17 @@ def test_auto_picks_triton_for_cuda_tensors(op, dtype, monkeypatch):
     assert select(_request(op, "cuda", dtype), "auto").name == "triton"
     # A head dim the kernels do not take falls back to torch SDPA, saying why.
     if op == "attention":
-        with pytest.warns(UserWarning, match=r"using torch SDPA \(triton: head dim 256 not supported \(supports 16 to 128\)"):
+        with pytest.warns(
+            UserWarning, match=r"using torch SDPA \(triton: head dim 256 not supported \(supports 16 to 128\)"
+        ):
             assert select(_request(op, "cuda", dtype, head_dim=256), "auto").name == "sdpa"
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("prefix, frames, tokens_per_frame, layout", PREFIX_CASES)
-def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, tokens_per_frame, layout, mode, poisoned_buffers, generator):
+def test_prefix_tokens_and_layouts_match_oracle(
+    prefix, frames, tokens_per_frame, layout, mode, poisoned_buffers, generator
+):
     """Class / register tokens before the grid, time- or space-major grids, every output buffer
     poisoned: forward and all gradients against the masked dense oracle (fp32 vs float64)."""
     q, k, v, dout = _inputs(1, 4, frames, tokens_per_frame, 24, "packed", generator, prefix=prefix)
@@ -244,7 +253,9 @@ def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, tokens_per_frame
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("grid, packed", [(STRIDE_GRIDS[1], False), (STRIDE_GRIDS[0], True)], ids=["P2-qkv", "P0-packed"])
+@pytest.mark.parametrize(
+    "grid, packed", [(STRIDE_GRIDS[1], False), (STRIDE_GRIDS[0], True)], ids=["P2-qkv", "P0-packed"]
+)
 def test_inputs_and_output_gradient_in_layouts_of_their_own(grid, packed, mode, poisoned_buffers, generator):
     """Each launcher reads q, k, v and the output gradient (or qkv and the output gradient)
     through their own strides: one padded, one offset, one transposed, one with a strided head dim.

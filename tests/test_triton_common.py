@@ -108,8 +108,15 @@ def _tubelet_call(generator):
     return video, weight, torch.randn(2, 2, 4, 20, generator=generator)
 
 
-LAUNCHERS = ["attention.forward", "attention.backward", "tubelet.forward", "tubelet.backward_video",
-             "tubelet.backward_weight", "tubelet.backward_weight split", "tubelet.backward_pos"]
+LAUNCHERS = [
+    "attention.forward",
+    "attention.backward",
+    "tubelet.forward",
+    "tubelet.backward_video",
+    "tubelet.backward_weight",
+    "tubelet.backward_weight split",
+    "tubelet.backward_pos",
+]
 
 
 def _launch(launcher: str, generator, launches: list) -> None:

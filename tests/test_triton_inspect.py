@@ -27,16 +27,19 @@ def _inspect(*args: str) -> tuple[list[dict], str]:
     """(rows, stderr) of the tool run with `args`."""
     # A fresh process compiles (this one interprets: Triton decides when a kernel is defined).
     command = [sys.executable, "-m", "vivit_kernels.triton.inspect", "--json", "--jobs", "2", *args]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"},
-                            timeout=900)
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=900
+    )
     assert result.stdout, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1]), result.stderr
 
 
 @pytest.fixture(scope="module")
 def inspections():
-    return [_inspect("--candidates", "--kernels", "attention", "--dtype", "fp16", "--head-dims", "80", "--arch", "86"),
-            _inspect("--candidates", "--kernels", "attention", "--dtype", "fp32", "--head-dims", "64", "--arch", "90")]
+    return [
+        _inspect("--candidates", "--kernels", "attention", "--dtype", "fp16", "--head-dims", "80", "--arch", "86"),
+        _inspect("--candidates", "--kernels", "attention", "--dtype", "fp32", "--head-dims", "64", "--arch", "90"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +54,11 @@ def test_says_what_it_will_compile_then_each_compile_done(inspections):
         n, arch, dtype = len(rows), rows[0]["arch"], rows[0]["dtype"]
         lines = stderr.splitlines()
         head_dim = rows[0]["head_dim"]
-        assert re.fullmatch(rf"inspect: {n} compiles \(attention kernels; sm_{arch}; {dtype}; head dim {head_dim}; "
-                            r"autotune candidates\), about [^,]+ in 2 processes .*", lines[0]), lines[0]
+        assert re.fullmatch(
+            rf"inspect: {n} compiles \(attention kernels; sm_{arch}; {dtype}; head dim {head_dim}; "
+            r"autotune candidates\), about [^,]+ in 2 processes .*",
+            lines[0],
+        ), lines[0]
         assert not any("to narrow it" in line for line in lines)  # a minute's run needs no advice
         done = [line for line in lines if line.startswith("[")]
         assert [line.split("]")[0] for line in done] == [f"[{k}/{n}" for k in range(1, n + 1)]
@@ -61,8 +67,13 @@ def test_says_what_it_will_compile_then_each_compile_done(inspections):
 
 
 def test_plan_says_how_much_the_whole_inspection_is_and_how_to_narrow_it(rows):
-    result = subprocess.run([sys.executable, "-m", "vivit_kernels.triton.inspect", "--plan", "--json"], timeout=300,
-                            capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+    result = subprocess.run(
+        [sys.executable, "-m", "vivit_kernels.triton.inspect", "--plan", "--json"],
+        timeout=300,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json.loads(result.stdout)  # nothing compiled, no table
     assert plan["compiles"] > 10 * len(rows) and plan["estimate_s"] > 30 * 60
@@ -85,8 +96,20 @@ def test_progress_and_estimates():
 def test_a_compile_that_fails_the_inspection_says_so_as_it_happens(capsys):
     from vivit_kernels.triton.inspect import Row, _Progress
 
-    row = dict(launch="", kernel="attention_fwd", dtype="fp16", head_dim=64, prefix=False, config="", arch=86,
-               registers=255, stack=0, shared=1024, spill_loads=0, spill_stores=0)
+    row = dict(
+        launch="",
+        kernel="attention_fwd",
+        dtype="fp16",
+        head_dim=64,
+        prefix=False,
+        config="",
+        arch=86,
+        registers=255,
+        stack=0,
+        shared=1024,
+        spill_loads=0,
+        spill_stores=0,
+    )
     progress = _Progress(4)  # stderr is captured, not a terminal: a line per compile
     progress.update(Row(name="a", autotune_candidate=True, **row))
     progress.update(Row(name="b", autotune_candidate=True, **{**row, "spill_loads": 2}))
@@ -94,8 +117,11 @@ def test_a_compile_that_fails_the_inspection_says_so_as_it_happens(capsys):
     progress.update(Row(name="d", autotune_candidate=True, **{**row, "shared": 200 * 1024}))
     progress.close()
     assert capsys.readouterr().err.splitlines() == [
-        "[1/4] sm_86 a", "[2/4] sm_86 b: autotune candidate spills", "[3/4] sm_86 c",
-        "[4/4] sm_86 d: autotune candidate over the shared memory limit"]
+        "[1/4] sm_86 a",
+        "[2/4] sm_86 b: autotune candidate spills",
+        "[3/4] sm_86 c",
+        "[4/4] sm_86 d: autotune candidate over the shared memory limit",
+    ]
 
 
 def test_every_kernel_and_variant_compiles(rows):
@@ -142,8 +168,14 @@ def test_limits_cover_every_candidate_variant_and_architecture():
     # config): dK/dV at every head dim on sm_86/89 (16x16 and 32x32 spill 1 at 32) and from 80 on
     # sm_80/90 (16x16 spills 5 at 80 on sm_90), dq from 96 everywhere (every config spills at 128,
     # the smallest with 1 LDL), the forward from 96 on sm_90. Keyed (kernel, arch): the first head dim.
-    known_gaps = {("dkdv", 80): 80, ("dkdv", 86): 0, ("dkdv", 89): 0, ("dkdv", 90): 80, ("fwd", 90): 96,
-                  **{("dq", arch): 96 for arch in (80, 86, 89, 90)}}
+    known_gaps = {
+        ("dkdv", 80): 80,
+        ("dkdv", 86): 0,
+        ("dkdv", 89): 0,
+        ("dkdv", 90): 80,
+        ("fwd", 90): 96,
+        **{("dq", arch): 96 for arch in (80, 86, 89, 90)},
+    }
     for kernel in ("fwd", "dkdv", "dq"):
         for width in (2, 4):
             for prefix in (False, True):
@@ -153,7 +185,8 @@ def test_limits_cover_every_candidate_variant_and_architecture():
                         if gap is not None and head_dim >= gap:
                             continue
                         assert any(
-                            attention._fits(kernel, c, width, head_dim, prefix, arch) for c in attention._configs(kernel)
+                            attention._fits(kernel, c, width, head_dim, prefix, arch)
+                            for c in attention._configs(kernel)
                         ), (kernel, width, prefix, arch, head_dim)
 
 
@@ -208,6 +241,11 @@ def test_a_new_clip_length_reuses_the_compiled_kernels_and_the_tuning():
     """The shape integers are not specialised and tuning is keyed on buckets of the group lengths:
     the launches of a 15-frame and a 16-frame clip bind to the same compiled kernels (for a GPU
     target) and the same autotuning keys, so a new clip length neither recompiles nor retunes."""
-    result = subprocess.run([sys.executable, "-c", _REUSE_CHECK], capture_output=True, text=True,
-                            env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", _REUSE_CHECK],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+        timeout=600,
+    )
     assert result.returncode == 0 and "reused" in result.stdout, result.stderr[-3000:]

@@ -247,8 +247,9 @@ def test_weight_split_rule():
     assert kernels.weight_split(1, 8 * 196, D, K, torch.bfloat16) == 1  # 1568 tokens: one pass
     assert kernels.weight_split(256, 16 * 196, 16, 16, torch.float16) == 4 * 132  # one tile: four full waves
     with pytest.raises(ValueError, match="split"):
-        kernels.backward_weight(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2, 2), torch.zeros(2, 1, 1, 2, 2), True,
-                                split=0)
+        kernels.backward_weight(
+            torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2, 2), torch.zeros(2, 1, 1, 2, 2), True, split=0
+        )
 
 
 def test_launcher_splits_by_the_rule(allocations, generator):
@@ -328,8 +329,21 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
     """The GPU compiler's view, which the interpreter lacks: tl.dot shapes, spills, tensor cores."""
     # A fresh process: Triton decides interpreted-or-compiled when a kernel module is imported.
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    command = [sys.executable, "-m", "vivit_kernels.triton.inspect", "--json", "--jobs", "2", "--kernels", "tubelet",
-               "--arch", "80", "90", "--filter", INSPECT_SUBSET]
+    command = [
+        sys.executable,
+        "-m",
+        "vivit_kernels.triton.inspect",
+        "--json",
+        "--jobs",
+        "2",
+        "--kernels",
+        "tubelet",
+        "--arch",
+        "80",
+        "90",
+        "--filter",
+        INSPECT_SUBSET,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.stdout, result.stderr
     rows = json.loads(result.stdout.splitlines()[-1])

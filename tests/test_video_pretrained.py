@@ -48,8 +48,16 @@ transformers = require_transformers("transformers builds the Hugging Face ViViT"
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A small HF ViViT (8 frames of 32 x 48, 2 x 8 x 8 tubelets, 5 labels) in a save_pretrained directory."""
-    config = transformers.VivitConfig(image_size=[32, 48], num_frames=8, tubelet_size=[2, 8, 8], hidden_size=32,
-                                      num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=5)
+    config = transformers.VivitConfig(
+        image_size=[32, 48],
+        num_frames=8,
+        tubelet_size=[2, 8, 8],
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=5,
+    )
     torch.manual_seed(0)
     hf = transformers.VivitForVideoClassification(config).eval()
     with torch.no_grad():
@@ -61,8 +69,18 @@ def hf_dir(tmp_path_factory):
 
 
 def spatio_temporal(**overrides) -> ViViT:
-    fields = dict(variant="spatio_temporal", num_classes=5, img_size=(32, 48), num_frames=8, tubelet=(2, 8, 8), dim=32,
-                  depth=2, num_heads=2, mlp_ratio=2.0, mlp_activation="gelu_tanh")
+    fields = dict(
+        variant="spatio_temporal",
+        num_classes=5,
+        img_size=(32, 48),
+        num_frames=8,
+        tubelet=(2, 8, 8),
+        dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2.0,
+        mlp_activation="gelu_tanh",
+    )
     torch.manual_seed(1)
     return ViViT(ViViTConfig(**{**fields, **overrides})).eval()
 
@@ -98,8 +116,13 @@ def test_hf_directory_onto_other_frames_and_size(hf_dir):
         assert torch.equal(model.state_dict()[key], converted[key]), key
 
 
-@pytest.mark.parametrize("overrides, named", [(dict(dim=64, num_heads=4), r"dim 32 vs 64, num_heads 2 vs 4"),
-                                              (dict(mlp_activation="gelu"), r"mlp_activation 'gelu_tanh' vs 'gelu'")])
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (dict(dim=64, num_heads=4), r"dim 32 vs 64, num_heads 2 vs 4"),
+        (dict(mlp_activation="gelu"), r"mlp_activation 'gelu_tanh' vs 'gelu'"),
+    ],
+)
 def test_another_architecture_is_refused_naming_the_fields(hf_dir, overrides, named):
     with pytest.raises(ValueError, match=rf"differs from this one: {named} \(checkpoint vs model\)"):
         load_video_pretrained(spatio_temporal(**overrides), hf_dir[0])
@@ -117,7 +140,9 @@ def test_vivit_train_checkpoint_of_model_2_onto_more_frames(tmp_path):
     spec = model_spec("vivit_b", "factorised_encoder", 5, **tiny)
     torch.manual_seed(0)
     source = ViViT(ViViTConfig(variant="factorised_encoder", num_classes=5, **tiny))
-    path = save_checkpoint({"model": source.state_dict(), "model_spec": spec, "classes": list("abcde")}, tmp_path / "c.pt")
+    path = save_checkpoint(
+        {"model": source.state_dict(), "model_spec": spec, "classes": list("abcde")}, tmp_path / "c.pt"
+    )
     model = ViViT(ViViTConfig(variant="factorised_encoder", num_classes=5, **{**tiny, "num_frames": 16}))
     report = load_video_pretrained(model, path)
     assert "pos_embed" in report.loaded and torch.equal(model.pos_embed, source.pos_embed)

@@ -36,12 +36,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("inspect", "tests", "bench")
-CUDA_TESTS = ["tests/test_cuda_kernels.py", "tests/test_triton_attention.py", "tests/test_triton_tubelet.py",
-              "tests/test_ops.py"]
+CUDA_TESTS = [
+    "tests/test_cuda_kernels.py",
+    "tests/test_triton_attention.py",
+    "tests/test_triton_tubelet.py",
+    "tests/test_ops.py",
+]
 # Compiles for sm_80/sm_90: the inspect part does that, for every kernel.
 CUDA_TESTS_DESELECT = ["tests/test_triton_tubelet.py::test_kernels_compile_for_sm80_and_sm90_without_spills"]
-QUICK_TESTS = (["tests/test_cuda_kernels.py"],
-               "B1H12T16S196 or 2x3x16x224x224 or deterministic or another_device or autocast")
+QUICK_TESTS = (
+    ["tests/test_cuda_kernels.py"],
+    "B1H12T16S196 or 2x3x16x224x224 or deterministic or another_device or autocast",
+)
 BENCH_SELECT = {False: "cuda", True: "cuda and float16 and not bfloat16 and not backward"}
 # A consumer GPU (99 KiB of shared memory per block, the tightest budget), the training dtype, the
 # head dim of ViT-S/B: 40 compiles.
@@ -70,8 +76,7 @@ def _run(command: list[str], log: Path, show_stderr: bool = False, env: dict | N
     """Run `command` in the repository root; stdout and stderr to `log`, stderr also to this
     process's stderr as it comes when `show_stderr` (progress). (exit status, seconds, stdout)."""
     start = time.monotonic()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=env)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     stdout: list[str] = []
     reader = threading.Thread(target=lambda: stdout.append(process.stdout.read()))
     reader.start()
@@ -183,8 +188,11 @@ def summarise_junit(path: Path) -> dict:
         for bad in list(case.findall("failure")) + list(case.findall("error")):
             message = (bad.get("message") or "").strip().splitlines()
             failures.append(f"{case.get('classname')}::{case.get('name')}: {message[0] if message else bad.tag}")
-    return {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-            "failures_list": failures}
+    return {
+        **counts,
+        "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+        "failures_list": failures,
+    }
 
 
 def pytest_part(name: str, args: list[str], out: Path) -> dict:
@@ -213,13 +221,15 @@ def summarise_benchmarks(path: Path) -> list[dict]:
     rows = []
     for bench in json.loads(path.read_text()).get("benchmarks", []):
         info = bench.get("extra_info", {})
-        rows.append({
-            "name": bench["name"],
-            "median_ms": round(bench["stats"]["median"] * 1e3, 3),
-            "tflop_per_s": round(info["flop_per_s"] / 1e12, 1) if info.get("flop_per_s") else None,
-            "speedup_vs_torch": round(info["speedup_vs_torch"], 2) if info.get("speedup_vs_torch") else None,
-            "speedup_vs_einsum": round(info["speedup_vs_einsum"], 2) if info.get("speedup_vs_einsum") else None,
-        })
+        rows.append(
+            {
+                "name": bench["name"],
+                "median_ms": round(bench["stats"]["median"] * 1e3, 3),
+                "tflop_per_s": round(info["flop_per_s"] / 1e12, 1) if info.get("flop_per_s") else None,
+                "speedup_vs_torch": round(info["speedup_vs_torch"], 2) if info.get("speedup_vs_torch") else None,
+                "speedup_vs_einsum": round(info["speedup_vs_einsum"], 2) if info.get("speedup_vs_einsum") else None,
+            }
+        )
     return rows
 
 
@@ -241,7 +251,9 @@ def markdown(report: dict) -> str:
     lines = ["# gpu-check", ""]
     lines.append(
         f"Device: {device['name']} (sm_{device['arch']}, {device['sms']} SMs, {device['memory_gib']} GiB, "
-        f"{device['count']} visible), torch {device['torch']}." if device else "Device: none (no CUDA device here)."
+        f"{device['count']} visible), torch {device['torch']}."
+        if device
+        else "Device: none (no CUDA device here)."
     )
     lines += [f"Mode: {'quick' if report['quick'] else 'full'}; {report['seconds']} s in all.", ""]
     lines += ["| part | status | seconds | summary |", "|---|---|---|---|"]
@@ -249,11 +261,12 @@ def markdown(report: dict) -> str:
         if part["status"] == "skipped":
             summary = part["reason"]
         elif "compiles" in part:
-            summary = (f"{part['compiles']} compiles, {len(part['errors'])} errors, "
-                       f"{len(part['candidate_spills'])} autotune candidates spilling")
+            summary = (
+                f"{part['compiles']} compiles, {len(part['errors'])} errors, "
+                f"{len(part['candidate_spills'])} autotune candidates spilling"
+            )
         elif "tests" in part:
-            summary = (f"{part['passed']} passed, {part['failures'] + part['errors']} failed, "
-                       f"{part['skipped']} skipped")
+            summary = f"{part['passed']} passed, {part['failures'] + part['errors']} failed, {part['skipped']} skipped"
         else:
             summary = part.get("reason", "")
         lines.append(f"| {name} | {part['status']} | {_cell(part.get('seconds'))} | {summary} |")
@@ -268,16 +281,31 @@ def markdown(report: dict) -> str:
     if inspection.get("full"):
         lines += ["", f"Inspected: `{inspection['command']}`; {full_inspection_text(inspection['full'])}."]
     if inspection.get("kernels"):
-        lines += ["", "## inspect: per kernel", "", "| kernel | compiles | max registers | max shared KiB |",
-                  "|---|---|---|---|"]
-        lines += [f"| {k} | {v['compiles']} | {v['max_registers']} | {v['max_shared_kib']} |"
-                  for k, v in inspection["kernels"].items()]
+        lines += [
+            "",
+            "## inspect: per kernel",
+            "",
+            "| kernel | compiles | max registers | max shared KiB |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['compiles']} | {v['max_registers']} | {v['max_shared_kib']} |"
+            for k, v in inspection["kernels"].items()
+        ]
     benchmarks = report["parts"].get("bench", {}).get("benchmarks")
     if benchmarks:
-        lines += ["", "## bench", "", "| benchmark | median ms | TFLOP/s | vs SDPA/Conv3d | vs einsum |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {b['name']} | {b['median_ms']} | {_cell(b['tflop_per_s'])} | {_cell(b['speedup_vs_torch'])} | "
-                  f"{_cell(b['speedup_vs_einsum'])} |" for b in benchmarks]
+        lines += [
+            "",
+            "## bench",
+            "",
+            "| benchmark | median ms | TFLOP/s | vs SDPA/Conv3d | vs einsum |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {b['name']} | {b['median_ms']} | {_cell(b['tflop_per_s'])} | {_cell(b['speedup_vs_torch'])} | "
+            f"{_cell(b['speedup_vs_einsum'])} |"
+            for b in benchmarks
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -298,18 +326,27 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     device = cuda_device()
     if device is None:
-        print("gpu-check: no CUDA device here: the tests and benchmarks are skipped"
-              + ("; the inspection compiles one slice" if "inspect" in parts else ""), flush=True)
+        print(
+            "gpu-check: no CUDA device here: the tests and benchmarks are skipped"
+            + ("; the inspection compiles one slice" if "inspect" in parts else ""),
+            flush=True,
+        )
     no_cuda = skipped("no CUDA device on this machine")
-    runners = {"inspect": lambda extra: inspect_part(out, device, args.quick, extra),
-               "tests": lambda extra: tests_part(out, args.quick, extra) if device else no_cuda,
-               "bench": lambda extra: bench_part(out, args.quick, extra) if device else no_cuda}
+    runners = {
+        "inspect": lambda extra: inspect_part(out, device, args.quick, extra),
+        "tests": lambda extra: tests_part(out, args.quick, extra) if device else no_cuda,
+        "bench": lambda extra: bench_part(out, args.quick, extra) if device else no_cuda,
+    }
     report = {"device": device, "quick": args.quick, "parts": {}}
     for name in (p for p in PARTS if p in parts):
         part = runners[name](shlex.split(getattr(args, f"{name}_args")))
         report["parts"][name] = part
-        print(f"gpu-check: {name}: {part['status']}" + (f" ({part['seconds']} s)" if "seconds" in part else "")
-              + (f": {part['reason']}" if part.get("reason") else ""), flush=True)
+        print(
+            f"gpu-check: {name}: {part['status']}"
+            + (f" ({part['seconds']} s)" if "seconds" in part else "")
+            + (f": {part['reason']}" if part.get("reason") else ""),
+            flush=True,
+        )
         if "full" in part:
             print(f"gpu-check: {full_inspection_text(part['full'])}", flush=True)
     report["seconds"] = round(time.monotonic() - start, 1)

@@ -63,16 +63,32 @@ CATEGORIES = ("index math", "scaling", "layouts")  # every one must-kill
 # The interpreted kernels are slow, so the smallest cases run first (pytest keeps the order of the
 # ids it is given, and -x stops at the first failure); the fp16/bf16 and head-dim sweeps (the same
 # index maps at other tile widths) and the registration tests (no kernel runs) are left out.
-TRITON_ATTENTION = tuple(f"tests/test_triton_attention.py::test_{name}" for name in (
-    "prefix_tokens_and_layouts_match_oracle", "kernels_write_every_output_element", "group_length_extremes",
-    "inputs_and_output_gradient_in_layouts_of_their_own", "backward_writes_gradients_into_any_layout",
-    "fp32_forward_and_gradients_match_float64", "large_logits_do_not_overflow", "output_is_a_view_of_the_projection_layout"))
+TRITON_ATTENTION = tuple(
+    f"tests/test_triton_attention.py::test_{name}"
+    for name in (
+        "prefix_tokens_and_layouts_match_oracle",
+        "kernels_write_every_output_element",
+        "group_length_extremes",
+        "inputs_and_output_gradient_in_layouts_of_their_own",
+        "backward_writes_gradients_into_any_layout",
+        "fp32_forward_and_gradients_match_float64",
+        "large_logits_do_not_overflow",
+        "output_is_a_view_of_the_projection_layout",
+    )
+)
 TRITON_ATTENTION_SELECT = None
 TRITON_TUBELET = ("tests/test_triton_tubelet.py",)
 TRITON_TUBELET_SELECT = "not inspection and not compile_for and not low_precision"
-CPU_ATTENTION = tuple(f"tests/test_cpu_backend.py::test_{name}" for name in (
-    "prefix_tokens_and_layouts_match_oracle", "inputs_and_output_gradient_in_layouts_of_their_own",
-    "attention_matches_oracle", "attention_nan_stays_in_its_groups", "attention_gradcheck", "saved_for_backward")
+CPU_ATTENTION = tuple(
+    f"tests/test_cpu_backend.py::test_{name}"
+    for name in (
+        "prefix_tokens_and_layouts_match_oracle",
+        "inputs_and_output_gradient_in_layouts_of_their_own",
+        "attention_matches_oracle",
+        "attention_nan_stays_in_its_groups",
+        "attention_gradcheck",
+        "saved_for_backward",
+    )
 ) + ("tests/test_cpu_short_groups.py",)
 CPU_ATTENTION_SELECT = None
 CPU_TUBELET = ("tests/test_cpu_backend.py", "tests/test_tubelet.py")
@@ -96,79 +112,289 @@ class Mutant:
 
 MUTANTS = [
     # --- Triton attention (vivit_kernels/triton/attention.py, vivit_kernels/index_map.py) -------
-    Mutant("tri-prefix-member", "index math", "a prefix group's members indexed without skipping the X prefix rows",
-           "vivit_kernels/triton/attention.py", "(i - X) * MS", "i * MS", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
-    Mutant("tri-base", "index math", "the grid's base (P prefix tokens) dropped from the token map",
-           "vivit_kernels/triton/attention.py", "BASE + g * GS", "g * GS", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
-    Mutant("tri-mask", "index math", "the forward's block-diagonal mask between packed groups missing",
-           "vivit_kernels/triton/attention.py", "col_ok[None, :] & (row_group[:, None] == (cols // RL)[None, :])",
-           "col_ok[None, :]", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
-    Mutant("tri-grid", "index math", "the grid's blocks per pack rounded down instead of up",
-           "vivit_kernels/triton/attention.py", "triton.cdiv(min(groups_per_pack, groups) * row_length, block)",
-           "(min(groups_per_pack, groups) * row_length) // block", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
-    Mutant("tri-pack-len", "index math", "the last pack's length off by one row",
-           "vivit_kernels/triton/attention.py", "* RL", "* RL - 1", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
-    Mutant("tri-space-major", "layouts", "space-major spatial groups with the time-major member stride",
-           "vivit_kernels/index_map.py", "cls(T, S, 1, T, P, P)", "cls(T, S, 1, S, P, P)",
-           TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
-    Mutant("tri-v-strides", "layouts", "the forward reads v with k's strides",
-           "vivit_kernels/triton/attention.py", "*vh.stride(), *oh.stride()", "*kh.stride(), *oh.stride()",
-           TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
-    Mutant("tri-dout-strides", "layouts", "the backward reads dO with out's strides",
-           "vivit_kernels/triton/attention.py", "*gh.stride()", "*_heads(out, h0, heads).stride()",
-           TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
-    Mutant("tri-log2e", "scaling", "the forward's logit scale without log2(e) (exp2 used as exp)",
-           "vivit_kernels/triton/attention.py", "scale * LOG2E,", "scale,", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
-    Mutant("tri-dk-scale", "scaling", "dK not multiplied by the scale",
-           "vivit_kernels/triton/attention.py", "*= scale", "*= 1.0", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
-    Mutant("tri-lse-base", "scaling", "the log-sum-exp saved in base 2, not natural log",
-           "vivit_kernels/triton/attention.py", "(m_i + tl.log2(l_i)) / LOG2E_CONST", "m_i + tl.log2(l_i)",
-           TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
-    Mutant("tri-delta", "scaling", "delta = rowsum(O * O) instead of rowsum(dO * O)",
-           "vivit_kernels/triton/attention.py", "* do.to(tl.float32)", "* o.to(tl.float32)",
-           TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
-    Mutant("tri-prefix-share", "scaling", "a spatial prefix row's gradient not divided among its T groups",
-           "vivit_kernels/triton/attention.py", "1.0 / G_A, 1.0", "1.0, 1.0", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
-    Mutant("tri-prefix-mean", "index math", "the averaged prefix output summed over the frames, not averaged",
-           "vivit_kernels/triton/attention.py", ".mean(2)", ".sum(2)", TRITON_ATTENTION, TRITON_ATTENTION_SELECT),
+    Mutant(
+        "tri-prefix-member",
+        "index math",
+        "a prefix group's members indexed without skipping the X prefix rows",
+        "vivit_kernels/triton/attention.py",
+        "(i - X) * MS",
+        "i * MS",
+        TRITON_ATTENTION,
+        TRITON_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "tri-base",
+        "index math",
+        "the grid's base (P prefix tokens) dropped from the token map",
+        "vivit_kernels/triton/attention.py",
+        "BASE + g * GS",
+        "g * GS",
+        TRITON_ATTENTION,
+        TRITON_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "tri-mask",
+        "index math",
+        "the forward's block-diagonal mask between packed groups missing",
+        "vivit_kernels/triton/attention.py",
+        "col_ok[None, :] & (row_group[:, None] == (cols // RL)[None, :])",
+        "col_ok[None, :]",
+        TRITON_ATTENTION,
+        TRITON_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "tri-grid",
+        "index math",
+        "the grid's blocks per pack rounded down instead of up",
+        "vivit_kernels/triton/attention.py",
+        "triton.cdiv(min(groups_per_pack, groups) * row_length, block)",
+        "(min(groups_per_pack, groups) * row_length) // block",
+        TRITON_ATTENTION,
+        TRITON_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "tri-pack-len",
+        "index math",
+        "the last pack's length off by one row",
+        "vivit_kernels/triton/attention.py",
+        "* RL",
+        "* RL - 1",
+        TRITON_ATTENTION,
+        TRITON_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "tri-space-major",
+        "layouts",
+        "space-major spatial groups with the time-major member stride",
+        "vivit_kernels/index_map.py",
+        "cls(T, S, 1, T, P, P)",
+        "cls(T, S, 1, S, P, P)",
+        TRITON_ATTENTION,
+        TRITON_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "tri-v-strides",
+        "layouts",
+        "the forward reads v with k's strides",
+        "vivit_kernels/triton/attention.py",
+        "*vh.stride(),",
+        "*kh.stride(),",
+        TRITON_ATTENTION,
+        TRITON_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "tri-dout-strides",
+        "layouts",
+        "the backward reads dO with out's strides",
+        "vivit_kernels/triton/attention.py",
+        "*gh.stride()",
+        "*_heads(out, h0, heads).stride()",
+        TRITON_ATTENTION,
+        TRITON_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "tri-log2e",
+        "scaling",
+        "the forward's logit scale without log2(e) (exp2 used as exp)",
+        "vivit_kernels/triton/attention.py",
+        "scale * LOG2E,",
+        "scale,",
+        TRITON_ATTENTION,
+        TRITON_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "tri-dk-scale",
+        "scaling",
+        "dK not multiplied by the scale",
+        "vivit_kernels/triton/attention.py",
+        "*= scale",
+        "*= 1.0",
+        TRITON_ATTENTION,
+        TRITON_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "tri-lse-base",
+        "scaling",
+        "the log-sum-exp saved in base 2, not natural log",
+        "vivit_kernels/triton/attention.py",
+        "(m_i + tl.log2(l_i)) / LOG2E_CONST",
+        "m_i + tl.log2(l_i)",
+        TRITON_ATTENTION,
+        TRITON_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "tri-delta",
+        "scaling",
+        "delta = rowsum(O * O) instead of rowsum(dO * O)",
+        "vivit_kernels/triton/attention.py",
+        "* do.to(tl.float32)",
+        "* o.to(tl.float32)",
+        TRITON_ATTENTION,
+        TRITON_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "tri-prefix-share",
+        "scaling",
+        "a spatial prefix row's gradient not divided among its T groups",
+        "vivit_kernels/triton/attention.py",
+        "1.0 / G_A, 1.0",
+        "1.0, 1.0",
+        TRITON_ATTENTION,
+        TRITON_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "tri-prefix-mean",
+        "index math",
+        "the averaged prefix output summed over the frames, not averaged",
+        "vivit_kernels/triton/attention.py",
+        ".mean(2)",
+        ".sum(2)",
+        TRITON_ATTENTION,
+        TRITON_ATTENTION_SELECT,
+    ),
     # --- Triton tubelet (vivit_kernels/triton/tubelet.py): no markers there yet ----------------
-    Mutant("tri-tube-corner", "index math", "a token's tube corner without the tubelet's time extent",
-           "vivit_kernels/triton/tubelet.py", "return i * t * stride_t + j * h * stride_h + l * w * stride_w",
-           "return i * stride_t + j * h * stride_h + l * w * stride_w", TRITON_TUBELET, TRITON_TUBELET_SELECT),
-    Mutant("tri-tube-w-stride", "layouts", "the video's W axis assumed unit-stride inside a tube",
-           "vivit_kernels/triton/tubelet.py", "return c * stride_c + dt * stride_t + dh * stride_h + dw * stride_w",
-           "return c * stride_c + dt * stride_t + dh * stride_h + dw", TRITON_TUBELET, TRITON_TUBELET_SELECT),
-    Mutant("tri-tube-split", "index math", "d(weight)'s token chunks rounded down: the last tiles never summed",
-           "vivit_kernels/triton/tubelet.py", "chunk = tl.cdiv(tiles, SPLIT)", "chunk = tiles // SPLIT",
-           TRITON_TUBELET, TRITON_TUBELET_SELECT),
+    Mutant(
+        "tri-tube-corner",
+        "index math",
+        "a token's tube corner without the tubelet's time extent",
+        "vivit_kernels/triton/tubelet.py",
+        "return i * t * stride_t + j * h * stride_h + l * w * stride_w",
+        "return i * stride_t + j * h * stride_h + l * w * stride_w",
+        TRITON_TUBELET,
+        TRITON_TUBELET_SELECT,
+    ),
+    Mutant(
+        "tri-tube-w-stride",
+        "layouts",
+        "the video's W axis assumed unit-stride inside a tube",
+        "vivit_kernels/triton/tubelet.py",
+        "return c * stride_c + dt * stride_t + dh * stride_h + dw * stride_w",
+        "return c * stride_c + dt * stride_t + dh * stride_h + dw",
+        TRITON_TUBELET,
+        TRITON_TUBELET_SELECT,
+    ),
+    Mutant(
+        "tri-tube-split",
+        "index math",
+        "d(weight)'s token chunks rounded down: the last tiles never summed",
+        "vivit_kernels/triton/tubelet.py",
+        "chunk = tl.cdiv(tiles, SPLIT)",
+        "chunk = tiles // SPLIT",
+        TRITON_TUBELET,
+        TRITON_TUBELET_SELECT,
+    ),
     # --- C++ attention (csrc/attention.cpp, csrc/block_math.cpp) ------------------------------
-    Mutant("cpp-space-major", "layouts", "space-major spatial groups with the time-major strides",
-           "csrc/attention.cpp", "IndexMap{T, S, 1, T, P, P}", "IndexMap{T, S, S, 1, P, P}",
-           CPU_ATTENTION, CPU_ATTENTION_SELECT),
-    Mutant("cpp-v-strides", "layouts", "the forward reads v's blocks with k's token stride",
-           "csrc/attention.cpp", "keys.step * v.sn", "keys.step * k.sn", CPU_ATTENTION, CPU_ATTENTION_SELECT),
-    Mutant("cpp-prefix-group", "index math", "a temporal head's prefix group one token short",
-           "csrc/attention.cpp", "{1, P, 0, 1, 0, 0}", "{1, P - 1, 0, 1, 0, 0}", CPU_ATTENTION, CPU_ATTENTION_SELECT),
-    Mutant("cpp-prefix-mean", "index math", "the averaged prefix output not divided by the T groups",
-           "csrc/attention.cpp", "for (int64_t d = 0; d < Dh; ++d) o[d] /= T(geo.G);", "",
-           CPU_ATTENTION, CPU_ATTENTION_SELECT),
-    Mutant("cpp-dk-scale", "scaling", "dK not multiplied by the scale",
-           "csrc/attention.cpp", "M, scale, dprobs.data()", "M, T(1), dprobs.data()", CPU_ATTENTION, CPU_ATTENTION_SELECT),
-    Mutant("cpp-lse", "scaling", "the log-sum-exp without the running max",
-           "csrc/attention.cpp", "= row_max[i] + std::log(row_sum[i]);", "= std::log(row_sum[i]);",
-           CPU_ATTENTION, CPU_ATTENTION_SELECT),
-    Mutant("cpp-prefix-delta", "scaling", "a spatial prefix row's delta taken against the averaged output",
-           "csrc/attention.cpp", "prefix_queries ? prefix_out.at(b, h, g, n) : out.row(b, h, n)", "out.row(b, h, n)",
-           CPU_ATTENTION, CPU_ATTENTION_SELECT),
-    Mutant("cpp-exp-scale", "scaling", "the float exponentials of long groups without the logit scale",
-           "csrc/block_math.cpp", "v * scale - shift", "v - shift", CPU_ATTENTION, CPU_ATTENTION_SELECT),
-    Mutant("cpp-short-scale", "scaling", "a short group's backward probabilities without the logit scale",
-           "csrc/block_math.cpp", "pi[j] * scale - lse", "pi[j] - lse", CPU_ATTENTION, CPU_ATTENTION_SELECT),
+    Mutant(
+        "cpp-space-major",
+        "layouts",
+        "space-major spatial groups with the time-major strides",
+        "csrc/attention.cpp",
+        "IndexMap{T, S, 1, T, P, P}",
+        "IndexMap{T, S, S, 1, P, P}",
+        CPU_ATTENTION,
+        CPU_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "cpp-v-strides",
+        "layouts",
+        "the forward reads v's blocks with k's token stride",
+        "csrc/attention.cpp",
+        "keys.step * v.sn",
+        "keys.step * k.sn",
+        CPU_ATTENTION,
+        CPU_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "cpp-prefix-group",
+        "index math",
+        "a temporal head's prefix group one token short",
+        "csrc/attention.cpp",
+        "{1, P, 0, 1, 0, 0}",
+        "{1, P - 1, 0, 1, 0, 0}",
+        CPU_ATTENTION,
+        CPU_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "cpp-prefix-mean",
+        "index math",
+        "the averaged prefix output not divided by the T groups",
+        "csrc/attention.cpp",
+        "for (int64_t d = 0; d < Dh; ++d) o[d] /= T(geo.G);",
+        "",
+        CPU_ATTENTION,
+        CPU_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "cpp-dk-scale",
+        "scaling",
+        "dK not multiplied by the scale",
+        "csrc/attention.cpp",
+        "M, scale, dprobs.data()",
+        "M, T(1), dprobs.data()",
+        CPU_ATTENTION,
+        CPU_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "cpp-lse",
+        "scaling",
+        "the log-sum-exp without the running max",
+        "csrc/attention.cpp",
+        "= row_max[i] + std::log(row_sum[i]);",
+        "= std::log(row_sum[i]);",
+        CPU_ATTENTION,
+        CPU_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "cpp-prefix-delta",
+        "scaling",
+        "a spatial prefix row's delta taken against the averaged output",
+        "csrc/attention.cpp",
+        "prefix_queries ? prefix_out.at(b, h, g, n) : out.row(b, h, n)",
+        "out.row(b, h, n)",
+        CPU_ATTENTION,
+        CPU_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "cpp-exp-scale",
+        "scaling",
+        "the float exponentials of long groups without the logit scale",
+        "csrc/block_math.cpp",
+        "v * scale - shift",
+        "v - shift",
+        CPU_ATTENTION,
+        CPU_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "cpp-short-scale",
+        "scaling",
+        "a short group's backward probabilities without the logit scale",
+        "csrc/block_math.cpp",
+        "pi[j] * scale - lse",
+        "pi[j] - lse",
+        CPU_ATTENTION,
+        CPU_ATTENTION_SELECT,
+    ),
     # --- C++ tubelet (csrc/tubelet.cpp) ---------------------------------------------------------
-    Mutant("cpp-tube-corner", "index math", "a tube's corner without the tubelet's width",
-           "csrc/tubelet.cpp", "iw * w * stride[4]", "iw * stride[4]", CPU_TUBELET, CPU_TUBELET_SELECT),
-    Mutant("cpp-tube-accumulate", "index math", "d(weight) overwritten by each block of tubes instead of summed",
-           "csrc/tubelet.cpp", "scalar_t(r0 == 0 ? 0 : 1)", "scalar_t(0)", CPU_TUBELET, CPU_TUBELET_SELECT),
+    Mutant(
+        "cpp-tube-corner",
+        "index math",
+        "a tube's corner without the tubelet's width",
+        "csrc/tubelet.cpp",
+        "iw * w * stride[4]",
+        "iw * stride[4]",
+        CPU_TUBELET,
+        CPU_TUBELET_SELECT,
+    ),
+    Mutant(
+        "cpp-tube-accumulate",
+        "index math",
+        "d(weight) overwritten by each block of tubes instead of summed",
+        "csrc/tubelet.cpp",
+        "scalar_t(r0 == 0 ? 0 : 1)",
+        "scalar_t(0)",
+        CPU_TUBELET,
+        CPU_TUBELET_SELECT,
+    ),
 ]
 
 # The modules whose mutmut mutants must die (issue: index math, scaling and layouts of the kernels'
@@ -214,8 +440,13 @@ def copy_tree(dest: Path, rev: str | None) -> None:
         archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
         return
-    listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                            capture_output=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = ROOT / name
         if source.is_file():
@@ -237,7 +468,9 @@ def test_env(tree: Path, cache: Path, triton: bool) -> dict[str, str]:
 
 def load_extension_module(tree: Path):
     """`tree`'s vivit_kernels/_extension.py, loaded on its own (no torch import), as setup.py does."""
-    spec = importlib.util.spec_from_file_location(f"_mutate_extension_{id(tree)}", tree / "vivit_kernels" / "_extension.py")
+    spec = importlib.util.spec_from_file_location(
+        f"_mutate_extension_{id(tree)}", tree / "vivit_kernels" / "_extension.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -260,14 +493,18 @@ class Library:
             return
         for root in (ROOT / "vivit_kernels" / "_csrc", self.extension.cache_root()):
             built = root / name
-            if (built / f"{name}.so").is_file() and all((built / f"{Path(s).stem}.o").is_file() for s in self.extension.SOURCES):
+            if (built / f"{name}.so").is_file() and all(
+                (built / f"{Path(s).stem}.o").is_file() for s in self.extension.SOURCES
+            ):
                 shutil.copytree(built, self.baseline, dirs_exist_ok=True)
                 log(f"C++ library {name}: reusing the build in {root}")
                 return
         log(f"C++ library {name}: compiling the unmutated sources")
         env = {**os.environ, "VIVIT_KERNELS_CACHE": str(self.cache)}
-        code = f"import importlib.util as u; s = u.spec_from_file_location('e', {str(self.tree / 'vivit_kernels' / '_extension.py')!r}); " \
-               "m = u.module_from_spec(s); s.loader.exec_module(m); m.build()"
+        code = (
+            f"import importlib.util as u; s = u.spec_from_file_location('e', {str(self.tree / 'vivit_kernels' / '_extension.py')!r}); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); m.build()"
+        )
         subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
     def _flags(self) -> tuple[list[str], list[str]]:
@@ -294,8 +531,11 @@ class Library:
         if result.returncode:
             return False, result.stdout + result.stderr
         objects = [obj if Path(s).stem == stem else self.baseline / f"{Path(s).stem}.o" for s in self.extension.SOURCES]
-        result = subprocess.run([compiler, *map(str, objects), *ldflags, "-o", str(directory / f"{name}.so")],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [compiler, *map(str, objects), *ldflags, "-o", str(directory / f"{name}.so")],
+            capture_output=True,
+            text=True,
+        )
         return result.returncode == 0, result.stdout + result.stderr
 
     def discard(self) -> None:
@@ -307,6 +547,7 @@ class Library:
 
 def present(tree: Path, tests: tuple[str, ...]) -> tuple[str, ...]:
     """`tests` less the test functions (file::name ids) that the tree's test files do not define."""
+
     def defined(test: str) -> bool:
         file, _, name = test.partition("::")
         return not name or f"def {name.split('[')[0]}(" in (tree / file).read_text()
@@ -314,7 +555,9 @@ def present(tree: Path, tests: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(filter(defined, tests))
 
 
-def run_pytest(tree: Path, env: dict, files: tuple[str, ...], select: str | None, timeout: float) -> tuple[int | None, float, str]:
+def run_pytest(
+    tree: Path, env: dict, files: tuple[str, ...], select: str | None, timeout: float
+) -> tuple[int | None, float, str]:
     """(exit status or None on timeout, seconds, last lines of output) of pytest -x on `files`."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--tb=line", *files]
     if select:
@@ -323,7 +566,11 @@ def run_pytest(tree: Path, env: dict, files: tuple[str, ...], select: str | None
     try:
         result = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as expired:
-        output = (expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        output = (
+            (expired.stdout or b"").decode(errors="replace")
+            if isinstance(expired.stdout, bytes)
+            else (expired.stdout or "")
+        )
         return None, time.monotonic() - start, output[-2000:]
     output = result.stdout + result.stderr
     return result.returncode, time.monotonic() - start, output[-2000:]
@@ -367,8 +614,9 @@ def locate(text: str, mutant: Mutant) -> tuple[int, int]:
             code = code[: code.index(comment)]
     count = code.count(mutant.old)
     if count != 1:
-        raise ValueError(f"{mutant.path}:{i + 1}: expected one occurrence of {mutant.old!r} on the line {tag!r} "
-                         f"marks, found {count}")
+        raise ValueError(
+            f"{mutant.path}:{i + 1}: expected one occurrence of {mutant.old!r} on the line {tag!r} marks, found {count}"
+        )
     at = sum(map(len, lines[:i])) + code.index(mutant.old)
     return at, at + len(mutant.old)
 
@@ -427,8 +675,9 @@ def run_kernel_mutants(work: Path, rev: str | None, only: set[str] | None, timeo
                     log(f"{mutant.id}: does not compile")
                     continue
             triton = any("triton" in test for test in mutant.tests)
-            status, seconds, output = run_pytest(tree, test_env(tree, cache, triton), present(tree, mutant.tests),
-                                                 mutant.select, timeout)
+            status, seconds, output = run_pytest(
+                tree, test_env(tree, cache, triton), present(tree, mutant.tests), mutant.select, timeout
+            )
         finally:
             (tree / mutant.path).write_text(original)
             library.discard()
@@ -458,7 +707,9 @@ def modules_of(spec: str) -> list[str]:
     if spec == "core":
         return list(CORE_MODULES)
     if spec == "all":
-        return sorted(str(p.relative_to(ROOT)) for root in ("vivit_kernels", "models/vivit") for p in (ROOT / root).rglob("*.py"))
+        return sorted(
+            str(p.relative_to(ROOT)) for root in ("vivit_kernels", "models/vivit") for p in (ROOT / root).rglob("*.py")
+        )
     return [m.strip() for m in spec.split(",") if m.strip()]
 
 
@@ -479,8 +730,13 @@ def stage_python(work: Path, rev: str | None, modules: list[str]) -> Path:
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
     # The tests import benchmarks' shared helpers (relative_error).
-    for source, target in (("vivit_kernels", "vivit_kernels"), ("models/vivit", "vivit"), ("tests", "tests"),
-                           ("benchmarks", "benchmarks"), ("csrc", "csrc")):
+    for source, target in (
+        ("vivit_kernels", "vivit_kernels"),
+        ("models/vivit", "vivit"),
+        ("tests", "tests"),
+        ("benchmarks", "benchmarks"),
+        ("csrc", "csrc"),
+    ):
         shutil.copytree(checkout / source, stage / target)
     # The C++ library of these sources, so that the tests do not compile it (mutmut copies the package).
     built = Library(checkout, work / "csrc-cache")
@@ -504,15 +760,17 @@ def stage_python(work: Path, rev: str | None, modules: list[str]) -> Path:
 
 def mutmut_results(stage: Path, env: dict) -> dict[str, str]:
     """mutant name -> status, from `mutmut results --all true`."""
-    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=stage, env=env,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=stage, env=env, capture_output=True, text=True
+    ).stdout
     return dict(re.findall(r"^\s+(\S+__mutmut_\d+): (.+?)\s*$", out, re.MULTILINE))
 
 
 def describe(stage: Path, env: dict, name: str) -> dict:
     """A surviving mutant's file (as in the repository), line and change, from `mutmut show`."""
-    diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=stage, env=env, capture_output=True,
-                          text=True).stdout
+    diff = subprocess.run(
+        [sys.executable, "-m", "mutmut", "show", name], cwd=stage, env=env, capture_output=True, text=True
+    ).stdout
     path = re.search(r"^\+\+\+ (?:b/)?(\S+)", diff, re.MULTILINE)
     lines = diff.splitlines()
     removed = [line[1:].strip() for line in lines if line.startswith("-") and not line.startswith("---")]
@@ -530,8 +788,10 @@ def describe(stage: Path, env: dict, name: str) -> dict:
     return {"name": name, "file": file, "line": line, "from": " | ".join(removed), "to": " | ".join(added)}
 
 
-GENERATE = ("import os; from mutmut.__main__ import copy_src_dir, copy_also_copy_files, create_mutants; "
-            "os.makedirs('mutants', exist_ok=True); copy_src_dir(); copy_also_copy_files(); create_mutants(1)")
+GENERATE = (
+    "import os; from mutmut.__main__ import copy_src_dir, copy_also_copy_files, create_mutants; "
+    "os.makedirs('mutants', exist_ok=True); copy_src_dir(); copy_also_copy_files(); create_mutants(1)"
+)
 
 
 def generated_mutants(stage: Path, env: dict) -> dict[str, list[str]]:
@@ -553,34 +813,57 @@ def run_mutmut(work: Path, rev: str | None, modules: list[str], children: int, s
     env["VIVIT_KERNELS_CACHE"] = str(work / "csrc-cache")
     generated = generated_mutants(stage, env)
     skipped = sum(n.partition("__mutmut_")[0] in IMPORT_TIME for names in generated.values() for n in names)
-    generated = {m: [n for n in names if n.partition("__mutmut_")[0] not in IMPORT_TIME] for m, names in generated.items()}
+    generated = {
+        m: [n for n in names if n.partition("__mutmut_")[0] not in IMPORT_TIME] for m, names in generated.items()
+    }
     chosen: list[str] = []
     rng = random.Random(seed)
     for names in generated.values():  # a sample of each module's: the same for the same seed and sources
         chosen += sorted(rng.sample(names, min(sample, len(names)))) if sample else names
-    log(f"mutmut on {len(modules)} module(s), {sum(map(len, generated.values()))} mutants ({skipped} of import-time code left out)"
-        + (f", {len(chosen)} sampled ({sample} per module, seed {seed})" if sample else "") + f": {', '.join(modules)}")
+    log(
+        f"mutmut on {len(modules)} module(s), {sum(map(len, generated.values()))} mutants ({skipped} of import-time code left out)"
+        + (f", {len(chosen)} sampled ({sample} per module, seed {seed})" if sample else "")
+        + f": {', '.join(modules)}"
+    )
     start = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *chosen], cwd=stage,
-                         env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *chosen],
+        cwd=stage,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.monotonic() - start
     (work / "mutmut.log").write_text(run.stdout + run.stderr)
     statuses = mutmut_results(stage, env)
     statuses = {name: status for name, status in statuses.items() if name in set(chosen)}
-    log(f"mutmut: exit status {run.returncode} in {seconds:.0f} s, {len(statuses)} mutants (log: {work / 'mutmut.log'})")
+    log(
+        f"mutmut: exit status {run.returncode} in {seconds:.0f} s, {len(statuses)} mutants (log: {work / 'mutmut.log'})"
+    )
     per_module: dict[str, dict[str, int]] = {}
     survivors = []
     for name, status in statuses.items():
-        module = "models/" + name.split(".x")[0].replace(".", "/") + ".py" if name.startswith("vivit.") else \
-            name.split(".x")[0].replace(".", "/") + ".py"
+        module = (
+            "models/" + name.split(".x")[0].replace(".", "/") + ".py"
+            if name.startswith("vivit.")
+            else name.split(".x")[0].replace(".", "/") + ".py"
+        )
         counts = per_module.setdefault(module, {})
         counts[status] = counts.get(status, 0) + 1
         if status == "survived":
             survivors.append(describe(stage, env, name))
-    return {"modules": modules, "generated": {m: len(n) for m, n in generated.items()}, "import_time_left_out": skipped,
-            "sample": sample, "seed": seed,
-            "exit_status": run.returncode, "seconds": round(seconds), "per_module": per_module,
-            "survivors": survivors, "log_tail": (run.stdout + run.stderr)[-3000:]}
+    return {
+        "modules": modules,
+        "generated": {m: len(n) for m, n in generated.items()},
+        "import_time_left_out": skipped,
+        "sample": sample,
+        "seed": seed,
+        "exit_status": run.returncode,
+        "seconds": round(seconds),
+        "per_module": per_module,
+        "survivors": survivors,
+        "log_tail": (run.stdout + run.stderr)[-3000:],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,7 +890,9 @@ def summarise(report: dict, fail_under: float) -> tuple[list[str], bool]:
         lines += ["", "| mutant | category | where | status | detail |", "|---|---|---|---|---|"]
         for m in kernels["mutants"]:
             where = f"{m['path']}:{m.get('line', '?')}"
-            lines.append(f"| {m['id']} | {m['category']} | {where} | {m['status']} | {m['what']}; {m['detail'][:120]} |")
+            lines.append(
+                f"| {m['id']} | {m['category']} | {where} | {m['status']} | {m['what']}; {m['detail'][:120]} |"
+            )
         if len(ran) != len(kernels["mutants"]) or len(killed) != len(ran):
             ok = False
         lines.append("")
@@ -619,13 +904,20 @@ def summarise(report: dict, fail_under: float) -> tuple[list[str], bool]:
                 totals[status] = totals.get(status, 0) + n
         detected = sum(totals.get(s, 0) for s in STATUS_KILLED)
         tested = detected + totals.get("survived", 0)
-        lines += ["## mutmut", "", f"Killed {score(detected, tested)} of the mutants with tests; "
-                  f"statuses: {json.dumps(totals)}.", "", "| module | killed | survived | no tests | other |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "## mutmut",
+            "",
+            f"Killed {score(detected, tested)} of the mutants with tests; statuses: {json.dumps(totals)}.",
+            "",
+            "| module | killed | survived | no tests | other |",
+            "|---|---|---|---|---|",
+        ]
         for module, counts in sorted(python["per_module"].items()):
             killed_here = sum(counts.get(s, 0) for s in STATUS_KILLED)
             other = sum(n for s, n in counts.items() if s not in (*STATUS_KILLED, "survived", "no tests"))
-            lines.append(f"| {module} | {killed_here} | {counts.get('survived', 0)} | {counts.get('no tests', 0)} | {other} |")
+            lines.append(
+                f"| {module} | {killed_here} | {counts.get('survived', 0)} | {counts.get('no tests', 0)} | {other} |"
+            )
         lines += ["", "Survivors:", ""]
         for s in sorted(python["survivors"], key=lambda s: (s["file"], s["line"])):
             lines.append(f"- {s['file']}:{s['line']} `{s['from']}` -> `{s['to']}` ({s['name']})")
@@ -647,7 +939,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="scratch directory (default: a new temporary one)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for one test run of a kernel mutant")
     parser.add_argument("--children", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="mutmut's workers")
-    parser.add_argument("--sample", type=int, default=0, help="mutmut: run this many mutants per module, at random (0: all)")
+    parser.add_argument(
+        "--sample", type=int, default=0, help="mutmut: run this many mutants per module, at random (0: all)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed")
     parser.add_argument("--fail-under", type=float, default=90.0, help="mutmut's minimum score, percent")
     parser.add_argument("--list", action="store_true", help="list the hand-written mutants and exit")

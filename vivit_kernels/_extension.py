@@ -68,8 +68,9 @@ def cache_root() -> Path:
     # a CUDA_HOME warning on machines without CUDA, and loading a built library needs none of it.
     from torch import _appdirs
 
-    return Path(os.environ.get("VIVIT_KERNELS_CACHE")
-                or os.path.realpath(_appdirs.user_cache_dir(appname="torch_extensions")))
+    return Path(
+        os.environ.get("VIVIT_KERNELS_CACHE") or os.path.realpath(_appdirs.user_cache_dir(appname="torch_extensions"))
+    )
 
 
 def find(roots: list[Path] | None = None) -> Path | None:
@@ -90,8 +91,10 @@ def _cannot_build() -> str | None:
         import torch
 
         if any(PACKAGE_BUILD.glob(f"{PREFIX}*/{PREFIX}*.so")):
-            return (f"the installed library was built for another torch or Python than this one (torch "
-                    f"{torch.__version__}, {sys.implementation.cache_tag}); reinstall vivit-kernels for it")
+            return (
+                f"the installed library was built for another torch or Python than this one (torch "
+                f"{torch.__version__}, {sys.implementation.cache_tag}); reinstall vivit-kernels for it"
+            )
         return f"the C++ sources are not installed (expected {CSRC}); reinstall vivit-kernels from source"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:

@@ -262,7 +262,9 @@ class FactorisedAttention(nn.Module):
             if frames is not None and frames != T:
                 raise ValueError(f"{op}: x has T={T} frames but frames={frames} was given")
             if self.tokens_per_frame is not None and S != self.tokens_per_frame:
-                raise ValueError(f"{op}: x has S={S} tokens per frame, expected tokens_per_frame={self.tokens_per_frame}")
+                raise ValueError(
+                    f"{op}: x has S={S} tokens per frame, expected tokens_per_frame={self.tokens_per_frame}"
+                )
             frames, N = T, T * S
         elif x.dim() == 3:
             B, N, D = x.shape
@@ -303,8 +305,12 @@ class FactorisedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         extras = [f"mode={self.mode!r}", f"num_heads={self.num_heads}", f"head_dim={self.head_dim}"]
-        for name, default in (("frames", None), ("tokens_per_frame", None), ("num_prefix_tokens", 0),
-                              ("layout", "time_major")):
+        for name, default in (
+            ("frames", None),
+            ("tokens_per_frame", None),
+            ("num_prefix_tokens", 0),
+            ("layout", "time_major"),
+        ):
             if getattr(self, name) != default:
                 extras.append(f"{name}={getattr(self, name)!r}")
         return ", ".join(extras + [f"backend={self.backend!r}"])

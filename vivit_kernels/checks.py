@@ -190,7 +190,9 @@ def _check_same(op: str, named: dict[str, torch.Tensor | None]) -> None:
         if t.dtype != first.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; expected one dtype")
         if t.device != first.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; expected one device")
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; expected one device"
+            )
 
 
 def check_int(op: str, name: str, value, minimum: int) -> None:
@@ -235,8 +237,11 @@ def grid_mismatch(
     op: str, tokens: int, prefix: int, frames: int | None = None, tokens_per_frame: int | None = None
 ) -> str:
     """The message for N tokens that are not prefix + frames * tokens_per_frame."""
-    given = ", ".join(f"{name}={value}" for name, value in (("frames", frames), ("tokens_per_frame", tokens_per_frame))
-                      if value is not None)
+    given = ", ".join(
+        f"{name}={value}"
+        for name, value in (("frames", frames), ("tokens_per_frame", tokens_per_frame))
+        if value is not None
+    )
     hint = " (a class token? pass num_prefix_tokens)" if prefix == 0 else ""
     return (
         f"{op}: N={tokens} tokens with num_prefix_tokens={prefix} do not fit {given}; expected "
@@ -260,7 +265,13 @@ def check_attention(
 
 
 def check_attention_packed(
-    qkv, num_heads, frames, mode, scale, dropout_p: float = 0.0, num_prefix_tokens: int = 0,
+    qkv,
+    num_heads,
+    frames,
+    mode,
+    scale,
+    dropout_p: float = 0.0,
+    num_prefix_tokens: int = 0,
     layout: str = "time_major",
 ) -> AttentionShape:
     op = "factorised_attention_packed"
@@ -271,8 +282,9 @@ def check_attention_packed(
         raise ValueError(
             f"{op}: qkv has width {width}, not divisible by 3 * num_heads = {3 * num_heads}; expected (B, N, 3 * H * Dh)"
         )
-    return _check_grid(op, (B, num_heads, N, width // (3 * num_heads)), frames, mode, scale, dropout_p,
-                       num_prefix_tokens, layout)
+    return _check_grid(
+        op, (B, num_heads, N, width // (3 * num_heads)), frames, mode, scale, dropout_p, num_prefix_tokens, layout
+    )
 
 
 def _check_grid(op, q_shape, frames, mode, scale, dropout_p, num_prefix_tokens, layout) -> AttentionShape:

@@ -126,8 +126,11 @@ def _packed_linear(*linears: nn.Linear, bias: bool = True) -> nn.Linear:
     first = linears[0]
     has_bias = bias and first.bias is not None
     packed = nn.Linear(
-        first.in_features, sum(lin.out_features for lin in linears), bias=has_bias,
-        device=first.weight.device, dtype=first.weight.dtype,
+        first.in_features,
+        sum(lin.out_features for lin in linears),
+        bias=has_bias,
+        device=first.weight.device,
+        dtype=first.weight.dtype,
     )
     with torch.no_grad():
         packed.weight.copy_(torch.cat([lin.weight for lin in linears]))
@@ -145,7 +148,9 @@ def _no_mode(family: str, mode: str | None, allowed: tuple = (None,)) -> None:
 
 
 def _no_grid(
-    family: str, frames: int | None, tokens_per_frame: int | None,
+    family: str,
+    frames: int | None,
+    tokens_per_frame: int | None,
     why: str = "attends jointly over its whole sequence, so frames / tokens_per_frame have no meaning there",
 ) -> None:
     if frames is not None or tokens_per_frame is not None:
@@ -155,7 +160,9 @@ def _no_grid(
 def _unsupported_extras(layer: str, *, mask=None, output_attentions: bool = False) -> None:
     """Refuse call options a converted layer cannot honour."""
     if mask is not None:
-        raise ValueError(f"{layer} (converted by vivit_kernels): an attention mask is not supported; the mode is the mask")
+        raise ValueError(
+            f"{layer} (converted by vivit_kernels): an attention mask is not supported; the mode is the mask"
+        )
     if output_attentions:
         raise ValueError(
             f"{layer} (converted by vivit_kernels): output_attentions=True is not supported; the fused attention "
@@ -178,8 +185,11 @@ def _joint_attentions(model, family: str, module: str, class_name: str, mode, fr
     _no_mode(family, mode, (None, "joint"))
     _no_grid(family, frames, tokens_per_frame)
     cls = _class(module, class_name)
-    found = [(f"{name}.attention", layer, layer.attention) for name, layer in model.named_modules()
-             if type(getattr(layer, "attention", None)) is cls]
+    found = [
+        (f"{name}.attention", layer, layer.attention)
+        for name, layer in model.named_modules()
+        if type(getattr(layer, "attention", None)) is cls
+    ]
     if not found:
         raise ValueError(f"convert: found no {class_name} to convert in {type(model).__qualname__} (converted twice?)")
     return found
@@ -212,8 +222,9 @@ def _convert_timm(model, *, mode, frames, tokens_per_frame, backend) -> list:
                 f"convert: {family} whose patch grid varies with the input (dynamic_img_size, or no "
                 "patch_embed.grid_size) needs frames=T or tokens_per_frame=S"
             )
-        grid = dict(mode=mode, frames=frames, tokens_per_frame=tokens_per_frame,
-                    num_prefix_tokens=model.num_prefix_tokens)
+        grid = dict(
+            mode=mode, frames=frames, tokens_per_frame=tokens_per_frame, num_prefix_tokens=model.num_prefix_tokens
+        )
     replacements = []
     for i, block in enumerate(model.blocks):
         name = f"blocks.{i}.attn"
@@ -263,8 +274,14 @@ def _timesformer_attention(name: str, attention: nn.Module, cls: type, backend: 
     inner = attention.attention
     dim = inner.qkv.in_features
     new = _attention(
-        name, attention, cls, dim=dim, num_heads=inner.num_heads, attn_drop=_dropout_p(inner.attn_drop),
-        backend=backend, **grid,
+        name,
+        attention,
+        cls,
+        dim=dim,
+        num_heads=inner.num_heads,
+        attn_drop=_dropout_p(inner.attn_drop),
+        backend=backend,
+        **grid,
     )
     new.qkv, new.proj, new.proj_drop = inner.qkv, attention.output.dense, attention.output.dropout
     return new
@@ -281,22 +298,39 @@ def _convert_timesformer(model, *, mode, frames, tokens_per_frame, backend) -> l
         if layer.attention_type == "divided_space_time":
             config = layer.config
             # The original layer assumes config.num_frames; with tokens_per_frame, T is read off each input.
-            grid = dict(frames=config.num_frames if frames is None and tokens_per_frame is None else frames,
-                        tokens_per_frame=tokens_per_frame, num_prefix_tokens=1, layout="space_major")
+            grid = dict(
+                frames=config.num_frames if frames is None and tokens_per_frame is None else frames,
+                tokens_per_frame=tokens_per_frame,
+                num_prefix_tokens=1,
+                layout="space_major",
+            )
             layer_class_new = _timesformer_divided_layer(layer_class)
-            temporal = _timesformer_attention(f"{name}.temporal_attention", layer.temporal_attention,
-                                              FactorisedAttention, backend, mode="temporal", **grid)
-            spatial = _timesformer_attention(f"{name}.attention", layer.attention, FactorisedAttention, backend,
-                                             mode="spatial", **grid)
-            replacements += [(layer, "temporal_attention", temporal), (layer, "attention", spatial),
-                             (layer, "__class__", layer_class_new)]
+            temporal = _timesformer_attention(
+                f"{name}.temporal_attention",
+                layer.temporal_attention,
+                FactorisedAttention,
+                backend,
+                mode="temporal",
+                **grid,
+            )
+            spatial = _timesformer_attention(
+                f"{name}.attention", layer.attention, FactorisedAttention, backend, mode="spatial", **grid
+            )
+            replacements += [
+                (layer, "temporal_attention", temporal),
+                (layer, "attention", spatial),
+                (layer, "__class__", layer_class_new),
+            ]
         else:  # space_only, joint_space_time: one attention over the layer's whole input
             _no_grid(f"{family} with attention_type={layer.attention_type!r}", frames, tokens_per_frame)
-            new = _timesformer_attention(f"{name}.attention", layer.attention, _TimesformerJointAttention, backend,
-                                         **_JOINT)
+            new = _timesformer_attention(
+                f"{name}.attention", layer.attention, _TimesformerJointAttention, backend, **_JOINT
+            )
             replacements.append((layer, "attention", new))
     if not replacements:
-        raise ValueError(f"convert: found no TimesformerLayer to convert in {type(model).__qualname__} (converted twice?)")
+        raise ValueError(
+            f"convert: found no TimesformerLayer to convert in {type(model).__qualname__} (converted twice?)"
+        )
     return replacements
 
 
@@ -353,7 +387,10 @@ def _timesformer_divided_layer(base: type) -> type:
             if drop_prob:
                 frame_mask = _group_drop_mask(spatial, drop_prob, (B, 1, T, 1))
                 spatial = torch.cat(
-                    (spatial[:, :1] * frame_mask.mean(2), (spatial[:, 1:].view(B, S, T, D) * frame_mask).view(B, S * T, D)),
+                    (
+                        spatial[:, :1] * frame_mask.mean(2),
+                        (spatial[:, 1:].view(B, S, T, D) * frame_mask).view(B, S * T, D),
+                    ),
                     1,
                 )
             hidden_states = hidden_states + spatial
@@ -395,12 +432,20 @@ class _VivitAttention(FactorisedAttention):
 
 def _convert_hf_vivit(model, *, mode, frames, tokens_per_frame, backend) -> list:
     replacements = []
-    for name, layer, attn in _joint_attentions(model, "a ViViT (transformers)", _VIVIT, "VivitAttention", mode,
-                                               frames, tokens_per_frame):
+    for name, layer, attn in _joint_attentions(
+        model, "a ViViT (transformers)", _VIVIT, "VivitAttention", mode, frames, tokens_per_frame
+    ):
         new = _attention(
-            name, attn, _VivitAttention, dim=attn.q_proj.in_features, num_heads=attn.num_attention_heads,
-            head_dim=attn.head_dim, attn_drop=attn.attention_dropout, scale=_scale(attn.scaling, attn.head_dim),
-            backend=backend, **_JOINT,
+            name,
+            attn,
+            _VivitAttention,
+            dim=attn.q_proj.in_features,
+            num_heads=attn.num_attention_heads,
+            head_dim=attn.head_dim,
+            attn_drop=attn.attention_dropout,
+            scale=_scale(attn.scaling, attn.head_dim),
+            backend=backend,
+            **_JOINT,
         )
         new.qkv, new.proj = _packed_linear(attn.q_proj, attn.k_proj, attn.v_proj), attn.o_proj
         replacements.append((layer, "attention", new))
@@ -427,15 +472,25 @@ class _VideoMAEAttention(FactorisedAttention):
 
 def _convert_videomae(model, *, mode, frames, tokens_per_frame, backend) -> list:
     replacements = []
-    for name, layer, attention in _joint_attentions(model, "a VideoMAE", _VIDEOMAE, "VideoMAEAttention", mode,
-                                                    frames, tokens_per_frame):
+    for name, layer, attention in _joint_attentions(
+        model, "a VideoMAE", _VIDEOMAE, "VideoMAEAttention", mode, frames, tokens_per_frame
+    ):
         inner = attention.attention
         biased = inner.query.bias is not None
         # VideoMAE has no key bias; ours is then a zero buffer (key_bias=False), never trained.
         new = _attention(
-            name, attention, _VideoMAEAttention, dim=inner.query.in_features, num_heads=inner.num_attention_heads,
-            head_dim=inner.attention_head_size, qkv_bias=biased, key_bias=False, attn_drop=inner.dropout_prob,
-            scale=_scale(inner.scaling, inner.attention_head_size), backend=backend, **_JOINT,
+            name,
+            attention,
+            _VideoMAEAttention,
+            dim=inner.query.in_features,
+            num_heads=inner.num_attention_heads,
+            head_dim=inner.attention_head_size,
+            qkv_bias=biased,
+            key_bias=False,
+            attn_drop=inner.dropout_prob,
+            scale=_scale(inner.scaling, inner.attention_head_size),
+            backend=backend,
+            **_JOINT,
         )
         new.qkv = _packed_linear(inner.query, inner.key, inner.value, bias=False)
         if biased:
@@ -492,8 +547,16 @@ def _vit_pytorch_attention(name: str, attn: nn.Module, mode: str, backend: str) 
     dim, inner = attn.to_qkv.in_features, attn.to_qkv.out_features // 3
     grid = _JOINT if mode == "joint" else dict(mode=mode)  # spatial / temporal get (B, T, n, D) grids
     new = _attention(
-        name, attn, _PreNormAttention, dim=dim, num_heads=attn.heads, head_dim=inner // attn.heads,
-        qkv_bias=False, attn_drop=attn.dropout_p, backend=backend, **grid,
+        name,
+        attn,
+        _PreNormAttention,
+        dim=dim,
+        num_heads=attn.heads,
+        head_dim=inner // attn.heads,
+        qkv_bias=False,
+        attn_drop=attn.dropout_p,
+        backend=backend,
+        **grid,
     )
     new.norm, new.qkv = attn.norm, attn.to_qkv
     if isinstance(attn.to_out, nn.Identity):  # one head as wide as dim: no output projection
@@ -506,8 +569,12 @@ def _vit_pytorch_attention(name: str, attn: nn.Module, mode: str, backend: str) 
 def _convert_vit_pytorch(model, *, mode, frames, tokens_per_frame, backend) -> list:
     family = "a vit-pytorch ViViT"
     _no_mode(family, mode)
-    _no_grid(family, frames, tokens_per_frame, "passes its attention (B, T, n, D) grids or per-frame sequences, "
-             "so frames / tokens_per_frame are not needed")
+    _no_grid(
+        family,
+        frames,
+        tokens_per_frame,
+        "passes its attention (B, T, n, D) grids or per-frame sequences, so frames / tokens_per_frame are not needed",
+    )
     replacements = []
     if model.variant == "factorized_encoder":
         for part in ("spatial_transformer", "temporal_transformer"):
@@ -520,11 +587,15 @@ def _convert_vit_pytorch(model, *, mode, frames, tokens_per_frame, backend) -> l
         layers = nn.ModuleList()
         for i, (spatial, temporal, feed_forward) in enumerate(stack.layers):
             prefix = f"factorized_transformer.layers.{i}"
-            layers.append(nn.ModuleList([
-                _vit_pytorch_attention(f"{prefix}.0", spatial, "spatial", backend),
-                _vit_pytorch_attention(f"{prefix}.1", temporal, "temporal", backend),
-                feed_forward,
-            ]))
+            layers.append(
+                nn.ModuleList(
+                    [
+                        _vit_pytorch_attention(f"{prefix}.0", spatial, "spatial", backend),
+                        _vit_pytorch_attention(f"{prefix}.1", temporal, "temporal", backend),
+                        feed_forward,
+                    ]
+                )
+            )
         new_stack = _FactorisedSelfAttentionStack(layers, stack.norm).train(stack.training)
         replacements.append((model, "factorized_transformer", new_stack))
     else:

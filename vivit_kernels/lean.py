@@ -60,8 +60,10 @@ class _NormLinear(torch.autograd.Function):
         x, norm_weight, norm_bias, weight = ctx.saved_tensors
         needs_x, needs_nw, needs_nb, _, needs_w, needs_b = ctx.needs_input_grad
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-            leaves = [t.detach().requires_grad_(need) if t is not None else None
-                      for t, need in ((x, needs_x), (norm_weight, needs_nw), (norm_bias, needs_nb))]
+            leaves = [
+                t.detach().requires_grad_(need) if t is not None else None
+                for t, need in ((x, needs_x), (norm_weight, needs_nw), (norm_bias, needs_nb))
+            ]
             normed = F.layer_norm(leaves[0], x.shape[-1:], leaves[1], leaves[2], ctx.eps)
         d_normed, d_weight, d_bias = _linear_backward(
             grad, normed.detach().to(ctx.dtype), weight, ctx.bias_dtype, (True, needs_w, needs_b and ctx.bias_dtype)

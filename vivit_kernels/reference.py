@@ -101,8 +101,18 @@ def factorised_attention(
     """
     scale = default_scale(q.shape[-1]) if scale is None else scale
     B, H, N, Dh = q.shape
-    shape = AttentionShape(batch=B, heads=H, tokens=N, head_dim=Dh, frames=frames, mode=mode, scale=scale,
-                           dropout_p=dropout_p, prefix=num_prefix_tokens, layout=layout)
+    shape = AttentionShape(
+        batch=B,
+        heads=H,
+        tokens=N,
+        head_dim=Dh,
+        frames=frames,
+        mode=mode,
+        scale=scale,
+        dropout_p=dropout_p,
+        prefix=num_prefix_tokens,
+        layout=layout,
+    )
     return grouped_attention(q, k, v, shape, functools.partial(attend, scale=scale, dropout_p=dropout_p))
 
 

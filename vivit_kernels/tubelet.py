@@ -111,7 +111,9 @@ def uniform_frame_indices(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"uniform_frame_indices: {name} must be a positive int, got {value!r}")
     segment = clip_frames / num_frames
-    offsets = torch.rand(num_frames, generator=generator, dtype=torch.float64) if jitter else torch.full((num_frames,), 0.5)
+    offsets = (
+        torch.rand(num_frames, generator=generator, dtype=torch.float64) if jitter else torch.full((num_frames,), 0.5)
+    )
     positions = (torch.arange(num_frames, dtype=torch.float64) + offsets) * segment
     return positions.floor().long().clamp(0, clip_frames - 1)
 

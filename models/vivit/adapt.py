@@ -270,11 +270,14 @@ def video_to_video(
         how = None
         if key in new_grids and old_grids[key] != new_grids[key]:
             tensor = resample_video_pos_embed(tensor, old_grids[key], new_grids[key], prefix)
-            how = f"resampled over time and space, {'x'.join(map(str, old_grids[key]))} -> " \
-                  f"{'x'.join(map(str, new_grids[key]))} (t x h x w)"
+            how = (
+                f"resampled over time and space, {'x'.join(map(str, old_grids[key]))} -> "
+                f"{'x'.join(map(str, new_grids[key]))} (t x h x w)"
+            )
         elif key.startswith("head.") and tensor.shape != want.shape:
-            report.skipped[key] = (f"class count differs: checkpoint {tuple(tensor.shape)}, model "
-                                   f"{tuple(want.shape)}: a new head")
+            report.skipped[key] = (
+                f"class count differs: checkpoint {tuple(tensor.shape)}, model {tuple(want.shape)}: a new head"
+            )
             continue
         _place(out, report, key, tensor, want, how)
     for key in source:
@@ -283,8 +286,14 @@ def video_to_video(
     return out, report
 
 
-def _place(out: dict[str, torch.Tensor], report: LoadReport, key: str, tensor: torch.Tensor, want: torch.Tensor,
-           how: str | None = None) -> None:
+def _place(
+    out: dict[str, torch.Tensor],
+    report: LoadReport,
+    key: str,
+    tensor: torch.Tensor,
+    want: torch.Tensor,
+    how: str | None = None,
+) -> None:
     """out[key] = a copy of `tensor` in `want`'s dtype, reported as loaded (or adapted `how`);
     ValueError naming the key and both shapes when they differ."""
     if tuple(tensor.shape) != tuple(want.shape):
@@ -395,7 +404,11 @@ def image_to_video(
             _adapt_temporal_msa(image, key, m, want, temporal_attn_init, put, used, report)
         elif key.startswith("temporal."):
             source_key = key.removeprefix("temporal.")
-            if temporal_encoder_init == "image" and source_key not in ("cls_token", "pos_embed") and source_key in image:
+            if (
+                temporal_encoder_init == "image"
+                and source_key not in ("cls_token", "pos_embed")
+                and source_key in image
+            ):
                 used.add(source_key)
                 put(key, image[source_key], f"from {source_key}")
             else:
@@ -408,8 +421,11 @@ def image_to_video(
     for key in image:
         if key not in used:
             # timm's fc_norm normalises the pooled feature; our norm acts on the tokens before pooling.
-            why = ("the image model normalises after pooling (fc_norm), this model before (norm): not equivalent"
-                   if key.startswith("fc_norm.") else "not in the model")
+            why = (
+                "the image model normalises after pooling (fc_norm), this model before (norm): not equivalent"
+                if key.startswith("fc_norm.")
+                else "not in the model"
+            )
             report.skipped.setdefault(key, why)
     return out, report
 
@@ -454,7 +470,12 @@ def _adapt_patch_filter(image, want, config, tubelet_init, put, used) -> None:
         put(f"{key}.weight", source)
         return
     if source.dim() != 4 or tuple(source.shape) != (D, C, h, w):
-        raise shape_error(f"{key}.weight", source, want, "a 2D patch filter (D, C, h, w) of the same width, channels and patch size is needed")
+        raise shape_error(
+            f"{key}.weight",
+            source,
+            want,
+            "a 2D patch filter (D, C, h, w) of the same width, channels and patch size is needed",
+        )
     adapt = central_frame if tubelet_init == "central_frame" else inflate
     put(f"{key}.weight", adapt(source, t), f"{tubelet_init} over t={t}")
 

@@ -132,11 +132,16 @@ def check_weights(weights: Any, model_state: dict[str, torch.Tensor], path: str 
         raise CheckpointError(f"{path}: its 'model' entry is a {type(weights).__name__}, not a state dict")
     missing = [key for key in model_state if key not in weights]
     unexpected = [key for key in weights if key not in model_state]
-    shapes = [f"{key} {tuple(weights[key].shape)} (its model_spec needs {tuple(want.shape)})"
-              for key, want in model_state.items()
-              if key in weights and (not isinstance(weights[key], torch.Tensor) or weights[key].shape != want.shape)]
-    problems = ([f"missing {', '.join(missing[:4])}"] if missing else []) + (
-        [f"unexpected {', '.join(unexpected[:4])}"] if unexpected else []) + shapes[:4]
+    shapes = [
+        f"{key} {tuple(weights[key].shape)} (its model_spec needs {tuple(want.shape)})"
+        for key, want in model_state.items()
+        if key in weights and (not isinstance(weights[key], torch.Tensor) or weights[key].shape != want.shape)
+    ]
+    problems = (
+        ([f"missing {', '.join(missing[:4])}"] if missing else [])
+        + ([f"unexpected {', '.join(unexpected[:4])}"] if unexpected else [])
+        + shapes[:4]
+    )
     if problems:
         raise CheckpointError(f"{path}: its weights do not fit its model_spec: {'; '.join(problems)}")
 
@@ -149,15 +154,20 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
     state = read_training_checkpoint(path)
     config = checkpoint_config(state, path)
     classes, data = state["classes"], state["data"]
-    if not isinstance(classes, (list, tuple)) or len(classes) != config.num_classes or \
-            not all(isinstance(name, str) for name in classes):
+    if (
+        not isinstance(classes, (list, tuple))
+        or len(classes) != config.num_classes
+        or not all(isinstance(name, str) for name in classes)
+    ):
         raise CheckpointError(f"{path}: its classes are not {config.num_classes} label names, as its model_spec says")
     if not isinstance(data, dict) or not {"num_frames", "img_size", "mean", "std"} <= set(data):
         raise CheckpointError(f"{path}: its 'data' entry lacks num_frames, img_size, mean or std")
     clip = (data["num_frames"], data["img_size"])
     if clip != (config.num_frames, config.img_size[0]) or config.img_size[0] != config.img_size[1]:
-        raise CheckpointError(f"{path}: its data makes clips of {clip[0]} frames of {clip[1]} px, its model takes "
-                              f"{config.num_frames} of {config.img_size}")
+        raise CheckpointError(
+            f"{path}: its data makes clips of {clip[0]} frames of {clip[1]} px, its model takes "
+            f"{config.num_frames} of {config.img_size}"
+        )
     model = ViViT(config)
     check_weights(state["model"], model.state_dict(), path)
     model.load_state_dict(state["model"])
@@ -193,8 +203,13 @@ def rng_state() -> dict[str, Any]:
     algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next},
-        "numpy": {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "algorithm": algorithm,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -206,8 +221,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore the random states `rng_state` returned."""
     py, npy = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss_next"]))
-    np.random.set_state((npy["algorithm"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
+    np.random.set_state(
+        (npy["algorithm"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

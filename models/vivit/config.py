@@ -117,7 +117,9 @@ class ViViTConfig:
                 f"ViViTConfig: num_frames={self.num_frames} is shorter than the tubelet length t={t} of tubelet={self.tubelet}"
             )
         if self.img_size[0] < h or self.img_size[1] < w:
-            raise ValueError(f"ViViTConfig: img_size={self.img_size} is smaller than the patch ({h}, {w}) of tubelet={self.tubelet}")
+            raise ValueError(
+                f"ViViTConfig: img_size={self.img_size} is smaller than the patch ({h}, {w}) of tubelet={self.tubelet}"
+            )
 
     @property
     def has_cls_token(self) -> bool:
@@ -143,12 +145,15 @@ def config_differences(
 ) -> list[tuple[str, object, object]]:
     """[(field, value in a, value in b)] of every ViViTConfig field on which `a` and `b` differ,
     in declaration order, leaving out `ignore`."""
-    return [(f.name, getattr(a, f.name), getattr(b, f.name)) for f in fields(ViViTConfig)
-            if f.name not in ignore and getattr(a, f.name) != getattr(b, f.name)]
+    return [
+        (f.name, getattr(a, f.name), getattr(b, f.name))
+        for f in fields(ViViTConfig)
+        if f.name not in ignore and getattr(a, f.name) != getattr(b, f.name)
+    ]
 
 
 def format_differences(differences: list[tuple[str, object, object]], names: dict[str, str] | None = None) -> str:
-    """"dim 64 vs 32, variant 'a' vs 'b'" from `config_differences`; `names` renames fields (e.g. to options)."""
+    """ "dim 64 vs 32, variant 'a' vs 'b'" from `config_differences`; `names` renames fields (e.g. to options)."""
     names = names or {}
     return ", ".join(f"{names.get(field, field)} {_show(a)} vs {_show(b)}" for field, a, b in differences)
 
@@ -188,4 +193,3 @@ def preset_config(name: str, variant: str = "spatio_temporal", **overrides) -> V
     if unknown:
         raise TypeError(f"unknown ViViTConfig field(s) {', '.join(map(repr, unknown))}")
     return ViViTConfig(**{**PRESETS[name], "variant": variant, **overrides})
-

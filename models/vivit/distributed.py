@@ -104,13 +104,19 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Co
     return get_state_dict(model, optimizer, options=options)
 
 
-def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict,
-                          ctx: Context) -> None:
+def load_full_state_dicts(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict, ctx: Context
+) -> None:
     """Inverse of `full_state_dicts`: every process loads the same full state dicts."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optim_state,
+        options=StateDictOptions(full_state_dict=True),
+    )
 
 
 def all_reduce_sum(values: list[float], ctx: Context) -> list[float]:

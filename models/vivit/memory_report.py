@@ -183,8 +183,15 @@ def kept(model: ViViT, batch: int = 1, autocast: torch.dtype | None = None) -> t
     return activations, sum(n for n, weight in storages.values() if weight)
 
 
-def count(implementation: str, variant: str, preset: str = "vivit_b", *, device: str | torch.device = "cpu",
-          autocast: torch.dtype | None = None, **overrides) -> Kept:
+def count(
+    implementation: str,
+    variant: str,
+    preset: str = "vivit_b",
+    *,
+    device: str | torch.device = "cpu",
+    autocast: torch.dtype | None = None,
+    **overrides,
+) -> Kept:
     """Bytes kept for backward by one training forward, counted per block and summed (module
     docstring). `overrides` are ViViTConfig fields; `autocast`: the dtype of a torch.autocast region."""
     config = preset_config(preset, variant, **overrides)
@@ -233,8 +240,10 @@ def format_table(rows: list[Kept]) -> list[str]:
     grouped = _by_variant(rows)
     impls = [i for i in IMPLEMENTATIONS if any(i in row for row in grouped.values())]
     lean_gain = {"fused", "fused+lean"} <= set(impls)
-    lines = ["| model | " + " | ".join(impls) + (" | fused / fused+lean |" if lean_gain else " |"),
-             "|---" * (len(impls) + 1 + lean_gain) + "|"]
+    lines = [
+        "| model | " + " | ".join(impls) + (" | fused / fused+lean |" if lean_gain else " |"),
+        "|---" * (len(impls) + 1 + lean_gain) + "|",
+    ]
     for variant, row in grouped.items():
         base = row.get("einsum")
         cells = []
@@ -252,8 +261,9 @@ def format_table(rows: list[Kept]) -> list[str]:
     for variant, row in grouped.items():
         first = next(iter(row.values()))
         cells = [f"{row[i].tensors_per_token():.2f}" if i in row else "-" for i in impls]
-        lines.append(f"| {MODEL_NUMBER[variant]} {MODEL_NAME[variant]} ({first.tokens['blocks']}) | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {MODEL_NUMBER[variant]} {MODEL_NAME[variant]} ({first.tokens['blocks']}) | " + " | ".join(cells) + " |"
+        )
     return lines
 
 
@@ -263,27 +273,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=16, help="frames per clip (default 16: 8 x 196 = 1568 tokens)")
     parser.add_argument("--img-size", type=int, default=224, help="frame height and width (default 224)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="VARIANT")
-    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
-                        metavar="IMPL")
+    parser.add_argument(
+        "--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS, metavar="IMPL"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     rows = table(args.preset, args.variants, args.implementations, num_frames=args.frames, img_size=args.img_size)
     config = preset_config(args.preset, num_frames=args.frames, img_size=args.img_size)
     nt, nh, nw = config.grid
-    print(f"Activation memory of a {args.preset} training step ({args.frames} x {args.img_size} x {args.img_size} "
-          f"clips, {nt * nh * nw} tokens, fp32, {torch.get_num_threads()}-thread CPU): MiB kept for backward "
-          "per clip (x: einsum / this)")
+    print(
+        f"Activation memory of a {args.preset} training step ({args.frames} x {args.img_size} x {args.img_size} "
+        f"clips, {nt * nh * nw} tokens, fp32, {torch.get_num_threads()}-thread CPU): MiB kept for backward "
+        "per clip (x: einsum / this)"
+    )
     lines = format_table(rows)
     for line in lines[: lines.index("")]:
         print(line)
-    print("\nD-wide activation tensors kept per token per block (model 2: its spatial encoder; the fraction is "
-          "log-sum-exp and LayerNorm statistics)")
+    print(
+        "\nD-wide activation tensors kept per token per block (model 2: its spatial encoder; the fraction is "
+        "log-sum-exp and LayerNorm statistics)"
+    )
     for line in lines[lines.index("") + 1 :]:
         print(line)
     weights = {r.variant: r.weights for r in rows if r.implementation == "fused"}
     if weights:
-        print("Weights autograd keeps besides (once per step, fused): "
-              + ", ".join(f"model {MODEL_NUMBER[v]} {w / MIB:.0f} MiB" for v, w in weights.items()))
+        print(
+            "Weights autograd keeps besides (once per step, fused): "
+            + ", ".join(f"model {MODEL_NUMBER[v]} {w / MIB:.0f} MiB" for v, w in weights.items())
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)

@@ -220,9 +220,7 @@ def _blocks(c: ViViTConfig, depth: int, mode: str) -> nn.ModuleList:
     return nn.ModuleList(Block(config, mode=mode, drop_path=rate) for rate in _drop_path_rates(c.drop_path_rate, depth))
 
 
-def create_model(
-    name: str = "vivit_b", variant: str = "spatio_temporal", num_classes: int = 400, **overrides
-) -> ViViT:
+def create_model(name: str = "vivit_b", variant: str = "spatio_temporal", num_classes: int = 400, **overrides) -> ViViT:
     """A ViViT from a preset ("vivit_b", "vivit_l", "vivit_h"): ViT-B/16, L/16 or H/14 sizes at
     32 frames of 224 x 224 with 2-frame tubelets; `overrides` are ViViTConfig fields."""
     return ViViT(preset_config(name, variant, num_classes=num_classes, **overrides))
@@ -235,8 +233,9 @@ def model_spec(preset: str, variant: str, num_classes: int, **overrides) -> dict
 
 def config_from_spec(spec: dict, **changes) -> ViViTConfig:
     """The ViViTConfig of a `model_spec`, with `changes` to its overrides (no weights are made)."""
-    return preset_config(spec["preset"], spec["variant"], num_classes=spec["num_classes"],
-                         **{**spec["overrides"], **changes})
+    return preset_config(
+        spec["preset"], spec["variant"], num_classes=spec["num_classes"], **{**spec["overrides"], **changes}
+    )
 
 
 def build_model(spec: dict, **changes) -> ViViT:

@@ -110,8 +110,10 @@ def read_pretrained(source: Source) -> tuple[dict[str, torch.Tensor], ViViTConfi
         config = checkpoint_config(raw, source if not isinstance(source, Mapping) else "the state")
     state = _unwrap(raw)
     if config is None and _is_hf_vivit(state):
-        raise ValueError("a Hugging Face ViViT state dict without its config.json: pass the save_pretrained "
-                         "directory, whose config gives the frames, grid and activation")
+        raise ValueError(
+            "a Hugging Face ViViT state dict without its config.json: pass the save_pretrained "
+            "directory, whose config gives the frames, grid and activation"
+        )
     return state, config
 
 
@@ -145,8 +147,10 @@ def _warn_left_at_init(who: str, model: nn.Module, loaded: Mapping[str, torch.Te
     left = [key for key in keys if key not in loaded]
     if left:
         names = ", ".join(_collapse(dict.fromkeys(_whole_modules(keys, left), "")))
-        warnings.warn(f"{who}: {len(left)} parameter(s) left at their initial values (not in the checkpoint): {names}",
-                      stacklevel=3)
+        warnings.warn(
+            f"{who}: {len(left)} parameter(s) left at their initial values (not in the checkpoint): {names}",
+            stacklevel=3,
+        )
 
 
 def _whole_modules(keys: list[str], left: list[str]) -> list[str]:
@@ -200,8 +204,10 @@ def load_image_pretrained(
     image = read_state_dict(source)
     patch = image.get("patch_embed.proj.weight", image.get("vivit.embeddings.patch_embeddings.projection.weight"))
     if _is_hf_vivit(image) or (patch is not None and patch.dim() == 5):
-        raise ValueError("load_image_pretrained: the checkpoint is a video model (its patch filter is "
-                         f"{tuple(patch.shape) if patch is not None else '3-D'}): load it with load_video_pretrained")
+        raise ValueError(
+            "load_image_pretrained: the checkpoint is a video model (its patch filter is "
+            f"{tuple(patch.shape) if patch is not None else '3-D'}): load it with load_video_pretrained"
+        )
     image, dropped = _timm_layout(image)
     state, report = image_to_video(
         image,
@@ -252,11 +258,15 @@ def load_hf_vivit(model: ViViT, source: Source, config: Mapping[str, Any] | Any 
     if config is not None:
         differences = config_differences(vivit_config_from_hf(config), c, ignore=_NOT_WEIGHTS)
         if differences:
-            raise ValueError(f"load_hf_vivit: the checkpoint's config differs from the model's: "
-                             f"{format_differences(differences)} (checkpoint vs model)")
+            raise ValueError(
+                f"load_hf_vivit: the checkpoint's config differs from the model's: "
+                f"{format_differences(differences)} (checkpoint vs model)"
+            )
     checkpoint = read_state_dict(source)
     if not is_hf_layout(checkpoint):
-        raise ValueError("load_hf_vivit: not a Hugging Face ViViT checkpoint (no 'vivit.embeddings.patch_embeddings.*')")
+        raise ValueError(
+            "load_hf_vivit: not a Hugging Face ViViT checkpoint (no 'vivit.embeddings.patch_embeddings.*')"
+        )
     converted, dropped = hf_to_timm(checkpoint)
     report = LoadReport(skipped=dict(dropped))
     state: dict[str, torch.Tensor] = {}
@@ -304,14 +314,18 @@ def load_video_pretrained(model: ViViT, source: Source, source_config: ViViTConf
     if source_config is None:
         state, source_config = read_pretrained(source)
         if source_config is None:
-            raise ValueError("load_video_pretrained: not a video model (neither a Hugging Face ViViT directory nor "
-                             "a vivit-train checkpoint): load an image ViT with load_image_pretrained")
+            raise ValueError(
+                "load_video_pretrained: not a video model (neither a Hugging Face ViViT directory nor "
+                "a vivit-train checkpoint): load an image ViT with load_image_pretrained"
+            )
     else:
         state = read_state_dict(source)
     differences = config_differences(source_config, model.config, ignore=(*_NOT_WEIGHTS, "num_frames", "img_size"))
     if differences:
-        raise ValueError(f"load_video_pretrained: the checkpoint's model differs from this one: "
-                         f"{format_differences(differences)} (checkpoint vs model)")
+        raise ValueError(
+            f"load_video_pretrained: the checkpoint's model differs from this one: "
+            f"{format_differences(differences)} (checkpoint vs model)"
+        )
     state, dropped = _timm_layout(state)
     weights, report = video_to_video(state, source_config, model.state_dict(), model.config)
     report.skipped.update(dropped)
@@ -322,7 +336,11 @@ def load_video_pretrained(model: ViViT, source: Source, source_config: ViViTConf
 
 def vivit_config_from_hf(hf_config: Mapping[str, Any] | Any, **overrides) -> ViViTConfig:
     """The ViViTConfig (model 1) matching a Hugging Face `VivitConfig` (object or config.json dict)."""
-    get = hf_config.get if isinstance(hf_config, Mapping) else lambda name, default=None: getattr(hf_config, name, default)
+    get = (
+        hf_config.get
+        if isinstance(hf_config, Mapping)
+        else lambda name, default=None: getattr(hf_config, name, default)
+    )
     dim = get("hidden_size", 768)
     activation = get("hidden_act", "gelu_fast")
     if activation not in _HF_ACTIVATIONS:

@@ -60,16 +60,22 @@ def format_table(rows: list[Row], title: str) -> str:
     for row in rows:
         name = f"{_MODEL_NUMBER[row.variant]} {row.variant}"
         lines.append(f"{name:<34} {row.params_m:>10.1f} {row.gflops:>9.1f} {row.tokens:>7}")
-    lines.append("GFLOPs: 10^9 multiply-adds per clip (FlopCounterMode FLOPs / 2); tokens: per sequence of the first encoder")
+    lines.append(
+        "GFLOPs: 10^9 multiply-adds per clip (FlopCounterMode FLOPs / 2); tokens: per sequence of the first encoder"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vivit.summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="vivit_b", choices=sorted(PRESETS))
-    parser.add_argument("--frames", type=int, default=32, help="input frames (n_t sampled frames with --tokeniser uniform)")
+    parser.add_argument(
+        "--frames", type=int, default=32, help="input frames (n_t sampled frames with --tokeniser uniform)"
+    )
     parser.add_argument("--img-size", type=int, nargs="+", default=[224], help="H [W]")
-    parser.add_argument("--tubelet", type=int, nargs=3, default=None, metavar=("T", "H", "W"), help="default: the preset's")
+    parser.add_argument(
+        "--tubelet", type=int, nargs=3, default=None, metavar=("T", "H", "W"), help="default: the preset's"
+    )
     parser.add_argument("--tokeniser", default="tubelet", choices=["tubelet", "uniform"])
     parser.add_argument("--num-classes", type=int, default=400)
     parser.add_argument("--temporal-depth", type=int, default=4, help="L_t of model 2")

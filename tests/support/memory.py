@@ -10,8 +10,9 @@ from vivit.memory_report import _video, build
 from vivit_kernels import saved_bytes
 
 
-def count_directly(implementation: str, variant: str, preset: str = "vivit_b", *,
-                   autocast: torch.dtype | None = None, **overrides) -> tuple[int, int]:
+def count_directly(
+    implementation: str, variant: str, preset: str = "vivit_b", *, autocast: torch.dtype | None = None, **overrides
+) -> tuple[int, int]:
     """(activations per clip, batch 1 with weights) of the whole model by another route: its
     `vivit_kernels.saved_bytes` at batches 1 and 2 (the weights cancel in the difference). What
     `count` must agree with."""

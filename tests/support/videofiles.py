@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 
-def render_frame(index: int, width: int, height: int, *, seed: int = 0, fps: float = 30.0,
-                 shot_s: float = 5.0) -> np.ndarray:
+def render_frame(
+    index: int, width: int, height: int, *, seed: int = 0, fps: float = 30.0, shot_s: float = 5.0
+) -> np.ndarray:
     """Frame `index`: uint8 (height, width, 3) RGB."""
     shot = int(index / (fps * shot_s))
     rng = np.random.default_rng((seed, shot))
@@ -79,7 +80,9 @@ def write_video(
             for packet in stream.encode(frame):
                 container.mux(packet)
             if sound is not None:
-                chunk = av.AudioFrame.from_ndarray(np.zeros((1, samples), dtype=np.float32), format="fltp", layout="mono")
+                chunk = av.AudioFrame.from_ndarray(
+                    np.zeros((1, samples), dtype=np.float32), format="fltp", layout="mono"
+                )
                 chunk.sample_rate, chunk.pts = 48000, i * samples
                 for packet in sound.encode(chunk):
                     container.mux(packet)

@@ -6,6 +6,7 @@ from . import reference  # noqa: F401  (registers "reference", the fallback)
 from . import triton  # noqa: F401  (first fused backend "auto" tries)
 from . import cpu  # noqa: F401  (the C++ kernels of csrc/: "auto" on CPU tensors)
 from . import sdpa  # noqa: F401  (torch SDPA: "auto" where no fused kernel fits)
+
 # isort: on
 from .registry import Backend, BackendUnsupportedError, OpSupport, Request, Selected, get, names, register, select
 

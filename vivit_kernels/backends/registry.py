@@ -142,12 +142,16 @@ def select(request: Request, backend: str = "auto") -> Selected:
         chosen = get(backend)
         reasons = chosen.not_supported_reasons(request)
         if reasons:
-            raise BackendUnsupportedError(f"{request.op}: backend {backend!r} cannot run this input: {', '.join(reasons)}")
+            raise BackendUnsupportedError(
+                f"{request.op}: backend {backend!r} cannot run this input: {', '.join(reasons)}"
+            )
         return Selected(backend, chosen.ops[request.op].run)
 
     refused: dict[str, list[str]] = {}
     for candidate in [*(b for b in _BACKENDS.values() if b.auto), _BACKENDS[FALLBACK]]:
-        reasons = candidate.not_supported_reasons(request) or (candidate.auto_reasons(request) if candidate.auto else [])
+        reasons = candidate.not_supported_reasons(request) or (
+            candidate.auto_reasons(request) if candidate.auto else []
+        )
         if reasons:
             refused[candidate.name] = reasons
             continue

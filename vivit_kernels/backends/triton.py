@@ -39,11 +39,13 @@ def _launcher(module: str, name: str):
 # dtype (CPU too, where the kernels run interpreted).
 _AUTOCAST = {"cuda": None, "cpu": None}
 ATTENTION = define_attention_ops(
-    "triton", *(_launcher("attention", name) for name in ("forward", "backward", "packed_forward", "packed_backward")),
+    "triton",
+    *(_launcher("attention", name) for name in ("forward", "backward", "packed_forward", "packed_backward")),
     autocast=_AUTOCAST,
 )
 TUBELET = define_tubelet_ops(
-    "triton", *(_launcher("tubelet", name) for name in ("forward", "backward_video", "backward_weight", "backward_pos")),
+    "triton",
+    *(_launcher("tubelet", name) for name in ("forward", "backward_video", "backward_weight", "backward_pos")),
     autocast=_AUTOCAST,
 )
 

@@ -142,22 +142,56 @@ def _fake_packed_backward(grad_out, qkv, out, lse, prefix_out, prefix_lse, heads
     return qkv.new_empty(qkv.shape)
 
 
-def _packed_forward_flops(qkv_shape, heads, frames, prefix, layout, mode, scale, *args, out_shape=None, **kwargs) -> int:
+def _packed_forward_flops(
+    qkv_shape, heads, frames, prefix, layout, mode, scale, *args, out_shape=None, **kwargs
+) -> int:
     return _shape(_packed_shape(qkv_shape, heads), frames, prefix, layout, mode, scale).forward_flops
 
 
-def _packed_backward_flops(grad_shape, qkv_shape, o_shape, lse_shape, po_shape, pl_shape, heads, frames, prefix,
-                           layout, mode, scale, *args, out_shape=None, **kwargs) -> int:
+def _packed_backward_flops(
+    grad_shape,
+    qkv_shape,
+    o_shape,
+    lse_shape,
+    po_shape,
+    pl_shape,
+    heads,
+    frames,
+    prefix,
+    layout,
+    mode,
+    scale,
+    *args,
+    out_shape=None,
+    **kwargs,
+) -> int:
     return _shape(_packed_shape(qkv_shape, heads), frames, prefix, layout, mode, scale).backward_flops
 
 
-def _forward_flops(q_shape, k_shape, v_shape, frames, prefix, layout, mode, scale, *args, out_shape=None,
-                   **kwargs) -> int:
+def _forward_flops(
+    q_shape, k_shape, v_shape, frames, prefix, layout, mode, scale, *args, out_shape=None, **kwargs
+) -> int:
     return _shape(q_shape, frames, prefix, layout, mode, scale).forward_flops
 
 
-def _backward_flops(grad_shape, q_shape, k_shape, v_shape, o_shape, lse_shape, po_shape, pl_shape, frames, prefix,
-                    layout, mode, scale, *args, out_shape=None, **kwargs) -> int:
+def _backward_flops(
+    grad_shape,
+    q_shape,
+    k_shape,
+    v_shape,
+    o_shape,
+    lse_shape,
+    po_shape,
+    pl_shape,
+    frames,
+    prefix,
+    layout,
+    mode,
+    scale,
+    *args,
+    out_shape=None,
+    **kwargs,
+) -> int:
     return _shape(q_shape, frames, prefix, layout, mode, scale).backward_flops
 
 
@@ -179,10 +213,16 @@ def define_attention_ops(
     name = f"{backend}_attention"
     forward_op = define(f"{name}_forward", FORWARD_SCHEMA, forward, _fake_forward, _forward_flops)
     backward_op = define(f"{name}_backward", BACKWARD_SCHEMA, backward, _fake_backward, _backward_flops)
-    packed_forward_op = define(f"{name}_packed_forward", PACKED_FORWARD_SCHEMA, packed_forward, _fake_packed_forward,
-                               _packed_forward_flops)
-    packed_backward_op = define(f"{name}_packed_backward", PACKED_BACKWARD_SCHEMA, packed_backward,
-                                _fake_packed_backward, _packed_backward_flops)
+    packed_forward_op = define(
+        f"{name}_packed_forward", PACKED_FORWARD_SCHEMA, packed_forward, _fake_packed_forward, _packed_forward_flops
+    )
+    packed_backward_op = define(
+        f"{name}_packed_backward",
+        PACKED_BACKWARD_SCHEMA,
+        packed_backward,
+        _fake_packed_backward,
+        _packed_backward_flops,
+    )
 
     def setup_context(ctx, inputs, output):
         *tensors, frames, prefix, layout, mode, scale = inputs
@@ -199,7 +239,15 @@ def define_attention_ops(
         ctx.heads, ctx.grid = heads, grid
 
     def packed_differentiate(ctx, grad_out, *_grad_statistics):
-        return packed_backward_op(grad_out, *ctx.saved_tensors, ctx.heads, *ctx.grid), None, None, None, None, None, None
+        return (
+            packed_backward_op(grad_out, *ctx.saved_tensors, ctx.heads, *ctx.grid),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
     register_autograd(forward_op, differentiate, setup_context)
     register_autograd(packed_forward_op, packed_differentiate, packed_setup_context)

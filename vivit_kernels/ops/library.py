@@ -34,7 +34,12 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
 
 def _cast(x, device_type: str, dtype: torch.dtype):
     """x cast to `dtype` if autocast would cast it: a floating tensor on `device_type`, not float64."""
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type == device_type and x.dtype != torch.float64:
+    if (
+        isinstance(x, torch.Tensor)
+        and x.is_floating_point()
+        and x.device.type == device_type
+        and x.dtype != torch.float64
+    ):
         return x.to(dtype)
     return x
 

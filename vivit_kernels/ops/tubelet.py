@@ -96,8 +96,9 @@ def define_tubelet_ops(
     ops = TubeletOps(
         define(f"{name}_forward", FORWARD_SCHEMA, forward, _fake_forward, _forward_flops),
         define(f"{name}_backward_video", BACKWARD_VIDEO_SCHEMA, backward_video, _fake_backward_video, _backward_flops),
-        define(f"{name}_backward_weight", BACKWARD_WEIGHT_SCHEMA, backward_weight, _fake_backward_weight,
-               _backward_flops),
+        define(
+            f"{name}_backward_weight", BACKWARD_WEIGHT_SCHEMA, backward_weight, _fake_backward_weight, _backward_flops
+        ),
         define(f"{name}_backward_pos", BACKWARD_POS_SCHEMA, backward_pos, _fake_backward_pos),
     )
 

@@ -62,9 +62,7 @@ def _programs_per_head(G, RL, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _locate(
-    pid, H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B, BLOCK: tl.constexpr
-):
+def _locate(pid, H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B, BLOCK: tl.constexpr):
     """Program id -> (head, its map's row length, strides, base and extra members, first group of
     the pack, rows in the pack, first row of the block)."""
     progs_a = _programs_per_head(G_A, L_A + X_A, BLOCK)
@@ -121,8 +119,25 @@ def _dot(a, b, UPCAST: tl.constexpr):
 # log-sum-exp's strides, which are N's multiples) are not specialised: a new (T, S) reuses the
 # compiled kernels. The other strides are (their divisibility by 16 is what lets a launch use
 # 128-bit and asynchronous loads), and the head dim is a compile-time constant (a model has one).
-_SHAPE_INTS = ["H_A", "G_A", "L_A", "GS_A", "MS_A", "BASE_A", "X_A", "G_B", "L_B", "GS_B", "MS_B", "BASE_B", "X_B",
-               "TUNE_A", "TUNE_B", "slb", "slh"]
+_SHAPE_INTS = [
+    "H_A",
+    "G_A",
+    "L_A",
+    "GS_A",
+    "MS_A",
+    "BASE_A",
+    "X_A",
+    "G_B",
+    "L_B",
+    "GS_B",
+    "MS_B",
+    "BASE_B",
+    "X_B",
+    "TUNE_A",
+    "TUNE_B",
+    "slb",
+    "slh",
+]
 
 # PO/PL (forward) and PDQ/PDK/PDV/PD/PL (backward) are the per-group buffers of the
 # prefix rows of map A's groups, (B, H_A, G_A, X_A[, D]) contiguous; unused (never touched)
@@ -131,12 +146,53 @@ _SHAPE_INTS = ["H_A", "G_A", "L_A", "GS_A", "MS_A", "BASE_A", "X_A", "G_B", "L_B
 
 @triton.jit(do_not_specialize=_SHAPE_INTS)
 def _attention_fwd(
-    Q, K, V, O, LSE, PO, PL,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, slb, slh,
-    H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B,
-    qk_scale, TUNE_A, TUNE_B,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PREFIX: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    PO,
+    PL,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    soh,
+    son,
+    sod,
+    slb,
+    slh,
+    H_A,
+    G_A,
+    L_A,
+    GS_A,
+    MS_A,
+    BASE_A,
+    X_A,
+    G_B,
+    L_B,
+    GS_B,
+    MS_B,
+    BASE_B,
+    X_B,
+    qk_scale,
+    TUNE_A,
+    TUNE_B,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREFIX: tl.constexpr,
 ):
     head, RL, GS, MS, BASE, X, group0, pack_len, row0 = _locate(
         tl.program_id(0), H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B, BLOCK_M
@@ -149,8 +205,11 @@ def _attention_fwd(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
 
-    q = tl.load(Q + b * sqb + head * sqh + q_tok[:, None] * sqn + d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b * sqb + head * sqh + q_tok[:, None] * sqn + d[None, :] * sqd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     K += b * skb + head * skh
     V += b * svb + head * svh
 
@@ -187,17 +246,31 @@ def _attention_fwd(
         part = _partial_rows(rows, b, head, group0, RL, H_A, G_A, X_A)
         tl.store(PO + part[:, None] * HEAD_DIM + d[None, :], out, mask=prefix[:, None] & d_ok[None, :])
         tl.store(PL + part, lse, mask=prefix)
-    tl.store(O + b * sob + head * soh + q_tok[:, None] * son + d[None, :] * sod, out,
-             mask=member[:, None] & d_ok[None, :])
+    tl.store(
+        O + b * sob + head * soh + q_tok[:, None] * son + d[None, :] * sod, out, mask=member[:, None] & d_ok[None, :]
+    )
     tl.store(LSE + b * slb + head * slh + q_tok, lse, mask=member)
 
 
 @triton.jit(do_not_specialize=["N", "slb", "slh"])
 def _attention_bwd_delta(
-    O, DO, DELTA,
-    sob, soh, son, sod, sgb, sgh, sgn, sgd, slb, slh,
+    O,
+    DO,
+    DELTA,
+    sob,
+    soh,
+    son,
+    sod,
+    sgb,
+    sgh,
+    sgn,
+    sgd,
+    slb,
+    slh,
     N,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO * O) per token: the softmax-backward term shared by dK/dV and dQ."""
     n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -214,17 +287,21 @@ def _attention_bwd_delta(
 
 
 @triton.jit
-def _row_statistics(LSE, DELTA, PL, PD, rows, q_tok, b, head, group0, RL, X, H_A, G_A, X_A, row_ok,
-                    PREFIX: tl.constexpr):
+def _row_statistics(
+    LSE, DELTA, PL, PD, rows, q_tok, b, head, group0, RL, X, H_A, G_A, X_A, row_ok, PREFIX: tl.constexpr
+):
     """Per query row: log2-sum-exp, delta, and the factor its gradient contributions carry: 1/G for a
     prefix row of a spatial group (its output is the mean of G groups' outputs), else 1."""
     if PREFIX:
         is_prefix = (rows % RL) < X
         part = _partial_rows(rows, b, head, group0, RL, H_A, G_A, X_A)
         member, prefix = row_ok & ~is_prefix, row_ok & is_prefix
-        lse = tl.where(is_prefix, tl.load(PL + part, mask=prefix, other=0.0), tl.load(LSE + q_tok, mask=member, other=0.0))
-        delta = tl.where(is_prefix, tl.load(PD + part, mask=prefix, other=0.0),
-                         tl.load(DELTA + q_tok, mask=member, other=0.0))
+        lse = tl.where(
+            is_prefix, tl.load(PL + part, mask=prefix, other=0.0), tl.load(LSE + q_tok, mask=member, other=0.0)
+        )
+        delta = tl.where(
+            is_prefix, tl.load(PD + part, mask=prefix, other=0.0), tl.load(DELTA + q_tok, mask=member, other=0.0)
+        )
         share = tl.where(is_prefix, 1.0 / G_A, 1.0)  # mutant: tri-prefix-share
     else:
         lse = tl.load(LSE + q_tok, mask=row_ok, other=0.0)
@@ -235,13 +312,67 @@ def _row_statistics(LSE, DELTA, PL, PD, rows, q_tok, b, head, group0, RL, X, H_A
 
 @triton.jit(do_not_specialize=_SHAPE_INTS)
 def _attention_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, PL, PD, PDK, PDV,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
-    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-    H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B,
-    qk_scale, scale, TUNE_A, TUNE_B,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PREFIX: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    PL,
+    PD,
+    PDK,
+    PDV,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sgb,
+    sgh,
+    sgn,
+    sgd,
+    slb,
+    slh,
+    sdkb,
+    sdkh,
+    sdkn,
+    sdkd,
+    sdvb,
+    sdvh,
+    sdvn,
+    sdvd,
+    H_A,
+    G_A,
+    L_A,
+    GS_A,
+    MS_A,
+    BASE_A,
+    X_A,
+    G_B,
+    L_B,
+    GS_B,
+    MS_B,
+    BASE_B,
+    X_B,
+    qk_scale,
+    scale,
+    TUNE_A,
+    TUNE_B,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREFIX: tl.constexpr,
 ):
     """A block of keys; loops over the queries of its pack (the only ones that see these keys)."""
     head, RL, GS, MS, BASE, X, group0, pack_len, row0 = _locate(
@@ -294,21 +425,75 @@ def _attention_bwd_dkdv(
         part = _partial_rows(cols, b, head, group0, RL, H_A, G_A, X_A)
         tl.store(PDK + part[:, None] * HEAD_DIM + d[None, :], dk, mask=prefix)
         tl.store(PDV + part[:, None] * HEAD_DIM + d[None, :], dv, mask=prefix)
-    tl.store(DK + b * sdkb + head * sdkh + k_tok[:, None] * sdkn + d[None, :] * sdkd,
-             cast_rounded(dk, DK.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])
-    tl.store(DV + b * sdvb + head * sdvh + k_tok[:, None] * sdvn + d[None, :] * sdvd,
-             cast_rounded(dv, DV.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])
+    tl.store(
+        DK + b * sdkb + head * sdkh + k_tok[:, None] * sdkn + d[None, :] * sdkd,
+        cast_rounded(dk, DK.dtype.element_ty, UPCAST),
+        mask=member[:, None] & d_ok[None, :],
+    )
+    tl.store(
+        DV + b * sdvb + head * sdvh + k_tok[:, None] * sdvn + d[None, :] * sdvd,
+        cast_rounded(dv, DV.dtype.element_ty, UPCAST),
+        mask=member[:, None] & d_ok[None, :],
+    )
 
 
 @triton.jit(do_not_specialize=_SHAPE_INTS)
 def _attention_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, PL, PD, PDQ,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
-    sdqb, sdqh, sdqn, sdqd,
-    H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B,
-    qk_scale, scale, TUNE_A, TUNE_B,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PREFIX: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    PL,
+    PD,
+    PDQ,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sgb,
+    sgh,
+    sgn,
+    sgd,
+    slb,
+    slh,
+    sdqb,
+    sdqh,
+    sdqn,
+    sdqd,
+    H_A,
+    G_A,
+    L_A,
+    GS_A,
+    MS_A,
+    BASE_A,
+    X_A,
+    G_B,
+    L_B,
+    GS_B,
+    MS_B,
+    BASE_B,
+    X_B,
+    qk_scale,
+    scale,
+    TUNE_A,
+    TUNE_B,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREFIX: tl.constexpr,
 ):
     """A block of queries; loops over the keys of its pack, like the forward."""
     head, RL, GS, MS, BASE, X, group0, pack_len, row0 = _locate(
@@ -325,8 +510,22 @@ def _attention_bwd_dq(
     q = tl.load(Q + b * sqb + head * sqh + q_tok[:, None] * sqn + d[None, :] * sqd, mask=q_mask, other=0.0)
     do = tl.load(DO + b * sgb + head * sgh + q_tok[:, None] * sgn + d[None, :] * sgd, mask=q_mask, other=0.0)
     lse2, delta, share = _row_statistics(
-        LSE + b * slb + head * slh, DELTA + b * slb + head * slh, PL, PD, rows, q_tok, b, head, group0, RL, X,
-        H_A, G_A, X_A, row_ok, PREFIX,
+        LSE + b * slb + head * slh,
+        DELTA + b * slb + head * slh,
+        PL,
+        PD,
+        rows,
+        q_tok,
+        b,
+        head,
+        group0,
+        RL,
+        X,
+        H_A,
+        G_A,
+        X_A,
+        row_ok,
+        PREFIX,
     )
     K += b * skb + head * skh
     V += b * svb + head * svh
@@ -357,8 +556,11 @@ def _attention_bwd_dq(
         member = row_ok & ~is_prefix
         part = _partial_rows(rows, b, head, group0, RL, H_A, G_A, X_A)
         tl.store(PDQ + part[:, None] * HEAD_DIM + d[None, :], dq, mask=(row_ok & is_prefix)[:, None] & d_ok[None, :])
-    tl.store(DQ + b * sdqb + head * sdqh + q_tok[:, None] * sdqn + d[None, :] * sdqd,
-             cast_rounded(dq, DQ.dtype.element_ty, UPCAST), mask=member[:, None] & d_ok[None, :])
+    tl.store(
+        DQ + b * sdqb + head * sdqh + q_tok[:, None] * sdqn + d[None, :] * sdqd,
+        cast_rounded(dq, DQ.dtype.element_ty, UPCAST),
+        mask=member[:, None] & d_ok[None, :],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +620,9 @@ _KEY = ["TUNE_A", "TUNE_B", "HEAD_DIM", "PREFIX"]
 
 def _autotuned(kernel: str, fn, interpreter_config: triton.Config):
     return triton.autotune(
-        autotune_configs(_configs(kernel), interpreter_config), key=_KEY, prune_configs_by=_pruner(kernel),
+        autotune_configs(_configs(kernel), interpreter_config),
+        key=_KEY,
+        prune_configs_by=_pruner(kernel),
         cache_results=True,
     )(fn)
 
@@ -464,8 +668,10 @@ def index_maps(shape: AttentionShape) -> list[Launch]:
 
 def _map_args(heads_a: int, map_a: IndexMap, map_b: IndexMap) -> tuple[int, ...]:
     """The kernels' H_A, G_A, L_A, GS_A, MS_A, BASE_A, X_A, G_B, L_B, GS_B, MS_B, BASE_B, X_B."""
-    return (heads_a, *(x for m in (map_a, map_b)
-                       for x in (m.groups, m.length, m.group_stride, m.member_stride, m.base, m.prefix)))
+    return (
+        heads_a,
+        *(x for m in (map_a, map_b) for x in (m.groups, m.length, m.group_stride, m.member_stride, m.base, m.prefix)),
+    )
 
 
 def _host_programs_per_head(groups: int, row_length: int, block: int) -> int:
@@ -528,11 +734,26 @@ def forward(
     for h0, heads, h_a, map_a, map_b in index_maps(shape):
         qh, kh, vh, oh, lh = (_heads(x, h0, heads) for x in (q, k, v, out, lse))
         _fwd[_grid(heads, B, h_a, map_a, map_b, "BLOCK_M")](
-            qh, kh, vh, oh, lh, po, pl,
-            # mutant: tri-v-strides
-            *qh.stride(), *kh.stride(), *vh.stride(), *oh.stride(), lh.stride(0), lh.stride(1),
-            *_map_args(h_a, map_a, map_b), scale * LOG2E, *_buckets(map_a, map_b),  # mutant: tri-log2e
-            HEAD_DIM=Dh, BLOCK_D=_block_d(Dh), UPCAST=upcast_dot_operands(q.dtype), PREFIX=map_a.prefix > 0,
+            qh,
+            kh,
+            vh,
+            oh,
+            lh,
+            po,
+            pl,
+            *qh.stride(),
+            *kh.stride(),
+            *vh.stride(),  # mutant: tri-v-strides
+            *oh.stride(),
+            lh.stride(0),
+            lh.stride(1),
+            *_map_args(h_a, map_a, map_b),
+            scale * LOG2E,  # mutant: tri-log2e
+            *_buckets(map_a, map_b),
+            HEAD_DIM=Dh,
+            BLOCK_D=_block_d(Dh),
+            UPCAST=upcast_dot_operands(q.dtype),
+            PREFIX=map_a.prefix > 0,
         )
     if averaged_heads:  # a spatial head's prefix query: the mean of its per-frame outputs
         out[:, :averaged_heads, :prefix] = prefix_out.float().mean(2).to(q.dtype)  # mutant: tri-prefix-mean
@@ -566,13 +787,23 @@ def backward(
     upcast = upcast_dot_operands(q.dtype)
     delta = _alloc((B, H, N), torch.float32, q.device)
     _attention_bwd_delta[(triton.cdiv(N, _DELTA_BLOCK), H, B)](
-        out, dout, delta, *out.stride(), *dout.stride(), delta.stride(0), delta.stride(1), N,
-        HEAD_DIM=Dh, BLOCK_M=_DELTA_BLOCK, BLOCK_D=block_d,
+        out,
+        dout,
+        delta,
+        *out.stride(),
+        *dout.stride(),
+        delta.stride(0),
+        delta.stride(1),
+        N,
+        HEAD_DIM=Dh,
+        BLOCK_M=_DELTA_BLOCK,
+        BLOCK_D=block_d,
     )
     # The averaged prefix rows, per frame: delta against that frame's output (the 1/T share of the
     # gradient is applied in the kernels), and fp32 partial gradients, summed below.
-    prefix_delta = (dout[:, :averaged_heads, None, :prefix].float() * prefix_out.float()).sum(-1) if averaged_heads \
-        else prefix_lse  # (B, Ha, T, P)
+    prefix_delta = (
+        (dout[:, :averaged_heads, None, :prefix].float() * prefix_out.float()).sum(-1) if averaged_heads else prefix_lse
+    )  # (B, Ha, T, P)
     dq, dk, dv = into or (_alloc((B, N, H, Dh), q.dtype, q.device).transpose(1, 2) for _ in range(3))
     pdq, pdk, pdv = (_alloc(prefix_out.shape, torch.float32, q.device) for _ in range(3))
     pl, pd, pdq_, pdk_, pdv_ = (_or(x, delta) for x in (prefix_lse, prefix_delta, pdq, pdk, pdv))
@@ -583,13 +814,45 @@ def backward(
         maps = (*_map_args(h_a, map_a, map_b), scale * LOG2E, scale, *_buckets(map_a, map_b))
         dqh, dkh, dvh = (_heads(x, h0, heads) for x in (dq, dk, dv))
         _dkdv[_grid(heads, B, h_a, map_a, map_b, "BLOCK_N")](
-            qh, kh, vh, gh, lh, deltah, dkh, dvh, pl, pd, pdk_, pdv_,
-            *common, *dkh.stride(), *dvh.stride(), *maps,
-            HEAD_DIM=Dh, BLOCK_D=block_d, UPCAST=upcast, PREFIX=map_a.prefix > 0,
+            qh,
+            kh,
+            vh,
+            gh,
+            lh,
+            deltah,
+            dkh,
+            dvh,
+            pl,
+            pd,
+            pdk_,
+            pdv_,
+            *common,
+            *dkh.stride(),
+            *dvh.stride(),
+            *maps,
+            HEAD_DIM=Dh,
+            BLOCK_D=block_d,
+            UPCAST=upcast,
+            PREFIX=map_a.prefix > 0,
         )
         _dq[_grid(heads, B, h_a, map_a, map_b, "BLOCK_M")](
-            qh, kh, vh, gh, lh, deltah, dqh, pl, pd, pdq_,
-            *common, *dqh.stride(), *maps, HEAD_DIM=Dh, BLOCK_D=block_d, UPCAST=upcast, PREFIX=map_a.prefix > 0,
+            qh,
+            kh,
+            vh,
+            gh,
+            lh,
+            deltah,
+            dqh,
+            pl,
+            pd,
+            pdq_,
+            *common,
+            *dqh.stride(),
+            *maps,
+            HEAD_DIM=Dh,
+            BLOCK_D=block_d,
+            UPCAST=upcast,
+            PREFIX=map_a.prefix > 0,
         )
     if averaged_heads:
         for grad, partial in ((dq, pdq), (dk, pdk), (dv, pdv)):
@@ -623,6 +886,18 @@ def packed_backward(
 ) -> torch.Tensor:
     """The gradient of the packed projection, (B, N, 3 * H * Dh), written by the kernels in place."""
     dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
-    backward(split_heads(dout, heads), *unpack_qkv(qkv, heads), split_heads(out, heads), lse, prefix_out, prefix_lse,
-             frames, prefix, layout, mode, scale, into=unpack_qkv(dqkv, heads))
+    backward(
+        split_heads(dout, heads),
+        *unpack_qkv(qkv, heads),
+        split_heads(out, heads),
+        lse,
+        prefix_out,
+        prefix_lse,
+        frames,
+        prefix,
+        layout,
+        mode,
+        scale,
+        into=unpack_qkv(dqkv, heads),
+    )
     return dqkv

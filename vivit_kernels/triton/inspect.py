@@ -154,8 +154,9 @@ def record(kernels: str = "all", dtypes=DTYPES, head_dims=HEAD_DIMS) -> list[Lau
                     meta = dict(dtype=dtype, head_dim=head_dim, prefix=bool(prefix))
                     with _recording(launches, label, meta):
                         saved = attention.forward(q, k, v, T, prefix, "time_major", "split", head_dim**-0.5)
-                        attention.backward(torch.empty_like(q), q, k, v, *saved, T, prefix, "time_major", "split",
-                                           head_dim**-0.5)
+                        attention.backward(
+                            torch.empty_like(q), q, k, v, *saved, T, prefix, "time_major", "split", head_dim**-0.5
+                        )
         if kernels in ("all", "tubelet"):
             s = TUBELET_SHAPE
             video = torch.empty(s["B"], s["C"], s["T"], s["H"], s["W"], dtype=_torch_dtype(dtype))
@@ -264,7 +265,13 @@ def _describe(job: Job) -> tuple[Launch, object, str, str, dict]:
     stages = config.num_stages if config else launch.kwargs.get("num_stages", 3)
     text = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k != "UPCAST")
     kernel = launch.fn.__name__.lstrip("_").removesuffix("_kernel")
-    return launch, config, kernel, f"{kernel}[{launch.meta['dtype']}, {text}, warps={warps}, stages={stages}]", constexprs
+    return (
+        launch,
+        config,
+        kernel,
+        f"{kernel}[{launch.meta['dtype']}, {text}, warps={warps}, stages={stages}]",
+        constexprs,
+    )
 
 
 def compile_job(job: Job) -> Row:
@@ -290,8 +297,9 @@ def compile_job(job: Job) -> Row:
             path = os.path.join(tmp, "kernel.cubin")
             with open(path, "wb") as f:
                 f.write(compiled.asm["cubin"])
-            usage = subprocess.run([cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
-                                   check=True)
+            usage = subprocess.run(
+                [cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True, check=True
+            )
             sass = subprocess.run([cuobjdump(), "--dump-sass", path], capture_output=True, text=True, check=True).stdout
         ptx = compiled.asm["ptx"]
         row.registers, row.stack = _resource_usage(usage.stdout, compiled.metadata.name)
@@ -311,12 +319,24 @@ def compile_job(job: Job) -> Row:
 def _compile_key(launch: Launch, config, arch: int) -> tuple:
     """What decides the compiled code: two launches with the same key compile to the same kernel."""
     source, options, _ = _bind(launch, config, arch)
-    return (launch.fn.__name__, str(source.signature), str(sorted(source.constants.items())),
-            str(sorted(source.attrs.items())), str(sorted(options.__dict__.items())), arch)
+    return (
+        launch.fn.__name__,
+        str(source.signature),
+        str(sorted(source.constants.items())),
+        str(sorted(source.attrs.items())),
+        str(sorted(options.__dict__.items())),
+        arch,
+    )
 
 
-def plan(name_filter: str = "", archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, kernels: str = "all",
-         candidates_only: bool = False) -> list[Job]:
+def plan(
+    name_filter: str = "",
+    archs=ARCHS,
+    dtypes=DTYPES,
+    head_dims=HEAD_DIMS,
+    kernels: str = "all",
+    candidates_only: bool = False,
+) -> list[Job]:
     """The compiles of an inspection: the launches recorded (in this process, for `compile_job`),
     then each distinct (kernel, config, specialisation, arch) once."""
     _init_worker(kernels, dtypes, head_dims)
@@ -362,8 +382,11 @@ class _Progress:
         self.done += 1
         problem = _problem(row)
         if self.bar is None:
-            print(f"[{self.done}/{self.total}] sm_{row.arch} {row.name}" + (f": {problem}" if problem else ""),
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{self.done}/{self.total}] sm_{row.arch} {row.name}" + (f": {problem}" if problem else ""),
+                file=sys.stderr,
+                flush=True,
+            )
             return
         if problem:
             self.bar.write(f"sm_{row.arch} {row.name}: {problem}", file=sys.stderr)
@@ -375,8 +398,9 @@ class _Progress:
             self.bar.close()
 
 
-def compile_all(work: list[Job], kernels: str = "all", dtypes=DTYPES, head_dims=HEAD_DIMS, jobs: int = 2,
-                progress: bool = False) -> list[Row]:
+def compile_all(
+    work: list[Job], kernels: str = "all", dtypes=DTYPES, head_dims=HEAD_DIMS, jobs: int = 2, progress: bool = False
+) -> list[Row]:
     """Compile `plan`'s jobs (planned with these kernels, dtypes and head dims) in `jobs`
     processes; rows in the order of `work`. `progress`: show the compiles done on stderr."""
     rows: list[Row | None] = [None] * len(work)
@@ -390,8 +414,9 @@ def compile_all(work: list[Job], kernels: str = "all", dtypes=DTYPES, head_dims=
             return rows
         # Spawned, not forked: a fork of a process whose OpenMP threads ran (the recording) can hang.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                                 initargs=(kernels, dtypes, head_dims)) as pool:
+        with ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=_init_worker, initargs=(kernels, dtypes, head_dims)
+        ) as pool:
             index = {pool.submit(compile_job, job): i for i, job in enumerate(work)}
             for future in as_completed(index):
                 rows[index[future]] = future.result()
@@ -403,8 +428,16 @@ def compile_all(work: list[Job], kernels: str = "all", dtypes=DTYPES, head_dims=
             shown.close()
 
 
-def inspect(name_filter: str = "", archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, kernels: str = "all",
-            jobs: int = 2, candidates_only: bool = False, progress: bool = False) -> list[Row]:
+def inspect(
+    name_filter: str = "",
+    archs=ARCHS,
+    dtypes=DTYPES,
+    head_dims=HEAD_DIMS,
+    kernels: str = "all",
+    jobs: int = 2,
+    candidates_only: bool = False,
+    progress: bool = False,
+) -> list[Row]:
     """Record the launches, then compile each distinct (kernel, config, specialisation, arch) once."""
     work = plan(name_filter, archs, dtypes, head_dims, kernels, candidates_only)
     return compile_all(work, kernels, dtypes, head_dims, jobs, progress)
@@ -446,8 +479,10 @@ def scope(archs, dtypes, head_dims, kernels: str, candidates_only: bool, name_fi
     return "; ".join(parts)
 
 
-NARROW = (f"--arch {{{','.join(map(str, ARCHS))}}}, --dtype {{{','.join(DTYPES)}}}, --head-dims N..., "
-          "--kernels {attention,tubelet}, --candidates (the configs the autotuner may pick), --filter REGEX")
+NARROW = (
+    f"--arch {{{','.join(map(str, ARCHS))}}}, --dtype {{{','.join(DTYPES)}}}, --head-dims N..., "
+    "--kernels {attention,tubelet}, --candidates (the configs the autotuner may pick), --filter REGEX"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +516,10 @@ def limits_from(rows: list[Row]) -> tuple[dict, dict]:
                     limit = head_dim
                 table.setdefault(config, {}).setdefault(name, {})[arch] = limit
     sources = {
-        name: {arch: f"{'+'.join(sorted(d))} at head dims {', '.join(map(str, sorted(h)))}" for arch, (d, h) in archs.items()}
+        name: {
+            arch: f"{'+'.join(sorted(d))} at head dims {', '.join(map(str, sorted(h)))}"
+            for arch, (d, h) in archs.items()
+        }
         for name, archs in seen.items()
     }
     return table, sources
@@ -494,7 +532,9 @@ def write_limits(rows: list[Row], path: str | None = None) -> str:
 
     path = path or limits.__file__
     table, sources = limits_from(rows)
-    merged = {config: {name: dict(archs) for name, archs in variants.items()} for config, variants in limits.LIMITS.items()}
+    merged = {
+        config: {name: dict(archs) for name, archs in variants.items()} for config, variants in limits.LIMITS.items()
+    }
     merged_sources = {name: dict(archs) for name, archs in limits.SOURCES.items()}
     for config, variants in table.items():
         for name, archs in variants.items():
@@ -569,11 +609,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", action="store_true", help="only configs the autotuner may pick")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes")
     parser.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
-    parser.add_argument("--write-limits", action="store_true",
-                        help="update limits.py from these compiles (every config of the dtypes, head dims and archs given)")
-    parser.add_argument("--plan", action="store_true",
-                        help="only say how many compiles the other options make and how long they take (with "
-                             "--json: as a JSON object)")
+    parser.add_argument(
+        "--write-limits",
+        action="store_true",
+        help="update limits.py from these compiles (every config of the dtypes, head dims and archs given)",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="only say how many compiles the other options make and how long they take (with --json: as a JSON object)",
+    )
     args = parser.parse_args(argv)
     if args.write_limits and (args.candidates or args.filter):
         parser.error("--write-limits needs every config compiled: no --candidates or --filter")
@@ -581,9 +626,12 @@ def main(argv: list[str] | None = None) -> int:
     work = plan(args.filter, args.arch, args.dtype, args.head_dims, args.kernels, args.candidates)
     seconds = estimate(len(work), args.jobs)
     what = scope(args.arch, args.dtype, args.head_dims, args.kernels, args.candidates, args.filter)
-    print(f"inspect: {len(work)} compiles ({what}), about {duration(seconds)} in {args.jobs} process"
-          f"{'es' if args.jobs > 1 else ''} (roughly {SECONDS_PER_COMPILE:.0f} s of a core per compile)",
-          file=sys.stderr, flush=True)
+    print(
+        f"inspect: {len(work)} compiles ({what}), about {duration(seconds)} in {args.jobs} process"
+        f"{'es' if args.jobs > 1 else ''} (roughly {SECONDS_PER_COMPILE:.0f} s of a core per compile)",
+        file=sys.stderr,
+        flush=True,
+    )
     if seconds > 120:
         print(f"inspect: to narrow it: {NARROW}", file=sys.stderr, flush=True)
     if args.plan:

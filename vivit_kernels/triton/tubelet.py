@@ -86,12 +86,32 @@ def _tube_offsets(k, t, h, w, stride_c, stride_t, stride_h, stride_w):
 
 @triton.jit
 def tubelet_fwd_kernel(
-    video, weight, bias, pos, out,
-    P, D, K, nh, nw, t: tl.constexpr, h: tl.constexpr, w: tl.constexpr,
-    stride_vb, stride_vc, stride_vt, stride_vh, stride_vw,
-    stride_wd, stride_wk,
-    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    video,
+    weight,
+    bias,
+    pos,
+    out,
+    P,
+    D,
+    K,
+    nh,
+    nw,
+    t: tl.constexpr,
+    h: tl.constexpr,
+    w: tl.constexpr,
+    stride_vb,
+    stride_vc,
+    stride_vt,
+    stride_vh,
+    stride_vw,
+    stride_wd,
+    stride_wk,
+    HAS_BIAS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """out[b, p, d] = sum_k video[b, A(p, k)] * weight[d, k] + bias[d] + pos[p, d]; out is (B, P, D)."""
     blocks = tl.cdiv(P, BLOCK_M)
@@ -131,11 +151,28 @@ def tubelet_fwd_kernel(
 
 @triton.jit
 def tubelet_bwd_video_kernel(
-    grad, weight, dvideo,
-    P, D, K, nh, nw, t: tl.constexpr, h: tl.constexpr, w: tl.constexpr,
-    stride_vb, stride_vc, stride_vt, stride_vh, stride_vw,
-    stride_wd, stride_wk,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    grad,
+    weight,
+    dvideo,
+    P,
+    D,
+    K,
+    nh,
+    nw,
+    t: tl.constexpr,
+    h: tl.constexpr,
+    w: tl.constexpr,
+    stride_vb,
+    stride_vc,
+    stride_vt,
+    stride_vh,
+    stride_vw,
+    stride_wd,
+    stride_wk,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dvideo[b, A(p, k)] = sum_d grad[b, p, d] * weight[d, k]; grad is (B, P, D) contiguous.
     Tubes do not overlap, so each element is written by exactly one program."""
@@ -174,11 +211,31 @@ def tubelet_bwd_video_kernel(
 
 @triton.jit
 def tubelet_bwd_weight_kernel(
-    grad, video, dweight, dbias,
-    B, P, D, K, nh, nw, t: tl.constexpr, h: tl.constexpr, w: tl.constexpr,
-    stride_vb, stride_vc, stride_vt, stride_vh, stride_vw, SPLIT,
-    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    grad,
+    video,
+    dweight,
+    dbias,
+    B,
+    P,
+    D,
+    K,
+    nh,
+    nw,
+    t: tl.constexpr,
+    h: tl.constexpr,
+    w: tl.constexpr,
+    stride_vb,
+    stride_vc,
+    stride_vt,
+    stride_vh,
+    stride_vw,
+    SPLIT,
+    HAS_BIAS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """dweight[d, k] = sum_{b, p} grad[b, p, d] * video[b, A(p, k)] (A gathered again, never
     stored); dbias[d] = sum_{b, p} grad[b, p, d], accumulated by the programs of the first K block.
@@ -239,9 +296,7 @@ def tubelet_bwd_weight_kernel(
 
 
 @triton.jit
-def tubelet_bwd_pos_kernel(
-    grad, dpos, B, P, D, UPCAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr
-):
+def tubelet_bwd_pos_kernel(grad, dpos, B, P, D, UPCAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """dpos[p, d] = sum_b grad[b, p, d]: the positional embedding is shared by the batch."""
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -277,8 +332,10 @@ _BWD_VIDEO = "BLOCK_M,BLOCK_K,BLOCK_D"
 _BWD_WEIGHT = "BLOCK_D,BLOCK_K,BLOCK_M"
 _GPU_CONFIGS = {
     "fwd": {
-        "16": _configs(_FWD, [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3),
-                              (64, 64, 32, 4, 3)]),
+        "16": _configs(
+            _FWD,
+            [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 4, 3)],
+        ),
         "32": _configs(_FWD, [(64, 128, 16, 8, 3), (64, 64, 16, 8, 3), (64, 64, 16, 4, 3)]),
     },
     "bwd_video": {
@@ -315,6 +372,7 @@ def _tuned(kernel: str, dtype: torch.dtype):
 # ----------------------------------------------------------------------------------------------
 # Launchers, with the contract of `vivit_kernels.ops.tubelet`; `out`-style arguments let tests
 # hand in NaN-poisoned buffers.
+
 
 def _sizes(video: torch.Tensor, weight_shape) -> tuple[TubeletShape, int, int, int]:
     """The call's shape, and (tokens per clip P, D, K)."""
@@ -377,10 +435,24 @@ def forward(
         return B * triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_N"])
 
     _tuned("fwd", video.dtype)[grid](
-        video, wmat, bias_arg, pos_arg, out,
-        P, D, K, nh, nw, t, h, w,
-        *video.stride(), *wmat.stride(),
-        HAS_BIAS=bias is not None, HAS_POS=pos is not None, UPCAST=upcast_dot_operands(video.dtype),
+        video,
+        wmat,
+        bias_arg,
+        pos_arg,
+        out,
+        P,
+        D,
+        K,
+        nh,
+        nw,
+        t,
+        h,
+        w,
+        *video.stride(),
+        *wmat.stride(),
+        HAS_BIAS=bias is not None,
+        HAS_POS=pos is not None,
+        UPCAST=upcast_dot_operands(video.dtype),
     )
     return out
 
@@ -410,9 +482,19 @@ def backward_video(
         return B * triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"])
 
     _tuned("bwd_video", video.dtype)[grid](
-        grad, wmat, dvideo,
-        P, D, K, nh, nw, t, h, w,
-        *dvideo.stride(), *wmat.stride(),
+        grad,
+        wmat,
+        dvideo,
+        P,
+        D,
+        K,
+        nh,
+        nw,
+        t,
+        h,
+        w,
+        *dvideo.stride(),
+        *wmat.stride(),
         UPCAST=upcast_dot_operands(video.dtype),
     )
     return dvideo
@@ -450,10 +532,24 @@ def backward_weight(
         return triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(K, meta["BLOCK_K"]), split
 
     _tuned("bwd_weight", video.dtype)[grid](
-        grad, video, dweight_out, dbias_out,
-        B, P, D, K, nh, nw, t, h, w,
-        *video.stride(), split,
-        HAS_BIAS=bias_grad, PARTIAL=partial, UPCAST=upcast_dot_operands(video.dtype),
+        grad,
+        video,
+        dweight_out,
+        dbias_out,
+        B,
+        P,
+        D,
+        K,
+        nh,
+        nw,
+        t,
+        h,
+        w,
+        *video.stride(),
+        split,
+        HAS_BIAS=bias_grad,
+        PARTIAL=partial,
+        UPCAST=upcast_dot_operands(video.dtype),
     )
     if partial:  # a fixed-order fp32 sum over the chunks, then one rounding: deterministic, no atomics
         dweight.view(D, K).copy_(dweight_out.sum(0))

@@ -35,8 +35,9 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
 
 
-def run(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], object],
-        argv: list[str] | None) -> None:
+def run(
+    prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], object], argv: list[str] | None
+) -> None:
     """Parse `argv` and run `body(args)`; a user's mistake exits as the module docstring says."""
     args = parser.parse_args(argv)
     try:

@@ -24,13 +24,19 @@ from .common import (
     run,
 )
 
-_RANGES = {"synthetic_clips": Range(1), "temporal_views": Range(1), "spatial_crops": Range(1), "batch_size": Range(1),
-           "workers": Range(0)}
+_RANGES = {
+    "synthetic_clips": Range(1),
+    "temporal_views": Range(1),
+    "spatial_crops": Range(1),
+    "batch_size": Range(1),
+    "workers": Range(0),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vivit-eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="vivit-eval", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by vivit-train")
     p.add_argument("--csv", help="videos to score: a CSV of path,label rows (default: built-in held-out data)")
     p.add_argument("--data-root", help="directory the CSV paths are relative to")
@@ -41,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--saved-bytes", action="store_true",
-                   help="also report bytes saved for backward: fused kernels vs naive attention")
+    p.add_argument(
+        "--saved-bytes",
+        action="store_true",
+        help="also report bytes saved for backward: fused kernels vs naive attention",
+    )
     add_debug_flag(p)
     return p
 
@@ -57,34 +66,57 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     data, classes = state["data"], list(state["classes"])
     if args.csv:
         # Labels must be the checkpoint's: a label it does not know is an error naming the CSV line.
-        dataset = VideoFolder(args.csv, root=args.data_root, classes=classes, train=False,
-                              num_frames=data["num_frames"], size=data["img_size"], mean=data["mean"],
-                              std=data["std"], temporal_views=args.temporal_views, spatial_crops=args.spatial_crops)
+        dataset = VideoFolder(
+            args.csv,
+            root=args.data_root,
+            classes=classes,
+            train=False,
+            num_frames=data["num_frames"],
+            size=data["img_size"],
+            mean=data["mean"],
+            std=data["std"],
+            temporal_views=args.temporal_views,
+            spatial_crops=args.spatial_crops,
+        )
     else:
         if classes != list(SYNTHETIC_CLASSES):
             shown = ", ".join(classes[:6]) + (", ..." if len(classes) > 6 else "")
-            raise UserError(f"--checkpoint {args.checkpoint} was trained on {len(classes)} classes ({shown}), not the "
-                            f"built-in data's {len(SYNTHETIC_CLASSES)}: pass --csv with videos of its classes")
+            raise UserError(
+                f"--checkpoint {args.checkpoint} was trained on {len(classes)} classes ({shown}), not the "
+                f"built-in data's {len(SYNTHETIC_CLASSES)}: pass --csv with videos of its classes"
+            )
         seed = state.get("args", {}).get("data_seed", 0) + 1  # the held-out seed of training
-        dataset = MovingShapes(args.synthetic_clips, num_frames=data["num_frames"], size=data["img_size"],
-                               seed=seed, mean=tuple(data["mean"]), std=tuple(data["std"]))
+        dataset = MovingShapes(
+            args.synthetic_clips,
+            num_frames=data["num_frames"],
+            size=data["img_size"],
+            seed=seed,
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+        )
     ctx = distributed.Context(device=device)
-    result = evaluate(model, dataset, ctx, batch_size=args.batch_size, precision=args.precision,
-                      workers=args.workers)
+    result = evaluate(model, dataset, ctx, batch_size=args.batch_size, precision=args.precision, workers=args.workers)
     if not result["clips"]:
-        raise UserError(f"--csv {args.csv}: none of its {int(result['skipped'])} videos could be decoded (each is "
-                        "named in a warning above)", INPUT)
-    print(f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  on {int(result['clips'])} videos "
-          f"({result['clips_per_s']:.1f} videos/s)" + (f", {int(result['skipped'])} unreadable skipped"
-                                                        if result["skipped"] else ""))
+        raise UserError(
+            f"--csv {args.csv}: none of its {int(result['skipped'])} videos could be decoded (each is "
+            "named in a warning above)",
+            INPUT,
+        )
+    print(
+        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  on {int(result['clips'])} videos "
+        f"({result['clips_per_s']:.1f} videos/s)"
+        + (f", {int(result['skipped'])} unreadable skipped" if result["skipped"] else "")
+    )
     if args.saved_bytes:
         item = next(video for video in (dataset[i]["video"] for i in range(len(dataset))) if video is not None)
         clip = (item if item.dim() == 5 else item[None])[:1]
         report = saved_bytes_report(state["model_spec"], clip.to(device))
         mib = 2**20
         print(f"bytes saved for backward ('{report['fused_backend']}' kernels vs naive attention):")
-        for key, what in (("model", "this model, one clip"),
-                          ("vivit_b_layer", "one ViViT-B model-4 attention layer, 16x196 tokens")):
+        for key, what in (
+            ("model", "this model, one clip"),
+            ("vivit_b_layer", "one ViViT-B model-4 attention layer, 16x196 tokens"),
+        ):
             fused, naive = report[f"fused_{key}"], report[f"naive_{key}"]
             print(f"  {what}: {fused / mib:.2f} MiB vs {naive / mib:.2f} MiB ({naive / max(fused, 1):.2f}x)")
     sys.stdout.flush()

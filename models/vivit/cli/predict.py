@@ -18,16 +18,26 @@ from ..run.evaluation import predict_logits
 from .common import INPUT, Range, UserError, add_debug_flag, check_ranges, load_checked, resolve_device, run
 
 
-def predict(model: torch.nn.Module, path: str, data: dict, classes: list[str], *, top: int = 5,
-            temporal_views: int = 4, spatial_crops: int = 3) -> list[tuple[str, float]]:
+def predict(
+    model: torch.nn.Module,
+    path: str,
+    data: dict,
+    classes: list[str],
+    *,
+    top: int = 5,
+    temporal_views: int = 4,
+    spatial_crops: int = 3,
+) -> list[tuple[str, float]]:
     """[(label, probability)] of the `top` most likely classes of the video at `path`."""
     from ..data.decoding import read_frames
 
     # The views' frames in one decode of only those frames; all cores for a single video.
     T = data["num_frames"]
     frames, _ = read_frames(path, lambda count: torch.cat(temporal_view_indices(count, T, temporal_views)), threads=0)
-    views = [eval_transform(frames[j * T : (j + 1) * T], data["img_size"], spatial_crops, mean=data["mean"],
-                            std=data["std"]) for j in range(temporal_views)]
+    views = [
+        eval_transform(frames[j * T : (j + 1) * T], data["img_size"], spatial_crops, mean=data["mean"], std=data["std"])
+        for j in range(temporal_views)
+    ]
     device = next(model.parameters()).device
     logits = predict_logits(model, torch.cat(views)[None].to(device))[0]
     probs = logits.softmax(-1)
@@ -70,8 +80,15 @@ def predict_file(args: argparse.Namespace) -> None:
     check_video_file(args.video)
     model, state = load_checked(args.checkpoint, device)
     try:
-        ranked = predict(model, args.video, state["data"], list(state["classes"]), top=args.top,
-                         temporal_views=args.temporal_views, spatial_crops=args.spatial_crops)
+        ranked = predict(
+            model,
+            args.video,
+            state["data"],
+            list(state["classes"]),
+            top=args.top,
+            temporal_views=args.temporal_views,
+            spatial_crops=args.spatial_crops,
+        )
     except (av.FFmpegError, OSError, EOFError, ValueError) as error:
         # A file that breaks after its first frame: the decoder's errors. The model cannot raise
         # here, as the checkpoint's clip size was checked against its model when it was loaded.
@@ -84,8 +101,11 @@ _RANGES = {"top": Range(1), "temporal_views": Range(1), "spatial_crops": Range(1
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="vivit-predict", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="vivit-predict",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("video", help="a video file")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by vivit-train")
     p.add_argument("--top", type=int, default=5)

@@ -23,8 +23,9 @@ from .common import add_debug_flag, check_device, run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vivit-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="vivit-train", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     d = p.add_argument_group("data (no --train-csv: the built-in moving-shapes data)")
     d.add_argument("--train-csv", help="training videos: a CSV of path,label rows")
     d.add_argument("--val-csv", help="held-out videos (same format), evaluated multi-view")
@@ -42,11 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, help="data-loader processes (default: 0 built-in, 4 for videos)")
 
     m = p.add_argument_group("model")
-    m.add_argument("--variant", default="factorised_dot_product",
-                   choices=["spatio_temporal", "factorised_encoder", "factorised_self_attention",
-                            "factorised_dot_product"])
-    m.add_argument("--preset", default="vivit_b", choices=["vivit_b", "vivit_l", "vivit_h"],
-                   help="backbone size; --dim/--depth/--heads/--mlp-ratio override it (a custom size)")
+    m.add_argument(
+        "--variant",
+        default="factorised_dot_product",
+        choices=["spatio_temporal", "factorised_encoder", "factorised_self_attention", "factorised_dot_product"],
+    )
+    m.add_argument(
+        "--preset",
+        default="vivit_b",
+        choices=["vivit_b", "vivit_l", "vivit_h"],
+        help="backbone size; --dim/--depth/--heads/--mlp-ratio override it (a custom size)",
+    )
     m.add_argument("--dim", type=int)
     m.add_argument("--depth", type=int)
     m.add_argument("--heads", type=int)
@@ -54,17 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--temporal-depth", type=int, help="model 2: blocks of the temporal encoder")
     m.add_argument("--tubelet", type=int, nargs=3, metavar=("T", "H", "W"))
     m.add_argument("--tokeniser", default="tubelet", choices=["tubelet", "uniform"])
-    m.add_argument("--pretrained", help="weights to start from: an image ViT (timm or Hugging Face), or a video "
-                   "model to fine-tune (a Hugging Face ViViT save_pretrained directory or a vivit-train checkpoint)")
-    m.add_argument("--init", default="central_frame", choices=["central_frame", "inflate"],
-                   help="tubelet initialisation from the 2D patch embedding")
+    m.add_argument(
+        "--pretrained",
+        help="weights to start from: an image ViT (timm or Hugging Face), or a video "
+        "model to fine-tune (a Hugging Face ViViT save_pretrained directory or a vivit-train checkpoint)",
+    )
+    m.add_argument(
+        "--init",
+        default="central_frame",
+        choices=["central_frame", "inflate"],
+        help="tubelet initialisation from the 2D patch embedding",
+    )
     m.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
     m.add_argument("--dropout", type=float, default=0.0)
     m.add_argument("--backend", default="auto", help="vivit_kernels backend of the model's ops")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
-    m.add_argument("--memory", default="default", choices=["default", "lean"],
-                   help="lean: blocks recompute LayerNorm and GELU in backward (10 of 16 activations kept, same "
-                        "results)")
+    m.add_argument(
+        "--memory",
+        default="default",
+        choices=["default", "lean"],
+        help="lean: blocks recompute LayerNorm and GELU in backward (10 of 16 activations kept, same results)",
+    )
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])

@@ -259,8 +259,13 @@ def _index_table(container, stream, path: Path) -> FrameTable | None:
     keys = [(e.timestamp + shift, i) for i, e in enumerate(entries) if e.is_keyframe]
     if not keys:
         return None
-    return FrameTable(pts=list(range(start, start + count * step, step)), keys=keys,
-                      order={t: i for i, t in enumerate(dts)}, order_by="dts", source="index")
+    return FrameTable(
+        pts=list(range(start, start + count * step, step)),
+        keys=keys,
+        order={t: i for i, t in enumerate(dts)},
+        order_by="dts",
+        source="index",
+    )
 
 
 def _scan_table(container, stream) -> FrameTable | None:
@@ -470,8 +475,9 @@ class TorchCodecReader(VideoReader):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no such video file: {self.path}")
-        self._decoder = VideoDecoder(str(self.path), seek_mode="exact", dimension_order="NHWC",
-                                     num_ffmpeg_threads=threads)
+        self._decoder = VideoDecoder(
+            str(self.path), seek_mode="exact", dimension_order="NHWC", num_ffmpeg_threads=threads
+        )
 
     def close(self) -> None:
         self._decoder = None

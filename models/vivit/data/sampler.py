@@ -26,8 +26,9 @@ class ShardedSampler(Sampler[int]):
             shards differ by at most one item and each item appears once (evaluation).
     """
 
-    def __init__(self, length: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 pad: bool = True) -> None:
+    def __init__(
+        self, length: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, pad: bool = True
+    ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"ShardedSampler: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.length, self.shuffle, self.seed = length, shuffle, seed

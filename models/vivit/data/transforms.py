@@ -71,8 +71,14 @@ def _channels_first(frames: torch.Tensor) -> torch.Tensor:
 
 
 def train_transform(
-    frames: torch.Tensor, size: int, generator: torch.Generator, *, mean=IMAGE_MEAN, std=IMAGE_STD,
-    scale: tuple[float, float] = (1.0, 1.25), flip: bool = True,
+    frames: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+    *,
+    mean=IMAGE_MEAN,
+    std=IMAGE_STD,
+    scale: tuple[float, float] = (1.0, 1.25),
+    flip: bool = True,
 ) -> torch.Tensor:
     """uint8 (T, H, W, C) -> normalised (C, T, size, size): short side resized to a random
     size in [scale[0] * size, scale[1] * size], random crop, random horizontal flip."""

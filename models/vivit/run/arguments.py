@@ -31,27 +31,71 @@ def fill_defaults(args: argparse.Namespace) -> None:
 
 # The allowed values of vivit-train's numeric options (argparse attribute names).
 _RANGES = {
-    "synthetic_clips": Range(1), "synthetic_val_clips": Range(0), "num_frames": Range(1), "img_size": Range(1),
-    "std": Range(0, open_low=True), "temporal_views": Range(1), "spatial_crops": Range(1), "workers": Range(0),
-    "dim": Range(1), "depth": Range(1), "heads": Range(1), "mlp_ratio": Range(0, open_low=True),
-    "temporal_depth": Range(1), "tubelet": Range(1), "drop_path": Range(0, 1), "dropout": Range(0, 1),
-    "lr": Range(0), "momentum": Range(0), "weight_decay": Range(0), "warmup_steps": Range(0), "min_lr": Range(0),
-    "label_smoothing": Range(0, 1), "mixup": Range(0), "clip_grad": Range(0, open_low=True), "batch_size": Range(1),
-    "accum_steps": Range(1), "steps": Range(1), "epochs": Range(0, open_low=True), "checkpoint_every": Range(0),
-    "stop_at": Range(1), "eval_every": Range(0), "log_every": Range(1), "dist_timeout": Range(0, open_low=True),
+    "synthetic_clips": Range(1),
+    "synthetic_val_clips": Range(0),
+    "num_frames": Range(1),
+    "img_size": Range(1),
+    "std": Range(0, open_low=True),
+    "temporal_views": Range(1),
+    "spatial_crops": Range(1),
+    "workers": Range(0),
+    "dim": Range(1),
+    "depth": Range(1),
+    "heads": Range(1),
+    "mlp_ratio": Range(0, open_low=True),
+    "temporal_depth": Range(1),
+    "tubelet": Range(1),
+    "drop_path": Range(0, 1),
+    "dropout": Range(0, 1),
+    "lr": Range(0),
+    "momentum": Range(0),
+    "weight_decay": Range(0),
+    "warmup_steps": Range(0),
+    "min_lr": Range(0),
+    "label_smoothing": Range(0, 1),
+    "mixup": Range(0),
+    "clip_grad": Range(0, open_low=True),
+    "batch_size": Range(1),
+    "accum_steps": Range(1),
+    "steps": Range(1),
+    "epochs": Range(0, open_low=True),
+    "checkpoint_every": Range(0),
+    "stop_at": Range(1),
+    "eval_every": Range(0),
+    "log_every": Range(1),
+    "dist_timeout": Range(0, open_low=True),
     "threads": Range(1),
 }
 
 # ViViTConfig field -> the vivit-train option (argparse attribute) that sets it.
-FIELD_ARGS = {"variant": "variant", "img_size": "img_size", "num_frames": "num_frames", "tokeniser": "tokeniser",
-              "drop_rate": "dropout", "drop_path_rate": "drop_path", "backend": "backend", "dim": "dim",
-              "depth": "depth", "num_heads": "heads", "mlp_ratio": "mlp_ratio", "temporal_depth": "temporal_depth",
-              "tubelet": "tubelet", "memory": "memory"}
+FIELD_ARGS = {
+    "variant": "variant",
+    "img_size": "img_size",
+    "num_frames": "num_frames",
+    "tokeniser": "tokeniser",
+    "drop_rate": "dropout",
+    "drop_path_rate": "drop_path",
+    "backend": "backend",
+    "dim": "dim",
+    "depth": "depth",
+    "num_heads": "heads",
+    "mlp_ratio": "mlp_ratio",
+    "temporal_depth": "temporal_depth",
+    "tubelet": "tubelet",
+    "memory": "memory",
+}
 # How a message names a field: its option, or what sets it.
 FIELD_NAMES = {**{field: "--" + arg.replace("_", "-") for field, arg in FIELD_ARGS.items()}, "num_classes": "classes"}
 # Fields no option sets: a run takes them from the checkpoint it resumes or fine-tunes.
-INHERITED_FIELDS = ("in_chans", "pooling", "mlp_activation", "attention_order", "qkv_bias", "norm_eps",
-                    "attn_drop_rate")
+INHERITED_FIELDS = (
+    "in_chans",
+    "pooling",
+    "mlp_activation",
+    "attention_order",
+    "qkv_bias",
+    "norm_eps",
+    "attn_drop_rate",
+)
 
 
 def check_args(args: argparse.Namespace, ctx: distributed.Context) -> None:
@@ -59,8 +103,9 @@ def check_args(args: argparse.Namespace, ctx: distributed.Context) -> None:
     check_ranges(args, _RANGES)
     per_step = ctx.world_size * args.accum_steps
     if args.batch_size % per_step:
-        raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of processes x --accum-steps "
-                        f"= {per_step}")
+        raise UserError(
+            f"--batch-size {args.batch_size} must be a positive multiple of processes x --accum-steps = {per_step}"
+        )
     if args.precision == "fp16" and ctx.device.type != "cuda":
         raise UserError("--precision fp16 needs a GPU (use bf16 or fp32 on CPU)")
     if args.min_lr > args.lr:
@@ -86,8 +131,9 @@ def model_config(args: argparse.Namespace, num_classes: int = 1, inherit: ViViTC
     except ValueError as error:
         message = str(error).removeprefix("ViViTConfig: ")
         for field, name in FIELD_NAMES.items():  # "num_heads must", "dim=64" -> "--heads must", "--dim 64"
-            message = re.sub(rf"\b{field}(=| must| is)", lambda m, name=name: name + (" " if m[1] == "=" else m[1]),
-                             message)
+            message = re.sub(
+                rf"\b{field}(=| must| is)", lambda m, name=name: name + (" " if m[1] == "=" else m[1]), message
+            )
         raise UserError(message) from None
 
 
@@ -95,7 +141,9 @@ def check_backend(backend: str, config: ViViTConfig, device: torch.device, preci
     """UserError unless `backend` names a backend that runs this model's attention on `device` at `precision`."""
     if backend == "auto":  # auto always finds one (the reference at worst)
         return
-    q = torch.zeros(1, 2, 2, config.dim // config.num_heads, device=device, dtype=PRECISIONS[precision] or torch.float32)
+    q = torch.zeros(
+        1, 2, 2, config.dim // config.num_heads, device=device, dtype=PRECISIONS[precision] or torch.float32
+    )
     try:
         attention_backend(q, q, q, frames=1, mode="joint", backend=backend)
     except (ValueError, BackendUnsupportedError) as error:
@@ -114,6 +162,11 @@ def spec_from_args(args: argparse.Namespace, num_classes: int, inherit: ViViTCon
             overrides[field] = tuple(args.tubelet) if field == "tubelet" else getattr(args, arg)
     if inherit is not None:
         default = ViViTConfig(variant=inherit.variant)
-        overrides.update({field: getattr(inherit, field) for field in INHERITED_FIELDS
-                          if getattr(inherit, field) != getattr(default, field)})
+        overrides.update(
+            {
+                field: getattr(inherit, field)
+                for field in INHERITED_FIELDS
+                if getattr(inherit, field) != getattr(default, field)
+            }
+        )
     return model_spec(args.preset, args.variant, num_classes, **overrides)

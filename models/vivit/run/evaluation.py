@@ -82,8 +82,13 @@ def evaluate(
     elapsed = time.perf_counter() - start
     top1, top5, count, skipped = distributed.all_reduce_sum([top1, top5, count, skipped], ctx)
     net.train(was_training)
-    return {"top1": top1 / max(count, 1), "top5": top5 / max(count, 1), "clips": count, "skipped": skipped,
-            "clips_per_s": count / max(elapsed, 1e-9)}
+    return {
+        "top1": top1 / max(count, 1),
+        "top5": top5 / max(count, 1),
+        "clips": count,
+        "skipped": skipped,
+        "clips_per_s": count / max(elapsed, 1e-9),
+    }
 
 
 def saved_bytes_report(spec: dict[str, Any], video: torch.Tensor) -> dict[str, int | str]:

@@ -20,8 +20,15 @@ def mixup(video: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: fl
     return video.lerp(video[perm], 1.0 - lam), y.lerp(y[perm], 1.0 - lam)
 
 
-def classification_loss(model: torch.nn.Module, video: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
-                        mixup_alpha: float, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+def classification_loss(
+    model: torch.nn.Module,
+    video: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    mixup_alpha: float,
+    smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, logits) of `model` on `video` (B, C, T, H, W) with `labels` (B,); mixed first when
     `mixup_alpha` > 0. The loss is computed in float32 whatever the logits' dtype."""
     if mixup_alpha > 0:

@@ -50,7 +50,12 @@ class Metrics:
                 continue  # a line cut short by a kill
             at = record.get("step", record.get("steps")) if isinstance(record, dict) else None
             event = record.get("event") if isinstance(record, dict) else None
-            if not isinstance(at, int) or at > step or event == "summary" or (event == "epoch" and at % steps_per_epoch):
+            if (
+                not isinstance(at, int)
+                or at > step
+                or event == "summary"
+                or (event == "epoch" and at % steps_per_epoch)
+            ):
                 continue
             kept.append(line + "\n")
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -70,8 +75,14 @@ def zero_epoch() -> dict[str, float]:
 
 def epoch_record(epoch: int, step: int, skipped: int, totals: dict[str, float]) -> dict[str, Any]:
     """The record of an epoch that ended at `step` with `totals` (summed over processes)."""
-    return {"event": "epoch", "epoch": epoch, "steps": step, "skipped_videos": skipped,
-            "loss": totals["loss"] / max(totals["count"], 1), "acc": totals["correct"] / max(totals["count"], 1)}
+    return {
+        "event": "epoch",
+        "epoch": epoch,
+        "steps": step,
+        "skipped_videos": skipped,
+        "loss": totals["loss"] / max(totals["count"], 1),
+        "acc": totals["correct"] / max(totals["count"], 1),
+    }
 
 
 def progress_bar(total: int, initial: int):
@@ -86,17 +97,26 @@ def progress_bar(total: int, initial: int):
 
 def show_on_progress(progress, record: dict[str, Any]) -> None:
     """A step record as the progress bar's postfix."""
-    progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
-                         clips_s=f"{record['clips_per_s']:.1f}", data=f"{record['data_wait_fraction']:.0%}",
-                         mem=f"{record['memory_mb']:.0f}MB", refresh=False)
+    progress.set_postfix(
+        loss=f"{record['loss']:.3f}",
+        acc=f"{record['acc']:.3f}",
+        clips_s=f"{record['clips_per_s']:.1f}",
+        data=f"{record['data_wait_fraction']:.0%}",
+        mem=f"{record['memory_mb']:.0f}MB",
+        refresh=False,
+    )
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    lines = [f"trained {s['steps']}/{s['total_steps']} steps on {s['world_size']} process(es) in {s['seconds']:.1f} s "
-             f"({s['clips_per_s']:.1f} clips/s, {s['memory_mb']:.0f} MB)"]
+    lines = [
+        f"trained {s['steps']}/{s['total_steps']} steps on {s['world_size']} process(es) in {s['seconds']:.1f} s "
+        f"({s['clips_per_s']:.1f} clips/s, {s['memory_mb']:.0f} MB)"
+    ]
     if "val_top1" in s:
-        lines.append(f"held-out: top-1 {100 * s['val_top1']:.1f}%  top-5 {100 * s['val_top5']:.1f}%  "
-                     f"({int(s['val_clips'])} clips)")
+        lines.append(
+            f"held-out: top-1 {100 * s['val_top1']:.1f}%  top-5 {100 * s['val_top5']:.1f}%  "
+            f"({int(s['val_clips'])} clips)"
+        )
     if s["skipped_videos"]:
         lines.append(f"skipped {s['skipped_videos']} unreadable video(s)")
     lines.append(f"checkpoint: {s['checkpoint']}")

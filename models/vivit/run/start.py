@@ -49,31 +49,37 @@ def check_video_pretrained(args: argparse.Namespace, classes: list[str], theirs:
     ignore = (*EXECUTION_FIELDS, *TRAINING_ONLY_FIELDS, *INHERITED_FIELDS, "num_classes", "num_frames", "img_size")
     differences = config_differences(theirs, ours, ignore=ignore)
     if differences:
-        raise UserError(f"--pretrained {args.pretrained} is a video model other than the arguments': "
-                        f"{format_differences(differences, FIELD_NAMES)} (checkpoint vs arguments); pass its "
-                        "options to fine-tune it")
+        raise UserError(
+            f"--pretrained {args.pretrained} is a video model other than the arguments': "
+            f"{format_differences(differences, FIELD_NAMES)} (checkpoint vs arguments); pass its "
+            "options to fine-tune it"
+        )
 
 
 def _preview(classes: list[str], shown: int = 6) -> str:
-    """"3 classes (a, b, c)", at most `shown` names."""
+    """ "3 classes (a, b, c)", at most `shown` names."""
     names = ", ".join(classes[:shown]) + (", ..." if len(classes) > shown else "")
     return f"{len(classes)} classes ({names})"
 
 
-def check_resume(args: argparse.Namespace, path: str, state: dict[str, Any], classes: list[str],
-                 spec: dict[str, Any]) -> None:
+def check_resume(
+    args: argparse.Namespace, path: str, state: dict[str, Any], classes: list[str], spec: dict[str, Any]
+) -> None:
     """The checkpoint at `path` continues this run: same model (`spec`), classes and optimiser, weights that fit."""
     if list(state["classes"]) != list(classes):
-        raise UserError(f"--resume {path}: trained on {_preview(state['classes'])}, but the training data has "
-                        f"{_preview(classes)}")
+        raise UserError(
+            f"--resume {path}: trained on {_preview(state['classes'])}, but the training data has {_preview(classes)}"
+        )
     theirs, ours = checkpoint_config(state, path), config_from_spec(spec)
     differences = config_differences(theirs, ours)
     if theirs.variant != ours.variant:  # the pooling follows from the variant: naming it too says nothing
         differences = [d for d in differences if d[0] != "pooling"]
     if differences:
-        raise UserError(f"--resume {path}: the checkpoint's model differs from the arguments': "
-                        f"{format_differences(differences, FIELD_NAMES)} (checkpoint vs arguments); resume with "
-                        "the options it was trained with")
+        raise UserError(
+            f"--resume {path}: the checkpoint's model differs from the arguments': "
+            f"{format_differences(differences, FIELD_NAMES)} (checkpoint vs arguments); resume with "
+            "the options it was trained with"
+        )
     saved = state.get("args", {}).get("optimizer") if isinstance(state.get("args"), dict) else None
     if saved is not None and saved != args.optimizer:
         raise UserError(f"--optimizer {args.optimizer}: --resume {path} holds the state of {saved}")
@@ -85,8 +91,9 @@ def check_resume(args: argparse.Namespace, path: str, state: dict[str, Any], cla
         raise UserError(f"--resume {error}", INPUT) from None
 
 
-def load_pretrained(model: ViViT, args: argparse.Namespace, weights: dict[str, torch.Tensor],
-                    video: ViViTConfig | None, announce: bool) -> None:
+def load_pretrained(
+    model: ViViT, args: argparse.Namespace, weights: dict[str, torch.Tensor], video: ViViTConfig | None, announce: bool
+) -> None:
     """Initialise `model` from --pretrained's `weights`: a video model's (`video`: its config) or an
     image ViT's (by --init); `announce`: say so on stderr (the main process)."""
     from ..pretrained import load_image_pretrained, load_video_pretrained

@@ -103,8 +103,7 @@ class Trainer:
         if not os.access(self.out_dir, os.W_OK | os.X_OK):
             raise UserError(f"--output-dir {self.args.output_dir}: not writable")
 
-    def _build_model(self, pretrained: dict[str, torch.Tensor] | None,
-                     video: ViViTConfig | None) -> torch.nn.Module:
+    def _build_model(self, pretrained: dict[str, torch.Tensor] | None, video: ViViTConfig | None) -> torch.nn.Module:
         args, ctx = self.args, self.ctx
         seed_everything(args.seed)  # the same initial weights on every process
         model = build_model(self.spec)
@@ -120,16 +119,17 @@ class Trainer:
         args, ctx = self.args, self.ctx
         # Clips per process per micro-step; the sampler shards each global batch over processes.
         self.micro = args.batch_size // (ctx.world_size * args.accum_steps)
-        self.sampler = ShardedSampler(len(self.train_set), shuffle=True, seed=args.seed, rank=ctx.rank,
-                                      world_size=ctx.world_size)
+        self.sampler = ShardedSampler(
+            len(self.train_set), shuffle=True, seed=args.seed, rank=ctx.rank, world_size=ctx.world_size
+        )
         self.items_per_step = self.micro * args.accum_steps  # per process
         self.steps_per_epoch = self.sampler.per_rank // self.items_per_step
         if self.steps_per_epoch < 1:
-            raise UserError(f"--batch-size {args.batch_size}: the {len(self.train_set)} training clips do not fill "
-                            "one batch")
+            raise UserError(
+                f"--batch-size {args.batch_size}: the {len(self.train_set)} training clips do not fill one batch"
+            )
         self.total_steps = args.steps or max(1, round(args.epochs * self.steps_per_epoch))
         self.stop = min(self.total_steps, args.stop_at) if args.stop_at else self.total_steps
-
 
     def _resume_or_seed(self, state: dict[str, Any] | None) -> None:
         """Continue from --resume's checkpoint `state` (model, optimiser, schedule, scaler, step, RNG
@@ -224,8 +224,9 @@ class Trainer:
         video = batch["video"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         with autocast(device, args.precision):
-            loss, logits = classification_loss(self.model, video, labels, len(self.classes), mixup_alpha=args.mixup,
-                                                smoothing=args.label_smoothing)
+            loss, logits = classification_loss(
+                self.model, video, labels, len(self.classes), mixup_alpha=args.mixup, smoothing=args.label_smoothing
+            )
         self.scaler.scale(loss / args.accum_steps).backward()
         n = labels.shape[0]
         self.clips_read += n
@@ -250,15 +251,28 @@ class Trainer:
         log_now = self.step % self.args.log_every == 0 or self.step == self.stop
         if not log_now and self.progress is None:
             return
-        sums = [window["loss"], window["correct"], window["count"], window.get("data_s", 0.0), window.get("step_s", 0.0)]
+        sums = [
+            window["loss"],
+            window["correct"],
+            window["count"],
+            window.get("data_s", 0.0),
+            window.get("step_s", 0.0),
+        ]
         loss_sum, correct, count, data_s, step_s = distributed.all_reduce_sum(sums, ctx) if log_now else sums
         now = time.perf_counter()
         clips_per_s = count * (ctx.world_size if not log_now else 1) / max(now - self.window_start, 1e-9)
         # Near 1, the steps wait on the loader (more --workers, or a faster decode, would help).
         data_wait = data_s / step_s if step_s > 0 else 0.0
-        record = {"step": self.step, "epoch": epoch, "loss": loss_sum / max(count, 1), "acc": correct / max(count, 1),
-                  "lr": self.scheduler.get_last_lr()[0], "clips_per_s": clips_per_s, "memory_mb": memory_mb(ctx.device),
-                  "data_wait_fraction": data_wait}
+        record = {
+            "step": self.step,
+            "epoch": epoch,
+            "loss": loss_sum / max(count, 1),
+            "acc": correct / max(count, 1),
+            "lr": self.scheduler.get_last_lr()[0],
+            "clips_per_s": clips_per_s,
+            "memory_mb": memory_mb(ctx.device),
+            "data_wait_fraction": data_wait,
+        }
         if self.progress is not None:
             show_on_progress(self.progress, record)
         if not log_now:
@@ -277,8 +291,10 @@ class Trainer:
         summary = epoch_record(epoch, self.step, skipped, totals)
         self.metrics.write(summary)
         if self.ctx.is_main:
-            message = (f"epoch {epoch}: step {self.step}, loss {summary['loss']:.4f}, acc {summary['acc']:.3f}, "
-                       f"{skipped} unreadable video(s) skipped")
+            message = (
+                f"epoch {epoch}: step {self.step}, loss {summary['loss']:.4f}, acc {summary['acc']:.3f}, "
+                f"{skipped} unreadable video(s) skipped"
+            )
             (self.progress.write if self.progress is not None else print)(message)
 
     # ------------------------------------------------------------------------- evaluation and checkpoints
@@ -305,14 +321,27 @@ class Trainer:
             rngs = [None] * ctx.world_size
             torch.distributed.all_gather_object(rngs, rng_state())
         if ctx.is_main:
-            save_checkpoint({
-                "model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rngs, "step": self.step, "model_spec": self.spec,
-                "classes": self.classes,
-                "data": {"num_frames": args.num_frames, "img_size": args.img_size, "mean": list(args.mean),
-                         "std": list(args.std)},
-                "args": vars(args), "world_size": ctx.world_size,
-            }, self.ckpt_path)
+            save_checkpoint(
+                {
+                    "model": model_state,
+                    "optimizer": optim_state,
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "rng": rngs,
+                    "step": self.step,
+                    "model_spec": self.spec,
+                    "classes": self.classes,
+                    "data": {
+                        "num_frames": args.num_frames,
+                        "img_size": args.img_size,
+                        "mean": list(args.mean),
+                        "std": list(args.std),
+                    },
+                    "args": vars(args),
+                    "world_size": ctx.world_size,
+                },
+                self.ckpt_path,
+            )
 
     def _check_readable(self) -> None:
         """UserError when every training clip tried so far, on every process, was unreadable.
@@ -324,17 +353,29 @@ class Trainer:
             self.readable_seen = True
         elif skipped:
             first = f" (first: {self.first_unreadable})" if self.first_unreadable else ""
-            raise UserError(f"--train-csv {self.args.train_csv}: none of the {int(skipped)} training videos tried "
-                            f"could be decoded{first}; nothing was trained and no checkpoint written", INPUT)
+            raise UserError(
+                f"--train-csv {self.args.train_csv}: none of the {int(skipped)} training videos tried "
+                f"could be decoded{first}; nothing was trained and no checkpoint written",
+                INPUT,
+            )
 
     def held_out(self) -> dict[str, float] | None:
         if self.val_set is None:
             return None
-        result = evaluate(self.model, self.val_set, self.ctx, batch_size=max(1, self.micro),
-                          precision=self.args.precision, workers=self.args.workers)
+        result = evaluate(
+            self.model,
+            self.val_set,
+            self.ctx,
+            batch_size=max(1, self.micro),
+            precision=self.args.precision,
+            workers=self.args.workers,
+        )
         if not result["clips"] and result["skipped"]:
-            raise UserError(f"--val-csv {self.args.val_csv}: none of its {int(result['skipped'])} videos could be "
-                            "decoded (each is named in a warning above)", INPUT)
+            raise UserError(
+                f"--val-csv {self.args.val_csv}: none of its {int(result['skipped'])} videos could be "
+                "decoded (each is named in a warning above)",
+                INPUT,
+            )
         self.metrics.write({"event": "eval", "step": self.step, **result})
         return result
 
@@ -346,10 +387,19 @@ class Trainer:
         if finished:
             self.last_eval = self.held_out()
         divergence = distributed.max_param_divergence(self.model, ctx)
-        summary = {"event": "summary", "steps": self.step, "total_steps": self.total_steps, "finished": finished,
-                   "world_size": ctx.world_size, "seconds": elapsed, "clips_per_s": self.run_clips / max(elapsed, 1e-9),
-                   "memory_mb": memory_mb(ctx.device), "skipped_videos": self.skipped_total,
-                   "max_param_divergence_across_ranks": divergence, "checkpoint": str(self.ckpt_path)}
+        summary = {
+            "event": "summary",
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "finished": finished,
+            "world_size": ctx.world_size,
+            "seconds": elapsed,
+            "clips_per_s": self.run_clips / max(elapsed, 1e-9),
+            "memory_mb": memory_mb(ctx.device),
+            "skipped_videos": self.skipped_total,
+            "max_param_divergence_across_ranks": divergence,
+            "checkpoint": str(self.ckpt_path),
+        }
         if self.last_eval is not None:
             summary.update({f"val_{key}": value for key, value in self.last_eval.items()})
         self.metrics.write(summary)
