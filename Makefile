@@ -33,9 +33,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest tests benchmarks --benchmark-disable -q $(PYTEST_ARGS)
 
-# The style ruff.toml declares.
+# The style pyproject.toml declares: the lint rules and the formatter.
 lint: $(STAMP)
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 # The oldest torch setup.py allows (`make test` has the newest) on the kernel, op and model tests, in
 # a venv of its own; its C++ library is built beside .venv's (the name carries the torch it links).

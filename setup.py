@@ -32,7 +32,9 @@ def build_cpu_kernels(package: Path) -> None:
     try:
         library = extension.build(package / "_csrc")
     except Exception as error:  # no compiler, no OpenMP, ...: build on first use instead
-        warnings.warn(f"vivit_kernels: C++ CPU kernels not built ({error}); they will be built on first use", stacklevel=2)
+        warnings.warn(
+            f"vivit_kernels: C++ CPU kernels not built ({error}); they will be built on first use", stacklevel=2
+        )
         return
     for path in library.parent.iterdir():  # keep the library, not the objects and ninja files
         if path != library and path.is_file() and package != HERE / "vivit_kernels":
@@ -44,11 +46,15 @@ def build_cpu_kernels(package: Path) -> None:
 
 
 class BuildPy(build_py):
-    """A wheel carries the library built from the sources it was made of."""
+    """A wheel carries the library built from the sources it was made of; an editable install
+    (`pip install -e .`, PEP 660) builds it in place, where the package is imported from."""
 
     def run(self):
         super().run()
-        build_cpu_kernels(Path(self.build_lib) / "vivit_kernels")
+        if self.editable_mode:
+            build_cpu_kernels(HERE / "vivit_kernels")
+        else:
+            build_cpu_kernels(Path(self.build_lib) / "vivit_kernels")
 
 
 class BinaryDistribution(Distribution):
@@ -60,7 +66,7 @@ class BinaryDistribution(Distribution):
 
 
 class Develop(develop):
-    """`pip install -e .`: the library is built in place, where the package is imported from."""
+    """`python setup.py develop`, the legacy editable install: the library is built in place too."""
 
     def run(self):
         build_cpu_kernels(HERE / "vivit_kernels")
@@ -70,8 +76,11 @@ class Develop(develop):
 setup(
     name="vivit-kernels",
     # Read from the package's file, not imported: importing vivit_kernels imports torch.
-    version=next(line.split('"')[1] for line in (HERE / "vivit_kernels" / "__init__.py").read_text().splitlines()
-                 if line.startswith("__version__ = ")),
+    version=next(
+        line.split('"')[1]
+        for line in (HERE / "vivit_kernels" / "__init__.py").read_text().splitlines()
+        if line.startswith("__version__ = ")
+    ),
     description="Fused factorised (spatial / temporal / split-head) attention and tubelet embedding for ViViT",
     # The tested versions, both ends: `make test` (torch 2.14.1), `make test-compat` (torch 2.13.0),
     # on Python 3.11.
@@ -83,6 +92,11 @@ setup(
     distclass=BinaryDistribution,
     install_requires=["torch>=2.13,<2.15", "einops>=0.8", "numpy"],
     extras_require={"triton": ["triton>=3.1"]},
-    entry_points={"console_scripts": ["vivit-train=vivit.cli.train:main", "vivit-eval=vivit.cli.evaluate:main",
-                                      "vivit-predict=vivit.cli.predict:main"]},
+    entry_points={
+        "console_scripts": [
+            "vivit-train=vivit.cli.train:main",
+            "vivit-eval=vivit.cli.evaluate:main",
+            "vivit-predict=vivit.cli.predict:main",
+        ]
+    },
 )
