@@ -1,0 +1,53 @@
+"""Hugging Face `VivitModel`: joint attention, q/k/v packed into one projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention import FactorisedAttention
+from .common import (
+    JOINT,
+    attention_like,
+    is_instance_of,
+    joint_attentions,
+    packed_linear,
+    refuse_extras,
+    scale_or_default,
+)
+
+_VIVIT = "transformers.models.vivit.modeling_vivit"
+
+
+def is_hf_vivit(model: nn.Module) -> bool:
+    return is_instance_of(getattr(model, "base_model", None), _VIVIT, "VivitModel")
+
+
+class _VivitAttention(FactorisedAttention):
+    """As transformers' VivitAttention: (hidden_states, attention_mask, **kwargs) -> (output, weights=None)."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        refuse_extras("VivitAttention", mask=attention_mask, output_attentions=kwargs.get("output_attentions"))
+        return super().forward(hidden_states), None
+
+
+def convert_hf_vivit(model, *, mode, frames, tokens_per_frame, backend) -> list:
+    replacements = []
+    for name, layer, attn in joint_attentions(
+        model, "a ViViT (transformers)", _VIVIT, "VivitAttention", mode, frames, tokens_per_frame
+    ):
+        new = attention_like(
+            name,
+            attn,
+            _VivitAttention,
+            dim=attn.q_proj.in_features,
+            num_heads=attn.num_attention_heads,
+            head_dim=attn.head_dim,
+            attn_drop=attn.attention_dropout,
+            scale=scale_or_default(attn.scaling, attn.head_dim),
+            backend=backend,
+            **JOINT,
+        )
+        new.qkv, new.proj = packed_linear(attn.q_proj, attn.k_proj, attn.v_proj), attn.o_proj
+        replacements.append((layer, "attention", new))
+    return replacements
