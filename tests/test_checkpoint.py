@@ -330,6 +330,44 @@ def test_a_failed_save_raises_its_own_error(tmp_path, monkeypatch):
     assert raised.value.__context__ is None and not list(tmp_path.iterdir())
 
 
+def test_a_full_disk_raises_the_systems_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The disk fills in the middle of the write: torch.save's zip writer would report it as
+    "unexpected pos ..."; the save raises the operating system's ENOSPC instead, removes its
+    temporary file and leaves the previous checkpoint whole."""
+    import errno
+
+    import vivit.checkpoint as checkpoint
+
+    path = save_checkpoint({"step": 1, "w": torch.ones(1000)}, tmp_path / "ckpt.pt")
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.room = f, 3000
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(checkpoint, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    with pytest.raises(OSError) as raised:
+        save_checkpoint({"step": 2, "w": torch.zeros(10_000)}, path)
+    monkeypatch.undo()
+    assert raised.value.errno == errno.ENOSPC and str(raised.value) == "[Errno 28] No space left on device"
+    assert load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
 def test_a_temporary_file_another_process_removed_first_is_no_error(tmp_path):
     """Two runs that find the same dead writer's file both remove it: the second finds it gone."""
     from vivit.checkpoint import _remove_if_dead

@@ -4,7 +4,9 @@ A checkpoint is written to a temporary file in the destination's directory, flus
 fsync'ed, renamed over the destination (`os.replace` is atomic on POSIX), and the directory is
 fsync'ed so the rename itself survives a power cut. A process killed at any point leaves either
 the previous checkpoint or the new one under the final name, never a partial file; a stray
-temporary file may remain and is ignored (and cleaned up by the next save).
+temporary file may remain and is ignored (and cleaned up by the next save). A save that fails
+(a full disk, an I/O error) raises the operating system's error and leaves the previous checkpoint
+as it was.
 
 A checkpoint holds only tensors and plain data (str, numbers, bool, None, and lists, tuples and
 dicts of them), checked when it is saved, and is read with `torch.load(weights_only=True)`: a
@@ -64,7 +66,15 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     tmp = path.parent / f".{path.name}{_TMP_MARK}{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            writer = _Writer(f)
+            try:
+                torch.save(state, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                # torch.save's zip writer reports a failed write as "unexpected pos ...": the
+                # operating system's error (a full disk, an I/O error) is the one that says why.
+                raise writer.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -73,6 +83,23 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+class _Writer:
+    """A file-like that keeps the first OSError of its file's writes (see `save_checkpoint`)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

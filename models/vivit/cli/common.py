@@ -4,7 +4,9 @@
 starts. A mistake ends the program with `PROG: error: MESSAGE` on stderr, the message naming
 the option or file, what it got and what was expected, and exit status 2 for a mistake in the
 command line (as argparse) or 1 for a problem found in an input's contents (an unreadable
-checkpoint, no decodable video). `--debug` shows the traceback instead.
+checkpoint, no decodable video). `--debug` shows the traceback instead. A training run that
+cannot go on ends the same way with its own status: DIVERGED, WRITE_FAILED (docs/training.md,
+"Long runs", lists them with STOPPED, the status of a run stopped by a signal).
 """
 
 from __future__ import annotations
@@ -21,14 +23,21 @@ from ..checkpoint import CheckpointError, load_model
 from ..data import DataError
 
 USAGE, INPUT = 2, 1  # exit statuses: a mistake in the command line, a problem in an input's contents
+# A run that cannot go on: a non-finite loss or gradients; a checkpoint that could not be written.
+DIVERGED, WRITE_FAILED = 3, 4
+# A run stopped by SIGTERM/SIGUSR1 after writing its checkpoint: resumable (EX_TEMPFAIL of sysexits.h).
+STOPPED = 75
 
 
 class UserError(Exception):
-    """A user's mistake: reported as one line, exit status `status` (USAGE or INPUT)."""
+    """A user's mistake, or a run that cannot go on: reported as one line, exit status `status`
+    (USAGE, INPUT, DIVERGED or WRITE_FAILED). `show=False`: the line is left to another process
+    of a distributed run, which says the same."""
 
-    def __init__(self, message: str, status: int = USAGE) -> None:
+    def __init__(self, message: str, status: int = USAGE, show: bool = True) -> None:
         super().__init__(message)
         self.status = status
+        self.show = show
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +56,8 @@ def run(
             raise
         status = error.status if isinstance(error, UserError) else INPUT
         line = f"{prog}: error: {' '.join(str(error).split())}"
-        print(line, file=sys.stderr, flush=True)
+        if getattr(error, "show", True):
+            print(line, file=sys.stderr, flush=True)
         # The interpreter prints nothing for an int code; the message stays on the exception for callers.
         exit_ = SystemExit(line)
         exit_.code = status

@@ -4,6 +4,10 @@ One process, or many under `torchrun --nproc_per_node=K -m vivit.train ...` (DDP
 `--fsdp`). `--batch-size` is the global batch: each of K processes takes batch / K clips per
 step (divided again by `--accum-steps`), so hyperparameters do not change with K.
 Only the main process writes checkpoints, metrics and progress.
+
+Exit statuses: 0 trained (or stopped at --stop-at), 2 a mistake in the command line, 1 one in an
+input, 3 a non-finite loss or gradients (DIVERGED), 4 a checkpoint that could not be written
+(WRITE_FAILED), 75 stopped by SIGTERM or SIGUSR1 with a checkpoint to resume from (STOPPED).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from typing import Any
 
 import torch
@@ -19,7 +24,7 @@ from .. import distributed
 from ..data import IMAGE_MEAN, IMAGE_STD
 from ..run.evaluation import PRECISIONS
 from ..run.trainer import Trainer
-from .common import add_debug_flag, check_device, run
+from .common import STOPPED, add_debug_flag, check_device, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", default="runs/vivit", help="checkpoint.pt, metrics.jsonl, summary.json")
     r.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: only at the end)")
-    r.add_argument("--resume", help="a checkpoint to continue from, or 'auto' (OUTPUT_DIR/checkpoint.pt if present)")
+    r.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        help="also checkpoint after a step that ends this many minutes after the last checkpoint",
+    )
+    r.add_argument(
+        "--resume",
+        help="a checkpoint to continue from, or 'auto' (OUTPUT_DIR/checkpoint.pt if present; "
+        "the default in a worker torchrun restarted)",
+    )
+    r.add_argument(
+        "--max-bad-steps",
+        type=int,
+        default=0,
+        help="steps in a row with a non-finite loss or gradients to skip (no optimiser step) before "
+        "the run stops (0: stop at the first)",
+    )
     r.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint (a planned interruption)")
     r.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: at the end)")
     r.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
@@ -125,21 +146,40 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     check_device(args.device)
     ctx = distributed.setup(args.device, args.dist_timeout)
     threads = torch.get_num_threads()
+    clean = False
     try:
-        return Trainer(args, ctx).run()
+        summary = Trainer(args, ctx).run()
+        clean = True
+        return summary
     finally:
         torch.set_num_threads(threads)  # --threads holds for this run only
-        distributed.teardown()
+        distributed.teardown(clean)
+
+
+def _train_command(args: argparse.Namespace) -> None:
+    """`train`, ending with exit status STOPPED when a signal stopped the run."""
+    if train(args)["stopped_by"]:
+        raise SystemExit(STOPPED)
 
 
 def main(argv: list[str] | None = None) -> None:
-    run("vivit-train", build_parser(), train, argv)
-    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # The process group is destroyed and every file is closed; skip interpreter finalisation,
-        # where gloo's worker threads can still abort the process after a successful run.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    if argv is not None or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        run("vivit-train", build_parser(), _train_command, argv)
+        return
+    # A process of a distributed run: the process group is destroyed and every file is closed;
+    # skip interpreter finalisation, where gloo's worker threads can still abort or hang the
+    # process, whatever the exit status.
+    try:
+        run("vivit-train", build_parser(), _train_command, argv)
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,16 @@ from .evaluation import PRECISIONS
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
-    """Defaults that depend on the data: 8 frames of 32 px built-in, 32 of 224 for videos."""
+    """Defaults that depend on the data: 8 frames of 32 px built-in, 32 of 224 for videos; and
+    --resume auto in a worker that torchrun restarted (--max-restarts), which must continue from
+    the checkpoint its predecessor wrote, not start again from step 0."""
     builtin = not args.train_csv
     args.num_frames = args.num_frames or (8 if builtin else 32)
     args.img_size = args.img_size or (32 if builtin else 224)
     if args.workers is None:
         args.workers = 0 if builtin else min(4, os.cpu_count() or 1)
+    if args.resume is None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+        args.resume = "auto"
 
 
 # The allowed values of vivit-train's numeric options (argparse attribute names).
@@ -60,6 +64,8 @@ _RANGES = {
     "steps": Range(1),
     "epochs": Range(0, open_low=True),
     "checkpoint_every": Range(0),
+    "checkpoint_minutes": Range(0, open_low=True),
+    "max_bad_steps": Range(0),
     "stop_at": Range(1),
     "eval_every": Range(0),
     "log_every": Range(1),

@@ -4,6 +4,7 @@ the progress bar and the closing summary."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -26,8 +27,25 @@ def memory_mb(device: torch.device) -> float:
     return float("nan")
 
 
+def finite_or_null(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) replaced by None: strict JSON has no NaN,
+    and `json.dumps` would write one that `jq` and most dashboards refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def to_json(record: dict, indent: int | None = None) -> str:
+    """A record as strict JSON: a non-finite number is written as null."""
+    return json.dumps(finite_or_null(record), allow_nan=False, indent=indent)
+
+
 class Metrics:
-    """JSON-lines records (main process only)."""
+    """JSON-lines records (main process only), strict JSON (`to_json`)."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -35,7 +53,7 @@ class Metrics:
     def write(self, record: dict) -> None:
         if self.path is not None:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(to_json(record) + "\n")
 
     def keep_until(self, step: int, steps_per_epoch: int) -> None:
         """Keep only the records a run resumed at `step` will not write again: those up to `step`,
@@ -119,5 +137,15 @@ def format_summary(s: dict[str, Any]) -> str:
         )
     if s["skipped_videos"]:
         lines.append(f"skipped {s['skipped_videos']} unreadable video(s)")
+    if s["bad_steps"] or s["scaler_skipped_steps"]:
+        lines.append(
+            f"skipped {s['bad_steps']} step(s) with a non-finite loss or gradients, "
+            f"{s['scaler_skipped_steps']} by the fp16 gradient scaler"
+        )
     lines.append(f"checkpoint: {s['checkpoint']}")
+    if s["stopped_by"]:
+        lines.append(
+            f"stopped by {s['stopped_by']} after step {s['steps']}: the checkpoint holds it; "
+            "continue with --resume auto (exit status 75)"
+        )
     return "\n".join(lines)

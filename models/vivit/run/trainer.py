@@ -4,12 +4,17 @@
 optimiser, schedule; the state of a checkpoint when resuming); `run()` trains to the last step
 and returns the summary. One process, or one of many under torchrun (DDP or FSDP): every
 process runs the same steps on its shard of each global batch; only the main process writes.
+
+Long runs (docs/training.md, "Long runs"): after each step's backward the processes agree, in one
+all-reduce, on its loss, whether its gradients are finite, whether a stop signal arrived and
+whether --checkpoint-minutes is due, so all of them skip, stop or checkpoint at the same step.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import errno
+import math
 import os
 import sys
 import time
@@ -22,7 +27,7 @@ import torch
 
 from .. import distributed
 from ..checkpoint import checkpoint_config, rng_state, save_checkpoint, set_rng_state
-from ..cli.common import INPUT, UserError
+from ..cli.common import DIVERGED, INPUT, WRITE_FAILED, UserError
 from ..config import ViViTConfig
 from ..data import ShardedSampler
 from ..model import build_model
@@ -37,11 +42,13 @@ from .metrics import (
     memory_mb,
     progress_bar,
     show_on_progress,
+    to_json,
     zero_epoch,
     zero_window,
 )
 from .optim import make_optimizer, make_scheduler, seed_everything
 from .start import check_resume, check_video_pretrained, load_pretrained, read_pretrained, read_resume
+from .stopping import StopSignals
 
 
 class Trainer:
@@ -67,7 +74,16 @@ class Trainer:
         self.scheduler = make_scheduler(args, self.optimizer, self.total_steps)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.precision == "fp16")
         self.step = 0
+        # (path, step) of the newest checkpoint of this run on disk: never one with non-finite values.
+        self.last_checkpoint: tuple[Path, int] | None = None
         self._resume_or_seed(resume_state)
+
+        self.signals = StopSignals()
+        self.stopped_by: str | None = None
+        self.checkpoint_due = False
+        self.last_checkpoint_time = time.monotonic()
+        # Steps skipped for a non-finite loss or gradients: in a row, in all; steps the fp16 scaler skipped.
+        self.bad_in_a_row = self.bad_steps = self.scaler_skipped = 0
 
         self.progress = None
         self.skipped_total, self.warned = 0, set()
@@ -144,6 +160,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
+        self.last_checkpoint = (Path(self.resume_path), self.step)
         rngs = state["rng"]
         set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
         if ctx.is_main:
@@ -161,11 +178,14 @@ class Trainer:
         run_start = time.perf_counter()
         # Clips and losses since the last metrics record (which may lie in the previous epoch).
         self.window, self.window_start = zero_window(), run_start
-        while self.step < self.stop:
-            self.run_epoch()
-        if self.progress is not None:
-            self.progress.close()
-        return self.finish(time.perf_counter() - run_start)
+        with self.signals:  # to the end of the final checkpoint: a signal during it changes nothing
+            try:
+                while self.step < self.stop:
+                    self.run_epoch()
+            finally:
+                if self.progress is not None:
+                    self.progress.close()
+            return self.finish(time.perf_counter() - run_start)
 
     def run_epoch(self) -> None:
         """The steps of the current epoch from the current position (to its end or --stop-at)."""
@@ -180,6 +200,8 @@ class Trainer:
             self.train_step(batches, totals)
             self.step += 1
             position += 1
+            if self.stopped_by is not None and self.step < self.stop:
+                self.stop = self.step  # `finish` checkpoints this step
             self.log(epoch, totals)
             if self.progress is not None:
                 self.progress.update(1)
@@ -194,6 +216,7 @@ class Trainer:
         waited = 0.0
         self.optimizer.zero_grad(set_to_none=True)
         ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        loss_sum = count = 0.0
         for micro_step in range(args.accum_steps):
             wait_start = time.perf_counter()
             batch = next(batches)
@@ -201,17 +224,75 @@ class Trainer:
             self._note_skipped(batch, totals)
             sync = micro_step == args.accum_steps - 1 or not ddp  # DDP all-reduces on the last micro-step only
             with nullcontext() if sync else self.model.no_sync():
-                self._micro_step(batch)
-        if args.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+                micro_loss, n = self._micro_step(batch)
+            loss_sum, count = loss_sum + micro_loss, count + n
+        if self._agree(loss_sum, count):
+            if args.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if scale is not None and self.scaler.get_scale() < scale:
+                self.scaler_skipped += 1  # inf/NaN gradients: the scaler skipped the step and lowered its scale
         self.scheduler.step()
         self.window["data_s"] = self.window.get("data_s", 0.0) + waited
         self.window["step_s"] = self.window.get("step_s", 0.0) + time.perf_counter() - step_start
 
-    def _micro_step(self, batch: dict) -> None:
+    def _agree(self, loss_sum: float, count: float) -> bool:
+        """After a step's backward, what every process must agree on, in one all-reduce: the
+        step's loss, whether its gradients are finite, whether a stop signal arrived (the run
+        stops after this step) and whether --checkpoint-minutes is due (rank 0's clock decides).
+        Returns whether to take the optimiser step; raises UserError (DIVERGED) when
+        --max-bad-steps is exceeded."""
+        args, ctx = self.args, self.ctx
+        grads_bad = 0.0
+        if not self.scaler.is_enabled():  # with fp16 the scaler finds inf/NaN gradients itself
+            grads = [(name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None]
+            grads_bad = float(distributed.first_nonfinite(grads) is not None)
+        minutes = args.checkpoint_minutes
+        due = ctx.is_main and minutes is not None and time.monotonic() - self.last_checkpoint_time >= 60 * minutes
+        stop = self.signals.received is not None
+        loss_sum, count, grads_bad, due, stop = distributed.all_reduce_sum(
+            [loss_sum, count, grads_bad, float(due), float(stop)], ctx
+        )
+        self.checkpoint_due = due > 0
+        if stop and self.stopped_by is None:
+            self.stopped_by = self.signals.received or "a signal to another process"
+        loss = loss_sum / max(count, 1)
+        if math.isfinite(loss) and not grads_bad:
+            self.bad_in_a_row = 0
+            return True
+        self.bad_in_a_row += 1
+        self.bad_steps += 1
+        if self.bad_in_a_row > args.max_bad_steps:
+            raise self._diverged(loss)
+        return False
+
+    def _diverged(self, loss: float) -> UserError:
+        if math.isfinite(loss):
+            what = f"the gradients are not finite (loss {loss:.6g})"
+        else:
+            what = f"the loss is {loss:.6g}"
+        if self.args.max_bad_steps:
+            what = (
+                f"{self.bad_in_a_row} steps in a row with a non-finite loss or gradients "
+                f"(--max-bad-steps {self.args.max_bad_steps}); at the last, {what}"
+            )
+        return UserError(
+            f"step {self.step + 1}: {what}; stopped before its optimiser step. {self._last_good()}",
+            DIVERGED,
+            show=self.ctx.is_main,
+        )
+
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "No checkpoint was written"
+        path, step = self.last_checkpoint
+        return f"Last checkpoint (finite weights): {path} (step {step})"
+
+    def _micro_step(self, batch: dict) -> tuple[float, int]:
+        """Forward and backward of one micro-batch; returns (the sum of its clips' losses, clips)."""
         args, device = self.args, self.ctx.device
         if batch["video"] is None:
             # Every clip of this micro-batch was unreadable: a forward and backward of a blank
@@ -220,7 +301,7 @@ class Trainer:
             with autocast(device, args.precision):
                 loss = self.model(blank).float().sum() * 0.0
             self.scaler.scale(loss).backward()
-            return
+            return 0.0, 0
         video = batch["video"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         with autocast(device, args.precision):
@@ -230,9 +311,11 @@ class Trainer:
         self.scaler.scale(loss / args.accum_steps).backward()
         n = labels.shape[0]
         self.clips_read += n
-        self.window["loss"] += loss.item() * n
+        loss_sum = loss.item() * n
+        self.window["loss"] += loss_sum
         self.window["correct"] += (logits.argmax(-1) == labels).sum().item()
         self.window["count"] += n
+        return loss_sum, n
 
     def _note_skipped(self, batch: dict, totals: dict[str, float]) -> None:
         for path, reason in batch["skipped"]:
@@ -300,48 +383,99 @@ class Trainer:
     # ------------------------------------------------------------------------- evaluation and checkpoints
 
     def evaluate_and_checkpoint(self) -> None:
-        """After a step: a checkpoint every --checkpoint-every steps, an evaluation every --eval-every
-        (the last step's are left to `finish`)."""
+        """After a step: a checkpoint every --checkpoint-every steps or when --checkpoint-minutes
+        is due, an evaluation every --eval-every (the last step's are left to `finish`)."""
         args = self.args
         # The evaluation first: its data loader draws from the global RNG, and a run resumed from
         # this step's checkpoint must continue from the state after that draw.
         if args.eval_every and self.step % args.eval_every == 0 and self.step < self.total_steps:
             self.last_eval = self.held_out()
             self.model.train()
-        if args.checkpoint_every and self.step % args.checkpoint_every == 0 and self.step < self.stop:
+        every = args.checkpoint_every and self.step % args.checkpoint_every == 0
+        if (every or self.checkpoint_due) and self.step < self.stop:
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        """Everything the run needs to continue bit for bit. Collective: every process calls it."""
-        args, ctx = self.args, self.ctx
+        """Everything the run needs to continue bit for bit. Collective: every process calls it.
+
+        Raises UserError: DIVERGED when a weight or optimiser state is not finite (nothing is
+        written), WRITE_FAILED when the file cannot be written (the previous one is kept)."""
+        ctx = self.ctx
         self._check_readable()
+        self._check_finite()
         model_state, optim_state = distributed.full_state_dicts(self.model, self.optimizer, ctx)
         rngs = [rng_state()]
         if ctx.distributed:
             rngs = [None] * ctx.world_size
             torch.distributed.all_gather_object(rngs, rng_state())
+        error, before = None, _identity(self.ckpt_path)
         if ctx.is_main:
-            save_checkpoint(
-                {
-                    "model": model_state,
-                    "optimizer": optim_state,
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict(),
-                    "rng": rngs,
-                    "step": self.step,
-                    "model_spec": self.spec,
-                    "classes": self.classes,
-                    "data": {
-                        "num_frames": args.num_frames,
-                        "img_size": args.img_size,
-                        "mean": list(args.mean),
-                        "std": list(args.std),
-                    },
-                    "args": vars(args),
-                    "world_size": ctx.world_size,
-                },
-                self.ckpt_path,
+            try:
+                self._save(model_state, optim_state, rngs)
+            except OSError as failure:
+                error = failure
+        # Every process stops when the write failed: a peer left waiting in the next collective would hang.
+        if distributed.all_reduce_sum([float(error is not None)], ctx)[0]:
+            raise self._write_failed(error, before)
+        self.last_checkpoint = (self.ckpt_path, self.step)
+        self.last_checkpoint_time = time.monotonic()
+
+    def _check_finite(self) -> None:
+        """UserError (DIVERGED) when a parameter or optimiser state on any process holds a NaN or inf."""
+        tensors = list(distributed.unwrap(self.model).named_parameters())
+        names = {id(p): name for name, p in tensors}
+        for param, state in self.optimizer.state.items():
+            tensors += [(f"the optimiser's {key} of {names.get(id(param), '?')}", v) for key, v in state.items()]
+        bad = distributed.first_nonfinite(tensors)
+        if distributed.all_reduce_sum([float(bad is not None)], self.ctx)[0]:
+            where = bad or "a tensor of another process"
+            raise UserError(
+                f"step {self.step}: {where} is not finite; no checkpoint written. {self._last_good()}",
+                DIVERGED,
+                show=self.ctx.is_main,
             )
+
+    def _write_failed(self, error: OSError | None, before: tuple[int, int] | None) -> UserError:
+        if error is None:
+            return UserError("the main process could not write the checkpoint", WRITE_FAILED, show=False)
+        name = errno.errorcode.get(error.errno or 0)
+        cause = f"{error.strerror or error}" + (f" ({name})" if name else "")
+        if _identity(self.ckpt_path) != before:  # the rename was done, the directory's sync failed
+            kept = f"the step-{self.step} checkpoint is in place but may not survive a power cut"
+        elif before is None:
+            kept = "there was no previous checkpoint"
+        else:
+            kept = "the previous checkpoint there is unchanged"
+            if self.last_checkpoint is not None:
+                kept += f" (step {self.last_checkpoint[1]})"
+        return UserError(
+            f"{self.ckpt_path}: writing the step-{self.step} checkpoint failed: {cause}; {kept}; stopped",
+            WRITE_FAILED,
+        )
+
+    def _save(self, model_state: dict, optim_state: dict, rngs: list) -> None:
+        args = self.args
+        save_checkpoint(
+            {
+                "model": model_state,
+                "optimizer": optim_state,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rngs,
+                "step": self.step,
+                "model_spec": self.spec,
+                "classes": self.classes,
+                "data": {
+                    "num_frames": args.num_frames,
+                    "img_size": args.img_size,
+                    "mean": list(args.mean),
+                    "std": list(args.std),
+                },
+                "args": vars(args),
+                "world_size": self.ctx.world_size,
+            },
+            self.ckpt_path,
+        )
 
     def _check_readable(self) -> None:
         """UserError when every training clip tried so far, on every process, was unreadable.
@@ -392,6 +526,9 @@ class Trainer:
             "steps": self.step,
             "total_steps": self.total_steps,
             "finished": finished,
+            "stopped_by": None if finished else self.stopped_by,
+            "bad_steps": self.bad_steps,
+            "scaler_skipped_steps": self.scaler_skipped,
             "world_size": ctx.world_size,
             "seconds": elapsed,
             "clips_per_s": self.run_clips / max(elapsed, 1e-9),
@@ -405,6 +542,15 @@ class Trainer:
         self.metrics.write(summary)
         if ctx.is_main:
             with open(self.out_dir / "summary.json", "w") as f:
-                json.dump(summary, f, indent=2)
+                f.write(to_json(summary, indent=2))
             print(format_summary(summary))
         return summary
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of the file at `path`, None when there is none: tells whether a save replaced it."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns
