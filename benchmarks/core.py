@@ -38,7 +38,7 @@ TRAIN_STEP = "train step"
 BASELINE = "reference"  # the library's naive einsum backend: the einsum baseline of every op but attention
 # Attention is measured against the plain code a user would write instead (attention.plain_attention):
 # the library's "reference" and "sdpa" backends carry its general paths (prefix tokens, layouts,
-# dropout) and run slower than that, so they stay rows but are not what speedups divide.
+# dropout), so they are rows timed against that plain code, not what speedups divide.
 PLAIN_EINSUM, PLAIN_SDPA = "plain_einsum", "plain_sdpa"
 UNFUSED_ATTENTION = (BASELINE, "sdpa")  # the library's backends that are timed as rows, not as baselines
 

@@ -1,16 +1,18 @@
 // Tubelet embedding on CPU: a GEMM whose left operand, the (tokens x C*t*h*w) matrix of tubes, is
-// gathered from the video one block of rows at a time into a per-thread buffer, so the unfolded
-// video never exists as a whole. Since kernel == stride, tubes do not overlap: the video gradient
-// is a scatter of (grad @ weight) rows, and positions that no whole tube covers get zero.
+// gathered from the video into one buffer, up to kBlockElements of it at a time, each block of
+// rows then taken by one BLAS product: a product per small block would repack the whole weight
+// each time (measured at ViViT-B: 64-row blocks ~15% slower than one product). Since
+// kernel == stride, tubes do not overlap: the video gradient is a scatter of (grad @ weight) rows,
+// and positions that no whole tube covers get zero.
 
 #include "kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/flatten.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <vector>
@@ -18,10 +20,14 @@
 namespace vivit_kernels {
 namespace {
 
-constexpr int64_t kRowBlock = 64;  // tubes gathered per block
+// Elements of gathered tubes per block (16 MB of fp32): one block for a ViViT-B clip (1568 tubes of
+// 1536), a bounded buffer for a large batch.
+constexpr int64_t kBlockElements = int64_t(1) << 22;
 
-// Small calls run on the calling thread: waking a busy machine's threads costs more than they save.
-int64_t grain(int64_t items, int64_t multiply_adds) { return multiply_adds < (1 << 20) ? std::max<int64_t>(items, 1) : 1; }
+int64_t block_rows(int64_t rows, int64_t K) { return std::max<int64_t>(1, std::min(rows, kBlockElements / K)); }
+
+// Rows per task of the gather and scatter loops: ~64K elements, so small calls stay on one thread.
+int64_t row_grain(int64_t K) { return std::max<int64_t>(1, (int64_t(1) << 16) / K); }
 
 // Where the tubes lie in a (B, C, T, H, W) tensor with the given strides: each tube is C*t*h runs
 // of w elements; a tube's row r = ((b * nt + it) * nh + ih) * nw + iw.
@@ -38,32 +44,47 @@ struct Tubes {
         for (int64_t dh = 0; dh < h; ++dh) run_start.push_back(c * stride[1] + dt * stride[2] + dh * stride[3]);
   }
   int64_t rows(int64_t batch) const { return batch * nt * nh * nw; }
+  // Whether the tubes cover every element of a video of this size (no frame, row or column left over).
+  bool cover(at::IntArrayRef size) const { return nt * t == size[2] && nh * h == size[3] && nw * w == size[4]; }
   int64_t corner(int64_t r) const {
     const int64_t iw = r % nw, ih = r / nw % nh, it = r / (nw * nh) % nt, b = r / (nw * nh * nt);
     return b * stride[0] + it * t * stride[2] + ih * h * stride[3] + iw * w * stride[4];  // mutant: cpp-tube-corner
   }
-  // dst[kk] = video[tube r, column k0 + kk] for kk < cols (k = run * w + dw).
+  // dst[r - r0] = the tube of row r (K elements, k = run * w + dw), for r in [r0, r0 + R).
   template <typename T>
-  void gather(const T* video, int64_t r, int64_t k0, int64_t cols, T* dst) const {
-    const T* base = video + corner(r);
-    const int64_t sw = stride[4];
-    for (int64_t k = k0; k < k0 + cols;) {
-      const int64_t run = k / w, dw = k % w, len = std::min(w - dw, k0 + cols - k);
-      const T* src = base + run_start[run] + dw * sw;
-      if (sw == 1)
-        std::copy(src, src + len, dst);
-      else
-        for (int64_t i = 0; i < len; ++i) dst[i] = src[i * sw];
-      dst += len;
-      k += len;
-    }
+  void gather(const T* video, int64_t r0, int64_t R, T* dst) const {
+    at::parallel_for(0, R, row_grain(K), [&](int64_t begin, int64_t end) {
+      const int64_t sw = stride[4];
+      for (int64_t r = begin; r < end; ++r) {
+        const T* base = video + corner(r0 + r);
+        T* row = dst + r * K;
+        for (size_t run = 0; run < run_start.size(); ++run, row += w) {
+          const T* src = base + run_start[run];
+          if (sw == 1)
+            std::copy(src, src + w, row);
+          else
+            for (int64_t dw = 0; dw < w; ++dw) row[dw] = src[dw * sw];
+        }
+      }
+    });
   }
-  // video[tube r] = src (a whole row of K); video has the strides this was built with.
+  // The tube of row r = src[r - r0], for r in [r0, r0 + R); video has the strides this was built with.
   template <typename T>
-  void scatter(const T* src, int64_t r, T* video) const {
-    T* base = video + corner(r);
-    for (size_t run = 0; run < run_start.size(); ++run)
-      for (int64_t dw = 0; dw < w; ++dw) base[run_start[run] + dw * stride[4]] = src[run * w + dw];
+  void scatter(const T* src, int64_t r0, int64_t R, T* video) const {
+    at::parallel_for(0, R, row_grain(K), [&](int64_t begin, int64_t end) {
+      const int64_t sw = stride[4];
+      for (int64_t r = begin; r < end; ++r) {
+        T* base = video + corner(r0 + r);
+        const T* row = src + r * K;
+        for (size_t run = 0; run < run_start.size(); ++run, row += w) {
+          T* dst = base + run_start[run];
+          if (sw == 1)
+            std::copy(row, row + w, dst);
+          else
+            for (int64_t dw = 0; dw < w; ++dw) dst[dw * sw] = row[dw];
+        }
+      }
+    });
   }
 };
 
@@ -73,65 +94,61 @@ at::Tensor tubelet_forward(const at::Tensor& video, const at::Tensor& weight_, c
                            const std::optional<at::Tensor>& pos_embed_) {
   TORCH_CHECK(video.dim() == 5 && weight_.dim() == 5 && video.size(1) == weight_.size(1),
               "tubelet_embedding: expected video (B, C, T, H, W) and weight (D, C, t, h, w)");
-  const at::Tensor weight = weight_.contiguous();  // (D, K) rows
-  const int64_t B = video.size(0), D = weight.size(0);
-  const Tubes tubes(video.sizes(), video.strides(), weight.sizes().slice(2));
+  const int64_t B = video.size(0), D = weight_.size(0);
+  const Tubes tubes(video.sizes(), video.strides(), weight_.sizes().slice(2));
   const int64_t rows = tubes.rows(B), K = tubes.K, per_clip = tubes.nt * tubes.nh * tubes.nw;
+  const at::Tensor weight = weight_.contiguous().view({D, K});
   at::Tensor bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
   at::Tensor pos = pos_embed_.has_value() ? pos_embed_->contiguous() : at::Tensor();
   TORCH_CHECK(!bias.defined() || bias.numel() == D, "tubelet_embedding: bias must be (D,)");
   TORCH_CHECK(!pos.defined() || pos.numel() == per_clip * D, "tubelet_embedding: pos_embed must be (nt * S', D)");
   at::Tensor out = at::empty({B, tubes.nt, tubes.nh * tubes.nw, D}, video.options());
+  const at::Tensor out2d = out.view({rows, D});
+  const bool offset = bias.defined() || pos.defined();
+  const int64_t block = block_rows(rows, K);
+  at::Tensor A = at::empty({block, K}, video.options());
   AT_DISPATCH_FLOATING_TYPES(video.scalar_type(), "vivit_kernels::cpu_tubelet_forward", [&] {
-    const scalar_t* src = video.data_ptr<scalar_t>();
-    const scalar_t* W = weight.data_ptr<scalar_t>();
     const scalar_t* bias_p = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     const scalar_t* pos_p = pos.defined() ? pos.data_ptr<scalar_t>() : nullptr;
     scalar_t* dst = out.data_ptr<scalar_t>();
-    const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
-    at::parallel_for(0, blocks, grain(blocks, rows * K * D), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> A(kRowBlock * K);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t r0 = blk * kRowBlock, R = std::min(kRowBlock, rows - r0);
-        for (int64_t r = 0; r < R; ++r) tubes.gather(src, r0 + r, 0, K, A.data() + r * K);
-        scalar_t* o = dst + r0 * D;
-        gemm<scalar_t>(false, true, R, D, K, scalar_t(1), A.data(), K, W, K, scalar_t(0), o, D);
-        for (int64_t r = 0; r < R; ++r) {
-          scalar_t* orow = o + r * D;
-          if (bias_p)
-            for (int64_t d = 0; d < D; ++d) orow[d] += bias_p[d];
-          if (pos_p) {
-            const scalar_t* p = pos_p + (r0 + r) % per_clip * D;
-            for (int64_t d = 0; d < D; ++d) orow[d] += p[d];
-          }
+    if (offset)  // out starts as bias + pos_embed, and the products add onto it
+      at::parallel_for(0, rows, row_grain(D), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          scalar_t* orow = dst + r * D;
+          const scalar_t* p = pos_p ? pos_p + r % per_clip * D : nullptr;
+          for (int64_t d = 0; d < D; ++d) orow[d] = (bias_p ? bias_p[d] : scalar_t(0)) + (p ? p[d] : scalar_t(0));
         }
-      }
-    });
+      });
+    for (int64_t r0 = 0; r0 < rows; r0 += block) {
+      const int64_t R = std::min(block, rows - r0);
+      tubes.gather(video.data_ptr<scalar_t>(), r0, R, A.data_ptr<scalar_t>());
+      at::Tensor o = out2d.narrow(0, r0, R);
+      if (offset)
+        o.addmm_(A.narrow(0, 0, R), weight.t());
+      else
+        at::mm_out(o, A.narrow(0, 0, R), weight.t());
+    }
   });
   return out;
 }
 
 at::Tensor tubelet_backward_video(const at::Tensor& grad_, const at::Tensor& video, const at::Tensor& weight_) {
   TORCH_CHECK(video.dim() == 5 && weight_.dim() == 5, "tubelet_embedding: expected video (B, C, T, H, W)");
-  const at::Tensor grad = grad_.contiguous(), weight = weight_.contiguous();
-  const int64_t D = weight.size(0);
-  at::Tensor dvideo = at::zeros_like(video, grad.options());  // zero where no whole tube reaches
-  const Tubes tubes(dvideo.sizes(), dvideo.strides(), weight.sizes().slice(2));
-  const int64_t rows = tubes.rows(video.size(0)), K = tubes.K;
-  TORCH_CHECK(grad.numel() == rows * D, "tubelet_embedding: grad must be (B, nt, S', D)");
+  at::Tensor dvideo = at::empty_like(video, grad_.options());
+  const Tubes tubes(dvideo.sizes(), dvideo.strides(), weight_.sizes().slice(2));
+  const int64_t rows = tubes.rows(video.size(0)), K = tubes.K, D = weight_.size(0);
+  TORCH_CHECK(grad_.numel() == rows * D, "tubelet_embedding: grad must be (B, nt, S', D)");
+  if (!tubes.cover(video.sizes())) dvideo.zero_();  // zero where no whole tube reaches
+  const at::Tensor grad = grad_.contiguous().view({rows, D}), weight = weight_.contiguous().view({D, K});
+  const int64_t block = block_rows(rows, K);
+  at::Tensor A = at::empty({block, K}, grad.options());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "vivit_kernels::cpu_tubelet_backward_video", [&] {
-    const scalar_t* G = grad.data_ptr<scalar_t>();
-    const scalar_t* W = weight.data_ptr<scalar_t>();
-    scalar_t* dst = dvideo.data_ptr<scalar_t>();
-    const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
-    at::parallel_for(0, blocks, grain(blocks, rows * K * D), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> A(kRowBlock * K);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t r0 = blk * kRowBlock, R = std::min(kRowBlock, rows - r0);
-        gemm<scalar_t>(false, false, R, K, D, scalar_t(1), G + r0 * D, D, W, K, scalar_t(0), A.data(), K);
-        for (int64_t r = 0; r < R; ++r) tubes.scatter(A.data() + r * K, r0 + r, dst);
-      }
-    });
+    for (int64_t r0 = 0; r0 < rows; r0 += block) {
+      const int64_t R = std::min(block, rows - r0);
+      at::Tensor products = A.narrow(0, 0, R);
+      at::mm_out(products, grad.narrow(0, r0, R), weight);
+      tubes.scatter(A.data_ptr<scalar_t>(), r0, R, dvideo.data_ptr<scalar_t>());
+    }
   });
   return dvideo;
 }
@@ -140,33 +157,25 @@ std::vector<at::Tensor> tubelet_backward_weight(const at::Tensor& grad_, const a
                                                 const at::Tensor& weight, bool bias_grad) {
   TORCH_CHECK(video.dim() == 5 && weight.dim() == 5, "tubelet_embedding: expected video (B, C, T, H, W)");
   const at::IntArrayRef tubelet = weight.sizes().slice(2);
-  const at::Tensor grad = grad_.contiguous();
   const Tubes tubes(video.sizes(), video.strides(), tubelet);
-  const int64_t rows = tubes.rows(video.size(0)), K = tubes.K, D = grad.size(-1);
-  TORCH_CHECK(grad.numel() == rows * D, "tubelet_embedding: grad must be (B, nt, S', D)");
+  const int64_t rows = tubes.rows(video.size(0)), K = tubes.K, D = grad_.size(-1);
+  TORCH_CHECK(grad_.numel() == rows * D, "tubelet_embedding: grad must be (B, nt, S', D)");
+  const at::Tensor grad = grad_.contiguous().view({rows, D});
   at::Tensor dweight = at::empty({D, video.size(1), tubelet[0], tubelet[1], tubelet[2]}, grad.options());
-  // Threads own column chunks of dW = grad^T @ tubes, so nothing is reduced across threads.
-  const int64_t chunk = std::max<int64_t>(16, (K + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads()));
-  const int64_t chunks = (K + chunk - 1) / chunk, row_block = 4 * kRowBlock;
+  const at::Tensor dW = dweight.view({D, K});
+  if (rows == 0) dweight.zero_();
+  const int64_t block = block_rows(rows, K);
+  at::Tensor A = at::empty({block, K}, grad.options());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "vivit_kernels::cpu_tubelet_backward_weight", [&] {
-    const scalar_t* G = grad.data_ptr<scalar_t>();
-    const scalar_t* src = video.data_ptr<scalar_t>();
-    scalar_t* dW = dweight.data_ptr<scalar_t>();
-    at::parallel_for(0, chunks, grain(chunks, rows * K * D), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> A(row_block * chunk);
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t k0 = c * chunk, cols = std::min(chunk, K - k0);
-        for (int64_t r0 = 0; r0 < rows; r0 += row_block) {
-          const int64_t R = std::min(row_block, rows - r0);
-          for (int64_t r = 0; r < R; ++r) tubes.gather(src, r0 + r, k0, cols, A.data() + r * cols);
-          gemm<scalar_t>(true, false, D, cols, R, scalar_t(1), G + r0 * D, D, A.data(), cols,
-                         scalar_t(r0 == 0 ? 0 : 1), dW + k0, K);  // mutant: cpp-tube-accumulate
-        }
-      }
-    });
+    // d(weight) = grad^T @ tubes, summed over the blocks of rows.
+    for (int64_t r0 = 0; r0 < rows; r0 += block) {
+      const int64_t R = std::min(block, rows - r0);
+      tubes.gather(video.data_ptr<scalar_t>(), r0, R, A.data_ptr<scalar_t>());
+      dW.addmm_(grad.narrow(0, r0, R).t(), A.narrow(0, 0, R), scalar_t(r0 == 0 ? 0 : 1));  // mutant: cpp-tube-accumulate
+    }
   });
   if (!bias_grad) return {dweight};
-  return {dweight, grad.sum(at::IntArrayRef{0, 1, 2})};
+  return {dweight, grad.sum(0)};
 }
 
 at::Tensor tubelet_backward_pos(const at::Tensor& grad) {

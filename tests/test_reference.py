@@ -19,7 +19,8 @@ from conftest import (
     relative_error,
 )
 
-from vivit_kernels import reference
+from vivit_kernels import factorised_attention, factorised_attention_packed, reference
+from vivit_kernels.checks import AttentionShape
 
 # Every (T, S) pair at every mode; heads, head dims and batch cycle through the cases so each
 # value is covered without the full cross product.
@@ -107,3 +108,53 @@ def test_inputs_and_output_gradient_in_layouts_of_their_own(grid, mode, packed, 
 @pytest.mark.parametrize("shift", range(len(LAYOUTS)))
 def test_tubelet_inputs_and_output_gradient_in_layouts_of_their_own(shift, generator):
     check_tubelet_distinct_layouts("reference", shift, generator)
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_grouped_attention_hands_attend_views_or_contiguous_copies(mode, contiguous, generator):
+    """Without `contiguous`, attend gets views of the packed qkv (SDPA takes any strides: no copy);
+    with it, contiguous copies (einsum takes them as they are)."""
+    _, _, _, qkv = packed_qkv(1, 4, 3 * 5, 8, generator=generator)
+    shape = AttentionShape.of((1, 4, 3 * 5, 8), 3, mode)
+    seen = []
+
+    def spy(q, k, v):
+        for x in (q, k, v):
+            seen.append(
+                x.is_contiguous()
+                if contiguous
+                else x.data_ptr() in range(qkv.data_ptr(), qkv.data_ptr() + 8 * qkv.numel())
+            )
+        return reference.attend(q, k, v, shape.scale)
+
+    out = reference.grouped_attention_packed(qkv.flatten(2), shape, spy, contiguous=contiguous)
+    assert seen and all(seen)
+    assert_near_oracle(
+        out.unflatten(-1, (4, 8)).transpose(1, 2),
+        masked_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), 3, mode),
+        "reference",
+    )
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("mode", MODES)
+def test_output_is_a_view_of_the_projection_layout(backend, mode, generator):
+    """(B, H, N, Dh) out as a view of a (B, N, H, Dh) tensor: what the output projection reads, so
+    the packed op returns it with no further copy."""
+    q, k, v, _ = packed_qkv(2, 4, 1 + 3 * 5, 8, generator=generator, requires_grad=False)
+    out = factorised_attention(q, k, v, 3, mode, num_prefix_tokens=1, backend=backend)
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_packed_backward_writes_the_qkv_gradient_once(backend, prefix, generator):
+    """The q, k and v gradients are written straight into one (B, N, 3 * H * Dh) tensor: no stack
+    or concatenation of them afterwards."""
+    _, _, _, qkv = packed_qkv(1, 4, prefix + 3 * 5, 8, generator=generator)
+    out = factorised_attention_packed(qkv.flatten(2), 4, 3, "temporal", num_prefix_tokens=prefix, backend=backend)
+    grad = torch.randn(out.shape, dtype=out.dtype, generator=generator)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        out.backward(grad)
+    assert not {event.name for event in profile.events()} & {"aten::stack", "aten::cat"}

@@ -59,3 +59,22 @@ def test_uniform_frame_embedding_samples_then_embeds(generator):
     assert tokens.shape == (2, 4, 4, 16) and embed.grid(12, 8, 8) == (4, 2, 2)
     sampled = video[:, :, uniform_frame_indices(12, 4)]
     torch.testing.assert_close(tokens, tubelet_embedding(sampled, embed.proj.weight, embed.proj.bias))
+
+
+def test_more_tubes_than_one_gathered_block(generator):
+    """33 x 32 tubes of 64 x 64, 1056 rows of 4096: more than the CPU kernel gathers at once (2^22
+    elements, 1024 of these rows), so d(weight) sums the blocks' products and each block's tokens
+    and d(video) land in their own rows."""
+    video = torch.randn(1, 1, 1, 64 * 33, 64 * 32, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(2, 1, 1, 64, 64, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(2, dtype=torch.float64, generator=generator, requires_grad=True)
+    backend = tubelet_backend(video, weight, bias)
+    tokens = tubelet_embedding(video, weight, bias)
+    conv = F.conv3d(video, weight, bias, stride=(1, 64, 64))
+    expected = conv.flatten(3).permute(0, 2, 3, 1)
+    assert_near_oracle(tokens, expected, backend, "tokens", op="tubelet")
+    grad = torch.randn(tokens.shape, dtype=torch.float64, generator=generator)
+    grads = torch.autograd.grad(tokens, (video, weight, bias), grad)
+    expected_grads = torch.autograd.grad(expected, (video, weight, bias), grad)
+    for name, actual, want in zip(("dvideo", "dweight", "dbias"), grads, expected_grads):
+        assert_near_oracle(actual, want, backend, name, op="tubelet")

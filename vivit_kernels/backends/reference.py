@@ -1,10 +1,11 @@
 """The reference backend: the naive einsum implementations, on any device and floating dtype."""
 
+import functools
+
 import torch
 
 from .. import reference
 from ..checks import AttentionShape, TubeletShape
-from ..ops.attention import packed_from
 from .registry import Backend, OpSupport, register
 
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -15,6 +16,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Attentio
     return reference.factorised_attention(
         q, k, v, shape.frames, shape.mode, shape.scale, shape.dropout_p, shape.prefix, shape.layout
     )
+
+
+def attention_packed(qkv: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
+    attend = functools.partial(reference.attend, scale=shape.scale, dropout_p=shape.dropout_p)
+    return reference.grouped_attention_packed(qkv, shape, attend, contiguous=True)
 
 
 def tubelet_embedding(video, weight, bias, pos_embed, shape: TubeletShape) -> torch.Tensor:
@@ -28,7 +34,7 @@ register(
         fused=False,
         ops={
             "attention": OpSupport(attention, _ANY_DEVICE, _FLOATS, dropout=True),
-            "attention_packed": OpSupport(packed_from(attention), _ANY_DEVICE, _FLOATS, dropout=True),
+            "attention_packed": OpSupport(attention_packed, _ANY_DEVICE, _FLOATS, dropout=True),
             "tubelet": OpSupport(tubelet_embedding, _ANY_DEVICE, _FLOATS),
         },
     )
