@@ -15,7 +15,8 @@
 // no group writes another's rows, so nothing is reduced across threads). In temporal heads the
 // prefix tokens form one more group of their own. A block of a group's tokens is a matrix whose
 // row stride is `member_stride` tokens, which BLAS (or the small loops in kernels.h) reads in
-// place: q, k, v are read through their strides, packed-qkv views included, and never copied.
+// place: q, k, v are read through their strides, packed-qkv views included, and never copied
+// (a short group's q and output gradient are transposed into a few KB of scratch).
 
 #include "kernels.h"
 
@@ -67,7 +68,9 @@ std::vector<IndexMap> index_maps(c10::string_view mode, c10::string_view layout,
 }
 
 // Runs of heads that share a mode. Work items go group by group, every head of a run in turn:
-// one token's heads sit side by side in memory, so 8-token temporal groups read whole cache lines.
+// one token's heads sit side by side in memory. A temporal group of one head is T rows of Dh a
+// frame apart (S tokens: past a page, rows the prefetchers do not follow), while all heads of
+// one position are T whole rows of the projection, read in order.
 struct HeadRange {
   int64_t h0, h1;
   c10::string_view mode;
@@ -88,16 +91,6 @@ int64_t averaged_heads(c10::string_view mode, int64_t heads, int64_t prefix) {
 int64_t block_size(int64_t length, int64_t max_rows = kMaxBlock) {
   const int64_t blocks = (length + max_rows - 1) / max_rows;
   return (length + blocks - 1) / blocks;
-}
-
-// Asks for the cache lines of `count` rows of `width` elements, `stride` elements apart. A short
-// group's rows are T tokens apart (a page or more): the hardware prefetchers do not follow them, so
-// the next group's rows are requested while this one computes.
-template <bool write = false, typename T>
-void prefetch_rows(const T* first, int64_t stride, int64_t count, int64_t width) {
-  constexpr int64_t line = 64 / sizeof(T);
-  for (int64_t i = 0; i < count; ++i)
-    for (int64_t d = 0; d < width; d += line) __builtin_prefetch(first + i * stride + d, write ? 1 : 0);
 }
 
 // A (B, H, N, Dh) tensor as a pointer and strides in elements; rows of Dh are contiguous.
@@ -134,18 +127,19 @@ void for_blocks(const IndexMap& grp, int64_t g, int64_t max_rows, F&& f) {
 
 // A block of query rows of group(s) g .. g + groups - 1 of a head's index map: `rows` members
 // from member `first_row` of each group, or (prefix_rows) prefix queries `first_row` .. of group g.
-// Short (temporal) groups go 16 to an item, so an item's log-sum-exp entries fill whole cache
-// lines and the per-item costs are shared.
+// Short (temporal) groups go whole, several to an item, each for `heads` heads from h: group by
+// group, every head of a group before the next group.
 struct WorkItem {
   int64_t b, h, map_index, g, groups, first_row, rows;
   bool prefix_rows;
   double cost;
+  int64_t heads = 1;
 };
 
-constexpr int64_t kShortGroupsPerItem = 16;
+constexpr int64_t kShortGroupsPerItem = 8;
 
 // Groups that short_group_forward/backward (block_math.cpp) take whole: no prefix tokens, and few
-// enough members that their scores are a few dot products of rows rather than matrix products.
+// enough members that their scores and products fit register tiles rather than BLAS calls.
 bool is_short(const IndexMap& grp) { return grp.length <= kShortGroup && !grp.prefix; }
 
 int64_t groups_per_item(const IndexMap& grp) { return is_short(grp) ? kShortGroupsPerItem : 1; }
@@ -205,6 +199,12 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, const 
   const auto items = geo.items([&](std::vector<WorkItem>& out_items, int64_t b, const HeadRange& range, int64_t index,
                                    const IndexMap& grp, int64_t g, int64_t groups) {
     const int64_t keys = grp.prefix + grp.length, blk = block_size(grp.length);
+    if (is_short(grp)) {
+      const int64_t heads = range.h1 - range.h0;
+      out_items.push_back({b, range.h0, index, g, groups, 0, grp.length, false,
+                           2.0 * heads * groups * grp.length * (keys + 8) * Dh, heads});
+      return;
+    }
     for (int64_t i0 = 0; i0 < grp.length; i0 += blk)
       for (int64_t h = range.h0; h < range.h1; ++h) {
         const int64_t rows = std::min(blk, grp.length - i0);
@@ -222,25 +222,28 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, const 
   run_items(items, [&](const WorkItem& work) {
     thread_local std::vector<T> scores, acc, row_max, row_sum;
     scores.resize(kMaxBlock * kMaxKeyBlock), acc.resize(kMaxBlock * Dh), row_max.resize(kMaxBlock), row_sum.resize(kMaxBlock);
-    const int64_t b = work.b, h = work.h, M = work.rows;
-    const IndexMap& grp = geo.index_map(h, work.map_index);
+    const int64_t b = work.b, M = work.rows;
+    const IndexMap& grp = geo.index_map(work.h, work.map_index);
+    if (is_short(grp)) {
+      const int64_t step = grp.member_stride;
+      for (int64_t g = work.g; g < work.g + work.groups; ++g)
+        for (int64_t h = work.h; h < work.h + work.heads; ++h) {
+          const int64_t n = grp.base + g * grp.group_stride;
+          ShortGroup<T> group{grp.length, Dh, q.row(b, h, n), k.row(b, h, n), v.row(b, h, n), step * q.sn,
+                              step * k.sn, step * v.sn, out.row(b, h, n), step * out.sn, lse + (b * H + h) * N + n,
+                              step};
+          if (g + 1 < grp.groups)  // this head's rows of the next group: used a group of heads later
+            for (const View<T>* x : {&q, &k, &v, &out})
+              group.next[group.ahead] = x->row(b, h, n + grp.group_stride), group.next_stride[group.ahead++] = step * x->sn;
+          short_group_forward(group, scale);
+        }
+      return;
+    }
+    const int64_t h = work.h;
     for (int64_t g = work.g; g < work.g + work.groups; ++g) {
       const Rows rows = work.prefix_rows ? Rows{work.first_row, M, 1}
                                          : Rows{grp.base + g * grp.group_stride + work.first_row * grp.member_stride, M,
                                                 grp.member_stride};
-      if (is_short(grp)) {
-        if (g + 1 < work.g + work.groups) {
-          const int64_t next = rows.first + grp.group_stride;
-          for (const View<T>* x : {&q, &k, &v}) prefetch_rows(x->row(b, h, next), rows.step * x->sn, M, Dh);
-          prefetch_rows<true>(out.row(b, h, next), rows.step * out.sn, M, Dh);
-        }
-        short_group_forward(ShortGroup<T>{grp.length, Dh, q.row(b, h, rows.first), k.row(b, h, rows.first),
-                                          v.row(b, h, rows.first), rows.step * q.sn, rows.step * k.sn,
-                                          rows.step * v.sn, out.row(b, h, rows.first), rows.step * out.sn,
-                                          lse + (b * H + h) * N + rows.first, rows.step},
-                            scale);
-        continue;
-      }
       const T* Q = q.row(b, h, rows.first);
       std::fill(row_max.begin(), row_max.begin() + M, -std::numeric_limits<T>::infinity());
       std::fill(row_sum.begin(), row_sum.begin() + M, T(0));
@@ -299,6 +302,12 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
   const auto items = geo.items([&](std::vector<WorkItem>& out_items, int64_t b, const HeadRange& range, int64_t index,
                                    const IndexMap& grp, int64_t g, int64_t groups) {
     const int64_t L = grp.prefix + grp.length;
+    if (is_short(grp)) {
+      const int64_t heads = range.h1 - range.h0;
+      out_items.push_back({b, range.h0, index, g, groups, 0, grp.length, false, 5.0 * heads * groups * L * (L + 8) * Dh,
+                           heads});
+      return;
+    }
     for (int64_t h = range.h0; h < range.h1; ++h)
       out_items.push_back({b, h, index, g, groups, 0, grp.length, false, 5.0 * groups * L * (L + 8) * Dh});
   });
@@ -306,25 +315,26 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
     thread_local std::vector<T> probs, dprobs, delta, row_lse, scaled;
     probs.resize(kMaxBlock * kMaxBlock), dprobs.resize(kMaxBlock * kMaxBlock), delta.resize(kMaxBlock),
         row_lse.resize(kMaxBlock), scaled.resize(kMaxBlock * Dh);
-    const int64_t b = work.b, h = work.h;
-    const IndexMap& grp = geo.index_map(h, work.map_index);
-    for (int64_t g = work.g; g < work.g + work.groups; ++g) {
-      if (is_short(grp)) {
-        const int64_t n = grp.base + g * grp.group_stride, step = grp.member_stride;
-        if (g + 1 < work.g + work.groups) {
-          for (const View<T>* x : {&q, &k, &v, &out, &dout})
-            prefetch_rows(x->row(b, h, n + grp.group_stride), step * x->sn, grp.length, Dh);
-          for (const View<T>* x : {&dq, &dk, &dv})
-            prefetch_rows<true>(x->row(b, h, n + grp.group_stride), step * x->sn, grp.length, Dh);
+    const int64_t b = work.b;
+    const IndexMap& grp = geo.index_map(work.h, work.map_index);
+    if (is_short(grp)) {
+      const int64_t step = grp.member_stride;
+      for (int64_t g = work.g; g < work.g + work.groups; ++g)
+        for (int64_t h = work.h; h < work.h + work.heads; ++h) {
+          const int64_t n = grp.base + g * grp.group_stride;
+          ShortGroup<T> group{grp.length, Dh, q.row(b, h, n), k.row(b, h, n), v.row(b, h, n), step * q.sn,
+                              step * k.sn, step * v.sn, out.row(b, h, n), step * out.sn, nullptr, step,
+                              lse + (b * H + h) * N + n, dout.row(b, h, n), step * dout.sn, dq.row(b, h, n),
+                              dk.row(b, h, n), dv.row(b, h, n), step * dq.sn, step * dk.sn, step * dv.sn};
+          if (g + 1 < grp.groups)  // this head's rows of the next group: used a group of heads later
+            for (const View<T>* x : {&q, &k, &v, &dout, &dq, &dk, &dv})
+              group.next[group.ahead] = x->row(b, h, n + grp.group_stride), group.next_stride[group.ahead++] = step * x->sn;
+          short_group_backward(group, scale);
         }
-        short_group_backward(
-            ShortGroup<T>{grp.length, Dh, q.row(b, h, n), k.row(b, h, n), v.row(b, h, n), step * q.sn, step * k.sn,
-                          step * v.sn, out.row(b, h, n), step * out.sn, nullptr, step, lse + (b * H + h) * N + n,
-                          dout.row(b, h, n), step * dout.sn, dq.row(b, h, n), dk.row(b, h, n), dv.row(b, h, n),
-                          step * dq.sn, step * dk.sn, step * dv.sn},
-            scale);
-        continue;
-      }
+      return;
+    }
+    const int64_t h = work.h;
+    for (int64_t g = work.g; g < work.g + work.groups; ++g) {
       bool first_query_block = true;
       for_blocks(grp, g, kMaxBlock, [&](const Rows& qr, bool prefix_queries) {
         const int64_t M = qr.count;

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
@@ -192,154 +193,267 @@ inline __attribute__((always_inline)) void exp_inplace(T* x, int64_t n) {
   }
 }
 
-// s[c] = a . b[c] for the four rows b[c] = b + c * ldb: four accumulators hide the FMA latency.
-template <typename T>
-inline __attribute__((always_inline)) void dot4(const T* a, const T* b, int64_t ldb, int64_t n, T* s) {
-  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  const T *b0 = b, *b1 = b + ldb, *b2 = b + 2 * ldb, *b3 = b + 3 * ldb;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t d = 0; d < n; ++d) s0 += a[d] * b0[d], s1 += a[d] * b1[d], s2 += a[d] * b2[d], s3 += a[d] * b3[d];
-  s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
-}
+// Short groups (temporal attention): a group's few rows stay in L1 and every product is a register
+// tile. The scores are kept transposed, s[j][i] for key j and query i, so that a vector holds the
+// scores of several queries for one key: the softmax over the keys is then a max and a sum of
+// whole vectors (no horizontal reductions), and each product below is one of rows of weights times
+// rows of the head dim. Only q and dout are transposed (into L1 scratch) for it.
+
+// 32-byte vectors: 8 floats or 4 doubles. One ymm: AVX2 selects stay vector code at this width, and
+// on Zen 4 (double-pumped AVX-512) it multiply-adds at the full rate.
+typedef double f64x4 __attribute__((vector_size(32), aligned(8), may_alias));
+typedef int64_t i64x4 __attribute__((vector_size(32)));
 
 template <typename T>
-inline __attribute__((always_inline)) T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
-  return s;
+struct Lanes {
+  using V = f32x8;
+  using Index = i32x8;
+  static constexpr int64_t width = 8;
+};
+template <>
+struct Lanes<double> {
+  using V = f64x4;
+  using Index = i64x4;
+  static constexpr int64_t width = 4;
+};
+
+// Unaligned loads and stores, through the 4- (8-) byte-aligned typedefs named here: as a template
+// argument a vector type loses that attribute and the access would assume 32-byte alignment.
+inline __attribute__((always_inline)) f32x8 load(const float* p) { return *reinterpret_cast<const f32x8*>(p); }
+inline __attribute__((always_inline)) f64x4 load(const double* p) { return *reinterpret_cast<const f64x4*>(p); }
+inline __attribute__((always_inline)) void store(float* p, f32x8 x) { *reinterpret_cast<f32x8*>(p) = x; }
+inline __attribute__((always_inline)) void store(double* p, f64x4 x) { *reinterpret_cast<f64x4*>(p) = x; }
+
+inline __attribute__((always_inline)) f32x8 vector_exp(f32x8 x) { return expf_poly(x); }
+inline __attribute__((always_inline)) f64x4 vector_exp(f64x4 x) {
+  for (int l = 0; l < 4; ++l) x[l] = std::exp(x[l]);
+  return x;
 }
 
-// s[j] = a . (row j of b) for j < count.
-template <typename T>
-inline __attribute__((always_inline)) void dots(const T* a, const T* b, int64_t ldb, int64_t count, int64_t n, T* s) {
-  int64_t j = 0;
-  for (; j + 4 <= count; j += 4) dot4(a, b + j * ldb, ldb, n, s + j);
-  for (; j < count; ++j) s[j] = dot(a, b + j * ldb, n);
+// A tile of rows x (CV vectors) of c = alpha * sum_p w(r, p) x[p], w(r, p) = w[r * w_row + p * w_inner]:
+// the accumulators stay in registers over the whole inner loop, c is written once.
+template <typename T, int R, int CV>
+inline __attribute__((always_inline)) void weighted_rows_tile(int64_t inner, T alpha, const T* w, int64_t w_row,
+                                                              int64_t w_inner, const T* x, int64_t ldx, T* c,
+                                                              int64_t ldc) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t W = Lanes<T>::width;
+  V acc[R][CV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < CV; ++v) acc[r][v] = V{};
+  for (int64_t p = 0; p < inner; ++p) {
+    V xv[CV];
+    for (int v = 0; v < CV; ++v) xv[v] = load(x + p * ldx + v * W);
+    for (int r = 0; r < R; ++r) {
+      const T s = w[r * w_row + p * w_inner];
+      for (int v = 0; v < CV; ++v) acc[r][v] += s * xv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < CV; ++v) store(c + r * ldc + v * W, alpha * acc[r][v]);
 }
 
-// s[i][j] = (row i of a) . (row j of b), rows x cols, row stride cols. Two rows of a against four
-// of b at a time: eight accumulators, six loads per eight multiply-adds.
+// Every row of one column block: tiles of R rows (more rows where the block is narrow, so each
+// vector of x loaded feeds more multiply-adds), then the remaining rows 4, 2, 1 at a time.
+template <typename T, int CV>
+inline __attribute__((always_inline)) void weighted_rows_block(int64_t rows, int64_t inner, T alpha, const T* w,
+                                                               int64_t w_row, int64_t w_inner, const T* x, int64_t ldx,
+                                                               T* c, int64_t ldc) {
+  constexpr int R = CV <= 2 ? 8 : 4;
+  int64_t r = 0;
+  for (; r + R <= rows; r += R)
+    weighted_rows_tile<T, R, CV>(inner, alpha, w + r * w_row, w_row, w_inner, x, ldx, c + r * ldc, ldc);
+  if (R > 4 && r + 4 <= rows) {
+    weighted_rows_tile<T, 4, CV>(inner, alpha, w + r * w_row, w_row, w_inner, x, ldx, c + r * ldc, ldc);
+    r += 4;
+  }
+  if (r + 2 <= rows) {
+    weighted_rows_tile<T, 2, CV>(inner, alpha, w + r * w_row, w_row, w_inner, x, ldx, c + r * ldc, ldc);
+    r += 2;
+  }
+  if (r < rows) weighted_rows_tile<T, 1, CV>(inner, alpha, w + r * w_row, w_row, w_inner, x, ldx, c + r * ldc, ldc);
+}
+
+// c[r][:cols] = alpha * sum_{p < inner} w[r * w_row + p * w_inner] * x[p * ldx + :cols] for r < rows:
+// rows of x weighted, every product of a short group. Columns go 4 vectors a block, then the
+// whole vectors left, then the last cols % width one by one.
 template <typename T>
-inline __attribute__((always_inline)) void row_products(const T* a, int64_t lda, int64_t rows, const T* b, int64_t ldb,
-                                                        int64_t cols, int64_t n, T* s) {
-  int64_t i = 0;
-  for (; i + 2 <= rows; i += 2) {
-    const T *a0 = a + i * lda, *a1 = a0 + lda;
-    int64_t j = 0;
-    for (; j + 4 <= cols; j += 4) {
-      const T *b0 = b + j * ldb, *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
-      T s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
-#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13)
-      for (int64_t d = 0; d < n; ++d) {
-        s00 += a0[d] * b0[d], s01 += a0[d] * b1[d], s02 += a0[d] * b2[d], s03 += a0[d] * b3[d];
-        s10 += a1[d] * b0[d], s11 += a1[d] * b1[d], s12 += a1[d] * b2[d], s13 += a1[d] * b3[d];
+inline __attribute__((always_inline)) void weighted_rows(int64_t rows, int64_t inner, int64_t cols, T alpha,
+                                                         const T* w, int64_t w_row, int64_t w_inner, const T* x,
+                                                         int64_t ldx, T* c, int64_t ldc) {
+  constexpr int64_t W = Lanes<T>::width;
+  int64_t c0 = 0;
+  for (; c0 + 4 * W <= cols; c0 += 4 * W)
+    weighted_rows_block<T, 4>(rows, inner, alpha, w, w_row, w_inner, x + c0, ldx, c + c0, ldc);
+  switch ((cols - c0) / W) {
+    case 3:
+      weighted_rows_block<T, 3>(rows, inner, alpha, w, w_row, w_inner, x + c0, ldx, c + c0, ldc);
+      c0 += 3 * W;
+      break;
+    case 2:
+      weighted_rows_block<T, 2>(rows, inner, alpha, w, w_row, w_inner, x + c0, ldx, c + c0, ldc);
+      c0 += 2 * W;
+      break;
+    case 1:
+      weighted_rows_block<T, 1>(rows, inner, alpha, w, w_row, w_inner, x + c0, ldx, c + c0, ldc);
+      c0 += W;
+      break;
+  }
+  for (; c0 < cols; ++c0)
+    for (int64_t r = 0; r < rows; ++r) {
+      T sum = 0;
+      for (int64_t p = 0; p < inner; ++p) sum += w[r * w_row + p * w_inner] * x[p * ldx + c0];
+      c[r * ldc + c0] = alpha * sum;
+    }
+}
+
+// One butterfly step of a W x W transpose (W = lanes): rows i and i + D (i & D == 0) swap their
+// off-diagonal D-wide blocks; the steps D = W / 2, ..., 2, 1 together move (i, j) to (j, i).
+template <int D, typename V, typename Index, size_t... e>
+inline __attribute__((always_inline)) void butterfly(V* x, std::index_sequence<e...>) {
+  constexpr int W = sizeof...(e);
+  const Index low = {((e & D) ? int(W + (e ^ D)) : int(e))...};
+  const Index high = {((e & D) ? int(W + e) : int(e ^ D))...};
+  for (int i = 0; i < W; ++i)
+    if (!(i & D)) {
+      const V a = x[i], b = x[i + D];
+      x[i] = __builtin_shuffle(a, b, low);
+      x[i + D] = __builtin_shuffle(a, b, high);
+    }
+}
+
+// dst[d * ldd + i] = src[i * lds + d] for i < rows, d < cols, and 0 for rows <= i < ldd (ldd a
+// multiple of the lanes): W x W blocks by vector shuffles, the last cols % W columns one by one.
+template <typename T>
+inline __attribute__((always_inline)) void transpose_padded(const T* src, int64_t lds, int64_t rows, int64_t cols,
+                                                            T* dst, int64_t ldd) {
+  using V = typename Lanes<T>::V;
+  using Index = typename Lanes<T>::Index;
+  constexpr int64_t W = Lanes<T>::width;
+  constexpr auto lanes = std::make_index_sequence<W>();
+  const int64_t full = cols / W * W;
+  for (int64_t i0 = 0; i0 < ldd; i0 += W) {
+    const int64_t n = std::min(W, rows - i0);
+    for (int64_t d0 = 0; d0 < full; d0 += W) {
+      V x[W];
+      if (n == W) {  // whole blocks without the per-row test
+        for (int64_t i = 0; i < W; ++i) x[i] = load(src + (i0 + i) * lds + d0);
+      } else {
+        for (int64_t i = 0; i < W; ++i) x[i] = i < n ? load(src + (i0 + i) * lds + d0) : V{};
       }
-      T* r0 = s + i * cols + j;
-      T* r1 = r0 + cols;
-      r0[0] = s00, r0[1] = s01, r0[2] = s02, r0[3] = s03, r1[0] = s10, r1[1] = s11, r1[2] = s12, r1[3] = s13;
+      if constexpr (W == 8) butterfly<4, V, Index>(x, lanes);
+      butterfly<2, V, Index>(x, lanes);
+      butterfly<1, V, Index>(x, lanes);
+      for (int64_t d = 0; d < W; ++d) store(dst + (d0 + d) * ldd + i0, x[d]);
     }
-    for (; j < cols; ++j) {
-      s[i * cols + j] = dot(a0, b + j * ldb, n);
-      s[(i + 1) * cols + j] = dot(a1, b + j * ldb, n);
-    }
+    for (int64_t d = full; d < cols; ++d)
+      for (int64_t i = 0; i < W; ++i) dst[d * ldd + i0 + i] = i < n ? src[(i0 + i) * lds + d] : T(0);
   }
-  for (; i < rows; ++i) dots(a + i * lda, b, ldb, cols, n, s + i * cols);
 }
 
-// y = sum_j w[j] * (row j of x), four rows a pass (y is loaded and stored count / 4 times); the
-// first pass overwrites y.
+// Scratch of a thread for one short group: no allocation after the first.
 template <typename T>
-inline __attribute__((always_inline)) void combine(const T* w, const T* x, int64_t ldx, int64_t count, int64_t n, T* y) {
-  int64_t j = 0;
-  for (; j + 4 <= count; j += 4) {
-    const T w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];
-    const T *x0 = x + j * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
-    if (j) {
-#pragma omp simd
-      for (int64_t d = 0; d < n; ++d) y[d] += (w0 * x0[d] + w1 * x1[d]) + (w2 * x2[d] + w3 * x3[d]);
-    } else {
-#pragma omp simd
-      for (int64_t d = 0; d < n; ++d) y[d] = (w0 * x0[d] + w1 * x1[d]) + (w2 * x2[d] + w3 * x3[d]);
-    }
-  }
-  for (; j < count; ++j) {
-    const T wj = w[j];
-    const T* xj = x + j * ldx;
-    if (j) {
-#pragma omp simd
-      for (int64_t d = 0; d < n; ++d) y[d] += wj * xj[d];
-    } else {
-#pragma omp simd
-      for (int64_t d = 0; d < n; ++d) y[d] = wj * xj[d];
-    }
-  }
+T* short_group_scratch(int64_t size) {
+  thread_local std::vector<T> scratch;
+  if (scratch.size() < size_t(size)) scratch.resize(size);
+  return scratch.data();
 }
 
-// Short groups (temporal attention): one group's L x L scores never reach a matrix product. Each
-// query's scores are dot products of rows, its output a sum of rows: everything is read along the
-// head dim, contiguous, and a group's few rows stay in L1. See kernels.h for the contract.
+// Prefetches of the next group's rows into L2, issued a share at a time between the steps of this
+// group: issued all at once they fill the miss queues, and the products stall behind them.
+template <typename T>
+struct Ahead {
+  const ShortGroup<T>& g;
+  const int64_t lines, total;
+  int64_t issued = 0, row = 0, line = 0;
+  int array = 0;
+  explicit Ahead(const ShortGroup<T>& group)
+      : g(group), lines((group.head_dim * int64_t(sizeof(T)) + 63) / 64), total(group.ahead * group.length * lines) {}
+  // Up to share `part` of `parts` issued.
+  void upto(int part, int parts) {
+    for (const int64_t end = total * part / parts; issued < end; ++issued) {
+      __builtin_prefetch(reinterpret_cast<const char*>(g.next[array] + row * g.next_stride[array]) + 64 * line, 0, 1);
+      if (++line == lines) {
+        line = 0;
+        if (++row == g.length) row = 0, ++array;
+      }
+    }
+  }
+};
+
+// See kernels.h for the contract. L queries and keys pad to Lp, a whole number of vectors; the
+// padded queries (zero in the transposed q) are computed and never written.
 template <typename T>
 inline __attribute__((always_inline)) void short_group_forward_impl(const ShortGroup<T>& g, T scale) {
-  const int64_t L = g.length, Dh = g.head_dim;
-  T scores[kShortGroup * kShortGroup];
-  T row_max[kShortGroup];
-  row_products(g.q, g.sq, L, g.k, g.sk, L, Dh, scores);
-  for (int64_t i = 0; i < L; ++i) {
-    T* s = scores + i * L;
-    T m = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < L; ++j) m = std::max(m, s[j] * scale);  // a NaN logit may be skipped here ...
-#pragma omp simd
-    for (int64_t j = 0; j < L; ++j) s[j] = s[j] * scale - m;
-    row_max[i] = m;
+  using V = typename Lanes<T>::V;
+  constexpr int64_t W = Lanes<T>::width;
+  const int64_t L = g.length, Dh = g.head_dim, Lp = (L + W - 1) / W * W;
+  T* qt = short_group_scratch<T>(Dh * Lp + L * Lp);
+  T* s = qt + Dh * Lp;  // s[j][i]: scaled logits, then probabilities, of query i for key j
+  Ahead<T> ahead(g);
+  ahead.upto(1, 4);
+  transpose_padded(g.q, g.sq, L, Dh, qt, Lp);
+  ahead.upto(2, 4);
+  weighted_rows(L, Dh, Lp, scale, g.k, g.sk, 1, qt, Lp, s, Lp);
+  ahead.upto(3, 4);
+  for (int64_t i0 = 0; i0 < Lp; i0 += W) {
+    V m = load(s + i0);
+    for (int64_t j = 1; j < L; ++j) {
+      const V x = load(s + j * Lp + i0);
+      m = x > m ? x : m;  // a NaN logit may be skipped here ...
+    }
+    V sum{};
+    for (int64_t j = 0; j < L; ++j) {
+      const V e = vector_exp(load(s + j * Lp + i0) - m);
+      store(s + j * Lp + i0, e);
+      sum += e;  // ... but poisons the column here
+    }
+    const V inv = T(1) / sum;
+    for (int64_t j = 0; j < L; ++j) store(s + j * Lp + i0, load(s + j * Lp + i0) * inv);
+    for (int64_t i = i0; i < std::min(L, i0 + W); ++i) g.lse[i * g.sl] = m[i - i0] + std::log(sum[i - i0]);
   }
-  exp_inplace(scores, L * L);  // the whole group at once: whole vectors whatever the frame count
-  for (int64_t i = 0; i < L; ++i) {
-    T* s = scores + i * L;
-    const T m = row_max[i];
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < L; ++j) sum += s[j];  // ... but poisons the row here
-    const T inv = T(1) / sum;
-#pragma omp simd
-    for (int64_t j = 0; j < L; ++j) s[j] *= inv;
-    combine(s, g.v, g.sv, L, Dh, g.out + i * g.so);
-    g.lse[i * g.sl] = m + std::log(sum);
-  }
+  ahead.upto(4, 4);
+  weighted_rows(L, L, Dh, T(1), s, 1, Lp, g.v, g.sv, g.out, g.so);  // out_i = sum_j p[j][i] v_j
 }
 
+// FlashAttention-2's backward on one group, with delta_i = dout_i . out_i taken as the equal
+// sum_j p_ij dp_ij of values at hand: out is not read.
 template <typename T>
 inline __attribute__((always_inline)) void short_group_backward_impl(const ShortGroup<T>& g, T scale) {
-  const int64_t L = g.length, Dh = g.head_dim;
-  // P (then scale * P^T for dK's weights) and dS, row i for query i.
-  T p[kShortGroup * kShortGroup], ds[kShortGroup * kShortGroup], column[kShortGroup];
-  row_products(g.q, g.sq, L, g.k, g.sk, L, Dh, p);
-  row_products(g.dout, g.sdo, L, g.v, g.sv, L, Dh, ds);
-  for (int64_t i = 0; i < L; ++i) {
-    const T lse = g.saved_lse[i * g.sl];
-    T* pi = p + i * L;
-#pragma omp simd
-    for (int64_t j = 0; j < L; ++j) pi[j] = pi[j] * scale - lse;  // mutant: cpp-short-scale
+  using V = typename Lanes<T>::V;
+  constexpr int64_t W = Lanes<T>::width;
+  const int64_t L = g.length, Dh = g.head_dim, Lp = (L + W - 1) / W * W;
+  T* qt = short_group_scratch<T>(2 * Dh * Lp + 2 * L * Lp);
+  T* dot = qt + Dh * Lp;
+  T* p = dot + Dh * Lp;  // p[j][i], then dp[j][i] = dout_i . v_j, then ds[j][i] (scaled logits' gradient)
+  T* ds = p + L * Lp;
+  Ahead<T> ahead(g);
+  ahead.upto(1, 8);
+  transpose_padded(g.q, g.sq, L, Dh, qt, Lp);
+  ahead.upto(2, 8);
+  transpose_padded(g.dout, g.sdo, L, Dh, dot, Lp);
+  ahead.upto(3, 8);
+  weighted_rows(L, Dh, Lp, scale, g.k, g.sk, 1, qt, Lp, p, Lp);  // mutant: cpp-short-scale
+  ahead.upto(4, 8);
+  weighted_rows(L, Dh, Lp, T(1), g.v, g.sv, 1, dot, Lp, ds, Lp);
+  ahead.upto(5, 8);
+  for (int64_t i0 = 0; i0 < Lp; i0 += W) {
+    V lse{}, delta{};
+    for (int64_t i = i0; i < std::min(L, i0 + W); ++i) lse[i - i0] = g.saved_lse[i * g.sl];
+    for (int64_t j = 0; j < L; ++j) {
+      const V pj = vector_exp(load(p + j * Lp + i0) - lse);
+      store(p + j * Lp + i0, pj);
+      delta += pj * load(ds + j * Lp + i0);
+    }
+    for (int64_t j = 0; j < L; ++j)
+      store(ds + j * Lp + i0, load(p + j * Lp + i0) * (load(ds + j * Lp + i0) - delta));
   }
-  exp_inplace(p, L * L);
-  for (int64_t i = 0; i < L; ++i) {
-    const T delta = dot(g.out + i * g.so, g.dout + i * g.sdo, Dh);
-    const T* pi = p + i * L;
-    T* dsi = ds + i * L;
-#pragma omp simd
-    for (int64_t j = 0; j < L; ++j) dsi[j] = pi[j] * (dsi[j] - delta);  // dS: gradient of the scaled logits
-  }
-  for (int64_t j = 0; j < L; ++j) {
-    for (int64_t i = 0; i < L; ++i) column[i] = p[i * L + j];
-    combine(column, g.dout, g.sdo, L, Dh, g.dv + j * g.sdv);
-    for (int64_t i = 0; i < L; ++i) column[i] = scale * ds[i * L + j];
-    combine(column, g.q, g.sq, L, Dh, g.dk + j * g.sdk);
-  }
-  for (int64_t i = 0; i < L; ++i) {
-    for (int64_t j = 0; j < L; ++j) column[j] = scale * ds[i * L + j];
-    combine(column, g.k, g.sk, L, Dh, g.dq + i * g.sdq);
-  }
+  ahead.upto(6, 8);
+  weighted_rows(L, L, Dh, T(1), p, Lp, 1, g.dout, g.sdo, g.dv, g.sdv);  // dv_j = sum_i p[j][i] dout_i
+  ahead.upto(7, 8);
+  weighted_rows(L, L, Dh, scale, ds, Lp, 1, g.q, g.sq, g.dk, g.sdk);  // dk_j = scale sum_i ds[j][i] q_i
+  ahead.upto(8, 8);
+  weighted_rows(L, L, Dh, scale, ds, 1, Lp, g.k, g.sk, g.dq, g.sdq);    // dq_i = scale sum_j ds[j][i] k_j
 }
 
 // One butterfly step of a 16 x 16 transpose: rows i and i + D (i & D == 0) swap their off-diagonal

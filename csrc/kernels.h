@@ -106,8 +106,9 @@ double exp_sum(double* x, int64_t n, double scale, double shift);
 // One short attention group (temporal: a token's T frames), every member a query and a key:
 // member i's rows are q + i * sq, ... (strides in elements, rows of head_dim contiguous), its
 // log-sum-exp lse[i * sl] (forward) or saved_lse[i * sl] (backward). Forward writes out and lse;
-// backward reads out, dout and saved_lse and writes dq, dk, dv in full. Groups of up to kShortGroup
-// members.
+// backward reads dout and saved_lse (not out) and writes dq, dk, dv in full. Groups of up to
+// kShortGroup members. The `ahead` arrays next[a] (rows next_stride[a] apart, `length` rows of
+// head_dim each) are the next group's: fetched into L2 a share at a time while this group computes.
 constexpr int64_t kShortGroup = 32;
 template <typename T>
 struct ShortGroup {
@@ -123,6 +124,9 @@ struct ShortGroup {
   int64_t sdo;
   T *dq, *dk, *dv;
   int64_t sdq, sdk, sdv;
+  int ahead = 0;
+  const T* next[7];
+  int64_t next_stride[7];
 };
 void short_group_forward(const ShortGroup<float>& group, float scale);
 void short_group_forward(const ShortGroup<double>& group, double scale);

@@ -59,3 +59,29 @@ def test_a_nan_key_stays_in_its_group(frames, generator):
     expected = torch.zeros_like(poisoned)
     expected[0, :, 1, head] = True
     assert torch.equal(poisoned, expected)
+
+
+# A head dim past whole vectors (8 floats, 4 doubles: a tail in every product and transpose), odd
+# group lengths, prefix tokens (a temporal head's own prefix group) and both token layouts.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize(
+    "frames, prefix, layout", [(5, 1, "time_major"), (7, 2, "space_major"), (16, 0, "space_major")]
+)
+@pytest.mark.parametrize("mode", ["temporal", "split"])
+def test_ragged_head_dim_prefix_and_layouts_match_the_reference(frames, prefix, layout, mode, dtype, generator):
+    heads, head_dim, tokens_per_frame = 4, 21, 3
+    N = prefix + frames * tokens_per_frame
+    qkv = torch.randn(1, N, 3 * heads * head_dim, dtype=torch.float64, generator=generator)
+    grad = torch.randn(1, N, heads * head_dim, dtype=torch.float64, generator=generator)
+
+    def run(backend, dtype):
+        x = qkv.to(dtype).requires_grad_()
+        out = factorised_attention_packed(
+            x, heads, frames, mode, num_prefix_tokens=prefix, layout=layout, backend=backend
+        )
+        out.backward(grad.to(dtype))
+        return out.detach().double(), x.grad.double()
+
+    for name, actual, expected in zip(("out", "d(qkv)"), run("cpu", dtype), run("reference", torch.float64)):
+        error = ((actual - expected).abs().max() / expected.abs().max()).item()
+        assert error < BOUNDS[dtype], f"{name}: {error:.2e}"
