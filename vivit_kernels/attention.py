@@ -123,6 +123,34 @@ def _dispatch(
     return backends.select(backends.Request("attention", q.device, q.dtype, shape), backend), shape, (q, k, v)
 
 
+def _checked_mask(mask, mode: str, B: int, H: int, N: int, dtype: torch.dtype) -> torch.Tensor:
+    """`mask` checked against (B, H, N, N) scores, float masks in the scores' dtype (SDPA requires it)."""
+    op = "FactorisedAttention"
+    if mode != "joint":
+        raise ValueError(
+            f"{op}: attn_mask is honoured in mode='joint' only; in mode {mode!r} the mode is the mask (it defines "
+            "which tokens attend to which)"
+        )
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"{op}: attn_mask must be a torch.Tensor (bool, or float added to the logits), got {type(mask).__name__}"
+        )
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(
+            f"{op}: attn_mask must be bool (True attends) or floating (added to the logits), got {mask.dtype}"
+        )
+    expected = (B, H, N, N)
+    fits = 2 <= mask.dim() <= 4 and mask.shape[-1] == N
+    fits = fits and all(m in (1, e) for m, e in zip(reversed(mask.shape), reversed(expected)))
+    if not fits:
+        raise ValueError(
+            f"{op}: attn_mask of shape {tuple(mask.shape)} does not fit the scores (B, H, N, N) = {expected}; expected "
+            f"a shape broadcastable to them with the N={N} keys last, e.g. ({B}, 1, 1, {N}) key padding or "
+            f"({B}, 1, {N}, {N})"
+        )
+    return mask if mask.dtype in (torch.bool, dtype) else mask.to(dtype)
+
+
 class FactorisedAttention(nn.Module):
     """Multi-head self-attention over video tokens, factorised over space and time.
 
@@ -130,6 +158,12 @@ class FactorisedAttention(nn.Module):
     with qk_norm), so a timm `Attention` state dict loads unchanged; with mode="joint" it
     computes the same function. Without a key bias (VideoMAE, BEiT) the query and value biases
     are `q_bias` and `v_bias` and the key bias is a zero buffer that is never trained.
+
+    Masks and attention weights: with mode="joint", `forward(x, attn_mask=...)` honours a mask as
+    timm's `Attention` does (bool or additive float, broadcastable to (B, H, N, N), key padding
+    included); a masked call runs torch SDPA on views of the packed qkv (with the module's scale
+    and dropout), an unmasked one the fused kernels. The other modes refuse a mask: the mode is
+    the mask. The attention weights are never returned: the fused kernels never form them.
 
     Args:
         dim: token width D.
@@ -246,14 +280,18 @@ class FactorisedAttention(nn.Module):
         """x: (B, T, S, D), or (B, N, D) with N = P + T * S (T from `frames`, the module's frames
         or its tokens_per_frame).
 
-        Returns x's shape. `attn_mask` and `is_causal` exist for timm's `Block`, which passes
-        them; the mode is the mask, so only their defaults are accepted.
+        attn_mask: mode="joint" only, as timm's `Attention` and F.scaled_dot_product_attention
+        take it: bool (True attends) or float (added to the logits), broadcastable to
+        (B, H, N, N) with the N keys last, e.g. (B, 1, 1, N) key padding or (B, 1, N, N).
+        is_causal: only False (the mode defines which tokens attend to which).
+
+        Returns x's shape.
         """
         op = "FactorisedAttention"
-        if attn_mask is not None or is_causal:
+        if is_causal:
             raise ValueError(
-                f"{op}: attn_mask / is_causal are not supported; the mode ({self.mode!r}) defines which tokens "
-                "attend to which"
+                f"{op}: is_causal=True: attn_mask / is_causal are not supported beyond a mask in mode='joint'; the "
+                f"mode ({self.mode!r}) defines which tokens attend to which"
             )
         if x.dim() == 4:
             if self.num_prefix_tokens:
@@ -274,7 +312,7 @@ class FactorisedAttention(nn.Module):
         if D != self.qkv.in_features:
             raise ValueError(f"{op}: x has dim {D}, expected {self.qkv.in_features}")
 
-        out = self.attend(F.linear(x.reshape(B, N, D), self.qkv.weight, self.qkv_bias), frames)
+        out = self.attend(F.linear(x.reshape(B, N, D), self.qkv.weight, self.qkv_bias), frames, attn_mask=attn_mask)
         return out.reshape(x.shape)
 
     @property
@@ -282,17 +320,31 @@ class FactorisedAttention(nn.Module):
         """The bias of the qkv projection (q, k, v side by side), with the zero key bias when there is none."""
         return self.qkv.bias if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
 
-    def attend(self, qkv: torch.Tensor, frames: int) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, frames: int, *, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention and the output projection on the packed projection qkv (B, N, 3 * H * Dh) ->
         (B, N, D): what follows `qkv`. A block that computes qkv itself (e.g. with
-        `vivit_kernels.norm_linear`, keeping less for backward) calls this."""
+        `vivit_kernels.norm_linear`, keeping less for backward) calls this. attn_mask: as `forward`."""
+        B, N, _ = qkv.shape
+        if attn_mask is not None:
+            # The fused kernels take no mask: torch SDPA on views of the packed qkv, with our scale and dropout.
+            mask = _checked_mask(attn_mask, self.mode, B, self.num_heads, N, qkv.dtype)
+            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            out = F.scaled_dot_product_attention(
+                self.q_norm(q),
+                self.k_norm(k),
+                v,
+                attn_mask=mask,
+                dropout_p=self.attn_drop.p if self.training else 0.0,
+                scale=self.scale,
+            )
+            out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+            return self.proj_drop(self.proj(out))
         options = dict(
             num_prefix_tokens=self.num_prefix_tokens,
             layout=self.layout,
             dropout_p=self.attn_drop.p if self.training else 0.0,
             backend=self.backend,
         )
-        B, N, _ = qkv.shape
         if isinstance(self.q_norm, nn.Identity):
             # The packed op: q, k, v read in place, its gradient written into qkv's.
             out = factorised_attention_packed(qkv, self.num_heads, frames, self.mode, self.scale, **options)

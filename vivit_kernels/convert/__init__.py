@@ -7,10 +7,16 @@ imports timm, transformers or vit_pytorch itself.
 
 Each family checks every layer before it replaces any: a model that cannot be converted is left
 as it was and the error names the layer and why. Where the original's parameter layout is ours
-(a packed qkv projection, an output projection) its modules are reused, so an optimiser built
-before the conversion still holds the parameters; separate q/k/v projections are packed into new
-parameters. Converted layers have the state-dict names of `FactorisedAttention` (`qkv`, `proj`):
-load a checkpoint into the original, then convert.
+(a packed qkv projection, an output projection, VideoMAE's query and value biases) its parameters
+are reused, so an optimiser built before the conversion still holds them; separate q/k/v
+projections are packed into new parameters.
+
+A converted model keeps its family's state dict (`state.py`): `state_dict()` has the original's
+keys, order and shapes (a packed qkv is split on save), and `load_state_dict` takes the original's
+(joined on load), so checkpoints move both ways: `save_pretrained` / `from_pretrained`, `Trainer`
+resume (Hugging Face models also read the hub layout their `save_pretrained` writes), timm's
+`load_checkpoint`, `torch.save`. Hugging Face's `from_pretrained` of a class that converts itself
+at construction is not supported: load, then convert.
 """
 
 from __future__ import annotations
@@ -59,8 +65,8 @@ def convert(
             token as one prefix token (it skips the temporal branch; spatially it attends once per
             frame and its outputs are averaged), instead of copying tokens into per-frame and
             per-position batches. space_only / joint_space_time: joint attention.
-        VivitModel, VideoMAEModel: joint attention (VideoMAE: a query and value bias and a key
-            bias that is a zero buffer, never trained).
+        VivitModel, VideoMAEModel: joint attention (VideoMAE: the query and value biases, and a
+            zero key bias formed when used: no buffer, never trained).
         vit-pytorch ViViT: "factorized_encoder": joint attention in both transformers;
             "factorized_self_attention": spatial and temporal attention on the (B, T, n, D)
             grid, without the per-layer rearranges.

@@ -3,6 +3,7 @@ packing projections, and the checks and refusals worded the same for every famil
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -76,16 +77,47 @@ def check_no_grid(
 
 
 def refuse_extras(layer: str, *, mask=None, output_attentions: bool = False) -> None:
-    """Refuse call options a converted layer cannot honour."""
+    """Refuse call options a converted layer cannot honour: a mask where the layer attends in a
+    factorised mode (joint layers take theirs through `layer_mask`), and attention weights."""
     if mask is not None:
         raise ValueError(
-            f"{layer} (converted by vivit_kernels): an attention mask is not supported; the mode is the mask"
+            f"{layer} (converted by vivit_kernels): an attention mask is not supported in a factorised mode "
+            "(spatial / temporal); the mode is the mask"
         )
     if output_attentions:
         raise ValueError(
             f"{layer} (converted by vivit_kernels): output_attentions=True is not supported; the fused attention "
             "never forms the attention matrix"
         )
+
+
+def layer_mask(layer: str, mask) -> torch.Tensor | None:
+    """A family's attention mask as `FactorisedAttention.forward` takes it: a 2-D (B, N) key
+    padding mask (vit-pytorch's; bool, or integer with nonzero attending) as (B, 1, 1, N); a
+    3-D or 4-D mask (Hugging Face's mask helpers, timm's) as it is; FactorisedAttention checks it."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"{layer} (converted by vivit_kernels): an attention mask of type {type(mask).__name__} is not supported; "
+            "pass a bool or additive float tensor (transformers: attn_implementation 'sdpa' or 'eager')"
+        )
+    if mask.dim() != 2:
+        return mask
+    mask = mask[:, None, None, :]
+    return mask if mask.dtype == torch.bool or mask.is_floating_point() else mask != 0
+
+
+def refuse_recorded_attentions(model: nn.Module, layer: str) -> None:
+    """Refuse output_attentions on a transformers model that records attention weights with hooks
+    on its attention class (5.x `capture_outputs`): requested as it reads the request, by the
+    forward's output_attentions, else by `model.config.output_attentions` at call time."""
+    model.register_forward_pre_hook(functools.partial(_refuse_output_attentions, layer), with_kwargs=True)
+
+
+def _refuse_output_attentions(layer: str, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    requested = kwargs.get("output_attentions", getattr(model.config, "output_attentions", False))
+    refuse_extras(layer, output_attentions=requested)
 
 
 # Joint attention ignores the grid: the whole sequence is one frame.

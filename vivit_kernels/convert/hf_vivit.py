@@ -11,10 +11,13 @@ from .common import (
     attention_like,
     is_instance_of,
     joint_attentions,
+    layer_mask,
     packed_linear,
     refuse_extras,
+    refuse_recorded_attentions,
     scale_or_default,
 )
+from .state import keep_original_keys, read_saved_keys
 
 _VIVIT = "transformers.models.vivit.modeling_vivit"
 
@@ -24,11 +27,12 @@ def is_hf_vivit(model: nn.Module) -> bool:
 
 
 class _VivitAttention(FactorisedAttention):
-    """As transformers' VivitAttention: (hidden_states, attention_mask, **kwargs) -> (output, weights=None)."""
+    """As transformers' VivitAttention: (hidden_states, attention_mask, **kwargs) -> (output, weights=None);
+    the mask as `VivitModel` builds it (4-D bool or additive, all-visible under torch.export)."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        refuse_extras("VivitAttention", mask=attention_mask, output_attentions=kwargs.get("output_attentions"))
-        return super().forward(hidden_states), None
+        refuse_extras("VivitAttention", output_attentions=kwargs.get("output_attentions"))
+        return super().forward(hidden_states, attn_mask=layer_mask("VivitAttention", attention_mask)), None
 
 
 def convert_hf_vivit(model, *, mode, frames, tokens_per_frame, backend) -> list:
@@ -49,5 +53,8 @@ def convert_hf_vivit(model, *, mode, frames, tokens_per_frame, backend) -> list:
             **JOINT,
         )
         new.qkv, new.proj = packed_linear(attn.q_proj, attn.k_proj, attn.v_proj), attn.o_proj
+        keep_original_keys(name, new, attn, renamed={"proj": "o_proj"}, packed={"qkv": ("q_proj", "k_proj", "v_proj")})
         replacements.append((layer, "attention", new))
+    read_saved_keys(model)
+    refuse_recorded_attentions(model.base_model, "VivitAttention")
     return replacements

@@ -19,6 +19,7 @@ from .common import (
     is_instance_of,
     refuse_extras,
 )
+from .state import keep_original_keys, read_saved_keys
 
 _TIMESFORMER = "transformers.models.timesformer.modeling_timesformer"
 
@@ -42,6 +43,7 @@ def _timesformer_attention(name: str, attention: nn.Module, cls: type, backend: 
         **grid,
     )
     new.qkv, new.proj, new.proj_drop = inner.qkv, attention.output.dense, attention.output.dropout
+    keep_original_keys(name, new, attention, renamed={"qkv": "attention.qkv", "proj": "output.dense"})
     return new
 
 
@@ -89,6 +91,7 @@ def convert_timesformer(model, *, mode, frames, tokens_per_frame, backend) -> li
         raise ValueError(
             f"convert: found no TimesformerLayer to convert in {type(model).__qualname__} (converted twice?)"
         )
+    read_saved_keys(model)
     return replacements
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 from torch import nn
 
@@ -14,6 +15,15 @@ from .common import (
     class_in,
     is_instance_of,
 )
+from .state import keep_original_keys
+
+
+def register_notrace(cls: type) -> None:
+    """Make timm's FX tracing (`create_feature_extractor`, `get_graph_node_names`, its model tests) keep
+    `cls` as one leaf call: its forward branches on shapes and dispatches to kernels, which FX cannot trace."""
+    register = getattr(sys.modules.get("timm.layers"), "register_notrace_module", None)
+    if register is not None:
+        register(cls)
 
 
 def is_timm_vit(model: nn.Module) -> bool:
@@ -75,5 +85,7 @@ def convert_timm(model, *, mode, frames, tokens_per_frame, backend) -> list:
         # timm's fused path uses SDPA's default scale, head_dim ** -0.5, which is ours.
         for module in ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop"):
             setattr(new, module, getattr(attn, module))
+        keep_original_keys(name, new, attn)  # timm's names are ours: only checked
+        register_notrace(type(new))
         replacements.append((block, "attn", new))
     return replacements

@@ -13,8 +13,10 @@ from .common import (
     joint_attentions,
     packed_linear,
     refuse_extras,
+    refuse_recorded_attentions,
     scale_or_default,
 )
+from .state import keep_original_keys, read_saved_keys
 
 _VIDEOMAE = "transformers.models.videomae.modeling_videomae"
 
@@ -30,6 +32,18 @@ class _VideoMAEAttention(FactorisedAttention):
         refuse_extras("VideoMAEAttention", output_attentions=kwargs.get("output_attentions"))
         return super().forward(hidden_states)
 
+    # The zero key bias is no buffer: a model built on the meta device and materialised
+    # (from_pretrained, to_empty, deferred init) would leave a buffer uninitialised, as no state
+    # dict holds it. Formed from q_bias when used, it is zero on any device and dtype.
+    @property
+    def k_bias(self) -> torch.Tensor | None:
+        return None if self.q_bias is None else torch.zeros_like(self.q_bias, requires_grad=False)
+
+    @k_bias.setter
+    def k_bias(self, value: None) -> None:
+        if value is not None:
+            raise AttributeError("VideoMAEAttention (converted by vivit_kernels): k_bias is zero and cannot be set")
+
 
 def convert_videomae(model, *, mode, frames, tokens_per_frame, backend) -> list:
     replacements = []
@@ -38,7 +52,8 @@ def convert_videomae(model, *, mode, frames, tokens_per_frame, backend) -> list:
     ):
         inner = attention.attention
         biased = inner.query.bias is not None
-        # VideoMAE has no key bias; ours is then a zero buffer (key_bias=False), never trained.
+        # VideoMAE has no key bias: the query and value biases are the original's parameters, the
+        # zero key bias is formed when used (see _VideoMAEAttention.k_bias).
         new = attention_like(
             name,
             attention,
@@ -46,8 +61,7 @@ def convert_videomae(model, *, mode, frames, tokens_per_frame, backend) -> list:
             dim=inner.query.in_features,
             num_heads=inner.num_attention_heads,
             head_dim=inner.attention_head_size,
-            qkv_bias=biased,
-            key_bias=False,
+            qkv_bias=False,
             attn_drop=inner.dropout_prob,
             scale=scale_or_default(inner.scaling, inner.attention_head_size),
             backend=backend,
@@ -55,9 +69,16 @@ def convert_videomae(model, *, mode, frames, tokens_per_frame, backend) -> list:
         )
         new.qkv = packed_linear(inner.query, inner.key, inner.value, bias=False)
         if biased:
-            new.q_bias = nn.Parameter(inner.query.bias.detach().clone(), requires_grad=inner.query.bias.requires_grad)
-            new.v_bias = nn.Parameter(inner.value.bias.detach().clone(), requires_grad=inner.value.bias.requires_grad)
-            new.k_bias = torch.zeros_like(new.q_bias, requires_grad=False)
+            new.q_bias, new.v_bias = inner.query.bias, inner.value.bias
         new.proj, new.proj_drop = attention.output.dense, attention.output.dropout
+        keep_original_keys(
+            name,
+            new,
+            attention,
+            renamed={"q_bias": "attention.query.bias", "v_bias": "attention.value.bias", "proj": "output.dense"},
+            packed={"qkv": ("attention.query", "attention.key", "attention.value")},
+        )
         replacements.append((layer, "attention", new))
+    read_saved_keys(model)
+    refuse_recorded_attentions(model.base_model, "VideoMAEAttention")
     return replacements

@@ -14,8 +14,10 @@ from .common import (
     check_no_mode,
     class_in,
     is_instance_of,
+    layer_mask,
     refuse_extras,
 )
+from .state import keep_original_keys
 
 _VIT_PYTORCH = "vit_pytorch.vivit"
 
@@ -25,11 +27,11 @@ def is_vit_pytorch(model: nn.Module) -> bool:
 
 
 class _PreNormAttention(FactorisedAttention):
-    """As vit-pytorch's Attention, whose pre-LayerNorm (`norm`) lives inside it: (x, mask=None) -> output."""
+    """As vit-pytorch's Attention, whose pre-LayerNorm (`norm`) lives inside it: (x, mask=None) -> output;
+    mask: (B, N) key padding, True attends (joint mode only, as the factorized encoder's temporal transformer)."""
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        refuse_extras("vit-pytorch Attention", mask=mask)
-        return super().forward(self.norm(x))
+        return super().forward(self.norm(x), attn_mask=layer_mask("vit-pytorch Attention", mask))
 
 
 class _FactorisedSelfAttentionStack(nn.Module):
@@ -40,8 +42,8 @@ class _FactorisedSelfAttentionStack(nn.Module):
 
     def __init__(self, layers: nn.ModuleList, norm: nn.Module) -> None:
         super().__init__()
+        self.norm = norm  # registered first, as in the original: the state dict lists it first
         self.layers = layers
-        self.norm = norm
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         refuse_extras("vit-pytorch FactorizedTransformer", mask=mask)
@@ -75,6 +77,7 @@ def _vit_pytorch_attention(name: str, attn: nn.Module, mode: str, backend: str) 
         new.proj, new.proj_drop = nn.Identity(), nn.Identity()
     else:
         new.proj, new.proj_drop = attn.to_out[0], attn.to_out[1]
+    keep_original_keys(name, new, attn, renamed={"qkv": "to_qkv", "proj": "to_out.0"})
     return new
 
 
@@ -109,6 +112,7 @@ def convert_vit_pytorch(model, *, mode, frames, tokens_per_frame, backend) -> li
                 )
             )
         new_stack = _FactorisedSelfAttentionStack(layers, stack.norm).train(stack.training)
+        keep_original_keys("factorized_transformer", new_stack, stack)  # the same names: only checked
         replacements.append((model, "factorized_transformer", new_stack))
     else:
         raise ValueError(f"convert: {family} with variant={model.variant!r} is not one convert knows")

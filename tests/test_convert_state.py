@@ -1,0 +1,455 @@
+"""vivit_kernels.convert.state: a converted model reads and writes its family's state dict.
+
+First the key layout on a module of our own (no model library needed); then every family, built
+from a small random config: the converted `state_dict()` is the original's (keys, order, shapes,
+values), the original's loads strictly into the converted model and back, and each family's own
+routes (Hugging Face save_pretrained / from_pretrained, its hub layout and `Trainer` resume; timm
+checkpoints; VideoMAE built on the meta device) give the outputs of the model they started from:
+equal where the computation is the same, within test_convert's parity bound against the original.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from conftest import relative_error, require_transformers
+from torch import nn
+
+from vivit_kernels import FactorisedAttention, convert
+from vivit_kernels.convert.state import keep_original_keys
+
+TOLERANCE = 1e-5  # test_convert's parity bound (fp32, relative)
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second OpenMP thread only waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomised(model: nn.Module, seed: int) -> nn.Module:
+    """Every parameter random (the libraries initialise biases to zero, where a lost bias would go
+    unnoticed): linear and conv weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.3), the rest ~ N(0, 0.3)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.dim() >= 2 and "embed" not in name and "token" not in name:
+                p.copy_(noise * p[0].numel() ** -0.5)
+            elif p.dim() == 1 and name.endswith("weight"):  # a norm's scale
+                p.copy_(1 + 0.3 * noise)
+            else:
+                p.copy_(0.3 * noise)
+    return model
+
+
+def assert_same_state(actual: dict, expected: dict) -> None:
+    """The same keys in the same order, and equal tensors."""
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        assert actual[key].shape == value.shape and torch.equal(actual[key], value), key
+
+
+# ------------------------------------------------------------------ the layout, on our own module
+
+
+class _SeparateProjections(nn.Module):
+    """An attention with separate q / k / v projections and an output called `out`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(8, 8) for _ in range(4))
+
+
+def _converted_pair(seed: int = 0) -> tuple[nn.Module, FactorisedAttention]:
+    original = randomised(_SeparateProjections(), seed)
+    layer = FactorisedAttention(8, 2, mode="joint", frames=1)
+    with torch.no_grad():
+        layer.qkv.weight.copy_(torch.cat([original.q.weight, original.k.weight, original.v.weight]))
+        layer.qkv.bias.copy_(torch.cat([original.q.bias, original.k.bias, original.v.bias]))
+    layer.proj = original.out
+    keep_original_keys("layer", layer, original, renamed={"proj": "out"}, packed={"qkv": ("q", "k", "v")})
+    return original, layer
+
+
+def test_layout_splits_on_save_and_joins_on_load():
+    original, layer = _converted_pair()
+    assert_same_state(layer.state_dict(), original.state_dict())
+    # The split parts are copies: tensors saved together share no storage (safetensors refuses that).
+    pointers = [t.untyped_storage().data_ptr() for k, t in layer.state_dict().items() if k[0] in "qkv"]
+    assert len(set(pointers)) == len(pointers)
+
+    other, fresh = _converted_pair(seed=1)
+    parameters = list(fresh.parameters())
+    assert str(fresh.load_state_dict(original.state_dict(), strict=True)) == "<All keys matched successfully>"
+    assert all(a is b for a, b in zip(fresh.parameters(), parameters, strict=True))  # loaded in place
+    x = torch.randn(2, 5, 8)
+    assert torch.equal(fresh(x), layer(x))
+    assert_same_state(fresh.state_dict(), original.state_dict())
+    other.load_state_dict(fresh.state_dict(), strict=True)
+    assert_same_state(other.state_dict(), original.state_dict())
+
+    # Inside a model: the keys carry the module's prefix; keep_vars keeps the graph to the packed parameter.
+    model = nn.Sequential(nn.Linear(8, 8), layer)
+    assert [k for k in model.state_dict() if k.startswith("1.")] == [f"1.{k}" for k in original.state_dict()]
+    kept = model.state_dict(keep_vars=True)
+    assert kept["1.k.weight"].grad_fn is not None and kept["1.out.weight"] is layer.proj.weight
+
+
+def test_layout_loads_the_converted_names_and_names_a_missing_part():
+    original, layer = _converted_pair()
+    _, fresh = _converted_pair(seed=1)
+    converted_names = {"qkv.weight": layer.qkv.weight, "qkv.bias": layer.qkv.bias} | {
+        f"proj.{k}": v for k, v in layer.proj.state_dict().items()
+    }
+    fresh.load_state_dict(converted_names, strict=True)
+    assert_same_state(fresh.state_dict(), original.state_dict())
+
+    incomplete = original.state_dict()
+    del incomplete["k.weight"]
+    with pytest.raises(RuntimeError, match=r'(?s)Missing key\(s\).*"qkv\.weight".*Unexpected key\(s\).*"q\.weight"'):
+        fresh.load_state_dict(incomplete, strict=True)
+
+
+def test_layout_that_does_not_fit_the_original_is_refused():
+    original, layer = _SeparateProjections(), FactorisedAttention(8, 2, mode="joint", frames=1)
+    with pytest.raises(ValueError, match=r"convert: layer: .*missing \['out\.bias', 'out\.weight'\], extra \["):
+        keep_original_keys("layer", layer, original, packed={"qkv": ("q", "k", "v")})
+    with pytest.raises(ValueError, match=r"other shapes \['k\.bias', 'k\.weight', 'q\.bias'"):
+        keep_original_keys("layer", layer, original, renamed={"proj": "out"}, packed={"qkv": ("q", "k", "v", "q")})
+
+
+def test_layout_survives_deepcopy_and_pickle():
+    original, layer = _converted_pair()
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert_same_state(copied.state_dict(), original.state_dict())
+
+
+# --------------------------------------------------------------------------------- the families
+
+
+@dataclass
+class Case:
+    """An original model, how to convert it, and how to run it."""
+
+    original: nn.Module
+    options: dict
+    inputs: tuple
+    forward: Callable = field(default=lambda m, *x: m(*x))
+    same_function: bool = True  # the converted model computes the original's function
+
+
+def _timm(seed: int, mode: str, **overrides) -> Case:
+    timm = pytest.importorskip("timm", reason="timm builds the reference ViTs")
+    options = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=5) | overrides
+    model = randomised(timm.models.vision_transformer.VisionTransformer(**options), seed)
+    return Case(model, dict(mode=mode), (torch.randn(2, 3, 32, 32),), same_function=mode in ("joint", "spatial"))
+
+
+HF_SMALL = dict(
+    image_size=32, num_frames=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+)
+
+
+def _last_hidden(model, video):
+    return model(video).last_hidden_state
+
+
+def _hf(seed: int, family: str, task: bool = False, **overrides) -> Case:
+    transformers = require_transformers("transformers builds the reference video models")
+    if family == "timesformer":
+        cls = transformers.TimesformerForVideoClassification if task else transformers.TimesformerModel
+        config = transformers.TimesformerConfig(patch_size=8, **HF_SMALL | overrides)
+    elif family == "hf_vivit":
+        cls = transformers.VivitForVideoClassification if task else transformers.VivitModel
+        config = transformers.VivitConfig(tubelet_size=[2, 8, 8], **HF_SMALL | overrides)
+    else:
+        cls = transformers.VideoMAEForVideoClassification if task else transformers.VideoMAEModel
+        config = transformers.VideoMAEConfig(patch_size=8, tubelet_size=2, **HF_SMALL | overrides)
+    forward = (lambda m, x: m(x).logits) if task else _last_hidden
+    return Case(randomised(cls(config), seed), {}, (torch.randn(2, 4, 3, 32, 32),), forward)
+
+
+def _videomae_pretraining(seed: int) -> Case:
+    transformers = require_transformers("transformers builds the reference video models")
+    config = transformers.VideoMAEConfig(
+        patch_size=8,
+        tubelet_size=2,
+        decoder_hidden_size=24,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=3,
+        decoder_intermediate_size=48,
+        **HF_SMALL,
+    )
+    masked = torch.zeros(2, 32, dtype=torch.bool)
+    masked[:, ::3] = True
+    model = randomised(transformers.VideoMAEForPreTraining(config), seed)
+    return Case(model, {}, (torch.randn(2, 4, 3, 32, 32), masked), lambda m, x, mask: m(x, bool_masked_pos=mask).logits)
+
+
+def _vit_pytorch(seed: int, variant: str, heads: int = 3, dim_head: int = 12) -> Case:
+    vivit = pytest.importorskip("vit_pytorch.vivit", reason="vit-pytorch builds the reference ViViT")
+    model = vivit.ViViT(
+        image_size=32,
+        image_patch_size=8,
+        frames=4,
+        frame_patch_size=2,
+        num_classes=5,
+        dim=32,
+        spatial_depth=2,
+        temporal_depth=2,
+        heads=heads,
+        mlp_dim=64,
+        dim_head=dim_head,
+        variant=variant,
+    )
+    return Case(randomised(model, seed), {}, (torch.randn(2, 3, 4, 32, 32),))
+
+
+CASES: dict[str, Callable[[int], Case]] = {
+    "timm joint, registers, qk_norm": lambda s: _timm(s, "joint", reg_tokens=2, qk_norm=True, proj_bias=False),
+    "timm spatial": lambda s: _timm(s, "spatial"),
+    "timm temporal": lambda s: _timm(s, "temporal"),
+    "timm split, no class token or qkv bias": lambda s: _timm(
+        s, "split", class_token=False, global_pool="avg", qkv_bias=False
+    ),
+    "timesformer divided": lambda s: _hf(s, "timesformer"),
+    "timesformer space_only": lambda s: _hf(s, "timesformer", attention_type="space_only"),
+    "timesformer joint_space_time": lambda s: _hf(s, "timesformer", attention_type="joint_space_time"),
+    "hf_vivit": lambda s: _hf(s, "hf_vivit"),
+    "hf_vivit task, no qkv bias": lambda s: _hf(s, "hf_vivit", task=True, num_labels=3, qkv_bias=False),
+    "videomae": lambda s: _hf(s, "videomae"),
+    "videomae without q/v bias": lambda s: _hf(s, "videomae", qv_bias=False),
+    "videomae pre-training": _videomae_pretraining,
+    "vit_pytorch factorized_encoder": lambda s: _vit_pytorch(s, "factorized_encoder"),
+    "vit_pytorch factorized_self_attention": lambda s: _vit_pytorch(s, "factorized_self_attention"),
+    "vit_pytorch one head, no output projection": lambda s: _vit_pytorch(s, "factorized_self_attention", 1, 32),
+}
+
+
+def _run(case: Case, model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return case.forward(model.eval(), *case.inputs)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_state_dict_is_the_originals_both_ways(name):
+    """The converted state dict is the original's; each loads strictly into the other, in place,
+    and the loaded model computes what the one the weights came from computes."""
+    case, other = CASES[name](0), CASES[name](1)
+    converted = convert(copy.deepcopy(case.original), **case.options)
+    assert_same_state(converted.state_dict(), case.original.state_dict())
+    expected = _run(case, converted)
+    if case.same_function:
+        assert relative_error(expected, _run(case, case.original)) <= TOLERANCE
+
+    fresh = convert(copy.deepcopy(other.original), **case.options)
+    parameters = list(fresh.parameters())
+    assert str(fresh.load_state_dict(case.original.state_dict(), strict=True)) == "<All keys matched successfully>"
+    assert all(a is b for a, b in zip(fresh.parameters(), parameters, strict=True))
+    assert torch.equal(_run(case, fresh), expected)
+
+    back = other.original
+    back.load_state_dict(converted.state_dict(), strict=True)
+    assert torch.equal(_run(case, back), _run(case, case.original))
+
+
+def test_videomae_keeps_the_originals_bias_parameters():
+    """An optimiser built before the conversion still holds VideoMAE's query and value biases."""
+    case = _hf(0, "videomae")
+    inner = case.original.encoder.layer[0].attention.attention
+    biases = inner.query.bias, inner.value.bias
+    layer = convert(case.original).encoder.layer[0].attention
+    assert (layer.q_bias, layer.v_bias) == biases and not dict(layer.named_buffers())
+
+
+# ----------------------------------------------------------------------------- Hugging Face routes
+
+HF_FAMILIES = ["timesformer", "hf_vivit", "videomae"]
+
+
+def _load_file(directory) -> dict:
+    import safetensors.torch
+
+    return safetensors.torch.load_file(f"{directory}/model.safetensors")
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_hf_save_pretrained_and_from_pretrained(family, tmp_path):
+    """A converted model's save_pretrained writes the file the original's writes (the hub layout
+    transformers saves in); the original class loads it; the original's file loads into the
+    converted model, by from_pretrained then convert or strictly by load_state_dict."""
+    case = _hf(0, family)
+    original, cls = case.original, type(case.original)
+    converted = convert(copy.deepcopy(original))
+    expected, expected_converted = _run(case, original), _run(case, converted)
+    original.save_pretrained(tmp_path / "original")
+    converted.save_pretrained(tmp_path / "converted")
+    assert_same_state(_load_file(tmp_path / "converted"), _load_file(tmp_path / "original"))
+
+    loaded, info = cls.from_pretrained(tmp_path / "converted", output_loading_info=True)
+    assert not any(info.values()), info
+    assert torch.equal(_run(case, loaded), expected)
+    assert torch.equal(_run(case, convert(cls.from_pretrained(tmp_path / "original"))), expected_converted)
+
+    fresh = convert(_hf(1, family).original)
+    fresh.load_state_dict(_load_file(tmp_path / "original"), strict=True)
+    assert torch.equal(_run(case, fresh), expected_converted)
+
+
+def _hub_layout(family: str, state: dict) -> dict:
+    """The state dict in the layout of checkpoints made before transformers 5 (what 5.x renames on load)."""
+    if family == "videomae":
+        rules = [(r"attention\.attention\.query\.bias", "attention.attention.q_bias")]
+        rules += [(r"attention\.attention\.value\.bias", "attention.attention.v_bias")]
+    else:  # hf_vivit
+        rules = [(r"^layers\.", "encoder.layer.")]
+        rules += [
+            (rf"attention\.{p}_proj", f"attention.attention.{name}")
+            for p, name in zip("qkv", ("query", "key", "value"))
+        ]
+        rules += [(r"attention\.o_proj", "attention.output.dense")]
+        rules += [(r"mlp\.fc1", "intermediate.dense"), (r"mlp\.fc2", "output.dense")]
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed
+
+
+@pytest.mark.parametrize("family", ["hf_vivit", "videomae"])
+def test_hf_hub_layout(family, tmp_path):
+    """A checkpoint in the pre-5 hub layout (ViViT's attention.attention.query, VideoMAE's q_bias):
+    from_pretrained renames it, then convert; a converted model's load_state_dict renames it too."""
+    case = _hf(0, family)
+    import safetensors.torch  # with transformers
+
+    legacy = _hub_layout(family, case.original.state_dict())
+    assert legacy.keys() != case.original.state_dict().keys()
+    case.original.config.save_pretrained(tmp_path)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in legacy.items()}, tmp_path / "model.safetensors")
+    expected = _run(case, convert(copy.deepcopy(case.original)))
+
+    loaded, info = type(case.original).from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info
+    assert torch.equal(_run(case, convert(loaded)), expected)
+    fresh = convert(_hf(1, family).original)
+    fresh.load_state_dict(legacy, strict=True)
+    assert torch.equal(_run(case, fresh), expected)
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_hf_trainer_resume(family, tmp_path):
+    """A converted model trained two steps by `Trainer` ends where one resumed after step 1 from
+    the checkpoint `Trainer` saved ends (transformers 5.25 saves ViViT and VideoMAE in the hub
+    layout, which their unconverted models' load_state_dict does not read)."""
+    transformers = require_transformers("transformers' Trainer")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    transformers.logging.set_verbosity_error()
+    g = torch.Generator().manual_seed(0)
+    data = [dict(pixel_values=torch.randn(4, 3, 32, 32, generator=g), labels=i % 3) for i in range(4)]
+
+    def train(model, directory, **kwargs):
+        args = transformers.TrainingArguments(
+            output_dir=str(directory),
+            max_steps=2,
+            save_steps=1,
+            per_device_train_batch_size=2,
+            learning_rate=0.05,
+            report_to=[],
+            use_cpu=True,
+            logging_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+        )
+        transformers.Trainer(model=model, args=args, train_dataset=data).train(**kwargs)
+        return model.state_dict()
+
+    straight = train(convert(_hf(0, family, task=True, num_labels=3).original), tmp_path / "a")
+    resumed = train(
+        convert(_hf(1, family, task=True, num_labels=3).original),
+        tmp_path / "b",
+        resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"),
+    )
+    assert_same_state(resumed, straight)
+
+
+def test_videomae_on_the_meta_device(tmp_path):
+    """Built on the meta device, materialised with to_empty over memory full of NaN, then loaded:
+    the zero key bias is no buffer to be left uninitialised, and the outputs are the original's."""
+    transformers = require_transformers("transformers builds the reference video models")
+    case = _hf(0, "videomae")
+    expected = _run(case, convert(copy.deepcopy(case.original)))
+    with torch.device("meta"):
+        model = convert(transformers.VideoMAEModel(case.original.config))
+    garbage = [torch.full((n,), float("nan")) for n in (32, 32 * 3, 32 * 32, 32 * 96) for _ in range(8)]
+    del garbage
+    model.to_empty(device="cpu")
+    model.load_state_dict(case.original.state_dict(), strict=True)
+    assert torch.equal(_run(case, model), expected)
+    assert not any("attention" in name for name, _ in model.named_buffers())
+
+    convert(copy.deepcopy(case.original)).save_pretrained(tmp_path)  # HF builds this one on the meta device
+    assert torch.equal(_run(case, convert(transformers.VideoMAEModel.from_pretrained(tmp_path))), expected)
+
+
+def test_hf_from_pretrained_of_a_class_converted_at_construction_stops(tmp_path):
+    """The one route the docs list as unsupported: transformers 5.x assigns each weight to the
+    module its key names, which a converted layer does not have. It stops; it never loads part."""
+    case = _hf(0, "videomae")
+    case.original.save_pretrained(tmp_path)
+
+    class Converted(type(case.original)):
+        def __init__(self, config):
+            super().__init__(config)
+            convert(self)
+
+    with pytest.raises(AttributeError, match="has no attribute `attention`"):
+        Converted.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------- timm, vit-pytorch
+
+
+@pytest.mark.parametrize("mode", ["joint", "spatial", "temporal", "split"])
+def test_timm_checkpoints_both_ways(mode, tmp_path):
+    """timm's load_checkpoint reads a converted model's state dict into the original and the
+    original's into a converted model (strict)."""
+    timm = pytest.importorskip("timm", reason="timm builds the reference ViTs")
+    case = _timm(0, mode, qk_norm=True)
+    converted = convert(copy.deepcopy(case.original), mode=mode)
+    torch.save(converted.state_dict(), tmp_path / "converted.pth")
+    torch.save({"state_dict": case.original.state_dict()}, tmp_path / "original.pth")
+
+    original = _timm(1, mode, qk_norm=True).original
+    timm.models.load_checkpoint(original, str(tmp_path / "converted.pth"), strict=True)
+    assert torch.equal(_run(case, original), _run(case, case.original))
+    fresh = convert(_timm(1, mode, qk_norm=True).original, mode=mode)
+    timm.models.load_checkpoint(fresh, str(tmp_path / "original.pth"), strict=True)
+    assert torch.equal(_run(case, fresh), _run(case, converted))
+
+
+@pytest.mark.parametrize("variant", ["factorized_encoder", "factorized_self_attention"])
+def test_vit_pytorch_saved_state_dicts_both_ways(variant, tmp_path):
+    case = _vit_pytorch(0, variant)
+    converted = convert(copy.deepcopy(case.original))
+    torch.save(converted.state_dict(), tmp_path / "converted.pt")
+    torch.save(case.original.state_dict(), tmp_path / "original.pt")
+    original = _vit_pytorch(1, variant).original
+    original.load_state_dict(torch.load(tmp_path / "converted.pt"), strict=True)
+    assert torch.equal(_run(case, original), _run(case, case.original))
+    fresh = convert(_vit_pytorch(1, variant).original)
+    fresh.load_state_dict(torch.load(tmp_path / "original.pt"), strict=True)
+    assert torch.equal(_run(case, fresh), _run(case, converted))
