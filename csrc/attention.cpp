@@ -240,14 +240,20 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, const 
       return;
     }
     const int64_t h = work.h;
+    // All keys in one block (spatial groups without prefix tokens): the softmax is exact after
+    // one block, so the product with V goes straight into out, normalised there, with no
+    // accumulator to clear, rescale and copy.
+    const bool one_block = !grp.prefix && grp.length <= kMaxKeyBlock;
     for (int64_t g = work.g; g < work.g + work.groups; ++g) {
       const Rows rows = work.prefix_rows ? Rows{work.first_row, M, 1}
                                          : Rows{grp.base + g * grp.group_stride + work.first_row * grp.member_stride, M,
                                                 grp.member_stride};
       const T* Q = q.row(b, h, rows.first);
+      T* const O = one_block ? out.row(b, h, rows.first) : acc.data();
+      const int64_t ldo = one_block ? rows.step * out.sn : Dh;
       std::fill(row_max.begin(), row_max.begin() + M, -std::numeric_limits<T>::infinity());
       std::fill(row_sum.begin(), row_sum.begin() + M, T(0));
-      std::fill(acc.begin(), acc.begin() + M * Dh, T(0));
+      if (!one_block) std::fill(acc.begin(), acc.begin() + M * Dh, T(0));
       for_blocks(grp, g, kMaxKeyBlock, [&](const Rows& keys, bool) {
         const int64_t Nb = keys.count;
         gemm<T>(false, true, M, Nb, Dh, T(1), Q, rows.step * q.sn, k.row(b, h, keys.first), keys.step * k.sn, T(0),
@@ -260,18 +266,21 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, const 
           const T correction = std::exp(row_max[i] - m);
           row_sum[i] = row_sum[i] * correction + sum;
           row_max[i] = m;
-          if (correction != T(1))
+          if (!one_block && correction != T(1))
             for (int64_t d = 0; d < Dh; ++d) acc[i * Dh + d] *= correction;
         }
         // mutant: cpp-v-strides
-        gemm<T>(false, false, M, Dh, Nb, T(1), scores.data(), Nb, v.row(b, h, keys.first), keys.step * v.sn, T(1),
-                acc.data(), Dh);
+        gemm<T>(false, false, M, Dh, Nb, T(1), scores.data(), Nb, v.row(b, h, keys.first), keys.step * v.sn,
+                one_block ? T(0) : T(1), O, ldo);
       });
+      if (one_block) divide_rows(O, M, Dh, ldo, row_sum.data());
       for (int64_t i = 0; i < M; ++i) {
         const int64_t n = rows.first + i * rows.step;
-        T* o = work.prefix_rows ? prefix_out.at(b, h, g, n) : out.row(b, h, n);
-        const T inv = T(1) / row_sum[i];
-        for (int64_t d = 0; d < Dh; ++d) o[d] = acc[i * Dh + d] * inv;
+        if (!one_block) {
+          T* o = work.prefix_rows ? prefix_out.at(b, h, g, n) : out.row(b, h, n);
+          const T inv = T(1) / row_sum[i];
+          for (int64_t d = 0; d < Dh; ++d) o[d] = acc[i * Dh + d] * inv;
+        }
         // mutant: cpp-lse
         (work.prefix_rows ? *prefix_lse.at(b, h, g, n) : lse[(b * H + h) * N + n]) = row_max[i] + std::log(row_sum[i]);
       }
@@ -366,13 +375,8 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
           const T* K = k.row(b, h, kr.first);
           gemm<T>(false, true, M, Nb, Dh, T(1), Q, qr.step * q.sn, K, kr.step * k.sn, T(0), probs.data(), Nb);
           gemm<T>(false, true, M, Nb, Dh, T(1), dO, ldo, v.row(b, h, kr.first), kr.step * v.sn, T(0), dprobs.data(), Nb);
-          for (int64_t i = 0; i < M; ++i) {
-            const T di = delta[i];
-            T* p = probs.data() + i * Nb;
-            T* dp = dprobs.data() + i * Nb;
-            exp_sum(p, Nb, scale, row_lse[i]);
-            for (int64_t j = 0; j < Nb; ++j) dp[j] = p[j] * (dp[j] - di);  // dS: gradient of the scaled logits
-          }
+          // P from the saved log-sum-exp, and dS (the gradient of the scaled logits) in place of dP.
+          softmax_grad_rows(probs.data(), dprobs.data(), M, Nb, scale, row_lse.data(), delta.data());
           T* dK = prefix_keys ? pdk.at(b, h, g, kr.first) : dk.row(b, h, kr.first);
           T* dV = prefix_keys ? pdv.at(b, h, g, kr.first) : dv.row(b, h, kr.first);
           const int64_t ldk = prefix_keys ? Dh : kr.step * dk.sn, ldv = prefix_keys ? Dh : kr.step * dv.sn;

@@ -537,7 +537,10 @@ double scaled_max(const double* x, int64_t n, double scale) {
   return m;
 }
 
-VIVIT_CLONES float exp_sum(float* x, int64_t n, float scale, float shift) {
+namespace {
+
+// The body of exp_sum, inlined into each clone of its callers.
+inline __attribute__((always_inline)) float exp_sum_impl(float* x, int64_t n, float scale, float shift) {
   f32x8 sums{};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -554,7 +557,7 @@ VIVIT_CLONES float exp_sum(float* x, int64_t n, float scale, float shift) {
   return sum;
 }
 
-double exp_sum(double* x, int64_t n, double scale, double shift) {
+inline double exp_sum_impl(double* x, int64_t n, double scale, double shift) {
   double sum = 0;
   for (int64_t j = 0; j < n; ++j) {
     x[j] = std::exp(x[j] * scale - shift);
@@ -562,6 +565,51 @@ double exp_sum(double* x, int64_t n, double scale, double shift) {
   }
   return sum;
 }
+
+template <typename T>
+inline __attribute__((always_inline)) void softmax_grad_rows_impl(T* p, T* dp, int64_t m, int64_t n, T scale,
+                                                                  const T* row_lse, const T* delta) {
+  for (int64_t i = 0; i < m; ++i) {
+    T* pi = p + i * n;
+    T* dpi = dp + i * n;
+    const T di = delta[i];
+    exp_sum_impl(pi, n, scale, row_lse[i]);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dpi[j] = pi[j] * (dpi[j] - di);
+  }
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void divide_rows_impl(T* x, int64_t m, int64_t n, int64_t ld, const T* by) {
+  for (int64_t i = 0; i < m; ++i) {
+    T* xi = x + i * ld;
+    const T inv = T(1) / by[i];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) xi[j] *= inv;
+  }
+}
+
+}  // namespace
+
+VIVIT_CLONES float exp_sum(float* x, int64_t n, float scale, float shift) { return exp_sum_impl(x, n, scale, shift); }
+
+double exp_sum(double* x, int64_t n, double scale, double shift) { return exp_sum_impl(x, n, scale, shift); }
+
+VIVIT_CLONES void softmax_grad_rows(float* p, float* dp, int64_t m, int64_t n, float scale, const float* row_lse,
+                                    const float* delta) {
+  softmax_grad_rows_impl(p, dp, m, n, scale, row_lse, delta);
+}
+
+void softmax_grad_rows(double* p, double* dp, int64_t m, int64_t n, double scale, const double* row_lse,
+                       const double* delta) {
+  softmax_grad_rows_impl(p, dp, m, n, scale, row_lse, delta);
+}
+
+VIVIT_CLONES void divide_rows(float* x, int64_t m, int64_t n, int64_t ld, const float* by) {
+  divide_rows_impl(x, m, n, ld, by);
+}
+
+void divide_rows(double* x, int64_t m, int64_t n, int64_t ld, const double* by) { divide_rows_impl(x, m, n, ld, by); }
 
 VIVIT_CLONES void short_group_forward(const ShortGroup<float>& group, float scale) {
   short_group_forward_impl(group, scale);

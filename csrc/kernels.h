@@ -102,6 +102,15 @@ double scaled_max(const double* x, int64_t n, double scale);
 // x[j] = exp(x[j] * scale - shift); returns the sum. NaN stays NaN.
 float exp_sum(float* x, int64_t n, float scale, float shift);
 double exp_sum(double* x, int64_t n, double scale, double shift);
+// Rows i < m of p and dp (m x n, contiguous): p = exp(p * scale - row_lse[i]) (the probabilities
+// from the logits), then dp = p * (dp - delta[i]) (the gradient of the scaled logits).
+void softmax_grad_rows(float* p, float* dp, int64_t m, int64_t n, float scale, const float* row_lse,
+                       const float* delta);
+void softmax_grad_rows(double* p, double* dp, int64_t m, int64_t n, double scale, const double* row_lse,
+                       const double* delta);
+// Rows i < m of x (n entries, row stride ld) multiplied by 1 / by[i].
+void divide_rows(float* x, int64_t m, int64_t n, int64_t ld, const float* by);
+void divide_rows(double* x, int64_t m, int64_t n, int64_t ld, const double* by);
 
 // One short attention group (temporal: a token's T frames), every member a query and a key:
 // member i's rows are q + i * sq, ... (strides in elements, rows of head_dim contiguous), its

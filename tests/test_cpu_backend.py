@@ -251,3 +251,19 @@ def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, tokens_per_frame
     expected = oracle_and_grads(q, k, v, grad_out, frames, mode, prefix, layout)
     for name, actual, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
         assert_near_oracle(actual, want, "cpu", name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("frames, tokens_per_frame, layout", [(3, 37, "space_major"), (2, 515, "time_major")])
+def test_spatial_groups_in_one_key_block_or_several(frames, tokens_per_frame, layout, dtype, generator, poisoned):
+    """Spatial groups without prefix tokens: up to 512 tokens, one key block whose product with V is
+    written straight into the output rows (`frames` tokens apart when space-major); longer, key
+    blocks merged by the online softmax."""
+    B, H, Dh = 1, 2, 40
+    q, k, v, _ = packed_qkv(B, H, frames * tokens_per_frame, Dh, dtype=dtype, generator=generator)
+    grad_out = torch.randn(q.shape, dtype=dtype, generator=generator)
+    out = factorised_attention(q, k, v, frames, "spatial", layout=layout, backend="cpu")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected = oracle_and_grads(q, k, v, grad_out, frames, "spatial", 0, layout)
+    for name, actual, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+        assert_near_oracle(actual, want, "cpu", name)
