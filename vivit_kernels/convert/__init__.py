@@ -26,6 +26,7 @@ from torch import nn
 from .. import backends
 from ..checks import MODES, check_choice, check_positive_int
 from .hf_vivit import convert_hf_vivit, is_hf_vivit
+from .lean import lean_layers
 from .timesformer import convert_timesformer, is_timesformer
 from .timm_vit import convert_timm, is_timm_vit
 from .videomae import convert_videomae, is_videomae
@@ -39,6 +40,7 @@ def convert(
     frames: int | None = None,
     tokens_per_frame: int | None = None,
     backend: str = "auto",
+    memory: str | None = None,
 ) -> nn.Module:
     """Replace the attention of `model` by `FactorisedAttention`, in place; returns `model`.
 
@@ -56,6 +58,13 @@ def convert(
             unless frames is given). TimeSformer: S, so T is read off each input instead.
         backend: the attention backend of every converted layer ("auto", "cpu", "triton",
             "sdpa", "reference").
+        memory: None: each block keeps for backward what the original keeps. "lean": each block
+            recomputes its LayerNorms and GELU in backward (`vivit_kernels.norm_linear` /
+            `gelu_linear`), keeping 10 instead of 16 D-wide tensors per token, as the library's
+            lean ViViT blocks; outputs and gradients are the original's. The block's class becomes
+            a subclass of its own (`convert/lean.py`); modules, names and state dict stay. timm
+            VisionTransformer (its `Block`), VivitModel and VideoMAEModel; TimeSformer and
+            vit-pytorch refuse it.
 
     What each family becomes:
         timm VisionTransformer: every block's `Attention` (qk_norm, proj_bias=False and
@@ -81,11 +90,14 @@ def convert(
         if value is not None:
             check_positive_int("convert", name, value)
     check_choice("convert", "backend", backend, ("auto", *backends.names()))
+    check_choice("convert", "memory", memory, (None, "lean"))
     options = dict(mode=mode, frames=frames, tokens_per_frame=tokens_per_frame, backend=backend)
     for recognises, convert_family in FAMILIES:
         if recognises(model):
+            # Checked before anything is replaced: a model that cannot be made lean is left as it was.
+            lean = lean_layers(model) if memory == "lean" else []
             replacements = convert_family(model, **options)
-            for parent, attribute, module in replacements:
+            for parent, attribute, module in replacements + lean:
                 setattr(parent, attribute, module)
             return model
     raise TypeError(

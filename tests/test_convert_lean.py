@@ -1,0 +1,230 @@
+"""convert(model, memory="lean"): each family's blocks recompute their LayerNorms and GELU in backward.
+Outputs and every parameter gradient equal the original library's model (test_convert's parity check,
+train and eval), masks and dropout behave as before, the state dict is the original's, and the bytes
+saved for backward drop by exactly what is no longer kept."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from conftest import relative_error
+from test_convert import assert_parity, hf_vivit, hidden, randomised, timesformer, timm_vit, videomae, vit_pytorch_vivit
+from torch import nn
+
+from vivit_kernels import convert, saved_bytes
+from vivit_kernels.convert.lean import TimmLeanBlock, VideoMAELeanLayer, VivitLeanLayer, gelu_approximate
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
+
+FP32 = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def lean(**options) -> dict:
+    return options | dict(memory="lean")
+
+
+def freed_bytes(original, inputs, forward, options, *, tokens: int, dim: int, hidden: int, blocks: int, gelu: int = 1):
+    """Bytes saved for backward by the converted model minus the lean one; checked against the count,
+    per token per block: the LayerNorms' outputs (2 D) and their mean and rstd (4 floats), and the
+    `gelu` hidden-wide tensors the unfused activation keeps beyond its input (its output for
+    torch's GELU; seven intermediates for transformers' `gelu_fast` formula; 0 where it stays unfused)."""
+    converted = convert(copy.deepcopy(original), **options).train()
+    lean_model = convert(copy.deepcopy(original), **lean(**options)).train()
+    freed = saved_bytes(forward, converted, inputs) - saved_bytes(forward, lean_model, inputs)
+    assert freed == blocks * tokens * (2 * dim + 4 + gelu * hidden) * FP32
+    return freed
+
+
+# ------------------------------------------------------------------------------------ timm ViT
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(reg_tokens=2, qk_norm=True, proj_bias=False, qkv_bias=True, init_values=0.5),
+        dict(class_token=False, global_pool="avg", qkv_bias=False),
+    ],
+)
+@pytest.mark.parametrize("mode", ["joint", "spatial"])
+def test_timm_vit_lean_is_the_original(mode, config, train, generator):
+    model = timm_vit(**config)
+    images = torch.randn(2, 3, 32, 32, generator=generator)
+    assert_parity(model, images, lambda m, x: m(x), lean(mode=mode, backend="cpu"), train=train)
+    assert all(type(block) is TimmLeanBlock for block in convert(timm_vit(**config), **lean(mode=mode)).blocks)
+
+
+def test_timm_vit_lean_honours_attn_mask(generator):
+    mask = torch.ones(2, 1, 1, 17, dtype=torch.bool)
+    mask[1, ..., 9:] = False
+    images = torch.randn(2, 3, 32, 32, generator=generator)
+    assert_parity(timm_vit(), images, lambda m, x: m(x, attn_mask=mask), lean(mode="joint"), train=True)
+
+
+def test_timm_vit_lean_saves_less():
+    images = torch.randn(2, 3, 32, 32)
+    sizes = dict(tokens=2 * 17, dim=48, hidden=4 * 48, blocks=2)
+    freed_bytes(timm_vit(), images, lambda m, x: m(x), dict(mode="joint"), **sizes)
+    freed_bytes(timm_vit(), images, lambda m, x: m(x), dict(mode="split"), **sizes)
+    # An activation gelu_linear does not compute stays unfused: its output is kept, as the original keeps it.
+    relu = timm_vit(act_layer=nn.ReLU)
+    assert_parity(relu, images, lambda m, x: m(x), lean(mode="joint"), train=True)
+    freed_bytes(relu, images, lambda m, x: m(x), dict(mode="joint"), **sizes, gelu=0)
+
+
+def test_timm_vit_lean_refusals_leave_the_model_as_it_was():
+    model = timm_vit(mlp_layer=timm.layers.GluMlp, mlp_ratio=2)
+    with pytest.raises(ValueError, match=r"blocks.0.mlp: memory='lean' rewrites timm's Mlp without a hidden norm"):
+        convert(model, mode="joint", memory="lean")
+    assert type(model.blocks[0].attn) is timm.models.vision_transformer.Attention
+    with pytest.raises(ValueError, match=r"blocks.0.norm1: memory='lean' fuses a LayerNorm .*RmsNorm"):
+        convert(timm_vit(norm_layer=timm.layers.RmsNorm), mode="joint", memory="lean")
+    lean_model = convert(timm_vit(), mode="joint", memory="lean")
+    with pytest.raises(ValueError, match="is_causal=True: attn_mask / is_causal are not supported"):
+        lean_model(torch.randn(1, 3, 32, 32), is_causal=True)
+
+
+# --------------------------------------------------------------------------- transformers ViViT
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("hidden_act", ["gelu_fast", "gelu"])
+def test_hf_vivit_lean_is_the_original(hidden_act, train, generator):
+    video = torch.randn(2, 4, 3, 32, 32, generator=generator)
+    model = hf_vivit(task=True, num_labels=5, hidden_act=hidden_act)
+    assert_parity(model, video, lambda m, x: m(x).logits, lean(), train=train)
+    converted = convert(copy.deepcopy(model), **lean())
+    assert all(type(layer) is VivitLeanLayer for layer in converted.vivit.layers)
+    assert gelu_approximate(converted.vivit.layers[0].mlp.activation_fn) == (
+        "tanh" if hidden_act == "gelu_fast" else "none"
+    )
+
+
+def test_hf_vivit_lean_padding_mask(generator):
+    mask = torch.ones(2, 1 + 2 * 16, dtype=torch.long)
+    mask[1, 17:] = 0
+    video = torch.randn(2, 4, 3, 32, 32, generator=generator)
+    assert_parity(hf_vivit(), video, lambda m, x: m(x, attention_mask=mask).last_hidden_state, lean(), train=True)
+
+
+def test_hf_vivit_lean_saves_less():
+    video = torch.randn(2, 4, 3, 32, 32)
+    sizes = dict(tokens=2 * 33, dim=32, hidden=64, blocks=2)
+    freed_bytes(hf_vivit(), video, hidden, {}, **sizes, gelu=7)  # gelu_fast
+    freed_bytes(hf_vivit(hidden_act="gelu"), video, hidden, {}, **sizes)
+    freed_bytes(hf_vivit(hidden_act="quick_gelu"), video, hidden, {}, **sizes, gelu=0)
+
+
+# ------------------------------------------------------------------------ transformers VideoMAE
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("qv_bias", [True, False])
+def test_videomae_lean_is_the_original(qv_bias, train, generator):
+    video = torch.randn(2, 4, 3, 32, 32, generator=generator)
+    assert_parity(videomae(qv_bias=qv_bias), video, hidden, lean(), train=train)
+
+
+def test_videomae_pretraining_lean_encoder_and_decoder(generator):
+    video = torch.randn(2, 4, 3, 32, 32, generator=generator)
+    masked = torch.zeros(2, 32, dtype=torch.bool)
+    masked[:, ::3] = True
+    model = videomae(transformers.VideoMAEForPreTraining)
+    assert_parity(model, video, lambda m, x: m(x, bool_masked_pos=masked).logits, lean(), train=True)
+    converted = convert(model, memory="lean")
+    assert type(converted.decoder.decoder_layers[0]) is VideoMAELeanLayer
+
+
+def test_videomae_lean_saves_less():
+    video = torch.randn(2, 4, 3, 32, 32)
+    freed_bytes(videomae(), video, hidden, {}, tokens=2 * 32, dim=32, hidden=64, blocks=2)
+
+
+# --------------------------------------------------------------------------------- every family
+
+
+@pytest.mark.filterwarnings("ignore:attention_packed. no fused backend fits")
+@pytest.mark.parametrize(
+    "build, forward, options",
+    [
+        (
+            lambda: timm_vit(proj_drop_rate=0.2, attn_drop_rate=0.2, drop_path_rate=0.3, init_values=0.5),
+            lambda m, x: m(x.flatten(1, 2)[:, :3]),
+            dict(mode="joint"),
+        ),
+        (lambda: hf_vivit(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2), hidden, {}),
+        (lambda: videomae(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2), hidden, {}),
+    ],
+    ids=["timm", "vivit", "videomae"],
+)
+def test_lean_dropout_and_drop_path_draw_as_before(build, forward, options, generator):
+    """In training with every dropout and drop path (timm: and layer scale), the lean blocks draw the
+    same randomness in the same order as the converted ones: same seed, same outputs and gradients."""
+    model = build().train()
+    video = torch.randn(2, 4, 3, 32, 32, generator=generator)
+    results = []
+    for memory in (None, "lean"):
+        converted = convert(copy.deepcopy(model), **options, memory=memory)
+        torch.manual_seed(3)
+        out = forward(converted, video)
+        out.square().sum().backward()
+        results.append((out, [p.grad for p in converted.parameters()]))
+    (out, grads), (lean_out, lean_grads) = results
+    assert relative_error(lean_out, out) <= 1e-6
+    for lean_grad, grad in zip(lean_grads, grads, strict=True):
+        assert (lean_grad is None) == (grad is None)
+        assert grad is None or relative_error(lean_grad, grad) <= 1e-5
+    torch.manual_seed(4)
+    assert relative_error(forward(converted, video), lean_out) > 1e-3  # the dropouts are active
+
+
+@pytest.mark.parametrize(
+    "build, options",
+    [
+        (lambda: timm_vit(reg_tokens=2), dict(mode="joint")),
+        (lambda: hf_vivit(task=True, num_labels=5), {}),
+        (lambda: videomae(transformers.VideoMAEForPreTraining), {}),
+    ],
+    ids=["timm", "vivit", "videomae"],
+)
+def test_lean_keeps_the_state_dict_and_pickles(build, options):
+    original = build()
+    converted = convert(copy.deepcopy(original), **lean(**options))
+    state = converted.state_dict()
+    assert list(state) == list(original.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in original.state_dict().items())
+    copy.deepcopy(converted).load_state_dict(original.state_dict(), strict=True)
+    restored = pickle.loads(pickle.dumps(converted))
+    assert [type(m) for m in restored.modules()] == [type(m) for m in converted.modules()]
+
+
+def test_lean_refusals():
+    with pytest.raises(ValueError, match=r"^convert: memory must be one of None, 'lean', got 'bogus'$"):
+        convert(timm_vit(), mode="joint", memory="bogus")
+    for model, family in (
+        (timesformer(), "a TimeSformer \\(transformers\\)"),
+        (vit_pytorch_vivit("factorized_encoder"), "a vit-pytorch ViViT"),
+    ):
+        before = copy.deepcopy(model)
+        with pytest.raises(ValueError, match=f"memory='lean' is not supported for {family}; it is for timm"):
+            convert(model, memory="lean")
+        assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
+
+
+def test_lean_without_memory_keeps_the_family_classes():
+    model = convert(randomised(hf_vivit()))
+    assert type(model.layers[0]) is transformers.models.vivit.modeling_vivit.VivitLayer
