@@ -39,8 +39,16 @@ def attention_layer(impl: str, mode: str, groups: list[tuple[int, int]]) -> int:
     if impl == "einsum":
         # The probabilities instead of the log-sum-exp.
         return kept + sum(heads * length for heads, length in groups)
-    # The log-sum-exp; SDPA on regrouped tokens keeps its output besides the projection's copy.
-    return kept + H + D * (impl == "sdpa" and factorised)
+    kept += H  # the log-sum-exp
+    if impl != "sdpa" or not factorised:
+        return kept
+    # SDPA per clip of a batch of two or more. spatial: q, k, v are views of qkv and SDPA's output
+    # comes in token order, the projection's input as a view of it: nothing more. temporal: the
+    # batch does not fold into the groups' dim, so q, k, v are copies (3 D, in place of qkv) and
+    # the output, in group layout, is copied for the projection: one D more. split: the halves'
+    # outputs (D) besides their concatenation, and the temporal half's copies of q, k, v (3 D / 2)
+    # besides qkv, which the spatial half's views keep.
+    return kept + {"spatial": 0, "temporal": D, "split": D + 3 * D // 2}[mode]
 
 
 def mlp_layer(impl: str) -> int:
@@ -106,6 +114,10 @@ def test_saved_bytes_per_block_and_per_clip(variant, impl):
     assert kept.rest == FP32 * rest_floats(variant)
     assert kept.per_clip == kept.rest + sum(kept.depths[s] * kept.per_block[s] for s in stacks)
     assert kept.depths == ({"blocks": 2, "temporal": 3} if variant == "factorised_encoder" else {"blocks": 2})
+    # A batch of one keeps less only where SDPA's temporal groups are views there (attention_layer):
+    # model 3 the projection's copy of the output (D), model 4 the temporal half's q, k, v (3 D / 2).
+    alone = {"factorised_self_attention": D, "factorised_dot_product": 3 * D // 2}.get(variant, 0) * (impl == "sdpa")
+    assert kept.alone == kept.per_clip - FP32 * 2 * tokens["blocks"] * alone
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -159,3 +171,25 @@ def test_cli_prints_both_tables_and_writes_json(tmp_path, capsys):
     rows = json.loads(path.read_text())
     assert [r["implementation"] for r in rows] == list(IMPLEMENTATIONS)
     assert {r["variant"] for r in rows} == {"factorised_dot_product"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_block_memory_policies_per_block(variant, cpu_kernels):
+    """memory="recompute_mlp": lean's attention layers and the MLP's input y only (fc1, GELU and
+    LN2 recomputed); "checkpoint": the block input; "lean" as fused+lean. The rest is unchanged."""
+    stacks = ["blocks", "temporal"] if variant == "factorised_encoder" else ["blocks"]
+    lean = count("fused+lean", variant, depth=1, temporal_depth=1, **CONFIG)
+    for policy, mlp in (("lean", 5 * D), ("recompute_mlp", D), ("checkpoint", None)):
+        kept = count("fused", variant, depth=1, temporal_depth=1, memory=policy, **CONFIG)
+        for stack in stacks:
+            floats = D if mlp is None else block_floats(variant, "fused+lean", stack) - mlp_layer("fused+lean") + mlp
+            assert kept.per_block[stack] == FP32 * kept.tokens[stack] * floats, (policy, stack)
+        assert kept.rest == lean.rest
+
+
+def test_cli_prints_the_policy_table(capsys):
+    memory_report.main(["--frames", "2", "--img-size", "32", "--variants", "factorised_dot_product"])
+    out = capsys.readouterr().out
+    assert "| model | policy | D per token per block | MiB per clip | extra GFLOP per clip | extra / step |" in out
+    for policy, tensors in (("default", "16.02"), ("lean", "10.02"), ("recompute_mlp", "6.02"), ("checkpoint", "1.00")):
+        assert f"| 4 factorised dot-product | {policy} | {tensors} |" in out

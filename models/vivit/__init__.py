@@ -11,9 +11,10 @@ from .adapt import (
     resample_video_pos_embed,
     tile_pos_embed,
 )
-from .config import PRESETS, VARIANTS, ViViTConfig, preset_config
+from .config import BLOCK_MEMORY, PRESETS, VARIANTS, ViViTConfig, preset_config
 from .layers import BlockConfig
 from .model import ViViT, build_model, create_model, model_spec
+from .planning import MemoryPlan, parse_bytes, plan_memory
 from .pretrained import (
     load_hf_vivit,
     load_image_pretrained,
@@ -23,10 +24,12 @@ from .pretrained import (
 )
 
 __all__ = [
+    "BLOCK_MEMORY",
     "PRESETS",
     "VARIANTS",
     "BlockConfig",
     "LoadReport",
+    "MemoryPlan",
     "ViViT",
     "ViViTConfig",
     "build_model",
@@ -39,6 +42,8 @@ __all__ = [
     "load_image_pretrained",
     "load_video_pretrained",
     "model_spec",
+    "parse_bytes",
+    "plan_memory",
     "preset_config",
     "read_state_dict",
     "resample_pos_embed",

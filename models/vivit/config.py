@@ -12,6 +12,10 @@ POOLINGS = ("cls", "avg")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 ATTENTION_ORDERS = ("space_time", "time_space")
 MEMORY_MODES = ("default", "lean")
+# What one block keeps for backward, most to least (D-wide tensors per token, model 3 in brackets):
+# default 16 (22); lean 10 (15): LayerNorms and GELU recomputed; recompute_mlp 6 (11): lean, and the
+# MLP keeps only its input y (fc1 recomputed in backward); checkpoint 1 (1): the block input only.
+BLOCK_MEMORY = ("default", "lean", "recompute_mlp", "checkpoint")
 
 
 @dataclass
@@ -39,7 +43,11 @@ class ViViTConfig:
         grad_checkpointing: recompute each block in backward (torch.utils.checkpoint).
         memory: "default", or "lean": each block recomputes its LayerNorms and GELU in backward
             instead of keeping their outputs (10 D-wide activation tensors per token per block
-            kept, not 16; the same function and gradients).
+            kept, not 16; the same function and gradients); or any policy of BLOCK_MEMORY for
+            every block: "recompute_mlp" (6: lean, and fc1 recomputed from the MLP's input) or
+            "checkpoint" (1: the block recomputed whole in backward, lean inside).
+        block_memory: one BLOCK_MEMORY policy per block (model 2: the spatial encoder's blocks,
+            then the temporal encoder's), in place of `memory` for every block; None: `memory`.
         mlp_activation: "gelu" (exact, as timm) or "gelu_tanh" (tanh approximation, as HF ViViT and scenic).
         attention_order: model 3's order in a block: "space_time" (the paper) or "time_space".
         backend: backend of every vivit_kernels op ("auto", "reference", ...).
@@ -65,6 +73,7 @@ class ViViTConfig:
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
     memory: str = "default"
+    block_memory: tuple[str, ...] | None = None
     mlp_activation: str = "gelu"
     attention_order: str = "space_time"
     backend: str = "auto"
@@ -84,7 +93,7 @@ class ViViTConfig:
             ("pooling", self.pooling, POOLINGS),
             ("mlp_activation", self.mlp_activation, ACTIVATIONS),
             ("attention_order", self.attention_order, ATTENTION_ORDERS),
-            ("memory", self.memory, MEMORY_MODES),
+            ("memory", self.memory, BLOCK_MEMORY),
         ):
             check_choice("ViViTConfig", name, value, allowed)
         for name in ("num_frames", "in_chans", "dim", "depth", "num_heads", "temporal_depth"):
@@ -111,6 +120,8 @@ class ViViTConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"ViViTConfig: {name} must be in [0, 1), got {value!r}")
+        if self.block_memory is not None:
+            self.block_memory = _block_memory(self.block_memory, self.num_blocks)
         t, h, w = self.tubelet
         if self.tokeniser == "tubelet" and self.num_frames < t:
             raise ValueError(
@@ -126,6 +137,17 @@ class ViViTConfig:
         return self.pooling == "cls"
 
     @property
+    def num_blocks(self) -> int:
+        """Transformer blocks of the model: depth, and model 2's temporal_depth besides."""
+        return self.depth + (self.temporal_depth if self.variant == "factorised_encoder" else 0)
+
+    @property
+    def block_policies(self) -> tuple[str, ...]:
+        """The BLOCK_MEMORY policy of every block, in the order of `block_memory` (grad_checkpointing
+        checkpoints every block besides)."""
+        return self.block_memory if self.block_memory is not None else (self.memory,) * self.num_blocks
+
+    @property
     def grid(self) -> tuple[int, int, int]:
         """(n_t, n_h, n_w): the token grid of the input."""
         t, h, w = self.tubelet
@@ -135,7 +157,7 @@ class ViViTConfig:
 
 # Fields that say how a model runs, not what it computes: two configs that differ only here
 # hold the same weights and give the same logits (up to rounding).
-EXECUTION_FIELDS = ("backend", "grad_checkpointing", "memory")
+EXECUTION_FIELDS = ("backend", "grad_checkpointing", "memory", "block_memory")
 # Regularisation used only in training: the weights and the eval-mode function do not depend on it.
 TRAINING_ONLY_FIELDS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
 
@@ -167,6 +189,16 @@ def _pair(value, name: str) -> tuple[int, int]:
     if len(pair) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in pair):
         raise ValueError(f"ViViTConfig: {name} must be a positive int or an (H, W) pair, got {value!r}")
     return pair
+
+
+def _block_memory(value, blocks: int) -> tuple[str, ...]:
+    policies = (value,) * blocks if isinstance(value, str) else tuple(value)
+    if len(policies) != blocks or any(p not in BLOCK_MEMORY for p in policies):
+        raise ValueError(
+            f"ViViTConfig: block_memory must be {blocks} policies (one per block), each one of "
+            f"{', '.join(map(repr, BLOCK_MEMORY))}, got {value!r}"
+        )
+    return policies
 
 
 def _triple(value, name: str) -> tuple[int, int, int]:

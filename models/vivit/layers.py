@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vivit_kernels import FactorisedAttention, gelu_linear, norm_linear
 from vivit_kernels.checks import check_choice
 
-from .config import ACTIVATIONS, ATTENTION_ORDERS
+from .config import ACTIVATIONS, ATTENTION_ORDERS, BLOCK_MEMORY
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class BlockConfig:
         backend: vivit_kernels backend.
         memory: "default", or "lean": recompute the LayerNorms and the GELU in backward instead of
             keeping their outputs (10 D-wide tensors per token kept per block, not 16; see
-            vivit_kernels.lean).
+            vivit_kernels.lean); "recompute_mlp": lean, and the MLP keeps only its input (6);
+            "checkpoint": as lean (the model recomputes the whole block in backward).
     """
 
     dim: int
@@ -44,6 +46,9 @@ class BlockConfig:
     norm_eps: float = 1e-6
     backend: str = "auto"
     memory: str = "default"
+
+    def __post_init__(self) -> None:
+        check_choice("BlockConfig", "memory", self.memory, BLOCK_MEMORY)
 
     @property
     def lean(self) -> bool:
@@ -115,6 +120,64 @@ class Mlp(nn.Module):
             return self.drop2(self.fc2(self.drop1(self.act(hidden))))
         return self.drop2(gelu_linear(hidden, self.fc2.weight, self.fc2.bias, self.act.approximate))
 
+    def forward_recompute(self, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+        """self(norm(x)), keeping for backward only x: norm(x), fc1's output and GELU's are
+        recomputed there (one extra D x hidden product per token). With dropout after the GELU,
+        as `forward_lean` (the mask must be kept)."""
+        if self.drop1.p > 0 and self.training:
+            return self.forward_lean(x, norm)
+        fc1, fc2 = self.fc1, self.fc2
+        out = _RecomputedMlp.apply(
+            x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.act.approximate
+        )
+        return self.drop2(out)
+
+
+def _norm_fc1_gelu(x, norm_weight, norm_bias, eps, w1, b1, approximate):
+    return F.gelu(F.linear(F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps), w1, b1), approximate=approximate)
+
+
+class _RecomputedMlp(torch.autograd.Function):
+    """fc2(GELU(fc1(LN(x)))) keeping x (and the weights) for backward. Backward reruns LN, fc1 and
+    GELU under the forward's autocast state, so they compute what the forward computed."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, w1, b1, w2, b2, approximate):
+        device = x.device.type
+        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.eps, ctx.approximate, ctx.bias_dtype = eps, approximate, None if b2 is None else b2.dtype
+        activated = _norm_fc1_gelu(x, norm_weight, norm_bias, eps, w1, b1, approximate)
+        ctx.save_for_backward(x, norm_weight, norm_bias, w1, b1, w2)
+        return F.linear(activated, w2, b2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, norm_weight, norm_bias, w1, b1, w2 = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        enabled, dtype = ctx.autocast
+        inputs = [(x, needs[0]), (norm_weight, needs[1]), (norm_bias, needs[2]), (w1, needs[4]), (b1, needs[5])]
+        leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in inputs]
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            activated = _norm_fc1_gelu(*leaves[:3], ctx.eps, *leaves[3:], ctx.approximate)
+        # fc2's backward as autocast's linear computes it: in grad's dtype, parameters' grads cast back.
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        d_w2 = (flat_grad.t() @ activated.detach().reshape(-1, activated.shape[-1])).to(w2.dtype) if needs[6] else None
+        d_b2 = flat_grad.sum(0).to(ctx.bias_dtype) if needs[7] and ctx.bias_dtype is not None else None
+        d_activated = grad @ w2.to(grad.dtype)
+        wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+        found = iter(torch.autograd.grad(activated, wanted, d_activated) if wanted else ())
+        d_x, d_nw, d_nb, d_w1, d_b1 = (
+            next(found) if leaf is not None and leaf.requires_grad else None for leaf in leaves
+        )
+        return d_x, d_nw, d_nb, None, d_w1, d_b1, d_w2, d_b2, None
+
+
+def mlp_branch(norm: nn.LayerNorm, mlp: Mlp, x: torch.Tensor, memory: str) -> torch.Tensor:
+    """mlp(norm(x)) as the block's memory policy keeps it for backward."""
+    if memory == "default":
+        return mlp(norm(x))
+    return mlp.forward_recompute(x, norm) if memory == "recompute_mlp" else mlp.forward_lean(x, norm)
+
 
 def attention_branch(norm: nn.LayerNorm, attn: FactorisedAttention, x: torch.Tensor, frames: int, lean: bool):
     """attn(norm(x)); lean: keeping x for backward, not norm(x) (recomputed)."""
@@ -134,7 +197,7 @@ class Block(nn.Module):
 
     def __init__(self, config: BlockConfig, *, mode: str = "joint", drop_path: float = 0.0) -> None:
         super().__init__()
-        self.lean = config.lean
+        self.memory = config.memory
         self.norm1 = config.norm()
         self.attn = config.attention(mode)
         self.drop_path1 = DropPath(drop_path)
@@ -145,7 +208,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, frames: int = 1) -> torch.Tensor:
         """x: (B, N, D) with N = frames * S time-major tokens -> (B, N, D)."""
         x = x + self.drop_path1(attention_branch(self.norm1, self.attn, x, frames, self.lean))
-        return x + self.drop_path2(self.mlp.forward_lean(x, self.norm2) if self.lean else self.mlp(self.norm2(x)))
+        return x + self.drop_path2(mlp_branch(self.norm2, self.mlp, x, self.memory))
+
+    @property
+    def lean(self) -> bool:
+        """LayerNorms and GELU recomputed in backward (every policy but "default")."""
+        return self.memory != "default"
 
 
 class FactorisedSelfAttentionBlock(nn.Module):
@@ -159,7 +227,7 @@ class FactorisedSelfAttentionBlock(nn.Module):
         super().__init__()
         check_choice("FactorisedSelfAttentionBlock", "order", order, ATTENTION_ORDERS)
         self.order = order
-        self.lean = config.lean
+        self.memory = config.memory
         self.norm1 = config.norm()
         self.attn = config.attention("spatial")
         self.temporal_norm = config.norm()
@@ -180,7 +248,12 @@ class FactorisedSelfAttentionBlock(nn.Module):
             x = self._temporal(self._spatial(x, frames), frames)
         else:
             x = self._spatial(self._temporal(x, frames), frames)
-        return x + self.drop_path(self.mlp.forward_lean(x, self.norm2) if self.lean else self.mlp(self.norm2(x)))
+        return x + self.drop_path(mlp_branch(self.norm2, self.mlp, x, self.memory))
+
+    @property
+    def lean(self) -> bool:
+        """LayerNorms and GELU recomputed in backward (every policy but "default")."""
+        return self.memory != "default"
 
     def extra_repr(self) -> str:
         return f"order={self.order!r}"

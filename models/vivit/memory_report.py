@@ -18,8 +18,10 @@ A full ViViT-B forward per (variant, implementation) takes a minute on two CPU c
 count is taken per block: with one block in each stack, then with the stacks emptied one by one,
 each stack's block count and the rest (embedding, final norm, head) come out by difference, and
 the model's count is the rest plus depth x block. Every block of a stack sees the same shapes, so
-this is exact; tests/test_memory_report.py compares it with a direct count of a deeper model
-(batch 2 minus batch 1, where the weights cancel) and with the accounting below.
+this is exact. Per clip is what a third clip adds to a batch of two: a batch of one can keep less
+(sdpa's temporal groups are views of the packed qkv only there), so it is counted on its own.
+tests/test_memory_report.py compares both with a direct count of a deeper model (batch 3 minus
+batch 2, where the weights cancel, and batch 1) and with the accounting below.
 
 Per token per block, in D-wide tensors (D floats each) plus small per-token statistics:
 
@@ -29,8 +31,11 @@ Per token per block, in D-wide tensors (D floats each) plus small per-token stat
     fused+lean  10 D + H: x, qkv, the attention output, y, the MLP hidden (LN and GELU recomputed)
     fused+ckpt  1 D: the block input (everything else recomputed in backward)
     model 3     two attentions per block: fused 22 D + 2 H + 6, lean 15 D + 2 H
-    sdpa        as fused for joint attention; a factorised attention keeps one D more (SDPA's
-                output in group layout besides the copy the output projection reads)
+    sdpa        as fused for joint and spatial attention (the projection reads a view of SDPA's
+                output); temporal attention one D more (q, k, v copied in group layout in place of
+                qkv, and the output's copy the projection reads), split 5 D / 2 more (the halves'
+                outputs besides their concatenation, the temporal half's copies of q, k, v); a
+                batch of one keeps no such copies
     einsum      the probabilities (H x group length floats) instead of the log-sum-exp; as fused
                 for joint attention; a factorised attention keeps q, k, v as copies in group layout
                 (3 D, in place of the projection's output)
@@ -49,7 +54,7 @@ from torch import nn
 from vivit_kernels import FactorisedAttention
 from vivit_kernels.checks import check_choice
 
-from .config import VARIANTS, ViViTConfig, preset_config
+from .config import BLOCK_MEMORY, VARIANTS, ViViTConfig, preset_config
 from .model import ViViT, create_model
 
 IMPLEMENTATIONS = ("einsum", "sdpa", "fused", "fused+lean", "fused+ckpt")
@@ -103,11 +108,39 @@ def tokens_per_clip(config: ViViTConfig) -> dict[str, int]:
     return {"blocks": nt * nh * nw + prefix}
 
 
+def forward_flops_per_token(config: ViViTConfig, stack: str) -> float:
+    """Multiply-adds x 2 of one block's forward per token: the projections, and attention's QK^T and
+    PV over each token's group (length L: 4 L D)."""
+    d, hidden = config.dim, int(config.dim * config.mlp_ratio)
+    nt, nh, nw = config.grid
+    s, prefix = nh * nw, int(config.has_cls_token)
+    mlp = 4 * d * hidden
+    if config.variant == "factorised_self_attention":
+        return 2 * 8 * d * d + mlp + 4 * d * (s + nt)
+    if config.variant == "factorised_dot_product":
+        return 8 * d * d + mlp + 2 * d * (s + nt)
+    if config.variant == "factorised_encoder":
+        length = nt + prefix if stack == "temporal" else s + prefix
+        return 8 * d * d + mlp + 4 * d * length
+    return 8 * d * d + mlp + 4 * d * (nt * s + prefix)
+
+
+def extra_flops_per_token(config: ViViTConfig, stack: str, policy: str) -> float:
+    """Products a policy recomputes in backward, per token (LayerNorm and GELU recomputation is
+    elementwise and not counted): recompute_mlp fc1 (2 D x hidden), checkpoint the whole forward."""
+    check_choice("extra_flops_per_token", "policy", policy, BLOCK_MEMORY)
+    if policy == "recompute_mlp":
+        return 2 * config.dim * int(config.dim * config.mlp_ratio)
+    return forward_flops_per_token(config, stack) if policy == "checkpoint" else 0.0
+
+
 @dataclass(frozen=True)
 class Kept:
     """Bytes kept for backward by one training forward of a model.
 
-    per_clip: activations per clip; weights: the weights autograd keeps (once per step);
+    per_clip: activations per clip (what each clip of a batch of two or more adds); weights: the
+    weights autograd keeps (once per step); alone: the activations of a batch of one clip, which
+    can be less than per_clip (None: per_clip);
     per_block: activations per clip kept by one block of each stack; rest: activations per clip
     outside the blocks (embedding, final norms, head); tokens: per clip, per stack; dim,
     element_size: the width and the activations' element size (fp32, or the autocast dtype), so
@@ -124,11 +157,12 @@ class Kept:
     depths: dict[str, int]
     dim: int
     element_size: int
+    alone: int | None = None
 
     @property
     def with_weights(self) -> int:
         """Everything one clip's training forward keeps (batch 1, weights included)."""
-        return self.per_clip + self.weights
+        return (self.per_clip if self.alone is None else self.alone) + self.weights
 
     def tensors_per_token(self, stack: str = "blocks") -> float:
         """D-wide tensors one block of `stack` keeps per token (the unit of the accounting above)."""
@@ -163,24 +197,41 @@ def _video(model: ViViT, batch: int) -> torch.Tensor:
 def kept(model: ViViT, batch: int = 1, autocast: torch.dtype | None = None) -> tuple[int, int]:
     """(activations, weights): bytes of the distinct storages autograd saves in one training forward
     of `batch` random clips, split into weights (parameters and their autocast casts) and the rest."""
-    parameters = _parameter_storages(model)
-    storages: dict[tuple[torch.device, int], tuple[int, bool]] = {}
+    activations, parameters, casts = kept_parts(model, batch, autocast)
+    return activations, parameters + casts
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        storages[(tensor.device, storage.data_ptr())] = (storage.nbytes(), _weight_like(tensor, parameters))
-        return tensor.detach()  # (see vivit_kernels.saved_bytes: no cycle through the saved output)
 
+def kept_parts(model: ViViT, batch: int = 1, autocast: torch.dtype | None = None) -> tuple[int, int, int]:
+    """(activations, parameters, casts): as `kept`, the weights split into the parameters' own
+    storages and the copies autocast cast from them (memory a step adds to the parameters')."""
     video = _video(model, batch)
     with (
         warnings.catch_warnings(),
         torch.autocast(video.device.type, dtype=autocast, enabled=autocast is not None),
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
     ):
         warnings.simplefilter("ignore")  # "auto" falling back (no fused kernel here) is said elsewhere
-        model.train()(video)
-    activations = sum(n for n, weight in storages.values() if not weight)
-    return activations, sum(n for n, weight in storages.values() if weight)
+        return saved_parts(lambda: model.train()(video), model)
+
+
+def saved_parts(run, model: nn.Module, exclude: tuple[torch.Tensor, ...] = ()) -> tuple[int, int, int]:
+    """(activations, parameters, casts): bytes of the distinct storages autograd saves while `run()`
+    runs, split into `model`'s parameters, autocast's casts of them, and the rest; the storages of
+    `exclude` (inputs counted elsewhere) not counted."""
+    parameters = _parameter_storages(model)
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[tuple[torch.device, int], tuple[int, int]] = {}  # kind: 0 activation, 1 parameter, 2 cast
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in excluded:
+            return tensor.detach()
+        kind = 1 if storage.data_ptr() in parameters else 2 if _weight_like(tensor, parameters) else 0
+        storages[(tensor.device, storage.data_ptr())] = (storage.nbytes(), kind)
+        return tensor.detach()  # (see vivit_kernels.saved_bytes: no cycle through the saved output)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return tuple(sum(n for n, k in storages.values() if k == kind) for kind in (0, 1, 2))
 
 
 def count(
@@ -197,29 +248,42 @@ def count(
     config = preset_config(preset, variant, **overrides)
     torch.manual_seed(0)
     model = build(implementation, variant, preset, **{**overrides, "depth": 1, "temporal_depth": 1}).to(device)
-    counts = [kept(model, 1, autocast)]  # one block per stack, then each stack emptied in turn
-    emptied = []
-    for holder in stacks(model).values():
-        emptied.append((holder, holder.blocks))
-        holder.blocks = nn.ModuleList()
-        counts.append(kept(model, 1, autocast))
-    for holder, blocks in emptied:
-        holder.blocks = blocks
     names, layers = list(stacks(model)), depths(config)
-    block = {name: [a - b for a, b in zip(counts[i], counts[i + 1])] for i, name in enumerate(names)}
-    rest = counts[-1]
-    total = [rest[i] + sum(layers[name] * block[name][i] for name in names) for i in (0, 1)]
+
+    def per_block(batch: int) -> tuple[dict[str, list[int]], list[int]]:
+        """(each stack's block, the rest) at `batch`: one block per stack, then each stack emptied in turn."""
+        counts = [kept(model, batch, autocast)]
+        emptied = []
+        for holder in stacks(model).values():
+            emptied.append((holder, holder.blocks))
+            holder.blocks = nn.ModuleList()
+            counts.append(kept(model, batch, autocast))
+        for holder, blocks in emptied:
+            holder.blocks = blocks
+        return {name: [a - b for a, b in zip(counts[i], counts[i + 1])] for i, name in enumerate(names)}, counts[-1]
+
+    def model_total(block: dict[str, list[int]], rest: list[int], i: int) -> int:
+        return rest[i] + sum(layers[name] * block[name][i] for name in names)
+
+    # Per clip: what a third clip adds to a batch of two. A batch of one can keep less (the sdpa
+    # backend's temporal groups are views of the packed qkv only there: the batch does not fold into
+    # the groups' dim, so from two clips on it copies q, k, v and the output), so batch 1 is counted
+    # on its own for `with_weights`.
+    (block1, rest1), (block2, rest2), (block3, rest3) = (per_block(batch) for batch in (1, 2, 3))
+    block = {name: [c - b for c, b in zip(block3[name], block2[name])] for name in names}
+    rest = [c - b for c, b in zip(rest3, rest2)]
     return Kept(
         variant=variant,
         implementation=implementation,
-        per_clip=total[0],
-        weights=total[1],
+        per_clip=model_total(block, rest, 0),
+        weights=model_total(block1, rest1, 1),
         per_block={name: activations for name, (activations, _) in block.items()},
         rest=rest[0],
         tokens=tokens_per_clip(config),
         depths=layers,
         dim=config.dim,
         element_size=torch.finfo(autocast or torch.float32).bits // 8,
+        alone=model_total(block1, rest1, 0),
     )
 
 
@@ -267,6 +331,62 @@ def format_table(rows: list[Kept]) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class PolicyRow:
+    """One block memory policy (config.BLOCK_MEMORY) of the fused model: D-wide tensors kept per token
+    per block of each stack, activation bytes per clip, and the products it recomputes in backward
+    per clip (FLOPs, 2 per multiply-add; LayerNorm and GELU recomputation is elementwise, not counted)
+    against the forward's."""
+
+    variant: str
+    policy: str
+    tensors_per_token: dict[str, float]
+    per_clip: int
+    extra_flops_per_clip: float
+    forward_flops_per_clip: float
+
+
+def policy_table(preset: str = "vivit_b", variants=VARIANTS, policies=BLOCK_MEMORY, **overrides) -> list[PolicyRow]:
+    rows = []
+    for variant in variants:
+        config = preset_config(preset, variant, **overrides)
+        tokens = tokens_per_clip(config)
+        for policy in policies:
+            kept = count("fused", variant, preset, **{**overrides, "memory": policy})
+            blocks = [(stack, depth) for stack, depth in kept.depths.items()]
+            rows.append(
+                PolicyRow(
+                    variant=variant,
+                    policy=policy,
+                    tensors_per_token={stack: kept.tensors_per_token(stack) for stack, _ in blocks},
+                    per_clip=kept.per_clip,
+                    extra_flops_per_clip=sum(
+                        d * tokens[s] * extra_flops_per_token(config, s, policy) for s, d in blocks
+                    ),
+                    forward_flops_per_clip=sum(d * tokens[s] * forward_flops_per_token(config, s) for s, d in blocks),
+                )
+            )
+    return rows
+
+
+def format_policy_table(rows: list[PolicyRow]) -> list[str]:
+    """Markdown: per variant and policy, D-wide tensors per token per block (model 2: spatial /
+    temporal), MiB per clip, extra GFLOPs per clip and their share of the blocks' products in a
+    step (forward and backward: 3 x the forward's)."""
+    lines = [
+        "| model | policy | D per token per block | MiB per clip | extra GFLOP per clip | extra / step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tensors = " / ".join(f"{t:.2f}" for t in r.tensors_per_token.values())
+        share = r.extra_flops_per_clip / (3 * r.forward_flops_per_clip) if r.forward_flops_per_clip else 0.0
+        lines.append(
+            f"| {MODEL_NUMBER[r.variant]} {MODEL_NAME[r.variant]} | {r.policy} | {tensors} | {r.per_clip / MIB:.1f} | "
+            f"{r.extra_flops_per_clip / 1e9:.1f} | {100 * share:.0f}% |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vivit.memory_report", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="vivit_b", help="model size (default vivit_b)")
@@ -301,6 +421,13 @@ def main(argv: list[str] | None = None) -> None:
             "Weights autograd keeps besides (once per step, fused): "
             + ", ".join(f"model {MODEL_NUMBER[v]} {w / MIB:.0f} MiB" for v, w in weights.items())
         )
+    print(
+        "\nBlock memory policies (fused; memory= / block_memory=): D-wide tensors kept per token per block, "
+        "and the products recomputed in backward per clip (a step: times the batch)"
+    )
+    policy_rows = policy_table(args.preset, args.variants, num_frames=args.frames, img_size=args.img_size)
+    for line in format_policy_table(policy_rows):
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)

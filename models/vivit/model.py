@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from vivit_kernels import TubeletEmbedding, UniformFrameEmbedding
 from vivit_kernels.checks import check_video
 
-from .config import ViViTConfig, preset_config
+from .config import ViViTConfig, _block_memory, preset_config
 from .layers import Block, BlockConfig, FactorisedSelfAttentionBlock
 
 _BLOCK_MODE = {"spatio_temporal": "joint", "factorised_encoder": "joint", "factorised_dot_product": "split"}
@@ -87,6 +87,8 @@ class ViViT(nn.Module):
         self.temporal = TemporalEncoder(c, nt) if spatial else None
         self.head_drop = nn.Dropout(c.drop_rate)
         self.head = nn.Linear(c.dim, c.num_classes) if c.num_classes else nn.Identity()
+        if c.block_memory is not None:
+            self.set_block_memory(c.block_memory)
         self.reset_parameters()
 
     @property
@@ -123,9 +125,21 @@ class ViViT(nn.Module):
         """Recompute each block's activations in backward (torch.utils.checkpoint) to save memory."""
         self.grad_checkpointing = self.config.grad_checkpointing = bool(enable)
 
+    def all_blocks(self) -> list[nn.Module]:
+        """Every transformer block, in the order of `ViViTConfig.block_memory` (model 2: the spatial
+        encoder's, then the temporal encoder's)."""
+        return [*self.blocks, *(self.temporal.blocks if self.temporal is not None else ())]
+
+    def set_block_memory(self, policies: str | tuple[str, ...] | list[str]) -> None:
+        """Give each block a memory policy (config.BLOCK_MEMORY; one string: every block), e.g. a
+        `vivit.plan_memory` plan's. The function and the gradients stay the same."""
+        self.config.block_memory = policies = _block_memory(policies, self.config.num_blocks)
+        for block, policy in zip(self.all_blocks(), policies):
+            block.memory = policy
+
     def _run(self, blocks: nn.ModuleList, x: torch.Tensor, frames: int) -> torch.Tensor:
         for block in blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if (self.grad_checkpointing or block.memory == "checkpoint") and torch.is_grad_enabled():
                 x = checkpoint(block, x, frames, use_reentrant=False)
             else:
                 x = block(x, frames)

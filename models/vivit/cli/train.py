@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from .. import distributed
+from ..config import BLOCK_MEMORY
 from ..data import IMAGE_MEAN, IMAGE_STD
+from ..planning import budget_argument
 from ..run.evaluation import PRECISIONS
 from ..run.trainer import Trainer
 from .common import STOPPED, add_debug_flag, check_device, run
@@ -84,8 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--memory",
         default="default",
-        choices=["default", "lean"],
-        help="lean: blocks recompute LayerNorm and GELU in backward (10 of 16 activations kept, same results)",
+        choices=list(BLOCK_MEMORY),
+        help="what each block keeps for backward, the same results at every setting: lean recomputes "
+        "LayerNorm and GELU (10 of 16 D per token kept), recompute_mlp also the MLP's first product (6), "
+        "checkpoint the whole block (1); python -m vivit.memory_report counts each",
+    )
+    m.add_argument(
+        "--memory-budget",
+        type=budget_argument,
+        metavar="SIZE",
+        help="fit the step to this much memory (e.g. 22GiB, 512MiB; auto: the GPU's free memory, or the "
+        "memory available on a CPU): the cheapest per-block --memory policies, else micro-batches with "
+        "accumulation; prints the plan and writes memory_plan.json",
     )
 
     o = p.add_argument_group("optimisation")

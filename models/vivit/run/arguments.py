@@ -116,6 +116,18 @@ def check_args(args: argparse.Namespace, ctx: distributed.Context) -> None:
         raise UserError("--precision fp16 needs a GPU (use bf16 or fp32 on CPU)")
     if args.min_lr > args.lr:
         raise UserError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
+    if getattr(args, "memory_budget", None) is not None:
+        chosen = [
+            flag
+            for flag, given in (
+                ("--memory", args.memory != "default"),
+                ("--grad-checkpointing", args.grad_checkpointing),
+                ("--accum-steps", args.accum_steps != 1),
+            )
+            if given
+        ]
+        if chosen:
+            raise UserError(f"--memory-budget chooses {', '.join(chosen)} itself: pass one or the other")
     if args.val_csv and not args.train_csv:
         raise UserError("--val-csv needs --train-csv (its labels define the classes)")
     for name in ("train_csv", "val_csv"):

@@ -31,6 +31,7 @@ from ..cli.common import DIVERGED, INPUT, WRITE_FAILED, UserError
 from ..config import ViViTConfig
 from ..data import ShardedSampler
 from ..model import build_model
+from ..planning import MemoryPlanError, apply_plan, plan_for_run
 from .arguments import check_args, fill_defaults, spec_from_args
 from .datasets import build_datasets, make_loader
 from .evaluation import autocast, evaluate
@@ -127,8 +128,22 @@ class Trainer:
             load_pretrained(model, args, pretrained, video, announce=ctx.is_main)
         if args.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        if getattr(args, "memory_budget", None) is not None:
+            self._fit_memory_budget(model)
         model.to(ctx.device)
         return distributed.wrap(model, ctx, "fsdp" if args.fsdp else "ddp")
+
+    def _fit_memory_budget(self, model: torch.nn.Module) -> None:
+        """--memory-budget: the blocks' policies and the micro-batches of the plan that fits, printed
+        and written to memory_plan.json; one line (exit status 1) when nothing fits."""
+        args, ctx = self.args, self.ctx
+        try:
+            plan = plan_for_run(args, model.config, ctx.device, ctx.world_size, write=ctx.is_main)
+        except MemoryPlanError as error:
+            raise UserError(f"--memory-budget: {error}", INPUT) from None
+        apply_plan(plan, model, args)  # sets args.accum_steps before _plan_steps reads it
+        if ctx.is_main:
+            print(plan.describe(), flush=True)
 
     def _plan_steps(self) -> None:
         """The sampler, the batch each process takes per micro-step, and the steps of an epoch and of the run."""
