@@ -38,6 +38,7 @@ from vivit_kernels import backends
 from .core import BASELINE, FORWARD, registry_skip_reason
 from .cpu_ratios import measure_ceilings, time_interleaved
 from .provenance import cores, is_loaded, load_average, run_metadata
+from .report import tubelet_table
 from .tubelet import TUBELET_SHAPES, tubelet_fn, tubelet_shape
 
 FAMILY = "cpu_tubelet"
@@ -118,20 +119,6 @@ def measure_pass(
     ]
 
 
-def table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| pass | implementation | min | GFLOP/s | bound | vs fastest baseline |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        speedup = f"{r['speedup_vs_best_baseline']:.2f}x ({r['best_baseline']})"
-        lines.append(
-            f"| {r['pass']} | {r['implementation']} | {r['min_ms']:.1f} ms | {r['gflop_per_s']} | "
-            f"{r['bound_ms']:.1f} ms | {speedup} |"
-        )
-    return lines
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_tubelet", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench/cpu_tubelet.json"), help="the JSON written")
@@ -195,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({"metadata": metadata, "rows": rows}, indent=1) + "\n")
     loads = f"load {metadata['load_average_start']} at start, {metadata['load_average_end']} at end"
     print(f"{'Loaded run' if metadata['loaded'] else 'Run'}: {loads}; {ceilings}")
-    print("\n".join(table(rows)))
+    print("\n".join(tubelet_table(rows)))
     print(f"wrote {args.out} ({metadata['seconds']} s of measuring)")
     return 0
 

@@ -182,6 +182,24 @@ def ratio_table(rows: list[dict]) -> list[str]:
     return markdown(header, lines)
 
 
+def tubelet_table(rows: list[dict]) -> list[str]:
+    """benchmarks.cpu_tubelet's rows: each pass's implementations against the fastest baseline."""
+    return markdown(
+        ("pass", "implementation", "min", "GFLOP/s", "bound", "vs fastest baseline"),
+        [
+            (
+                r["pass"],
+                r["implementation"],
+                _ms(r["min_ms"]),
+                f"{r['gflop_per_s']:.1f}",
+                _ms(r["bound_ms"]),
+                f"{_ratio(r['speedup_vs_best_baseline'])} ({r['best_baseline']})",
+            )
+            for r in rows
+        ],
+    )
+
+
 def headline_table(rows: list[dict]) -> list[str]:
     """cpu_ratios rows: each fused implementation of each (mode, T) beside the plain baselines."""
     mins = {(r["mode"], r["T"], r["implementation"]): r["min_ms"] for r in rows}
@@ -278,7 +296,10 @@ def bench_rows(data: dict) -> list[dict]:
 
 def render(data: dict, source: str, allow_loaded: bool = False) -> dict[str, list[str]]:
     """{family: its block (the metadata line, a blank line, the table)} of one results file."""
-    if "rows" in data:  # benchmarks.cpu_ratios
+    if "rows" in data and data["metadata"].get("family") == "cpu_tubelet":  # benchmarks.cpu_tubelet
+        meta = data["metadata"]
+        tables = {meta["family"]: tubelet_table(data["rows"])}
+    elif "rows" in data:  # benchmarks.cpu_ratios
         meta = data["metadata"]
         tables = {meta["family"]: ratio_table(data["rows"]), "headline": headline_table(data["rows"])}
     elif "benchmarks" in data:  # pytest-benchmark

@@ -265,3 +265,20 @@ def test_check_matches_names_the_first_pair_off_by_more_than_the_tolerance():
         AssertionError, match=r"^case gradient differ from the original's by 1\.00e-02 relative \(> 1e-05\)$"
     ):
         check_matches("case", "the original's", pairs, 1e-5)
+
+
+def test_a_tubelet_file_renders_its_own_table_exactly():
+    meta = dict(RATIOS["metadata"], family="cpu_tubelet")
+    row = {
+        "pass": "forward",
+        "implementation": "cpu",
+        "min_ms": 39.71,
+        "gflop_per_s": 93.16,
+        "bound_ms": 38.2,
+        "speedup_vs_best_baseline": 0.997,
+        "best_baseline": "conv3d",
+    }
+    blocks = report.render({"metadata": meta, "rows": [row]}, "t.json")
+    assert list(blocks) == ["cpu_tubelet"]
+    assert blocks["cpu_tubelet"][-1] == "| forward | cpu            | 39.7 ms | 93.2    | 38.2 ms | 1.00x (conv3d)      |"
+
