@@ -280,5 +280,6 @@ def test_a_tubelet_file_renders_its_own_table_exactly():
     }
     blocks = report.render({"metadata": meta, "rows": [row]}, "t.json")
     assert list(blocks) == ["cpu_tubelet"]
-    assert blocks["cpu_tubelet"][-1] == "| forward | cpu            | 39.7 ms | 93.2    | 38.2 ms | 1.00x (conv3d)      |"
-
+    assert (
+        blocks["cpu_tubelet"][-1] == "| forward | cpu            | 39.7 ms | 93.2    | 38.2 ms | 1.00x (conv3d)      |"
+    )
