@@ -14,7 +14,6 @@ from .adapt import (
 from .config import BLOCK_MEMORY, PRESETS, VARIANTS, ViViTConfig, preset_config
 from .layers import BlockConfig
 from .model import ViViT, build_model, create_model, model_spec
-from .planning import MemoryPlan, parse_bytes, plan_memory
 from .pretrained import (
     load_hf_vivit,
     load_image_pretrained,
@@ -51,3 +50,15 @@ __all__ = [
     "tile_pos_embed",
     "vivit_config_from_hf",
 ]
+
+_PLANNING = ("MemoryPlan", "parse_bytes", "plan_memory")
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that `python -m vivit.planning` does not find the module already
+    # imported by its own package (runpy warns then).
+    if name in _PLANNING:
+        from . import planning
+
+        return getattr(planning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
