@@ -313,3 +313,14 @@ def generator():
     """A fresh, seeded generator per test: random inputs that are reproducible when a test fails.
     Seed 0, or $VIVIT_TEST_SEED (to measure errors over other inputs)."""
     return torch.Generator().manual_seed(int(os.environ.get("VIVIT_TEST_SEED", "0")))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: on a busy machine a second OpenMP thread
+    mostly waits for the first (measured 30x slower with two). The kernels' own tests run on
+    every thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

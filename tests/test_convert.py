@@ -22,16 +22,7 @@ BACKENDS = ["cpu", "reference"]
 TOLERANCE = 1e-5
 
 
-pytestmark = pytest.mark.usefixtures("cpu_kernels")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second OpenMP thread only waits, and on a busy machine that costs seconds per test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cpu_kernels", "one_thread")
 
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -20,17 +20,9 @@ from vivit_kernels.convert.lean import TimmLeanBlock, VideoMAELeanLayer, VivitLe
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 
-pytestmark = pytest.mark.usefixtures("cpu_kernels")
+pytestmark = pytest.mark.usefixtures("cpu_kernels", "one_thread")
 
 FP32 = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def lean(**options) -> dict:

@@ -15,17 +15,10 @@ from torch import nn
 
 from vivit_kernels import FactorisedAttention, convert
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOLERANCE = 1e-5
 REFUSED = "converted by vivit_kernels.*output_attentions=True is not supported; the fused attention never forms"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second OpenMP thread only waits, and on a busy machine that costs seconds per test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:

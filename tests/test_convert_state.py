@@ -26,16 +26,7 @@ from vivit_kernels.convert.state import keep_original_keys
 
 TOLERANCE = 1e-5  # test_convert's parity bound (fp32, relative)
 
-pytestmark = pytest.mark.usefixtures("cpu_kernels")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second OpenMP thread only waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cpu_kernels", "one_thread")
 
 
 def randomised(model: nn.Module, seed: int) -> nn.Module:

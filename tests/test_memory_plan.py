@@ -28,16 +28,10 @@ from vivit.planning import (
 )
 from vivit_kernels import saved_bytes
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D, H, T, S = 32, 4, 2, 9
 TINY = dict(dim=D, num_heads=H, num_frames=4, img_size=24, tubelet=(2, 8, 8), num_classes=5, depth=2, temporal_depth=1)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _grads(model, video, memory):

@@ -14,18 +14,12 @@ from vivit import memory_report
 from vivit.config import VARIANTS
 from vivit.memory_report import IMPLEMENTATIONS, count
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # A small model: D = 64, 4 heads of 16, 6 frames of 40 x 40 in 2 x 8 x 8 tubelets (3 x 25 tokens).
 D, H, C, FRAMES, SIZE, NT, S = 64, 4, 3, 6, 40, 3, 25
 CONFIG = dict(dim=D, num_heads=H, num_frames=FRAMES, img_size=SIZE, tubelet=(2, 8, 8), num_classes=10)
 FP32 = 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def attention_layer(impl: str, mode: str, groups: list[tuple[int, int]]) -> int:

@@ -20,6 +20,8 @@ from conftest import relative_error, require_cpu_kernels
 
 from vivit import ViViT, ViViTConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # A grid that fills no block: 3 x 3 x 5 tubelets (S = 15, N = 45) of a 7 x 13 x 22 clip (one frame,
 # one row and two columns left over, which the tokeniser drops); 4 heads of 24.
 CLIP = (7, 13, 22)
@@ -281,16 +283,6 @@ def compare(model, video, generator, drop):
 
 def video_of(batch, generator, channels=3):
     return torch.randn(batch, channels, *CLIP, generator=generator, dtype=torch.float64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on a busy machine intra-op threads mostly wait for each other (measured
-    30x slower with two). The kernels' own tests run on every thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # (logits, any parameter gradient): a few times the worst relative error measured over the variants and
