@@ -3,7 +3,8 @@
 # check it the way a user gets it: a fresh venv with only torch and the wheel's declared
 # dependencies, no C++ compiler or ninja on PATH, an empty kernel cache. The wheel is left in dist/.
 #   BUILD_PYTHON: the interpreter that builds the wheel (torch, setuptools, wheel, ninja): .venv's.
-#   The fresh venv gets that interpreter's Python and torch release, the ones the library links.
+#   The fresh venv gets that interpreter's Python and torch (linked, not copied), the ones the
+#   library links.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -53,9 +54,40 @@ metadata = zipfile.ZipFile(wheel).read(f"{name}-{version}.dist-info/METADATA").d
 print("\n".join(line for line in metadata.splitlines() if line.startswith(("Requires-Python", "Requires-Dist"))))
 EOF
 
-step "a fresh venv: torch==$torch_release and the wheel with its declared dependencies"
+# torch is linked from the build venv, not installed again: a CUDA build of torch with its nvidia
+# packages is 5.5 GB, and a second copy does not fit every CI disk. pip sees the links' dist-info
+# as an installed torch, so it checks the wheel's requirements against it and installs the rest.
+step "a fresh venv: torch $torch_release (linked) and the wheel with its declared dependencies"
 "$build_python" -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install -q --no-compile "torch==$torch_release" "$wheel"
+site=$("$work/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+"$build_python" - "$site" <<'EOF'
+import importlib.metadata as metadata
+import sys
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+site = Path(sys.argv[1])
+linked, todo, seen = [], [("torch", frozenset())], set()
+while todo:  # torch and what it requires, extras included (cuda-toolkit[cublas, ...])
+    name, extras = todo.pop()
+    dist = metadata.distribution(name)
+    key = (dist.metadata["Name"].lower(), extras)
+    if key in seen:
+        continue
+    seen.add(key)
+    for entry in {str(path).split("/")[0] for path in dist.files or () if not str(path).startswith("..")}:
+        target = site / entry
+        if entry != "__pycache__" and not entry.endswith(".pth") and not target.exists():
+            target.symlink_to(Path(dist.locate_file(entry)).resolve())
+            linked.append(entry)
+    for text in dist.requires or ():
+        requirement = Requirement(text)
+        if requirement.marker is None or any(requirement.marker.evaluate({"extra": e}) for e in {"", *extras}):
+            todo.append((requirement.name, frozenset(requirement.extras)))
+print(f"linked {len(linked)} entries of {len({name for name, _ in seen})} distributions into {site}")
+EOF
+"$work/venv/bin/python" -m pip install -q --no-compile "$wheel"
 "$work/venv/bin/python" -m pip check
 "$work/venv/bin/python" -m pip list --format=freeze | grep -iE '^(torch|einops|numpy|vivit)' | tr '\n' ' '
 echo
