@@ -1,12 +1,13 @@
 """Activation memory of converted models: what a training forward of each family keeps for backward,
 as its library builds it, converted, and converted with memory="lean".
 
-    python -m benchmarks.dropin_memory [--families timm,vivit,videomae] [--size base|tiny]
+    python -m benchmarks.dropin_memory [--families timm,vivit,videomae,timesformer] [--size base|tiny]
 
 Bytes of every distinct storage autograd saves in one training forward (batch 1, fp32, random
 weights), the parameters' own storages excluded: per clip, the same on any machine with the same
 backends. Base sizes: timm `vit_base_patch16_224`'s blocks on 1 + 8 x 196 tokens (joint mode),
-Hugging Face ViViT base (16 x 224 x 224, gelu_fast) and VideoMAE base (16 x 224 x 224).
+Hugging Face ViViT base (16 x 224 x 224, gelu_fast), VideoMAE base (16 x 224 x 224) and
+TimeSformer base (8 x 224 x 224, divided space-time).
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ import torch
 
 from vivit_kernels import convert
 
-FAMILIES = ("timm", "vivit", "videomae")
+FAMILIES = ("timm", "vivit", "videomae", "timesformer")
+# Hugging Face families: (config class, model class, base config overrides); each config's defaults are base.
+_HF = {
+    "vivit": ("VivitConfig", "VivitModel", dict(num_frames=16)),
+    "videomae": ("VideoMAEConfig", "VideoMAEModel", {}),
+    "timesformer": ("TimesformerConfig", "TimesformerModel", {}),
+}
 VARIANTS = ("original", "converted", "lean")
 
 
@@ -54,13 +61,11 @@ def family_model(family: str, size: str) -> tuple[torch.nn.Module, Callable, dic
         return model, lambda m: m.blocks(tokens), {"mode": "joint"}
     import transformers
 
-    if family == "vivit":
-        config = transformers.VivitConfig(num_frames=16) if base else _tiny(transformers.VivitConfig)
-        video = torch.randn(1, config.num_frames, 3, config.image_size, config.image_size)
-        return transformers.VivitModel(config), lambda m: m(video).last_hidden_state, {}
-    config = transformers.VideoMAEConfig() if base else _tiny(transformers.VideoMAEConfig)
+    config_name, model_name, base_overrides = _HF[family]
+    config_class = getattr(transformers, config_name)
+    config = config_class(**base_overrides) if base else _tiny(config_class)
     video = torch.randn(1, config.num_frames, 3, config.image_size, config.image_size)
-    return transformers.VideoMAEModel(config), lambda m: m(video).last_hidden_state, {}
+    return getattr(transformers, model_name)(config), lambda m: m(video).last_hidden_state, {}
 
 
 def _tiny(config_class):

@@ -15,10 +15,20 @@ from test_convert import assert_parity, hf_vivit, hidden, randomised, timesforme
 from torch import nn
 
 from vivit_kernels import convert, saved_bytes
-from vivit_kernels.convert.lean import TimmLeanBlock, VideoMAELeanLayer, VivitLeanLayer, gelu_approximate
+from vivit_kernels.convert.lean import (
+    TimesformerLeanDividedLayer,
+    TimesformerLeanLayer,
+    TimmLeanBlock,
+    VideoMAELeanLayer,
+    VitPytorchLeanAttention,
+    VitPytorchLeanFeedForward,
+    VivitLeanLayer,
+    gelu_approximate,
+)
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
+vivit_pytorch = pytest.importorskip("vit_pytorch.vivit", reason="vit-pytorch builds the reference ViViT")
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels", "one_thread")
 
@@ -29,16 +39,32 @@ def lean(**options) -> dict:
     return options | dict(memory="lean")
 
 
-def freed_bytes(original, inputs, forward, options, *, tokens: int, dim: int, hidden: int, blocks: int, gelu: int = 1):
+def freed_bytes(
+    original,
+    inputs,
+    forward,
+    options,
+    *,
+    tokens: int,
+    dim: int,
+    hidden: int,
+    blocks: int,
+    gelu: int = 1,
+    norms: int = 2,
+):
     """Bytes saved for backward by the converted model minus the lean one; checked against the count,
-    per token per block: the LayerNorms' outputs (2 D) and their mean and rstd (4 floats), and the
-    `gelu` hidden-wide tensors the unfused activation keeps beyond its input (its output for
+    per token per block: each of the `norms` LayerNorms' output (D) and its mean and rstd (2 floats),
+    and the `gelu` hidden-wide tensors the unfused activation keeps beyond its input (its output for
     torch's GELU; seven intermediates for transformers' `gelu_fast` formula; 0 where it stays unfused)."""
     converted = convert(copy.deepcopy(original), **options).train()
     lean_model = convert(copy.deepcopy(original), **lean(**options)).train()
     freed = saved_bytes(forward, converted, inputs) - saved_bytes(forward, lean_model, inputs)
-    assert freed == blocks * tokens * (2 * dim + 4 + gelu * hidden) * FP32
+    assert freed == blocks * tokens * (norms * (dim + 2) + gelu * hidden) * FP32
     return freed
+
+
+def call(model, inputs):
+    return model(inputs)
 
 
 # ------------------------------------------------------------------------------------ timm ViT
@@ -146,6 +172,131 @@ def test_videomae_lean_saves_less():
     freed_bytes(videomae(), video, hidden, {}, tokens=2 * 32, dim=32, hidden=64, blocks=2)
 
 
+# ---------------------------------------------------------------------- transformers TimeSformer
+
+
+def timesformer_task(**overrides) -> nn.Module:
+    options = dict(image_size=32, patch_size=8, num_frames=3, hidden_size=32, num_hidden_layers=2)
+    config = transformers.TimesformerConfig(**options, num_attention_heads=4, intermediate_size=64, **overrides)
+    return randomised(transformers.TimesformerForVideoClassification(config))
+
+
+def timesformer_dropping() -> nn.Module:
+    """Every dropout of a TimeSformer active, and drop path (set on the module: the config types its rate as an int)."""
+    model = timesformer(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    for layer in model.encoder.layer:
+        layer.drop_path = transformers.models.timesformer.modeling_timesformer.TimesformerDropPath(0.3)
+    return model
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "space_only", "joint_space_time"])
+def test_timesformer_lean_is_the_original(attention_type, train, generator):
+    video = torch.randn(2, 3, 3, 32, 32, generator=generator)
+    model = timesformer(attention_type=attention_type)
+    assert_parity(model, video, hidden, lean(backend="cpu"), train=train)
+    converted = convert(copy.deepcopy(model), **lean())
+    divided = attention_type == "divided_space_time"
+    lean_class = TimesformerLeanDividedLayer if divided else TimesformerLeanLayer
+    assert all(type(layer) is lean_class for layer in converted.encoder.layer)
+
+
+def test_timesformer_lean_under_gradient_checkpointing(generator):
+    """transformers' checkpointing of the layer replays the lean forward: the same gradients."""
+    video = torch.randn(2, 3, 3, 32, 32, generator=generator)
+    model = convert(timesformer(), **lean()).train()
+    checkpointed = copy.deepcopy(model)
+    # transformers 5 renamed it; older versions have only the old name.
+    (getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable)()
+    calls = []
+    checkpointed.encoder.layer[0].temporal_dense.register_forward_hook(lambda *_: calls.append(1))
+    for m in (model, checkpointed):
+        hidden(m, video).square().sum().backward()
+    assert len(calls) == 2  # the forward, and its replay in backward
+    for p, q in zip(model.parameters(), checkpointed.parameters(), strict=True):
+        assert relative_error(q.grad, p.grad) <= 1e-6
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu_new", "quick_gelu"])
+def test_timesformer_classifier_lean_is_the_original(hidden_act, generator):
+    """The task model, without qkv biases; a tanh GELU fused, an activation gelu_linear does not compute kept."""
+    video = torch.randn(2, 3, 3, 32, 32, generator=generator)
+    model = timesformer_task(num_labels=5, qkv_bias=False, hidden_act=hidden_act)
+    assert_parity(model, video, lambda m, x: m(x).logits, lean(), train=True)
+
+
+def test_timesformer_lean_saves_less():
+    video = torch.randn(2, 3, 3, 32, 32)
+    sizes = dict(dim=32, hidden=64, blocks=2)
+    joint = dict(tokens=2 * (1 + 3 * 16), **sizes)
+    # Divided: the temporal LayerNorm as well (over every token, the class token's row included).
+    freed_bytes(timesformer(), video, hidden, {}, **joint, norms=3)
+    freed_bytes(timesformer(attention_type="joint_space_time"), video, hidden, {}, **joint)
+    freed_bytes(timesformer(attention_type="space_only"), video, hidden, {}, tokens=2 * 3 * (1 + 16), **sizes)
+    # Dropout between the activation and output.dense in training: the GELU stays unfused.
+    freed_bytes(timesformer(hidden_dropout_prob=0.1), video, hidden, {}, **joint, norms=3, gelu=0)
+
+
+# ---------------------------------------------------------------------------- vit-pytorch ViViT
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize(
+    "config", [dict(pool="cls"), dict(pool="mean", heads=1, dim_head=32)], ids=["cls", "mean-one-head"]
+)
+@pytest.mark.parametrize("variant", ["factorized_encoder", "factorized_self_attention"])
+def test_vit_pytorch_lean_is_the_original(variant, config, train, generator):
+    """Inner width 36 != dim 32 (cls), or one head as wide as dim with no output projection (mean)."""
+    video = torch.randn(2, 3, 4, 32, 32, generator=generator)
+    model = vit_pytorch_vivit(variant, **config)
+    assert_parity(model, video, lambda m, x: m(x), lean(backend="cpu"), train=train)
+    converted = convert(copy.deepcopy(model), **lean())
+    classes = {type(m) for m in converted.modules()}
+    assert {VitPytorchLeanAttention, VitPytorchLeanFeedForward} <= classes
+    assert not classes & {vivit_pytorch.FeedForward, vivit_pytorch.Attention}
+
+
+def test_vit_pytorch_lean_temporal_mask(generator):
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 2:] = False
+    video = torch.randn(2, 3, 4, 32, 32, generator=generator)
+    model = vit_pytorch_vivit("factorized_encoder")
+    assert_parity(model, video, lambda m, x: m(x, mask=mask), lean(), train=True)
+
+
+def vit_pytorch_dropping(variant: str) -> nn.Module:
+    return randomised(
+        vivit_pytorch.ViViT(
+            image_size=32,
+            image_patch_size=8,
+            frames=4,
+            frame_patch_size=2,
+            num_classes=5,
+            dim=32,
+            spatial_depth=2,
+            temporal_depth=2,
+            heads=3,
+            mlp_dim=64,
+            dim_head=12,
+            variant=variant,
+            dropout=0.2,
+        )
+    )
+
+
+@pytest.mark.filterwarnings("ignore:attention_packed. no fused backend fits")
+def test_vit_pytorch_lean_saves_less():
+    video = torch.randn(2, 3, 4, 32, 32)
+    sizes = dict(dim=32, hidden=64, blocks=2)
+    # Per layer: spatial and temporal attention (a LayerNorm each) and the feed-forward, on B * T * (1 + n) tokens.
+    grid = dict(tokens=2 * 2 * (1 + 16), norms=3, **sizes)
+    freed_bytes(vit_pytorch_vivit("factorized_self_attention"), video, call, {}, **grid)
+    # Two transformers as deep: B * T sequences of 1 + n tokens, then B of 1 + T.
+    freed_bytes(vit_pytorch_vivit("factorized_encoder"), video, call, {}, tokens=2 * 2 * 17 + 2 * 3, **sizes)
+    # Dropout between the GELU and the second Linear in training: the GELU stays unfused.
+    freed_bytes(vit_pytorch_dropping("factorized_self_attention"), video, call, {}, **grid, gelu=0)
+
+
 # --------------------------------------------------------------------------------- every family
 
 
@@ -160,8 +311,11 @@ def test_videomae_lean_saves_less():
         ),
         (lambda: hf_vivit(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2), hidden, {}),
         (lambda: videomae(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2), hidden, {}),
+        (timesformer_dropping, lambda m, x: hidden(m, x[:, :3]), {}),
+        (lambda: vit_pytorch_dropping("factorized_encoder"), lambda m, x: m(x.transpose(1, 2)), {}),
+        (lambda: vit_pytorch_dropping("factorized_self_attention"), lambda m, x: m(x.transpose(1, 2)), {}),
     ],
-    ids=["timm", "vivit", "videomae"],
+    ids=["timm", "vivit", "videomae", "timesformer", "vit-pytorch-encoder", "vit-pytorch-self-attention"],
 )
 def test_lean_dropout_and_drop_path_draw_as_before(build, forward, options, generator):
     """In training with every dropout and drop path (timm: and layer scale), the lean blocks draw the
@@ -190,8 +344,12 @@ def test_lean_dropout_and_drop_path_draw_as_before(build, forward, options, gene
         (lambda: timm_vit(reg_tokens=2), dict(mode="joint")),
         (lambda: hf_vivit(task=True, num_labels=5), {}),
         (lambda: videomae(transformers.VideoMAEForPreTraining), {}),
+        (lambda: timesformer_task(num_labels=5), {}),
+        (lambda: timesformer(attention_type="space_only"), {}),
+        (lambda: vit_pytorch_vivit("factorized_encoder"), {}),
+        (lambda: vit_pytorch_vivit("factorized_self_attention"), {}),
     ],
-    ids=["timm", "vivit", "videomae"],
+    ids=["timm", "vivit", "videomae", "timesformer", "timesformer-joint", "vit-pytorch-encoder", "vit-pytorch-fsa"],
 )
 def test_lean_keeps_the_state_dict_and_pickles(build, options):
     original = build()
@@ -207,14 +365,21 @@ def test_lean_keeps_the_state_dict_and_pickles(build, options):
 def test_lean_refusals():
     with pytest.raises(ValueError, match=r"^convert: memory must be one of None, 'lean', got 'bogus'$"):
         convert(timm_vit(), mode="joint", memory="bogus")
-    for model, family in (
-        (timesformer(), "a TimeSformer \\(transformers\\)"),
-        (vit_pytorch_vivit("factorized_encoder"), "a vit-pytorch ViViT"),
+    unfusable = timesformer()
+    unfusable.encoder.layer[1].temporal_layernorm = nn.RMSNorm(32)
+    self_attention = vit_pytorch_vivit("factorized_self_attention")
+    self_attention.factorized_transformer.layers[0][1].norm = nn.RMSNorm(32)
+    encoder = vit_pytorch_vivit("factorized_encoder")
+    encoder.temporal_transformer.layers[1][1].net.insert(3, nn.Dropout(0.1))
+    for model, message in (
+        (unfusable, r"encoder.layer.1.temporal_layernorm: memory='lean' fuses a LayerNorm .*RMSNorm"),
+        (self_attention, r"factorized_transformer.layers.0.1.norm: memory='lean' fuses a LayerNorm .*RMSNorm"),
+        (encoder, r"temporal_transformer.layers.1.1.net: memory='lean' rewrites vit-pytorch's FeedForward .*got 7"),
     ):
-        before = copy.deepcopy(model)
-        with pytest.raises(ValueError, match=f"memory='lean' is not supported for {family}; it is for timm"):
+        before = [type(m) for m in model.modules()]
+        with pytest.raises(ValueError, match=message):
             convert(model, memory="lean")
-        assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
+        assert [type(m) for m in model.modules()] == before
 
 
 def test_lean_without_memory_keeps_the_family_classes():

@@ -26,7 +26,7 @@ from torch import nn
 from .. import backends
 from ..checks import MODES, check_choice, check_positive_int
 from .hf_vivit import convert_hf_vivit, is_hf_vivit
-from .lean import lean_layers
+from .lean import lean_attentions, lean_layers
 from .timesformer import convert_timesformer, is_timesformer
 from .timm_vit import convert_timm, is_timm_vit
 from .videomae import convert_videomae, is_videomae
@@ -62,9 +62,9 @@ def convert(
             recomputes its LayerNorms and GELU in backward (`vivit_kernels.norm_linear` /
             `gelu_linear`), keeping 10 instead of 16 D-wide tensors per token, as the library's
             lean ViViT blocks; outputs and gradients are the original's. The block's class becomes
-            a subclass of its own (`convert/lean.py`); modules, names and state dict stay. timm
-            VisionTransformer (its `Block`), VivitModel and VideoMAEModel; TimeSformer and
-            vit-pytorch refuse it.
+            a subclass of its own (`convert/lean.py`); modules, names and state dict stay. Every
+            family: timm's `Block`, the transformers layers (TimeSformer's divided layers recompute
+            their temporal LayerNorm too), vit-pytorch's converted `Attention` and `FeedForward`.
 
     What each family becomes:
         timm VisionTransformer: every block's `Attention` (qk_norm, proj_bias=False and
@@ -97,6 +97,8 @@ def convert(
             # Checked before anything is replaced: a model that cannot be made lean is left as it was.
             lean = lean_layers(model) if memory == "lean" else []
             replacements = convert_family(model, **options)
+            if memory == "lean":
+                lean += lean_attentions(replacements)
             for parent, attribute, module in replacements + lean:
                 setattr(parent, attribute, module)
             return model

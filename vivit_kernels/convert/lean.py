@@ -8,6 +8,10 @@ projection (`norm_linear`) and the GELU with the second (`gelu_linear`): LayerNo
 recomputed in backward and 10 D-wide tensors per token are kept. Only the class changes: the
 block's modules, parameters, names and state dict are the original's.
 
+TimeSformer's divided layers fuse their third LayerNorm too (`temporal_layernorm` with the
+temporal qkv); `temporal_dense` follows the temporal attention as before. vit-pytorch has no
+block class: its converted attention (the LayerNorm inside it) and its `FeedForward` change class.
+
 The GELU is fused where the activation is one `gelu_linear` computes: exact (erf) GELU, or the
 tanh approximation (PyTorch's, and transformers' `gelu_fast`, `gelu_new`, `gelu_pytorch_tanh`,
 which compute the same function with other roundings). Another activation, or dropout between
@@ -28,14 +32,16 @@ from ..attention import FactorisedAttention
 from ..lean import gelu_linear, norm_linear
 from .common import class_in, dropout_p, layer_mask, refuse_extras
 from .hf_vivit import is_hf_vivit
-from .timesformer import is_timesformer
+from .timesformer import is_timesformer, timesformer_divided_layer
 from .timm_vit import is_timm_vit
 from .videomae import is_videomae
-from .vit_pytorch import is_vit_pytorch
+from .vit_pytorch import _PreNormAttention, is_vit_pytorch
 
 _TIMM = "timm.models.vision_transformer"
 _VIVIT = "transformers.models.vivit.modeling_vivit"
 _VIDEOMAE = "transformers.models.videomae.modeling_videomae"
+_TIMESFORMER = "transformers.models.timesformer.modeling_timesformer"
+_VIT_PYTORCH = "vit_pytorch.vivit"
 
 # Activation classes (module, name) computing GELU as gelu_linear's `approximate` says.
 _GELUS = (
@@ -60,9 +66,12 @@ def gelu_approximate(activation: nn.Module) -> str | None:
 
 
 def _attention(x: torch.Tensor, norm: nn.LayerNorm, attention: FactorisedAttention, attn_mask=None) -> torch.Tensor:
-    """attention(norm(x), attn_mask=attn_mask), keeping x for backward, not norm(x)."""
-    qkv = norm_linear(x, norm, attention.qkv.weight, attention.qkv_bias)
-    return attention.attend(qkv, attention.grid_frames(x.shape[1]), attn_mask=attn_mask)
+    """attention(norm(x), attn_mask=attn_mask) for x (B, N, D) or a (B, T, S, D) grid, keeping x
+    for backward, not norm(x)."""
+    grid = x.dim() == 4
+    frames = x.shape[1] if grid else attention.grid_frames(x.shape[1])
+    qkv = norm_linear(x.flatten(1, 2) if grid else x, norm, attention.qkv.weight, attention.qkv_bias)
+    return attention.attend(qkv, frames, attn_mask=attn_mask).reshape(x.shape)
 
 
 def _mlp(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, activation: nn.Module, fc2: nn.Linear, drop=None):
@@ -134,10 +143,86 @@ def videomae_lean_layer(base: type) -> type:
     return _named(VideoMAELeanLayer, "VideoMAELeanLayer")
 
 
+def _timesformer_mlp(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """output(intermediate(layernorm_after(hidden_states))) of a TimesformerLayer (its dropout
+    sits between the activation and output.dense)."""
+    intermediate, output = layer.intermediate, layer.output
+    return output.dropout(
+        _mlp(
+            hidden_states,
+            layer.layernorm_after,
+            intermediate.dense,
+            intermediate.intermediate_act_fn,
+            output.dense,
+            intermediate.dropout,
+        )
+    )
+
+
+@functools.cache
+def timesformer_lean_layer(base: type) -> type:
+    """A subclass of transformers' `TimesformerLayer` (space_only / joint_space_time, on joint
+    FactorisedAttention), LayerNorms and GELU recomputed in backward."""
+
+    class TimesformerLeanLayer(base):
+        def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor]:
+            refuse_extras("TimeSformerAttention", output_attentions=output_attentions)
+            attention = _attention(hidden_states, self.layernorm_before, self.attention)
+            hidden_states = hidden_states + self.drop_path(attention)
+            return (hidden_states + self.drop_path(_timesformer_mlp(self, hidden_states)),)
+
+    return _named(TimesformerLeanLayer, "TimesformerLeanLayer")
+
+
+@functools.cache
+def timesformer_lean_divided_layer(base: type) -> type:
+    """A subclass of the divided layer convert makes of `TimesformerLayer` (`timesformer.py`): its
+    three LayerNorms (temporal, spatial, MLP) and GELU recomputed in backward."""
+
+    class TimesformerLeanDividedLayer(base):
+        def _normed_attention(self, x: torch.Tensor, norm: nn.Module, attention: nn.Module) -> torch.Tensor:
+            return _attention(x, norm, attention)
+
+        def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            return _timesformer_mlp(self, hidden_states)
+
+    return _named(TimesformerLeanDividedLayer, "TimesformerLeanDividedLayer")
+
+
+class VitPytorchLeanAttention(_PreNormAttention):
+    """vit-pytorch's Attention converted, its LayerNorm (`norm`) computed with `to_qkv`: x (B, N, D)
+    or a (B, T, n, D) grid, mask as `_PreNormAttention` takes it."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() not in (3, 4):  # refused as the converted attention refuses it
+            return super().forward(x, mask)
+        return _attention(x, self.norm, self, layer_mask("vit-pytorch Attention", mask))
+
+
+@functools.cache
+def vit_pytorch_lean_feed_forward(base: type) -> type:
+    """A subclass of vit-pytorch's `FeedForward` (LayerNorm, Linear, GELU, Dropout, Linear, Dropout),
+    LayerNorm and GELU recomputed in backward."""
+
+    class VitPytorchLeanFeedForward(base):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            norm, fc1, activation, drop, fc2, drop2 = self.net
+            return drop2(_mlp(x, norm, fc1, activation, fc2, drop))
+
+    return _named(VitPytorchLeanFeedForward, "VitPytorchLeanFeedForward")
+
+
 _CLASSES = {
     "TimmLeanBlock": (_TIMM, "Block", timm_lean_block),
     "VivitLeanLayer": (_VIVIT, "VivitLayer", vivit_lean_layer),
     "VideoMAELeanLayer": (_VIDEOMAE, "VideoMAELayer", videomae_lean_layer),
+    "TimesformerLeanLayer": (_TIMESFORMER, "TimesformerLayer", timesformer_lean_layer),
+    "TimesformerLeanDividedLayer": (
+        _TIMESFORMER,
+        "TimesformerLayer",
+        lambda base: timesformer_lean_divided_layer(timesformer_divided_layer(base)),
+    ),
+    "VitPytorchLeanFeedForward": (_VIT_PYTORCH, "FeedForward", vit_pytorch_lean_feed_forward),
 }
 
 
@@ -211,27 +296,72 @@ def _lean_videomae(model: nn.Module) -> list:
     return _lean_hf(model, _VIDEOMAE, "VideoMAELayer", videomae_lean_layer, ("intermediate.dense", "output.dense"))
 
 
+def _lean_timesformer(model: nn.Module) -> list:
+    base = class_in(_TIMESFORMER, "TimesformerLayer")
+    divided, joint = timesformer_lean_divided_layer(timesformer_divided_layer(base)), timesformer_lean_layer(base)
+    swaps = []
+    for name, layer in model.named_modules():
+        if type(layer) is not base:
+            continue
+        is_divided = layer.attention_type == "divided_space_time"
+        norms = ("temporal_layernorm",) * is_divided + ("layernorm_before", "layernorm_after")
+        for norm in norms:
+            _check_norm(f"{name}.{norm}", getattr(layer, norm))
+        for linear in ("intermediate.dense", "output.dense"):
+            _check_linear(f"{name}.{linear}", layer.get_submodule(linear))
+        # Applied after convert's own class swap of a divided layer, so this one is kept.
+        swaps.append((layer, "__class__", divided if is_divided else joint))
+    return swaps
+
+
+def _lean_vit_pytorch(model: nn.Module) -> list:
+    """The FeedForwards' swaps; the converted attentions' follow from convert's replacements (`lean_attentions`)."""
+    attention_class, feed_forward_class = class_in(_VIT_PYTORCH, "Attention"), class_in(_VIT_PYTORCH, "FeedForward")
+    lean = vit_pytorch_lean_feed_forward(feed_forward_class)
+    swaps = []
+    for name, module in model.named_modules():
+        if type(module) is attention_class:
+            _check_norm(f"{name}.norm", module.norm)
+        elif type(module) is feed_forward_class:
+            net = module.net
+            if len(net) != 6:
+                raise ValueError(
+                    f"convert: {name}.net: memory='lean' rewrites vit-pytorch's FeedForward of LayerNorm, Linear, "
+                    f"activation, Dropout, Linear, Dropout; got {len(net)} modules"
+                )
+            _check_norm(f"{name}.net.0", net[0])
+            _check_linear(f"{name}.net.1", net[1])
+            _check_linear(f"{name}.net.4", net[4])
+            swaps.append((module, "__class__", lean))
+    return swaps
+
+
 LEAN_FAMILIES = (
     (is_timm_vit, _lean_timm),
+    (is_timesformer, _lean_timesformer),
     (is_hf_vivit, _lean_vivit),
     (is_videomae, _lean_videomae),
-)
-_NOT_LEAN = (
-    (is_timesformer, "a TimeSformer (transformers)"),
-    (is_vit_pytorch, "a vit-pytorch ViViT"),
+    (is_vit_pytorch, _lean_vit_pytorch),
 )
 
 
 def lean_layers(model: nn.Module) -> list:
     """(layer, "__class__", lean class) for every block of `model` that memory="lean" rewrites; checks
     them all first and changes nothing."""
-    for recognises, family in _NOT_LEAN:
-        if recognises(model):
-            raise ValueError(
-                f"convert: memory='lean' is not supported for {family}; it is for timm VisionTransformer and "
-                "transformers VivitModel / VideoMAEModel (use memory=None)"
-            )
     for recognises, lean_family in LEAN_FAMILIES:
         if recognises(model):
             return lean_family(model)
     return []
+
+
+def lean_attentions(replacements: list) -> list:
+    """(attention, "__class__", lean class) for every attention among convert's `replacements` (or
+    inside them) that computes its own pre-LayerNorm (vit-pytorch's): those modules are made by
+    the conversion, so they are found there."""
+    new_modules = (module for _, attribute, module in replacements if attribute != "__class__")
+    return [
+        (attention, "__class__", VitPytorchLeanAttention)
+        for module in new_modules
+        for attention in module.modules()
+        if type(attention) is _PreNormAttention
+    ]

@@ -136,7 +136,7 @@ def timesformer_divided_layer(base: type) -> type:
             drop_prob = getattr(self.drop_path, "drop_prob", 0.0) if self.training else 0.0
 
             # Temporal: the class token's row (it attends only to itself) is dropped: it skips this branch.
-            temporal = self.temporal_attention(self.temporal_layernorm(hidden_states))[:, 1:]
+            temporal = self._normed_attention(hidden_states, self.temporal_layernorm, self.temporal_attention)[:, 1:]
             if drop_prob:
                 position_mask = _group_drop_mask(temporal, drop_prob, (B, S, 1, 1))
                 temporal = (temporal.view(B, S, T, D) * position_mask).view(B, S * T, D)
@@ -144,7 +144,7 @@ def timesformer_divided_layer(base: type) -> type:
             hidden_states = torch.cat((hidden_states[:, :1], patches), 1)
 
             # Spatial: the class token attends within every frame; its T outputs come back averaged.
-            spatial = self.attention(self.layernorm_before(hidden_states))
+            spatial = self._normed_attention(hidden_states, self.layernorm_before, self.attention)
             if drop_prob:
                 frame_mask = _group_drop_mask(spatial, drop_prob, (B, 1, T, 1))
                 spatial = torch.cat(
@@ -156,8 +156,14 @@ def timesformer_divided_layer(base: type) -> type:
                 )
             hidden_states = hidden_states + spatial
 
-            layer_output = self.output(self.intermediate(self.layernorm_after(hidden_states)))
-            return (hidden_states + self.drop_path(layer_output),)
+            return (hidden_states + self.drop_path(self._feed_forward(hidden_states)),)
+
+        # The two steps memory="lean" computes otherwise (convert/lean.py overrides them).
+        def _normed_attention(self, x: torch.Tensor, norm: nn.Module, attention: nn.Module) -> torch.Tensor:
+            return attention(norm(x))
+
+        def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            return self.output(self.intermediate(self.layernorm_after(hidden_states)))
 
     # Named as an attribute of the package (its __getattr__), so pickle finds the class.
     TimesformerDividedLayer.__module__ = __package__
