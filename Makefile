@@ -73,10 +73,12 @@ bench: $(STAMP)
 	$(PYTHON) -m pytest benchmarks --benchmark-only --benchmark-json $(BENCH_DIR)/bench.json $(PYTEST_ARGS)
 	$(PYTHON) -m benchmarks.plots $(BENCH_DIR)/bench.json
 
-# For a GPU owner: every CUDA test, the compile inspection and the CUDA benchmarks, one report
-# (runs/gpu-check/report.md and report.json). QUICK=1 runs a subset. Without a CUDA device it says
-# so, compiles one slice of the inspection (sm_86 fp16 head dim 64 autotune candidates, about a
-# minute), prints what the full inspection costs and its command, and exits 0 when the slice passes.
+# For a GPU owner: every CUDA test, the compile inspection, the CUDA benchmarks and the memory
+# planner against measured training steps, one report (runs/gpu-check/report.md and report.json).
+# QUICK=1 runs a subset. Without a CUDA device it says so, compiles one slice of the inspection
+# (sm_86 fp16 head dim 64 autotune candidates, about a minute), prints what the full inspection
+# costs and its command, runs the memory checks on the CPU at a tiny config (seconds), and exits 0
+# when those pass.
 GPU_CHECK_DIR ?= runs/gpu-check
 gpu-check: $(STAMP)
 	$(PYTHON) tools/gpu_check.py --out $(GPU_CHECK_DIR) $(if $(QUICK),--quick)

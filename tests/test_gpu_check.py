@@ -185,3 +185,88 @@ def test_run_shows_stderr_as_it_comes_and_logs_both(tmp_path, capfd):
     assert "rows" in log and "--- stderr ---\nprogress" in log
     gpu_check._run([sys.executable, "-c", code], tmp_path / "x.log")
     assert capfd.readouterr().err == ""
+
+
+def test_memory_part_without_cuda_checks_the_planner_on_the_cpu_and_reports_it(tmp_path, monkeypatch, cpu_kernels):
+    """No CUDA device: the memory part runs its checks on the CPU at the tiny config (MemTracker
+    measuring), says the CUDA checks were skipped and why, and passes."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(gpu_check, "cuda_device", lambda: None)
+    assert gpu_check.main(["--parts", "memory", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    part = report["parts"]["memory"]
+    assert report["ok"] and part["status"] == "passed" and part["exit_status"] == 0
+    assert part["cuda"] == {"status": "skipped", "reason": "no CUDA device on this machine"}
+    assert (part["device"], part["precision"], part["optimizer"]) == ("cpu", "bf16", "adamw")
+    assert "--quick" in part["command"] and "MemTracker" in part["measured_by"]
+    rows = part["comparisons"]
+    assert [(r["variant"], r["policy"]) for r in rows] == [
+        ("spatio_temporal", "default"),
+        ("factorised_self_attention", "default"),
+    ]
+    for r in rows:
+        assert r["ok"] and r["error"] == round(r["predicted_bytes"] / r["measured_bytes"] - 1, 5)
+        assert abs(r["error"]) <= 0.05 and r["phase"] == "backward"  # the activations set the peak
+    budget = part["budget"]
+    assert budget["ok"] and budget["fits"] and budget["micro_batch"] * budget["accum_steps"] == budget["global_batch"]
+    within, over = budget["steps"]
+    assert within["micro_batch"] == budget["micro_batch"] and within["measured_bytes"] <= budget["budget_bytes"]
+    assert over["micro_batch"] == budget["largest_micro_batch"] + 1 and over["measured_bytes"] > budget["budget_bytes"]
+    assert over["predicted_bytes"] > budget["budget_bytes"] >= within["predicted_bytes"]
+    assert part["failures_list"] == []
+    table = (tmp_path / "report.md").read_text()
+    assert "| memory | passed |" in table and "the CUDA checks skipped: no CUDA device on this machine" in table
+    assert "| spatio_temporal | default | 8 | backward |" in table and "| over the budget |" in table
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.1])
+def test_memory_check_fails_a_prediction_10_percent_off(factor, monkeypatch, one_thread, cpu_kernels):
+    """A planner that predicts 10% low (or high) fails every comparison; 10% low also plans a
+    micro-batch whose step measures over its budget."""
+    from vivit import planning, planning_check
+
+    predict_peak = planning.predict_peak
+
+    def planted(*args, **kwargs):
+        return {k: factor * v for k, v in predict_peak(*args, **kwargs).items()}
+
+    monkeypatch.setattr(planning, "predict_peak", planted)
+    part = planning_check.memory_check(quick=True, device="cpu", log=lambda line: None)
+    assert part["status"] == "failed"
+    for r in part["comparisons"]:
+        assert not r["ok"] and abs(r["error"] - (factor - 1)) < 0.04
+    assert len(part["failures_list"]) >= 2 and "the bar is 5%" in part["failures_list"][0]
+    if factor < 1:
+        assert not part["budget"]["ok"] and not part["budget"]["steps"][0]["ok"]
+        assert "expected within the budget" in part["failures_list"][-1]
+
+
+def test_memory_budget_check_needs_the_plan_to_fit_and_one_clip_more_not_to(monkeypatch, one_thread, cpu_kernels):
+    """Measurements planted on either side of the budget: one clip more than the plan's policies fit
+    must not fit (out of memory counts as not fitting), and the plan's micro-batch must."""
+    from vivit import planning_check
+
+    setting = planning_check.cpu_setting()
+    budget = planning_check.budget_for(setting)
+    for measured, ok in ((budget, (True, False)), (None, (False, True)), (budget + 1, (False, True))):
+        monkeypatch.setattr(planning_check, "_measure", lambda *args, m=measured: m)
+        result = planning_check.budget_check(setting, budget)
+        assert tuple(s["ok"] for s in result["steps"]) == ok and not result["ok"]
+        assert len(result["failures"]) == 1
+    nothing = planning_check.budget_check(setting, 1000)
+    assert not nothing["fits"] and not nothing["ok"] and "nothing fits" in nothing["failures"][0]
+
+
+def test_memory_check_refuses_cuda_measurement_without_cuda(monkeypatch, capsys):
+    from vivit import ViViTConfig, planning_check
+    from vivit.planning import measure_peak
+
+    config = ViViTConfig(**planning_check.TINY)
+    with pytest.raises(ValueError, match="measure_peak: method 'allocator' needs a model on a CUDA device, got one"):
+        measure_peak(planning_check.ViViT(config), batch=1, method="allocator")
+    with pytest.raises(ValueError, match="measure_peak: method"):
+        measure_peak(planning_check.ViViT(config), batch=1, method="nvml")
+    monkeypatch.setattr(planning_check.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        planning_check.main(["--device", "cuda"])
+    assert exit_info.value.code == 2 and "--device cuda: there is no CUDA device here" in capsys.readouterr().err

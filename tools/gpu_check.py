@@ -12,13 +12,20 @@ Parts, in this order (`--parts` picks some):
            test_triton_tubelet.py on the device) and the ops on CUDA (test_ops.py: opcheck,
            torch.compile).
   bench    `pytest benchmarks/ --benchmark-only` on the CUDA targets.
+  memory   `python -m vivit.planning_check`: the memory planner against real training steps
+           (ViViT-B, 16 x 224 x 224, bf16 autocast, AdamW). Each variant's predicted peak at policies
+           default and lean against torch.cuda.max_memory_allocated of a step at batch 2 (within 5%
+           either way), and a plan for 40% of the device's memory at a global batch of 64: its
+           micro-batch's step must measure within the budget, one clip more than its policies fit
+           must measure over. Without a GPU the same checks run on the CPU at a tiny config
+           (MemTracker measuring, seconds), and the CUDA checks are reported as skipped.
 
 `--quick` runs a subset: the ViViT-B and device-level cases of test_cuda_kernels.py, the autotune
-candidates of the inspection, the fp16 forward benchmarks. Without a CUDA device the tests and
-benchmarks are reported as skipped, with the reason, and the exit status is that of the parts that
-ran (0 when they passed).
+candidates of the inspection, the fp16 forward benchmarks, the memory checks of models 1 and 3 at
+policy default (and the budget check). Without a CUDA device the tests and benchmarks are reported
+as skipped, with the reason, and the exit status is that of the parts that ran (0 when they passed).
 
-    python tools/gpu_check.py [--quick] [--parts inspect,tests,bench] [--out runs/gpu-check]
+    python tools/gpu_check.py [--quick] [--parts inspect,tests,bench,memory] [--out runs/gpu-check]
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("inspect", "tests", "bench")
+PARTS = ("inspect", "tests", "bench", "memory")
 CUDA_TESTS = [
     "tests/test_cuda_kernels.py",
     "tests/test_triton_attention.py",
@@ -242,6 +249,79 @@ def bench_part(out: Path, quick: bool, extra: list[str]) -> dict:
     return part
 
 
+def memory_part(out: Path, quick: bool, extra: list[str]) -> dict:
+    """The memory planner's checks (vivit.planning_check): on the CUDA device, or on the CPU at a
+    tiny config where there is none (its report's "cuda" entry then says why they were skipped)."""
+    command = [_python(), "-m", "vivit.planning_check", "--json", *(["--quick"] if quick else []), *extra]
+    code, seconds, stdout = _run(command, out / "memory.log", show_stderr=True)
+    part = {"command": shlex.join(command), "exit_status": code, "seconds": round(seconds, 1)}
+    try:
+        result = json.loads(stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {
+            **part,
+            "status": "failed",
+            "reason": f"no JSON report from the memory check (see {out / 'memory.log'})",
+        }
+    status = result.pop("status")
+    return {**part, **result, "status": "passed" if code == 0 and status == "passed" else "failed"}
+
+
+def memory_summary(part: dict) -> str:
+    rows = part["comparisons"]
+    worst = "-" if part["worst_error"] is None else f"{100 * part['worst_error']:.2f}%"
+    text = (
+        f"{part['device']}, {part['model']}: {sum(r['ok'] for r in rows)} of {len(rows)} predicted peaks within "
+        f"{100 * part['tolerance']:.0f}% (largest error {worst}); budget check {'passed' if part['budget']['ok'] else 'failed'}"
+    )
+    if part.get("cuda"):
+        text += f"; the CUDA checks skipped: {part['cuda']['reason']}"
+    return text
+
+
+def _bytes(value) -> str:
+    from vivit.planning import format_bytes
+
+    return "-" if value is None else format_bytes(value)
+
+
+def _percent(error) -> str:
+    return "-" if error is None else f"{100 * error:+.2f}%"
+
+
+def memory_markdown(part: dict) -> list[str]:
+    """The memory part's tables: each predicted peak against the measured one, and the budget check."""
+    lines = [
+        "",
+        f"## memory: {part['model']}, {part['precision']}, {part['optimizer']}; measured by {part['measured_by']}",
+        "",
+        "| variant | policy | batch | peak phase | predicted | measured | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['variant']} | {r['policy']} | {r['batch']} | {r['phase']} | {_bytes(r['predicted_bytes'])} | "
+        f"{_bytes(r['measured_bytes'])} | {_percent(r['error'])} |"
+        for r in part["comparisons"]
+    ]
+    budget = part["budget"]
+    lines += ["", f"Budget check, {budget['variant']}: {_bytes(budget['budget_bytes'])} for a global batch of "]
+    lines[-1] += f"{budget['global_batch']}: " + (
+        f"plan micro-batch {budget['micro_batch']} x {budget['accum_steps']}, blocks "
+        f"{', '.join(budget['policies'])}; its policies fit {budget['largest_micro_batch']} clips by prediction."
+        if budget["fits"]
+        else "nothing fits."
+    )
+    if budget.get("steps"):
+        lines += ["", "| micro-batch | expected | predicted | measured | ok |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {s['micro_batch']} | {s['expected']} the budget | {_bytes(s['predicted_bytes'])} | "
+            f"{_bytes(s['measured_bytes']) if s['measured_bytes'] is not None else 'out of memory'} | "
+            f"{'yes' if s['ok'] else 'NO'} |"
+            for s in budget["steps"]
+        ]
+    return lines
+
+
 def _cell(value) -> str:
     return "-" if value is None else str(value)
 
@@ -267,6 +347,8 @@ def markdown(report: dict) -> str:
             )
         elif "tests" in part:
             summary = f"{part['passed']} passed, {part['failures'] + part['errors']} failed, {part['skipped']} skipped"
+        elif "comparisons" in part:
+            summary = memory_summary(part)
         else:
             summary = part.get("reason", "")
         lines.append(f"| {name} | {part['status']} | {_cell(part.get('seconds'))} | {summary} |")
@@ -292,6 +374,8 @@ def markdown(report: dict) -> str:
             f"| {k} | {v['compiles']} | {v['max_registers']} | {v['max_shared_kib']} |"
             for k, v in inspection["kernels"].items()
         ]
+    if "comparisons" in report["parts"].get("memory", {}):
+        lines += memory_markdown(report["parts"]["memory"])
     benchmarks = report["parts"].get("bench", {}).get("benchmarks")
     if benchmarks:
         lines += [
@@ -328,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     if device is None:
         print(
             "gpu-check: no CUDA device here: the tests and benchmarks are skipped"
-            + ("; the inspection compiles one slice" if "inspect" in parts else ""),
+            + ("; the inspection compiles one slice" if "inspect" in parts else "")
+            + ("; the memory check runs on the CPU at a tiny config" if "memory" in parts else ""),
             flush=True,
         )
     no_cuda = skipped("no CUDA device on this machine")
@@ -336,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         "inspect": lambda extra: inspect_part(out, device, args.quick, extra),
         "tests": lambda extra: tests_part(out, args.quick, extra) if device else no_cuda,
         "bench": lambda extra: bench_part(out, args.quick, extra) if device else no_cuda,
+        "memory": lambda extra: memory_part(out, args.quick, extra),
     }
     report = {"device": device, "quick": args.quick, "parts": {}}
     for name in (p for p in PARTS if p in parts):
@@ -344,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"gpu-check: {name}: {part['status']}"
             + (f" ({part['seconds']} s)" if "seconds" in part else "")
-            + (f": {part['reason']}" if part.get("reason") else ""),
+            + (f": {part['reason']}" if part.get("reason") else "")
+            + (f"; the CUDA checks skipped: {part['cuda']['reason']}" if part.get("cuda") else ""),
             flush=True,
         )
         if "full" in part:

@@ -592,21 +592,34 @@ def largest_batch(
     return low
 
 
-def measure_peak(
-    model: ViViT, *, batch: int, precision: str = "fp32", optimizer: str = "adamw", accum_steps: int = 1
-) -> int:
-    """The peak of live tensor bytes over a real training step of `model` on random clips, as
-    `torch.distributed._tools.mem_tracker.MemTracker` counts them (parameters, gradients, optimiser
-    state, the batch, activations, temporaries): the trainer's step (zero_grad(set_to_none); per
-    micro-batch of batch // accum_steps clips a forward under autocast, cross-entropy and backward;
-    the optimiser's step), measured on the second step, once the optimiser's state exists."""
-    from torch.distributed._tools.mem_tracker import MemTracker
+PEAK_METHODS = ("tracker", "allocator")
 
+
+def measure_peak(
+    model: ViViT,
+    *,
+    batch: int,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    accum_steps: int = 1,
+    method: str = "tracker",
+) -> int:
+    """The peak bytes of a real training step of `model` on random clips: the trainer's step
+    (zero_grad(set_to_none); per micro-batch of batch // accum_steps clips a forward under autocast,
+    cross-entropy and backward; the optimiser's step), measured on the second step, once the
+    optimiser's state exists. `method` "tracker": the peak of live tensor bytes as
+    `torch.distributed._tools.mem_tracker.MemTracker` counts them (parameters, gradients, optimiser
+    state, the batch, activations, temporaries); "allocator" (a model on a CUDA device):
+    `torch.cuda.max_memory_allocated` over the step after `torch.cuda.reset_peak_memory_stats`, less
+    what was allocated before it besides the parameters, their gradients and the optimiser's state."""
     check_choice("measure_peak", "precision", precision, tuple(PRECISIONS))
     check_choice("measure_peak", "optimizer", optimizer, tuple(OPTIMIZERS))
+    check_choice("measure_peak", "method", method, PEAK_METHODS)
     c = model.config
     dtype = PRECISIONS[precision]
     device = next(model.parameters()).device
+    if method == "allocator" and device.type != "cuda":
+        raise ValueError(f"measure_peak: method 'allocator' needs a model on a CUDA device, got one on {device}")
     params = list(model.parameters())
     opt = torch.optim.AdamW(params) if optimizer == "adamw" else torch.optim.SGD(params, lr=0.1, momentum=0.9)
     generator = torch.Generator().manual_seed(0)
@@ -629,6 +642,20 @@ def measure_peak(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "auto" falling back (no fused kernel here) is said elsewhere
         step()
+        if method == "allocator":
+            torch.cuda.synchronize(device)
+            # Not the step's: what stays allocated besides the parameters, gradients and optimiser
+            # state (cuBLAS workspaces, other work's tensors).
+            state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+            kept = [t for t in (*params, *(p.grad for p in params), *state) if t is not None and t.device == device]
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+            outside = torch.cuda.memory_allocated(device) - sum(storages.values())
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) - outside
+        from torch.distributed._tools.mem_tracker import MemTracker
+
         tracker = MemTracker()
         tracker.track_external(model, opt)
         with tracker:
