@@ -204,12 +204,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def refuse_loaded(load_1min: float, core_count: int, allow_loaded: bool) -> str | None:
-    """The one-line refusal for a run starting at this load, or None where it may go on."""
+def refuse_loaded(load_1min: float, core_count: int, allow_loaded: bool, prog: str = "cpu_ratios") -> str | None:
+    """The one-line refusal for a run of `prog` starting at this load, or None where it may go on."""
     if allow_loaded or not is_loaded(load_1min, core_count):
         return None
     return (
-        f"cpu_ratios: not recorded: 1-min load average {load_1min:.2f} >= {core_count} cores; "
+        f"{prog}: not recorded: 1-min load average {load_1min:.2f} >= {core_count} cores; "
         "rerun on a quiet machine, or pass --allow-loaded to record it marked loaded"
     )
 

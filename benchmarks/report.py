@@ -5,7 +5,9 @@
     python -m benchmarks.report FILE.json --check docs/benchmarks.md README.md   # exit 1 where they differ
 
 Inputs: the JSON of `python -m benchmarks.cpu_ratios` (families "cpu_attention": every row, and
-"headline": the fused backends against the plain baselines) and pytest-benchmark's
+"headline": the fused backends against the plain baselines), of `python -m benchmarks.cpu_tubelet`
+("cpu_tubelet") and `python -m benchmarks.cpu_dropin` ("cpu_dropin": the converted models' step
+times, then auto's backend per attention call against sdpa), and pytest-benchmark's
 --benchmark-json (`make bench`: a family per op and device, "bench_attention_cpu",
 "bench_loader_cpu", ...). In a markdown file a family's table lies between the lines
 `<!-- bench:FAMILY -->` and `<!-- /bench:FAMILY -->`: --update replaces what is between them,
@@ -200,6 +202,65 @@ def tubelet_table(rows: list[dict]) -> list[str]:
     )
 
 
+def dropin_table(rows: list[dict]) -> list[str]:
+    """benchmarks.cpu_dropin's rows: a family's step time as built, converted and converted lean."""
+    families: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        families.setdefault(r["family"], {})[r["implementation"]] = r
+
+    def step(r: dict | None) -> str:
+        if r is None:
+            return "-"
+        return "refused" if r.get("refused") else _ms(r["min_ms"])
+
+    lines = []
+    for family, impls in families.items():
+        original, converted, lean = (impls.get(name) for name in ("original", "converted", "converted_lean"))
+        rate = converted and converted.get("gflop_per_s")
+        lines.append(
+            (
+                family,
+                step(original),
+                step(converted),
+                _ratio(converted and converted.get("speedup_vs_original")),
+                step(lean),
+                _ratio(lean and lean.get("time_vs_original")),
+                "-" if rate is None else f"{rate:.1f} ({converted['ceiling_fraction']:.0%})",
+            )
+        )
+    header = (
+        "family",
+        "original",
+        "converted",
+        "converted speed vs original",
+        "converted, lean",
+        "lean time / original",
+        "converted GFLOP/s (of matmul ceiling)",
+    )
+    return markdown(header, lines)
+
+
+def dropin_shapes_table(shapes: list[dict]) -> list[str]:
+    """benchmarks.cpu_dropin's attention calls: auto's pick against sdpa on each shape."""
+    header = ("family", "mode", "B", "T", "S", "prefix", "H", "Dh", "layout", "calls", "auto picks")
+    header += ("auto", "sdpa", "auto speed vs sdpa")
+    lines = [
+        (
+            s["family"],
+            s["mode"],
+            *(str(s[k]) for k in ("B", "T", "S", "prefix", "H", "Dh")),
+            s["layout"].removesuffix("_major") + "-major",
+            str(s["calls"]),
+            s["backend"],
+            _ms(s["auto_ms"]),
+            _ms(s["sdpa_ms"]),
+            _ratio(s["speedup_vs_sdpa"]),
+        )
+        for s in shapes
+    ]
+    return markdown(header, lines) if lines else []
+
+
 def headline_table(rows: list[dict]) -> list[str]:
     """cpu_ratios rows: each fused implementation of each (mode, T) beside the plain baselines."""
     mins = {(r["mode"], r["T"], r["implementation"]): r["min_ms"] for r in rows}
@@ -296,12 +357,17 @@ def bench_rows(data: dict) -> list[dict]:
 
 def render(data: dict, source: str, allow_loaded: bool = False) -> dict[str, list[str]]:
     """{family: its block (the metadata line, a blank line, the table)} of one results file."""
-    if "rows" in data and data["metadata"].get("family") == "cpu_tubelet":  # benchmarks.cpu_tubelet
+    # {family: its tables}: a block holds one table, or several (cpu_dropin: steps, then attention calls).
+    family = data.get("metadata", {}).get("family") if "rows" in data else None
+    if family == "cpu_tubelet":  # benchmarks.cpu_tubelet
         meta = data["metadata"]
-        tables = {meta["family"]: tubelet_table(data["rows"])}
+        tables = {family: [tubelet_table(data["rows"])]}
+    elif family == "cpu_dropin":  # benchmarks.cpu_dropin
+        meta = data["metadata"]
+        tables = {family: [dropin_table(data["rows"]), dropin_shapes_table(data.get("shapes", []))]}
     elif "rows" in data:  # benchmarks.cpu_ratios
         meta = data["metadata"]
-        tables = {meta["family"]: ratio_table(data["rows"]), "headline": headline_table(data["rows"])}
+        tables = {meta["family"]: [ratio_table(data["rows"])], "headline": [headline_table(data["rows"])]}
     elif "benchmarks" in data:  # pytest-benchmark
         meta = data.get("machine_info", {}).get("vivit")
         rows = bench_rows(data)
@@ -309,7 +375,7 @@ def render(data: dict, source: str, allow_loaded: bool = False) -> dict[str, lis
         for row in rows:
             families.setdefault(f"bench_{row['op']}_{row.get('device', 'cpu')}", []).append(row)
         tables = {
-            name: format_loader_table(group) if group[0]["op"] == "loader" else format_table(group)
+            name: [format_loader_table(group) if group[0]["op"] == "loader" else format_table(group)]
             for name, group in sorted(families.items())
         }
     else:
@@ -317,7 +383,12 @@ def render(data: dict, source: str, allow_loaded: bool = False) -> dict[str, lis
     check_load(meta, source, allow_loaded)
     loaded = bool(meta and meta.get("loaded")) or meta is None
     head = metadata_line(meta) if meta else "Recorded without load averages, torch version or command."
-    return {name: [head, "", *(_mark_loaded(table) if loaded else table)] for name, table in tables.items() if table}
+    blocks = {}
+    for name, group in tables.items():
+        body = [line for table in group if table for line in ["", *(_mark_loaded(table) if loaded else table)]]
+        if body:
+            blocks[name] = [head, *body]
+    return blocks
 
 
 def render_file(path: str | Path, allow_loaded: bool = False) -> dict[str, list[str]]:
