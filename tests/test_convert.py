@@ -9,105 +9,29 @@ import pickle
 
 import pytest
 import torch
-from conftest import relative_error, require_transformers
 from torch import nn
 
+from support.convert_models import (
+    assert_parity,
+    converted_layers,
+    hf_vivit,
+    hidden,
+    import_timm,
+    import_transformers,
+    randomised,
+    timesformer,
+    timm_vit,
+    videomae,
+    vit_pytorch_vivit,
+)
 from vivit_kernels import FactorisedAttention, convert
 
-timm = pytest.importorskip("timm", reason="timm builds the reference ViTs")
-transformers = require_transformers("transformers builds the reference video models")
-vivit_pytorch = pytest.importorskip("vit_pytorch.vivit", reason="vit-pytorch builds the reference ViViT")
-
 BACKENDS = ["cpu", "reference"]
-TOLERANCE = 1e-5
-
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels", "one_thread")
 
 
-def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Every parameter random and of unit-scale effect: weights ~ N(0, 1/fan_in), biases and norm
-    shifts ~ N(0, 0.3), norm scales ~ 1 + N(0, 0.3), embeddings ~ N(0, 0.5). The libraries
-    initialise biases to zero, where a dropped bias would go unnoticed."""
-    g = torch.Generator().manual_seed(seed)
-
-    def fill(p: torch.Tensor, mean: float, std: float) -> None:
-        p.copy_(mean + std * torch.randn(p.shape, generator=g))
-
-    with torch.no_grad():
-        seen = set()
-        for module in model.modules():
-            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
-                fill(weight, 0.0, weight[0].numel() ** -0.5)
-            elif isinstance(module, nn.LayerNorm) and weight is not None:
-                fill(weight, 1.0, 0.3)
-            else:
-                continue
-            seen.add(weight)
-            if isinstance(bias, nn.Parameter):
-                fill(bias, 0.0, 0.3)
-                seen.add(bias)
-        for p in model.parameters():
-            if p not in seen:
-                fill(p, 0.0, 0.5)
-    return model
-
-
-def grads_in_converted_layout(original: nn.Module, **options) -> dict[str, torch.Tensor]:
-    """The original's parameter gradients, named and laid out as the converted model's parameters:
-    a copy whose parameters hold the gradients, converted the same way (conversion only moves
-    parameter entries: packs, renames, reuses). NaN where the original's parameter got no gradient."""
-    shadow = copy.deepcopy(original)
-    with torch.no_grad():
-        for p, q in zip(shadow.parameters(), original.parameters(), strict=True):
-            p.copy_(q.grad if q.grad is not None else torch.full_like(p, float("nan")))
-    return {name: p.detach() for name, p in convert(shadow, **options).named_parameters()}
-
-
-def assert_parity(original, inputs, forward, options, *, forward_converted=None, train=False) -> dict:
-    """Convert a copy of `original`; outputs and every parameter gradient must match the original's.
-    Returns the relative errors by name ("output", then the parameters)."""
-    original.train(train)
-    converted = convert(copy.deepcopy(original), **options)
-    assert converted.training == train
-    assert sum(p.numel() for p in converted.parameters()) == sum(p.numel() for p in original.parameters())
-    expected = forward(original, inputs)
-    actual = (forward_converted or forward)(converted, inputs)
-    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
-    (expected * grad).sum().backward()
-    (actual * grad).sum().backward()
-    errors = {"output": relative_error(actual, expected)}
-    reference = grads_in_converted_layout(original, **options)
-    params = dict(converted.named_parameters())
-    assert params.keys() == reference.keys()
-    for name, p in params.items():
-        if reference[name].isnan().all():  # unused by `forward` (only part of the model ran)
-            assert p.grad is None, f"{name} got a gradient the original's did not"
-            continue
-        assert p.grad is not None, f"{name} got no gradient"
-        if name.endswith("k_norm.bias"):
-            # A key bias shifts a query's scores all alike, so its true gradient is zero: both sides
-            # are rounding noise, measured against the scale of the norm's weight gradient.
-            scale = reference[name.removesuffix("bias") + "weight"].abs().max()
-            errors[name] = ((p.grad - reference[name]).abs().max() / scale).item()
-        else:
-            errors[name] = relative_error(p.grad, reference[name])
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= TOLERANCE, f"{worst}: relative error {errors[worst]:.2e}"
-    return errors
-
-
-def converted_layers(model: nn.Module) -> list[FactorisedAttention]:
-    return [m for m in model.modules() if isinstance(m, FactorisedAttention)]
-
-
 # -------------------------------------------------------------------------------- timm ViT
-
-
-def timm_vit(**overrides) -> nn.Module:
-    options = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=5) | overrides
-    return randomised(timm.models.vision_transformer.VisionTransformer(**options))
 
 
 TIMM_CONFIGS = {
@@ -134,6 +58,7 @@ def test_timm_vit_on_images(mode, config, backend, generator):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_timm_attention_with_its_own_head_dim(backend, generator):
     """attn_head_dim: 4 heads of 16, an inner width of 64 in a 48-wide model."""
+    timm = import_timm()
     model = timm_vit()
     for block in model.blocks:
         block.attn = timm.layers.Attention(48, num_heads=4, attn_head_dim=16, qkv_bias=True)
@@ -177,6 +102,7 @@ def test_timm_vit_with_a_class_token_over_frames():
 
 
 def test_timm_vit_refusals():
+    timm = import_timm()
     with pytest.raises(ValueError, match="image model, so mode is required"):
         convert(timm_vit())
     with pytest.raises(ValueError, match="frames / tokens_per_frame have no meaning"):
@@ -207,26 +133,6 @@ def test_timm_vit_refusals():
 # ---------------------------------------------------------------------- transformers TimeSformer
 
 
-def timesformer(**overrides) -> nn.Module:
-    options = (
-        dict(
-            image_size=32,
-            patch_size=8,
-            num_frames=3,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-        )
-        | overrides
-    )
-    return randomised(transformers.TimesformerModel(transformers.TimesformerConfig(**options)))
-
-
-def hidden(model, video):
-    return model(video).last_hidden_state
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("attention_type", ["divided_space_time", "space_only", "joint_space_time"])
 def test_timesformer(attention_type, backend, generator):
@@ -238,6 +144,7 @@ def test_timesformer(attention_type, backend, generator):
 def test_timesformer_divided_layers():
     """Temporal then spatial FactorisedAttention on the whole space-major sequence, the class token
     as the prefix; the original's modules reused; gradient checkpointing still applies."""
+    transformers = import_transformers()
     model = timesformer()
     qkv = model.encoder.layer[0].temporal_attention.attention.qkv
     convert(model)
@@ -270,6 +177,7 @@ def test_timesformer_clip_length_from_tokens_per_frame():
 def test_timesformer_drop_path_is_drawn_per_group():
     """Training with stochastic depth: each temporal residual group (sample, position) and each
     spatial one (sample, frame) is kept or dropped whole, as in the original's batches."""
+    transformers = import_transformers()
     model = timesformer(num_hidden_layers=1)
     # (The config types drop_path_rate as an int, so the layer's module is set directly.)
     model.encoder.layer[0].drop_path = transformers.models.timesformer.modeling_timesformer.TimesformerDropPath(0.5)
@@ -305,29 +213,12 @@ def test_timesformer_refusals():
 # --------------------------------------------------------------------------- transformers ViViT
 
 
-def hf_vivit(task: bool = False, **overrides) -> nn.Module:
-    options = (
-        dict(
-            image_size=32,
-            num_frames=4,
-            tubelet_size=[2, 8, 8],
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-        )
-        | overrides
-    )
-    config = transformers.VivitConfig(**options)
-    return randomised(transformers.VivitForVideoClassification(config) if task else transformers.VivitModel(config))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hf_vivit(backend, generator):
     video = torch.randn(2, 4, 3, 32, 32, generator=generator)
     assert_parity(hf_vivit(), video, hidden, dict(backend=backend), train=True)
     assert_parity(
-        hf_vivit(task=True, num_labels=5, qkv_bias=False),
+        hf_vivit("VivitForVideoClassification", num_labels=5, qkv_bias=False),
         video,
         lambda m, x: m(x).logits,
         dict(backend=backend, mode="joint"),
@@ -346,27 +237,6 @@ def test_hf_vivit_refusals():
 # ------------------------------------------------------------------------ transformers VideoMAE
 
 
-def videomae(cls=transformers.VideoMAEModel, **overrides) -> nn.Module:
-    options = (
-        dict(
-            image_size=32,
-            patch_size=8,
-            num_frames=4,
-            tubelet_size=2,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            decoder_hidden_size=24,
-            decoder_num_hidden_layers=1,
-            decoder_num_attention_heads=3,
-            decoder_intermediate_size=48,
-        )
-        | overrides
-    )
-    return randomised(cls(transformers.VideoMAEConfig(**options)))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("qv_bias", [True, False])
 def test_videomae(qv_bias, backend, generator):
@@ -380,7 +250,7 @@ def test_videomae_pretraining_encoder_and_decoder(backend, generator):
     video = torch.randn(2, 4, 3, 32, 32, generator=generator)
     masked = torch.zeros(2, 32, dtype=torch.bool)
     masked[:, ::3] = True
-    model = videomae(transformers.VideoMAEForPreTraining)
+    model = videomae("VideoMAEForPreTraining")
     errors = assert_parity(model, video, lambda m, x: m(x, bool_masked_pos=masked).logits, dict(backend=backend))
     assert "decoder.decoder_layers.0.attention.qkv.weight" in errors
 
@@ -398,33 +268,13 @@ def test_videomae_key_bias_is_zero_and_never_trained():
 # ------------------------------------------------------------------------ vit-pytorch ViViT
 
 
-def vit_pytorch_vivit(variant: str, pool: str = "cls", heads: int = 3, dim_head: int = 12) -> nn.Module:
-    return randomised(
-        vivit_pytorch.ViViT(
-            image_size=32,
-            image_patch_size=8,
-            frames=4,
-            frame_patch_size=2,
-            num_classes=5,
-            dim=32,
-            spatial_depth=2,
-            temporal_depth=2,
-            heads=heads,
-            mlp_dim=64,
-            dim_head=dim_head,
-            pool=pool,
-            variant=variant,
-        )
-    )
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 @pytest.mark.parametrize("variant", ["factorized_encoder", "factorized_self_attention"])
 def test_vit_pytorch_vivit(variant, pool, backend, generator):
     """Inner width heads * dim_head = 36 != dim = 32; pre-LayerNorm inside the attention."""
     video = torch.randn(2, 3, 4, 32, 32, generator=generator)
-    assert_parity(vit_pytorch_vivit(variant, pool), video, lambda m, x: m(x), dict(backend=backend), train=True)
+    assert_parity(vit_pytorch_vivit(variant, pool=pool), video, lambda m, x: m(x), dict(backend=backend), train=True)
 
 
 def test_vit_pytorch_single_head_has_no_output_projection(generator):
@@ -456,20 +306,8 @@ def test_attention_dropout_is_the_originals_module_or_rate():
         "hf_vivit": convert(hf_vivit(**hf)),
         "videomae": convert(videomae(**hf)),
         "vit_pytorch": convert(
-            vivit_pytorch.ViViT(
-                image_size=32,
-                image_patch_size=8,
-                frames=4,
-                frame_patch_size=2,
-                num_classes=5,
-                dim=32,
-                spatial_depth=1,
-                temporal_depth=1,
-                heads=2,
-                mlp_dim=64,
-                dim_head=16,
-                variant="factorized_self_attention",
-                dropout=0.1,
+            vit_pytorch_vivit(
+                "factorized_self_attention", spatial_depth=1, temporal_depth=1, heads=2, dim_head=16, dropout=0.1
             )
         ),
     }

@@ -11,24 +11,23 @@ import pickle
 import pytest
 import torch
 from conftest import relative_error
-from test_convert import assert_parity, hf_vivit, hidden, randomised, timesformer, timm_vit, videomae, vit_pytorch_vivit
 from torch import nn
 
-from vivit_kernels import convert, saved_bytes
-from vivit_kernels.convert.lean import (
-    TimesformerLeanDividedLayer,
-    TimesformerLeanLayer,
-    TimmLeanBlock,
-    VideoMAELeanLayer,
-    VitPytorchLeanAttention,
-    VitPytorchLeanFeedForward,
-    VivitLeanLayer,
-    gelu_approximate,
+from support.convert_models import (
+    assert_parity,
+    hf_vivit,
+    hidden,
+    import_timm,
+    import_transformers,
+    import_vit_pytorch_vivit,
+    randomised,
+    timesformer,
+    timm_vit,
+    videomae,
+    vit_pytorch_vivit,
 )
-
-transformers = pytest.importorskip("transformers")
-timm = pytest.importorskip("timm")
-vivit_pytorch = pytest.importorskip("vit_pytorch.vivit", reason="vit-pytorch builds the reference ViViT")
+from vivit_kernels import convert, saved_bytes
+from vivit_kernels.convert import lean as lean_layers  # its family classes import their library when read
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels", "one_thread")
 
@@ -83,7 +82,9 @@ def test_timm_vit_lean_is_the_original(mode, config, train, generator):
     model = timm_vit(**config)
     images = torch.randn(2, 3, 32, 32, generator=generator)
     assert_parity(model, images, lambda m, x: m(x), lean(mode=mode, backend="cpu"), train=train)
-    assert all(type(block) is TimmLeanBlock for block in convert(timm_vit(**config), **lean(mode=mode)).blocks)
+    assert all(
+        type(block) is lean_layers.TimmLeanBlock for block in convert(timm_vit(**config), **lean(mode=mode)).blocks
+    )
 
 
 def test_timm_vit_lean_honours_attn_mask(generator):
@@ -105,6 +106,7 @@ def test_timm_vit_lean_saves_less():
 
 
 def test_timm_vit_lean_refusals_leave_the_model_as_it_was():
+    timm = import_timm()
     model = timm_vit(mlp_layer=timm.layers.GluMlp, mlp_ratio=2)
     with pytest.raises(ValueError, match=r"blocks.0.mlp: memory='lean' rewrites timm's Mlp without a hidden norm"):
         convert(model, mode="joint", memory="lean")
@@ -123,11 +125,11 @@ def test_timm_vit_lean_refusals_leave_the_model_as_it_was():
 @pytest.mark.parametrize("hidden_act", ["gelu_fast", "gelu"])
 def test_hf_vivit_lean_is_the_original(hidden_act, train, generator):
     video = torch.randn(2, 4, 3, 32, 32, generator=generator)
-    model = hf_vivit(task=True, num_labels=5, hidden_act=hidden_act)
+    model = hf_vivit("VivitForVideoClassification", num_labels=5, hidden_act=hidden_act)
     assert_parity(model, video, lambda m, x: m(x).logits, lean(), train=train)
     converted = convert(copy.deepcopy(model), **lean())
-    assert all(type(layer) is VivitLeanLayer for layer in converted.vivit.layers)
-    assert gelu_approximate(converted.vivit.layers[0].mlp.activation_fn) == (
+    assert all(type(layer) is lean_layers.VivitLeanLayer for layer in converted.vivit.layers)
+    assert lean_layers.gelu_approximate(converted.vivit.layers[0].mlp.activation_fn) == (
         "tanh" if hidden_act == "gelu_fast" else "none"
     )
 
@@ -161,10 +163,10 @@ def test_videomae_pretraining_lean_encoder_and_decoder(generator):
     video = torch.randn(2, 4, 3, 32, 32, generator=generator)
     masked = torch.zeros(2, 32, dtype=torch.bool)
     masked[:, ::3] = True
-    model = videomae(transformers.VideoMAEForPreTraining)
+    model = videomae("VideoMAEForPreTraining")
     assert_parity(model, video, lambda m, x: m(x, bool_masked_pos=masked).logits, lean(), train=True)
     converted = convert(model, memory="lean")
-    assert type(converted.decoder.decoder_layers[0]) is VideoMAELeanLayer
+    assert type(converted.decoder.decoder_layers[0]) is lean_layers.VideoMAELeanLayer
 
 
 def test_videomae_lean_saves_less():
@@ -175,14 +177,9 @@ def test_videomae_lean_saves_less():
 # ---------------------------------------------------------------------- transformers TimeSformer
 
 
-def timesformer_task(**overrides) -> nn.Module:
-    options = dict(image_size=32, patch_size=8, num_frames=3, hidden_size=32, num_hidden_layers=2)
-    config = transformers.TimesformerConfig(**options, num_attention_heads=4, intermediate_size=64, **overrides)
-    return randomised(transformers.TimesformerForVideoClassification(config))
-
-
 def timesformer_dropping() -> nn.Module:
     """Every dropout of a TimeSformer active, and drop path (set on the module: the config types its rate as an int)."""
+    transformers = import_transformers()
     model = timesformer(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
     for layer in model.encoder.layer:
         layer.drop_path = transformers.models.timesformer.modeling_timesformer.TimesformerDropPath(0.3)
@@ -197,7 +194,7 @@ def test_timesformer_lean_is_the_original(attention_type, train, generator):
     assert_parity(model, video, hidden, lean(backend="cpu"), train=train)
     converted = convert(copy.deepcopy(model), **lean())
     divided = attention_type == "divided_space_time"
-    lean_class = TimesformerLeanDividedLayer if divided else TimesformerLeanLayer
+    lean_class = lean_layers.TimesformerLeanDividedLayer if divided else lean_layers.TimesformerLeanLayer
     assert all(type(layer) is lean_class for layer in converted.encoder.layer)
 
 
@@ -221,7 +218,7 @@ def test_timesformer_lean_under_gradient_checkpointing(generator):
 def test_timesformer_classifier_lean_is_the_original(hidden_act, generator):
     """The task model, without qkv biases; a tanh GELU fused, an activation gelu_linear does not compute kept."""
     video = torch.randn(2, 3, 3, 32, 32, generator=generator)
-    model = timesformer_task(num_labels=5, qkv_bias=False, hidden_act=hidden_act)
+    model = timesformer("TimesformerForVideoClassification", num_labels=5, qkv_bias=False, hidden_act=hidden_act)
     assert_parity(model, video, lambda m, x: m(x).logits, lean(), train=True)
 
 
@@ -247,12 +244,13 @@ def test_timesformer_lean_saves_less():
 @pytest.mark.parametrize("variant", ["factorized_encoder", "factorized_self_attention"])
 def test_vit_pytorch_lean_is_the_original(variant, config, train, generator):
     """Inner width 36 != dim 32 (cls), or one head as wide as dim with no output projection (mean)."""
+    vivit_pytorch = import_vit_pytorch_vivit()
     video = torch.randn(2, 3, 4, 32, 32, generator=generator)
     model = vit_pytorch_vivit(variant, **config)
     assert_parity(model, video, lambda m, x: m(x), lean(backend="cpu"), train=train)
     converted = convert(copy.deepcopy(model), **lean())
     classes = {type(m) for m in converted.modules()}
-    assert {VitPytorchLeanAttention, VitPytorchLeanFeedForward} <= classes
+    assert {lean_layers.VitPytorchLeanAttention, lean_layers.VitPytorchLeanFeedForward} <= classes
     assert not classes & {vivit_pytorch.FeedForward, vivit_pytorch.Attention}
 
 
@@ -265,23 +263,7 @@ def test_vit_pytorch_lean_temporal_mask(generator):
 
 
 def vit_pytorch_dropping(variant: str) -> nn.Module:
-    return randomised(
-        vivit_pytorch.ViViT(
-            image_size=32,
-            image_patch_size=8,
-            frames=4,
-            frame_patch_size=2,
-            num_classes=5,
-            dim=32,
-            spatial_depth=2,
-            temporal_depth=2,
-            heads=3,
-            mlp_dim=64,
-            dim_head=12,
-            variant=variant,
-            dropout=0.2,
-        )
-    )
+    return vit_pytorch_vivit(variant, dropout=0.2)
 
 
 @pytest.mark.filterwarnings("ignore:attention_packed. no fused backend fits")
@@ -342,9 +324,9 @@ def test_lean_dropout_and_drop_path_draw_as_before(build, forward, options, gene
     "build, options",
     [
         (lambda: timm_vit(reg_tokens=2), dict(mode="joint")),
-        (lambda: hf_vivit(task=True, num_labels=5), {}),
-        (lambda: videomae(transformers.VideoMAEForPreTraining), {}),
-        (lambda: timesformer_task(num_labels=5), {}),
+        (lambda: hf_vivit("VivitForVideoClassification", num_labels=5), {}),
+        (lambda: videomae("VideoMAEForPreTraining"), {}),
+        (lambda: timesformer("TimesformerForVideoClassification", num_labels=5), {}),
         (lambda: timesformer(attention_type="space_only"), {}),
         (lambda: vit_pytorch_vivit("factorized_encoder"), {}),
         (lambda: vit_pytorch_vivit("factorized_self_attention"), {}),
@@ -383,5 +365,6 @@ def test_lean_refusals():
 
 
 def test_lean_without_memory_keeps_the_family_classes():
+    transformers = import_transformers()
     model = convert(randomised(hf_vivit()))
     assert type(model.layers[0]) is transformers.models.vivit.modeling_vivit.VivitLayer

@@ -10,29 +10,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error, require_transformers
+from conftest import relative_error
 from torch import nn
 
+from support.convert_models import hf_vivit, randomised, timesformer, timm_vit, videomae, vit_pytorch_vivit
 from vivit_kernels import FactorisedAttention, convert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOLERANCE = 1e-5
 REFUSED = "converted by vivit_kernels.*output_attentions=True is not supported; the fused attention never forms"
-
-
-def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Every parameter random (biases too: a dropped bias would go unnoticed at the libraries' zero init)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
-            elif name.endswith("weight"):  # norm scales
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def assert_masked_parity(original: nn.Module, converted: nn.Module, inputs: torch.Tensor, forward) -> None:
@@ -187,19 +174,13 @@ def test_bad_masks_say_what_was_expected():
 # ------------------------------------------------------------------------------------ timm ViT
 
 
-def timm_vit(**overrides):
-    timm = pytest.importorskip("timm", reason="timm builds the reference ViTs")
-    options = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=5, qkv_bias=True)
-    return randomised(timm.models.vision_transformer.VisionTransformer(**options | overrides)).eval()
-
-
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("kind", ["key padding", "additive"])
 def test_timm_joint_honours_attn_mask(kind, backend, generator, request):
     """timm's forward(x, attn_mask=...) reaches every block's attention; converted with mode='joint' it is honoured."""
     if backend == "cpu":
         request.getfixturevalue("cpu_kernels")
-    original = timm_vit(reg_tokens=2)
+    original = timm_vit(reg_tokens=2).eval()
     converted = convert(copy.deepcopy(original), mode="joint", backend=backend)
     n = 3 + 16
     if kind == "key padding":
@@ -213,28 +194,12 @@ def test_timm_joint_honours_attn_mask(kind, backend, generator, request):
 
 
 def test_timm_factorised_modes_refuse_attn_mask():
-    model = convert(timm_vit(), mode="split")
+    model = convert(timm_vit().eval(), mode="split")
     with pytest.raises(ValueError, match="honoured in mode='joint' only; in mode 'split' the mode is the mask"):
         model(torch.randn(1, 3, 32, 32), attn_mask=torch.ones(1, 1, 1, 17, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------- transformers ViViT
-
-
-def hf_vivit(task: bool = False, **overrides):
-    transformers = require_transformers("transformers builds the reference video models")
-    options = dict(
-        image_size=32,
-        num_frames=4,
-        tubelet_size=[2, 8, 8],
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-    )
-    config = transformers.VivitConfig(**options | overrides)
-    cls = transformers.VivitForVideoClassification if task else transformers.VivitModel
-    return randomised(cls(config)).eval()
 
 
 def padding_mask() -> torch.Tensor:
@@ -248,7 +213,7 @@ def padding_mask() -> torch.Tensor:
 def test_hf_vivit_padding_mask(attn_implementation, generator):
     """VivitModel(attention_mask=(B, N) padding): HF's mask helper builds a 4-D bool (sdpa) or
     additive (eager) mask; the converted model gives the original's outputs and input gradient."""
-    original = hf_vivit(attn_implementation=attn_implementation)
+    original = hf_vivit(attn_implementation=attn_implementation).eval()
     converted = convert(copy.deepcopy(original))
     video = torch.randn(2, 4, 3, 32, 32, generator=generator)
     mask = padding_mask()
@@ -258,7 +223,7 @@ def test_hf_vivit_padding_mask(attn_implementation, generator):
 
 
 def test_hf_vivit_task_model_passes_the_mask_through_its_kwargs(generator):
-    original = hf_vivit(task=True, num_labels=5)
+    original = hf_vivit("VivitForVideoClassification", num_labels=5).eval()
     converted = convert(copy.deepcopy(original))
     video = torch.randn(2, 4, 3, 32, 32, generator=generator)
     mask = padding_mask()
@@ -267,7 +232,7 @@ def test_hf_vivit_task_model_passes_the_mask_through_its_kwargs(generator):
 
 def test_hf_vivit_layer_takes_a_2d_padding_mask_and_refuses_other_objects(generator):
     """A (B, N) integer mask (transformers' flash-attention form) is key padding, as its 4-D form."""
-    layer = convert(hf_vivit()).layers[0].attention
+    layer = convert(hf_vivit().eval()).layers[0].attention
     x = torch.randn(2, 33, 32, generator=generator)
     mask = padding_mask()
     with torch.no_grad():
@@ -279,7 +244,7 @@ def test_hf_vivit_layer_takes_a_2d_padding_mask_and_refuses_other_objects(genera
 
 def test_hf_vivit_exports(generator):
     """Under torch.export transformers builds an all-visible mask even when none is given."""
-    model = convert(hf_vivit())
+    model = convert(hf_vivit().eval())
     video = torch.randn(2, 4, 3, 32, 32, generator=generator)
     assert_exports(model, (video,), read=lambda out: out.last_hidden_state)
     assert_exports(model, (video,), dict(attention_mask=padding_mask()), read=lambda out: out.last_hidden_state)
@@ -288,45 +253,14 @@ def test_hf_vivit_exports(generator):
 # ------------------------------------------------------------------- transformers VideoMAE, TimeSformer
 
 
-def videomae(cls_name: str = "VideoMAEModel", **overrides):
-    transformers = require_transformers("transformers builds the reference video models")
-    options = dict(
-        image_size=32,
-        patch_size=8,
-        num_frames=4,
-        tubelet_size=2,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=5,
-    )
-    return randomised(getattr(transformers, cls_name)(transformers.VideoMAEConfig(**options | overrides))).eval()
-
-
-def timesformer(cls_name: str = "TimesformerModel", **overrides):
-    transformers = require_transformers("transformers builds the reference video models")
-    options = dict(
-        image_size=32,
-        patch_size=8,
-        num_frames=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=5,
-    )
-    return randomised(getattr(transformers, cls_name)(transformers.TimesformerConfig(**options | overrides))).eval()
-
-
 def test_videomae_exports(generator):
-    model = convert(videomae())
+    model = convert(videomae().eval())
     assert_exports(model, (torch.randn(2, 4, 3, 32, 32, generator=generator),), read=lambda out: out.last_hidden_state)
 
 
 @pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time"])
 def test_timesformer_exports(attention_type, generator):
-    model = convert(timesformer(attention_type=attention_type))
+    model = convert(timesformer(attention_type=attention_type).eval())
     assert_exports(model, (torch.randn(2, 3, 3, 32, 32, generator=generator),), read=lambda out: out.last_hidden_state)
 
 
@@ -342,10 +276,7 @@ def build(family: str, task: bool = False, **config):
     make, base, task_class, shape = FAMILIES[family]
     if family == "TimeSformer joint":
         config["attention_type"] = "joint_space_time"
-    if make is hf_vivit:
-        model = hf_vivit(task=task, **config)
-    else:
-        model = make(task_class if task else base, **config)
+    model = make(task_class if task else base, num_labels=5, **config).eval()
     return convert(model), torch.randn(shape)
 
 
@@ -379,13 +310,6 @@ def test_output_attentions_is_refused_however_requested(family):
 # --------------------------------------------------------------------------- vit-pytorch ViViT
 
 
-def vit_pytorch_vivit(variant: str):
-    vivit = pytest.importorskip("vit_pytorch.vivit", reason="vit-pytorch builds the reference ViViT")
-    options = dict(image_size=32, image_patch_size=8, frames=4, frame_patch_size=2, num_classes=5, dim=32)
-    options |= dict(spatial_depth=2, temporal_depth=2, heads=3, mlp_dim=64, dim_head=12, variant=variant)
-    return randomised(vivit.ViViT(**options)).eval()
-
-
 def frame_mask() -> torch.Tensor:
     mask = torch.ones(2, 4, dtype=torch.bool)
     mask[1, 2:] = False
@@ -394,7 +318,7 @@ def frame_mask() -> torch.Tensor:
 
 def test_vit_pytorch_factorized_encoder_honours_the_frame_mask(generator):
     """The frame mask becomes key padding of the temporal transformer (joint attention)."""
-    original = vit_pytorch_vivit("factorized_encoder")
+    original = vit_pytorch_vivit("factorized_encoder").eval()
     converted = convert(copy.deepcopy(original))
     video = torch.randn(2, 3, 4, 32, 32, generator=generator)
     assert_masked_parity(original, converted, video, lambda m, x: m(x, mask=frame_mask()))
@@ -402,6 +326,6 @@ def test_vit_pytorch_factorized_encoder_honours_the_frame_mask(generator):
 
 
 def test_vit_pytorch_factorized_self_attention_refuses_the_frame_mask():
-    model = convert(vit_pytorch_vivit("factorized_self_attention"))
+    model = convert(vit_pytorch_vivit("factorized_self_attention").eval())
     with pytest.raises(ValueError, match=r"FactorizedTransformer .*not supported in a factorised mode .*the mode is"):
         model(torch.randn(2, 3, 4, 32, 32), mask=frame_mask())

@@ -21,28 +21,22 @@ import torch
 from conftest import relative_error, require_transformers
 from torch import nn
 
+from support.convert_models import (
+    TOLERANCE,
+    hf_vivit,
+    hidden,
+    import_timm,
+    import_transformers,
+    randomised,
+    timesformer,
+    timm_vit,
+    videomae,
+    vit_pytorch_vivit,
+)
 from vivit_kernels import FactorisedAttention, convert
 from vivit_kernels.convert.state import keep_original_keys
 
-TOLERANCE = 1e-5  # test_convert's parity bound (fp32, relative)
-
 pytestmark = pytest.mark.usefixtures("cpu_kernels", "one_thread")
-
-
-def randomised(model: nn.Module, seed: int) -> nn.Module:
-    """Every parameter random (the libraries initialise biases to zero, where a lost bias would go
-    unnoticed): linear and conv weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.3), the rest ~ N(0, 0.3)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.dim() >= 2 and "embed" not in name and "token" not in name:
-                p.copy_(noise * p[0].numel() ** -0.5)
-            elif p.dim() == 1 and name.endswith("weight"):  # a norm's scale
-                p.copy_(1 + 0.3 * noise)
-            else:
-                p.copy_(0.3 * noise)
-    return model
 
 
 def assert_same_state(actual: dict, expected: dict) -> None:
@@ -142,70 +136,35 @@ class Case:
 
 
 def _timm(seed: int, mode: str, **overrides) -> Case:
-    timm = pytest.importorskip("timm", reason="timm builds the reference ViTs")
-    options = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=5) | overrides
-    model = randomised(timm.models.vision_transformer.VisionTransformer(**options), seed)
+    model = timm_vit(seed=seed, **overrides)
     return Case(model, dict(mode=mode), (torch.randn(2, 3, 32, 32),), same_function=mode in ("joint", "spatial"))
 
 
-HF_SMALL = dict(
-    image_size=32, num_frames=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
-)
-
-
-def _last_hidden(model, video):
-    return model(video).last_hidden_state
+# Base and task class of each Hugging Face family; every one on 4-frame clips (B, 4, 3, 32, 32).
+HF_BUILDERS = {
+    "timesformer": (timesformer, "TimesformerModel", "TimesformerForVideoClassification"),
+    "hf_vivit": (hf_vivit, "VivitModel", "VivitForVideoClassification"),
+    "videomae": (videomae, "VideoMAEModel", "VideoMAEForVideoClassification"),
+}
 
 
 def _hf(seed: int, family: str, task: bool = False, **overrides) -> Case:
-    transformers = require_transformers("transformers builds the reference video models")
-    if family == "timesformer":
-        cls = transformers.TimesformerForVideoClassification if task else transformers.TimesformerModel
-        config = transformers.TimesformerConfig(patch_size=8, **HF_SMALL | overrides)
-    elif family == "hf_vivit":
-        cls = transformers.VivitForVideoClassification if task else transformers.VivitModel
-        config = transformers.VivitConfig(tubelet_size=[2, 8, 8], **HF_SMALL | overrides)
-    else:
-        cls = transformers.VideoMAEForVideoClassification if task else transformers.VideoMAEModel
-        config = transformers.VideoMAEConfig(patch_size=8, tubelet_size=2, **HF_SMALL | overrides)
-    forward = (lambda m, x: m(x).logits) if task else _last_hidden
-    return Case(randomised(cls(config), seed), {}, (torch.randn(2, 4, 3, 32, 32),), forward)
+    make, base, task_class = HF_BUILDERS[family]
+    model = make(task_class if task else base, seed=seed, **dict(num_frames=4) | overrides)
+    forward = (lambda m, x: m(x).logits) if task else hidden
+    return Case(model, {}, (torch.randn(2, 4, 3, 32, 32),), forward)
 
 
 def _videomae_pretraining(seed: int) -> Case:
-    transformers = require_transformers("transformers builds the reference video models")
-    config = transformers.VideoMAEConfig(
-        patch_size=8,
-        tubelet_size=2,
-        decoder_hidden_size=24,
-        decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=3,
-        decoder_intermediate_size=48,
-        **HF_SMALL,
-    )
     masked = torch.zeros(2, 32, dtype=torch.bool)
     masked[:, ::3] = True
-    model = randomised(transformers.VideoMAEForPreTraining(config), seed)
+    model = videomae("VideoMAEForPreTraining", seed=seed)
     return Case(model, {}, (torch.randn(2, 4, 3, 32, 32), masked), lambda m, x, mask: m(x, bool_masked_pos=mask).logits)
 
 
 def _vit_pytorch(seed: int, variant: str, heads: int = 3, dim_head: int = 12) -> Case:
-    vivit = pytest.importorskip("vit_pytorch.vivit", reason="vit-pytorch builds the reference ViViT")
-    model = vivit.ViViT(
-        image_size=32,
-        image_patch_size=8,
-        frames=4,
-        frame_patch_size=2,
-        num_classes=5,
-        dim=32,
-        spatial_depth=2,
-        temporal_depth=2,
-        heads=heads,
-        mlp_dim=64,
-        dim_head=dim_head,
-        variant=variant,
-    )
-    return Case(randomised(model, seed), {}, (torch.randn(2, 3, 4, 32, 32),))
+    model = vit_pytorch_vivit(variant, seed=seed, heads=heads, dim_head=dim_head)
+    return Case(model, {}, (torch.randn(2, 3, 4, 32, 32),))
 
 
 CASES: dict[str, Callable[[int], Case]] = {
@@ -380,7 +339,7 @@ def test_hf_trainer_resume(family, tmp_path):
 def test_videomae_on_the_meta_device(tmp_path):
     """Built on the meta device, materialised with to_empty over memory full of NaN, then loaded:
     the zero key bias is no buffer to be left uninitialised, and the outputs are the original's."""
-    transformers = require_transformers("transformers builds the reference video models")
+    transformers = import_transformers()
     case = _hf(0, "videomae")
     expected = _run(case, convert(copy.deepcopy(case.original)))
     with torch.device("meta"):
@@ -418,7 +377,7 @@ def test_hf_from_pretrained_of_a_class_converted_at_construction_stops(tmp_path)
 def test_timm_checkpoints_both_ways(mode, tmp_path):
     """timm's load_checkpoint reads a converted model's state dict into the original and the
     original's into a converted model (strict)."""
-    timm = pytest.importorskip("timm", reason="timm builds the reference ViTs")
+    timm = import_timm()
     case = _timm(0, mode, qk_norm=True)
     converted = convert(copy.deepcopy(case.original), mode=mode)
     torch.save(converted.state_dict(), tmp_path / "converted.pth")
