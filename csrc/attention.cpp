@@ -144,6 +144,17 @@ bool is_short(const IndexMap& grp) { return grp.length <= kShortGroup && !grp.pr
 
 int64_t groups_per_item(const IndexMap& grp) { return is_short(grp) ? kShortGroupsPerItem : 1; }
 
+// Groups with prefix tokens (spatial heads) that fit one block: their rows, prefix tokens first,
+// are gathered into contiguous scratch, so one product covers every query and key. Split into a
+// block of prefix rows and a block of members, such a group costs up to 4x the products' calls and
+// passes over the block, each for a row or a column: a third more time at ViViT-B.
+bool is_gathered(const IndexMap& grp) { return grp.prefix && grp.prefix + grp.length <= kMaxBlock; }
+
+// The token of row r of group g's gathered block.
+int64_t gathered_token(const IndexMap& grp, int64_t g, int64_t r) {
+  return r < grp.prefix ? r : grp.base + g * grp.group_stride + (r - grp.prefix) * grp.member_stride;
+}
+
 // Runs every item once. Threads take the next item from a shared counter rather than fixed shares:
 // "split" mixes heavy spatial groups with light temporal ones, and on a busy machine one thread may
 // get less of a core than another. Items come heaviest first where it matters (spatial heads).
@@ -205,6 +216,11 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, const 
                            2.0 * heads * groups * grp.length * (keys + 8) * Dh, heads});
       return;
     }
+    if (is_gathered(grp)) {
+      for (int64_t h = range.h0; h < range.h1; ++h)
+        out_items.push_back({b, h, index, g, groups, 0, keys, false, 2.0 * groups * keys * (keys + 8) * Dh});
+      return;
+    }
     for (int64_t i0 = 0; i0 < grp.length; i0 += blk)
       for (int64_t h = range.h0; h < range.h1; ++h) {
         const int64_t rows = std::min(blk, grp.length - i0);
@@ -240,6 +256,35 @@ void forward_kernel(const View<T>& q, const View<T>& k, const View<T>& v, const 
       return;
     }
     const int64_t h = work.h;
+    if (is_gathered(grp)) {
+      thread_local std::vector<T> qs, ks, vs;
+      for (auto* x : {&qs, &ks, &vs}) x->resize(kMaxBlock * Dh);
+      const int64_t L = grp.prefix + grp.length;
+      for (int64_t g = work.g; g < work.g + work.groups; ++g) {
+        for (int64_t r = 0; r < L; ++r) {
+          const int64_t n = gathered_token(grp, g, r);
+          std::copy_n(q.row(b, h, n), Dh, qs.data() + r * Dh);
+          std::copy_n(k.row(b, h, n), Dh, ks.data() + r * Dh);
+          std::copy_n(v.row(b, h, n), Dh, vs.data() + r * Dh);
+        }
+        gemm<T>(false, true, L, L, Dh, T(1), qs.data(), Dh, ks.data(), Dh, T(0), scores.data(), L);
+        for (int64_t i = 0; i < L; ++i) {
+          T* s = scores.data() + i * L;
+          row_max[i] = scaled_max(s, L, scale);
+          row_sum[i] = exp_sum(s, L, scale, row_max[i]);
+        }
+        T* const os = qs.data();  // the queries are spent: the outputs take their place
+        gemm<T>(false, false, L, Dh, L, T(1), scores.data(), L, vs.data(), Dh, T(0), os, Dh);
+        divide_rows(os, L, Dh, Dh, row_sum.data());
+        for (int64_t r = 0; r < L; ++r) {
+          const int64_t n = gathered_token(grp, g, r);
+          const bool prefix_row = r < grp.prefix;
+          std::copy_n(os + r * Dh, Dh, prefix_row ? prefix_out.at(b, h, g, r) : out.row(b, h, n));
+          (prefix_row ? *prefix_lse.at(b, h, g, r) : lse[(b * H + h) * N + n]) = row_max[r] + std::log(row_sum[r]);
+        }
+      }
+      return;
+    }
     // All keys in one block (spatial groups without prefix tokens): the softmax is exact after
     // one block, so the product with V goes straight into out, normalised there, with no
     // accumulator to clear, rescale and copy.
@@ -343,6 +388,49 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
       return;
     }
     const int64_t h = work.h;
+    if (is_gathered(grp)) {
+      thread_local std::vector<T> qs, ks, vs, dos, grads;
+      for (auto* x : {&qs, &ks, &vs, &dos}) x->resize(kMaxBlock * Dh);
+      grads.resize(3 * kMaxBlock * Dh);
+      const int64_t L = grp.prefix + grp.length;
+      T *const dqs = grads.data(), *const dks = dqs + L * Dh, *const dvs = dks + L * Dh;
+      for (int64_t g = work.g; g < work.g + work.groups; ++g) {
+        for (int64_t r = 0; r < L; ++r) {
+          const int64_t n = gathered_token(grp, g, r);
+          const bool prefix_row = r < grp.prefix;
+          std::copy_n(q.row(b, h, n), Dh, qs.data() + r * Dh);
+          std::copy_n(k.row(b, h, n), Dh, ks.data() + r * Dh);
+          std::copy_n(v.row(b, h, n), Dh, vs.data() + r * Dh);
+          // A prefix query's output is the mean of its G groups' outputs: this group's share of
+          // its gradient is grad / G.
+          const T* dout_row = dout.row(b, h, n);
+          T* dO = dos.data() + r * Dh;
+          // mutant: cpp-gathered-share
+          for (int64_t d = 0; d < Dh; ++d) dO[d] = prefix_row ? dout_row[d] / T(geo.G) : dout_row[d];
+          const T* o = prefix_row ? prefix_out.at(b, h, g, r) : out.row(b, h, n);
+          T sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t d = 0; d < Dh; ++d) sum += o[d] * dO[d];
+          delta[r] = sum;
+          row_lse[r] = prefix_row ? *prefix_lse.at(b, h, g, r) : lse[(b * H + h) * N + n];
+        }
+        gemm<T>(false, true, L, L, Dh, T(1), qs.data(), Dh, ks.data(), Dh, T(0), probs.data(), L);
+        gemm<T>(false, true, L, L, Dh, T(1), dos.data(), Dh, vs.data(), Dh, T(0), dprobs.data(), L);
+        softmax_grad_rows(probs.data(), dprobs.data(), L, L, scale, row_lse.data(), delta.data());
+        gemm<T>(true, false, L, Dh, L, T(1), probs.data(), L, dos.data(), Dh, T(0), dvs, Dh);
+        gemm<T>(true, false, L, Dh, L, scale, dprobs.data(), L, qs.data(), Dh, T(0), dks, Dh);
+        gemm<T>(false, false, L, Dh, L, scale, dprobs.data(), L, ks.data(), Dh, T(0), dqs, Dh);
+        // This item alone writes the members' rows; the prefix rows go to the group's partials.
+        for (int64_t r = 0; r < L; ++r) {
+          const int64_t n = gathered_token(grp, g, r);
+          const bool prefix_row = r < grp.prefix;
+          std::copy_n(dqs + r * Dh, Dh, prefix_row ? pdq.at(b, h, g, r) : dq.row(b, h, n));
+          std::copy_n(dks + r * Dh, Dh, prefix_row ? pdk.at(b, h, g, r) : dk.row(b, h, n));
+          std::copy_n(dvs + r * Dh, Dh, prefix_row ? pdv.at(b, h, g, r) : dv.row(b, h, n));
+        }
+      }
+      return;
+    }
     for (int64_t g = work.g; g < work.g + work.groups; ++g) {
       bool first_query_block = true;
       for_blocks(grp, g, kMaxBlock, [&](const Rows& qr, bool prefix_queries) {

@@ -253,6 +253,33 @@ def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, tokens_per_frame
         assert_near_oracle(actual, want, "cpu", name)
 
 
+@pytest.mark.parametrize("mode", ["spatial", "split"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "prefix, frames, tokens_per_frame, layout, Dh",
+    [
+        (1, 2, 255, "space_major", 40),
+        (2, 2, 255, "time_major", 48),
+        (1, 3, 196, "space_major", 80),
+        (3, 2, 300, "time_major", 40),
+    ],
+)
+def test_spatial_groups_with_prefix_gathered_or_in_blocks(
+    prefix, frames, tokens_per_frame, layout, Dh, dtype, mode, generator, poisoned
+):
+    """Spatial groups with prefix tokens: up to 256 rows in all (1 + 255, 1 + 196) gathered into
+    one block, prefix rows first; longer (2 + 255, 3 + 300), a block of prefix rows and blocks of
+    members merged by the online softmax. Forward and all gradients against the dense oracle."""
+    B, H = 1, 2
+    q, k, v, _ = packed_qkv(B, H, prefix + frames * tokens_per_frame, Dh, dtype=dtype, generator=generator)
+    grad_out = torch.randn(q.shape, dtype=dtype, generator=generator)
+    out = factorised_attention(q, k, v, frames, mode, num_prefix_tokens=prefix, layout=layout, backend="cpu")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected = oracle_and_grads(q, k, v, grad_out, frames, mode, prefix, layout)
+    for name, actual, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+        assert_near_oracle(actual, want, "cpu", name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("frames, tokens_per_frame, layout", [(3, 37, "space_major"), (2, 515, "time_major")])
 def test_spatial_groups_in_one_key_block_or_several(frames, tokens_per_frame, layout, dtype, generator, poisoned):

@@ -67,6 +67,7 @@ TRITON_ATTENTION = tuple(
     f"tests/test_triton_attention.py::test_{name}"
     for name in (
         "prefix_tokens_and_layouts_match_oracle",
+        "spatial_groups_with_prefix_gathered_or_in_blocks",
         "kernels_write_every_output_element",
         "group_length_extremes",
         "inputs_and_output_gradient_in_layouts_of_their_own",
@@ -83,6 +84,7 @@ CPU_ATTENTION = tuple(
     f"tests/test_cpu_backend.py::test_{name}"
     for name in (
         "prefix_tokens_and_layouts_match_oracle",
+        "spatial_groups_with_prefix_gathered_or_in_blocks",
         "inputs_and_output_gradient_in_layouts_of_their_own",
         "attention_matches_oracle",
         "attention_nan_stays_in_its_groups",
@@ -351,6 +353,16 @@ MUTANTS = [
         "csrc/attention.cpp",
         "prefix_queries ? prefix_out.at(b, h, g, n) : out.row(b, h, n)",
         "out.row(b, h, n)",
+        CPU_ATTENTION,
+        CPU_ATTENTION_SELECT,
+    ),
+    Mutant(
+        "cpp-gathered-share",
+        "scaling",
+        "a gathered spatial group's prefix queries given the whole output gradient, not 1/T of it",
+        "csrc/attention.cpp",
+        "dO[d] = prefix_row ? dout_row[d] / T(geo.G) : dout_row[d];",
+        "dO[d] = dout_row[d];",
         CPU_ATTENTION,
         CPU_ATTENTION_SELECT,
     ),
