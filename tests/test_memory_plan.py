@@ -18,6 +18,7 @@ from vivit.config import BLOCK_MEMORY, VARIANTS
 from vivit.layers import Block, BlockConfig, FactorisedSelfAttentionBlock
 from vivit.memory_report import count, extra_flops_per_token, format_policy_table, policy_table
 from vivit.planning import (
+    MEMORY_MARGIN,
     MemoryPlanError,
     apply_plan,
     budget_argument,
@@ -181,43 +182,92 @@ def test_predicted_peak_matches_the_measured_step(variant, precision, cpu_kernel
 def test_the_plan_fits_its_budget_and_is_the_cheapest_that_does(cpu_kernels):
     """A budget between the all-lean and the all-default peaks gets default blocks where they fit,
     lean ones first at the front; its measured peak is within the budget. A budget below every
-    policy at the batch accumulates micro-batches; below everything, fits=False says the smallest peak."""
+    policy at the batch accumulates micro-batches; below everything, fits=False says the smallest peak. (No
+    margin: the budgets sit between predicted peaks; the margin has its own test.)"""
     variant = "factorised_dot_product"
     config = ViViTConfig(variant=variant, **TINY)
     costs = _costs(variant, "fp32")
     peaks = {p: predict_peak(costs, (p,) * 2, 8)["peak"] for p in BLOCK_MEMORY}
     budget = int((peaks["default"] + peaks["lean"]) / 2)
-    plan = plan_memory(config, batch=8, precision="fp32", optimizer="adamw", budget_bytes=budget, costs=costs)
+    plan = plan_memory(config, batch=8, precision="fp32", optimizer="adamw", budget_bytes=budget, costs=costs, margin=0)
     assert plan.fits and plan.policies == ("lean", "default") and plan.accum_steps == 1
     assert plan.predicted_peak_bytes <= budget
     model = ViViT(config)
     apply_plan(plan, model)
     assert step_peak(model, batch=8) <= budget
-    roomy = plan_memory(config, batch=8, budget_bytes=10 * peaks["default"], costs=costs)
+    roomy = plan_memory(config, batch=8, budget_bytes=10 * peaks["default"], costs=costs, margin=0)
     assert roomy.policies == ("default", "default") and roomy.extra_flops_per_step == 0
-    tight = plan_memory(config, batch=8, budget_bytes=int(peaks["checkpoint"]) - 1, costs=costs)
+    tight = plan_memory(config, batch=8, budget_bytes=int(peaks["checkpoint"]) - 1, costs=costs, margin=0)
     assert tight.fits and tight.micro_batch < 8 and tight.micro_batch * tight.accum_steps == 8
     assert tight.predicted_peak_bytes < peaks["checkpoint"]
     smallest = predict_peak(costs, ("checkpoint",) * 2, 1, 8)["peak"]
-    none = plan_memory(config, batch=8, budget_bytes=int(smallest) - 1, costs=costs)
+    none = plan_memory(config, batch=8, budget_bytes=int(smallest) - 1, costs=costs, margin=0)
     assert not none.fits and none.micro_batch == 1 and none.policies == ("checkpoint", "checkpoint")
     assert none.describe() == none.reason
     assert f"the smallest peak possible is {format_bytes(smallest)} ({smallest:.0f} bytes" in none.reason
+
+
+def test_the_margin_keeps_a_fraction_of_the_budget_free(cpu_kernels):
+    """A budget between a step's predicted peak and that peak / (1 - margin) fits the step without a
+    margin and not with one: the plan moves to leaner blocks (or, below the leanest, to smaller
+    micro-batches), and its predicted peak is within budget x (1 - margin). When nothing fits, the
+    reason says the margin and the budget the smallest peak would need."""
+    variant = "factorised_dot_product"
+    config = ViViTConfig(variant=variant, **TINY)
+    costs = _costs(variant, "fp32")
+    margin = MEMORY_MARGIN
+
+    def both(peak):
+        budget = int(peak / (1 - margin / 2))  # over the peak, but its usable part is under it
+        bare = plan_memory(config, batch=8, budget_bytes=budget, costs=costs, margin=0)
+        kept = plan_memory(config, batch=8, budget_bytes=budget, costs=costs)
+        assert bare.fits and bare.usable_bytes == budget and bare.predicted_peak_bytes <= budget
+        assert kept.fits and kept.margin == margin and kept.usable_bytes == int(budget * (1 - margin))
+        assert kept.predicted_peak_bytes <= budget * (1 - margin) < peak
+        return bare, kept
+
+    bare, kept = both(predict_peak(costs, ("default",) * 2, 8)["peak"])
+    assert bare.policies == ("default", "default") and kept.policies == ("lean", "default")
+    assert bare.micro_batch == kept.micro_batch == 8
+    # Every block checkpointed: the leanest step of 8 clips (the chain's last).
+    bare, kept = both(predict_peak(costs, ("checkpoint",) * 2, 8)["peak"])
+    assert bare.micro_batch == 8 and (kept.micro_batch, kept.accum_steps) == (4, 2)
+    smallest = predict_peak(costs, ("checkpoint",) * 2, 1, 8)["peak"]
+    budget = int(smallest / (1 - margin / 2))
+    assert plan_memory(config, batch=8, budget_bytes=budget, costs=costs, margin=0).fits
+    none = plan_memory(config, batch=8, budget_bytes=budget, costs=costs, margin=margin)
+    assert not none.fits
+    assert none.reason.startswith(
+        f"plan_memory: nothing fits {format_bytes(budget)} less a {100 * margin:g}% margin ({format_bytes(none.usable_bytes)}): "
+        f"the smallest peak possible is {format_bytes(smallest)} ({smallest:.0f} bytes"
+    )
+    assert none.reason.endswith(f"which needs a budget of {format_bytes(smallest / (1 - margin))}")
+
+
+@pytest.mark.parametrize("margin", [-0.01, 0.5, 1, float("nan"), True, "0.03"])
+def test_the_margin_is_checked(margin):
+    config = ViViTConfig(variant="factorised_dot_product", **TINY)
+    with pytest.raises(ValueError, match=r"^plan_memory: margin must be a fraction of the budget in \[0, 0\.5\), got "):
+        plan_memory(config, batch=8, budget_bytes="1GiB", margin=margin)
 
 
 def test_describe_and_json(cpu_kernels):
     config = ViViTConfig(variant="factorised_dot_product", **TINY)
     costs = _costs("factorised_dot_product", "fp32")
     peak = predict_peak(costs, ("recompute_mlp", "lean"), 4)["peak"]
-    plan = plan_memory(config, batch=4, budget_bytes=int(peak) + 1, costs=costs)
+    budget = int(peak / 0.95) + 3  # its usable 95% just holds the peak
+    plan = plan_memory(config, batch=4, budget_bytes=budget, costs=costs, margin=0.05)
     assert plan.policies == ("recompute_mlp", "lean")
     text = plan.describe()
     assert "blocks: 1 x recompute_mlp, 1 x lean" in text
     assert "batch 4 = micro-batch 4 x 1 accumulation step(s)" in text
     assert f"extra compute: {4 * 18 * 2 * D * 4 * D / 1e9:.2f} GFLOP per step" in text
-    assert f"predicted peak {format_bytes(peak)} of a {format_bytes(int(peak) + 1)} budget" in text
+    usable = int(budget * 0.95)
+    assert f"predicted peak {format_bytes(peak)} of {format_bytes(usable)} usable (a {format_bytes(budget)} budget "
+    assert "less a 5% margin)" in text
     data = json.loads(plan.to_json())
     assert data["predicted_peak_bytes"] == round(peak) and data["policies"] == ["recompute_mlp", "lean"]
+    assert data["budget_bytes"] == budget and data["margin"] == 0.05 and data["usable_bytes"] == usable
     assert data["extra_flops_per_step"] == 4 * 18 * 2 * D * 4 * D
 
 
@@ -232,8 +282,13 @@ def test_plan_for_run_writes_the_plan_and_refuses_what_nothing_fits(tmp_path, cp
     model = ViViT(config)
     apply_plan(plan, model, args)
     assert args.accum_steps == 1 and model.config.block_memory == ("default", "default")
+    assert saved["margin"] == MEMORY_MARGIN  # args without memory_margin: the planner's default
+    args.memory_margin = 0.25
+    assert plan_for_run(args, config, torch.device("cpu")).usable_bytes == 3 * 2**28
     args.memory_budget = "64KiB"
-    with pytest.raises(MemoryPlanError, match=r"^plan_memory: nothing fits 64.0 KiB: the smallest peak possible is "):
+    with pytest.raises(
+        MemoryPlanError, match=r"^plan_memory: nothing fits 64.0 KiB less a 25% margin \(48.0 KiB\): the smallest peak "
+    ):
         plan_for_run(args, config, torch.device("cpu"))
 
 
@@ -293,7 +348,8 @@ def test_vivit_train_memory_budget_applies_prints_and_writes_the_plan(tmp_path, 
     assert _train(tmp_path, "--memory-budget", "2MiB") == 0
     out = capsys.readouterr().out
     plan = json.loads((tmp_path / "run" / "memory_plan.json").read_text())
-    assert plan["fits"] and plan["predicted_peak_bytes"] <= 2 * 2**20 == plan["budget_bytes"]
+    assert plan["fits"] and plan["predicted_peak_bytes"] <= plan["usable_bytes"] < 2 * 2**20 == plan["budget_bytes"]
+    assert plan["margin"] == MEMORY_MARGIN
     assert (plan["policies"], plan["micro_batch"]) != (["default", "default"], 8)
     assert f"batch 8 = micro-batch {plan['micro_batch']} x {plan['accum_steps']}" in out
     assert plan["micro_batch"] * plan["accum_steps"] == 8
@@ -323,6 +379,19 @@ def test_vivit_train_memory_budget_refuses_what_it_chooses_itself(tmp_path, caps
 def test_vivit_train_memory_budget_bad_unit_is_a_usage_error(tmp_path, capsys):
     assert _train(tmp_path, "--memory-budget", "22 parsecs") == 2
     assert "--memory-budget" in capsys.readouterr().err
+
+
+def test_vivit_train_memory_margin_is_passed_to_the_plan(tmp_path, cpu_kernels):
+    assert _train(tmp_path, "--memory-budget", "2MiB", "--memory-margin", "0.25") == 0
+    plan = json.loads((tmp_path / "run" / "memory_plan.json").read_text())
+    assert plan["margin"] == 0.25 and plan["usable_bytes"] == 3 * 2**19 >= plan["predicted_peak_bytes"]
+
+
+@pytest.mark.parametrize("margin", ["0.5", "-0.1"])
+def test_vivit_train_memory_margin_out_of_range_is_one_line_and_status_2(tmp_path, capsys, margin):
+    assert _train(tmp_path, "--memory-budget", "2MiB", "--memory-margin", margin) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vivit-train: error: --memory-margin must be in [0, 0.5), got {float(margin)}"]
 
 
 def test_vivit_train_memory_budget_auto_plans_for_the_free_memory(tmp_path, monkeypatch, cpu_kernels):

@@ -9,11 +9,12 @@ On a CUDA device, ViViT-B at 16 frames of 224 x 224 under bf16 autocast with Ada
               batch 2: `measure_peak(method="allocator")`, torch.cuda.max_memory_allocated over the
               trainer's second step after torch.cuda.reset_peak_memory_stats. It fails beyond 5% either
               way (the planner's bar: within 5%, never below the measurement by more).
-  budget      a budget of 40% of the device's memory and a global batch of 64: the step of the plan's
-              micro-batch must measure within the budget, and the step of one clip more than the
-              largest micro-batch the plan's policies fit (by prediction) must measure over it (or run
-              out of memory). With accumulation, two micro-batches are run: from the second on the
-              gradients are alive, and every later one peaks the same.
+  budget      a budget of 40% of the device's memory and a global batch of 64, planned with the
+              planner's default margin (planning.MEMORY_MARGIN of the budget kept free): the step of
+              the plan's micro-batch must measure within the budget, and the step of one clip more
+              than the largest micro-batch the plan's policies fit in the whole budget (by prediction)
+              must measure over it (or run out of memory). With accumulation, two micro-batches are
+              run: from the second on the gradients are alive, and every later one peaks the same.
 
 Without CUDA (or with --device cpu) the same checks run on the CPU at a tiny config, measured by
 MemTracker (as `python -m vivit.planning --check`), at batch 8, with a budget between the predicted all-default
@@ -162,9 +163,9 @@ def budget_for(setting: Setting) -> int:
 
 
 def budget_check(setting: Setting, budget: int, variant: str = BUDGET_VARIANT) -> dict:
-    """plan_memory's plan for setting.global_batch clips in `budget`: its micro-batch's step must
-    measure within the budget; one clip more than the largest micro-batch its policies fit by
-    prediction must measure over it."""
+    """plan_memory's plan for setting.global_batch clips in `budget`, with the planner's default
+    margin: its micro-batch's step must measure within the budget; one clip more than the largest
+    micro-batch its policies fit in the whole budget by prediction must measure over it."""
     config = setting.configs[variant]
     plan = planning.plan_memory(
         config,
@@ -174,8 +175,16 @@ def budget_check(setting: Setting, budget: int, variant: str = BUDGET_VARIANT) -
         budget_bytes=budget,
         device=setting.device,
         costs=_costs(setting, variant),
+        margin=planning.MEMORY_MARGIN,
     )
-    result = {"variant": variant, "budget_bytes": budget, "global_batch": setting.global_batch, "fits": plan.fits}
+    result = {
+        "variant": variant,
+        "budget_bytes": budget,
+        "margin": plan.margin,
+        "usable_bytes": plan.usable_bytes,
+        "global_batch": setting.global_batch,
+        "fits": plan.fits,
+    }
     if not plan.fits:
         return {**result, "ok": False, "failures": [plan.reason]}
     # From the second micro-batch on the gradients are alive: every later one peaks the same.

@@ -23,7 +23,7 @@ import torch
 from .. import distributed
 from ..config import BLOCK_MEMORY
 from ..data import IMAGE_MEAN, IMAGE_STD
-from ..planning import budget_argument
+from ..planning import MEMORY_MARGIN, budget_argument
 from ..run.evaluation import PRECISIONS
 from ..run.trainer import Trainer
 from .common import STOPPED, add_debug_flag, check_device, run
@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit the step to this much memory (e.g. 22GiB, 512MiB; auto: the GPU's free memory, or the "
         "memory available on a CPU): the cheapest per-block --memory policies, else micro-batches with "
         "accumulation; prints the plan and writes memory_plan.json",
+    )
+    m.add_argument(
+        "--memory-margin",
+        type=float,
+        default=MEMORY_MARGIN,
+        metavar="FRACTION",
+        help="with --memory-budget: the fraction of the budget kept free, in [0, 0.5) (the predicted peak "
+        "can fall a little short of the real one)",
     )
 
     o = p.add_argument_group("optimisation")

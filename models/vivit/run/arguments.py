@@ -48,6 +48,7 @@ _RANGES = {
     "heads": Range(1),
     "mlp_ratio": Range(0, open_low=True),
     "temporal_depth": Range(1),
+    "memory_margin": Range(0, 0.5),
     "tubelet": Range(1),
     "drop_path": Range(0, 1),
     "dropout": Range(0, 1),
