@@ -54,7 +54,7 @@ from vivit_kernels import backends
 from vivit_kernels.checks import AttentionShape
 
 from .core import check_matches, train_step_case
-from .cpu_ratios import measure_ceilings, refuse_loaded, time_interleaved
+from .cpu_ratios import measure_ceilings, time_interleaved
 from .dropin import (
     CLASSES,
     CONVERTED,
@@ -66,7 +66,7 @@ from .dropin import (
     dropin_model,
     dropin_skip_reason,
 )
-from .provenance import cores, load_average, run_metadata
+from .provenance import add_run_arguments, cores, load_average, parse_run_arguments, refuse_loaded, run_metadata
 from .report import render
 
 FAMILY = "cpu_dropin"
@@ -278,19 +278,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_dropin", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench/cpu_dropin.json"), help="the JSON written")
     parser.add_argument("--families", type=_families, default=list(FAMILIES), help="comma-separated")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (min taken)")
+    add_run_arguments(parser)
     parser.add_argument(
         "--size", choices=SIZES, default="small", help="benchmarks/dropin.py's CPU shapes, or its smoke shape"
     )
-    parser.add_argument(
-        "--allow-loaded",
-        action="store_true",
-        help="record at a load at or above the core count, every row marked loaded",
-    )
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
-    return args
+    return parse_run_arguments(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,14 @@ from vivit_kernels.checks import MODES
 
 from .attention import ATTENTION_FLOP_FORMULA, attention_flops, attention_fn, attention_shape
 from .core import BACKWARD, PLAIN_EINSUM, PLAIN_SDPA, registry_skip_reason
-from .provenance import cores, is_loaded, load_average, run_metadata
+from .provenance import (
+    add_run_arguments,
+    cores,
+    load_average,
+    parse_run_arguments,
+    refuse_loaded,
+    run_metadata,
+)
 from .report import render_file
 
 FAMILY = "cpu_attention"
@@ -182,7 +189,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/cpu_ratios.json"), help="the JSON written")
     parser.add_argument("--modes", type=_modes, default=["temporal", "split", "spatial", "joint"])
     parser.add_argument("--frames", type=_ints, default=[8, 16], help="T values, comma-separated")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (min taken)")
+    add_run_arguments(parser)
     parser.add_argument(
         "--implementations",
         type=lambda s: [x for x in s.split(",") if x],
@@ -193,32 +200,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens-per-frame", type=int, default=196, help="S")
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument(
-        "--allow-loaded",
-        action="store_true",
-        help="record at a load at or above the core count, every row marked loaded",
-    )
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
-    return args
-
-
-def refuse_loaded(load_1min: float, core_count: int, allow_loaded: bool, prog: str = "cpu_ratios") -> str | None:
-    """The one-line refusal for a run of `prog` starting at this load, or None where it may go on."""
-    if allow_loaded or not is_loaded(load_1min, core_count):
-        return None
-    return (
-        f"{prog}: not recorded: 1-min load average {load_1min:.2f} >= {core_count} cores; "
-        "rerun on a quiet machine, or pass --allow-loaded to record it marked loaded"
-    )
+    return parse_run_arguments(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args = parse_args(argv)
     load_at_start = load_average()
-    refusal = refuse_loaded(load_at_start[0], cores(), args.allow_loaded)
+    refusal = refuse_loaded(load_at_start[0], cores(), args.allow_loaded, prog="cpu_ratios")
     if refusal:
         print(refusal, file=sys.stderr)
         return 2

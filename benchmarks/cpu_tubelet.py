@@ -37,7 +37,14 @@ from vivit_kernels import backends
 
 from .core import BASELINE, FORWARD, registry_skip_reason
 from .cpu_ratios import measure_ceilings, time_interleaved
-from .provenance import cores, is_loaded, load_average, run_metadata
+from .provenance import (
+    add_run_arguments,
+    cores,
+    load_average,
+    parse_run_arguments,
+    refuse_loaded,
+    run_metadata,
+)
 from .report import tubelet_table
 from .tubelet import TUBELET_SHAPES, tubelet_fn, tubelet_shape
 
@@ -122,34 +129,23 @@ def measure_pass(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_tubelet", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench/cpu_tubelet.json"), help="the JSON written")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (min taken)")
+    add_run_arguments(parser)
     parser.add_argument(
         "--implementations",
         type=lambda s: [x for x in s.split(",") if x],
         default=None,
         help="comma-separated (default: the baselines and every backend that runs here)",
     )
-    parser.add_argument(
-        "--allow-loaded",
-        action="store_true",
-        help="record at a load at or above the core count, every row marked loaded",
-    )
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
-    return args
+    return parse_run_arguments(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args = parse_args(argv)
     load_at_start = load_average()
-    if is_loaded(load_at_start[0], cores()) and not args.allow_loaded:
-        print(
-            f"cpu_tubelet: not recorded: 1-min load average {load_at_start[0]:.2f} >= {cores()} cores; "
-            "rerun on a quiet machine, or pass --allow-loaded to record it marked loaded",
-            file=sys.stderr,
-        )
+    refusal = refuse_loaded(load_at_start[0], cores(), args.allow_loaded, prog="cpu_tubelet")
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     peak = [load_at_start[0]]
 

@@ -9,6 +9,7 @@ suites under pytest-benchmark's "machine_info" -> "vivit" (benchmarks/conftest.p
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -35,6 +36,33 @@ def is_loaded(load_1min: float, core_count: int) -> bool:
     """A neighbour at this load slows memory-bound code (copies, permutes, einsum's intermediates)
     more than compute-bound code, so ratios taken under it are biased."""
     return load_1min >= core_count
+
+
+def refuse_loaded(load_1min: float, core_count: int, allow_loaded: bool, prog: str) -> str | None:
+    """The one-line refusal for a run of `prog` starting at this load, or None where it may go on."""
+    if allow_loaded or not is_loaded(load_1min, core_count):
+        return None
+    return (
+        f"{prog}: not recorded: 1-min load average {load_1min:.2f} >= {core_count} cores; "
+        "rerun on a quiet machine, or pass --allow-loaded to record it marked loaded"
+    )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--rounds and --allow-loaded, as every one-thread CPU ratio benchmark takes them."""
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (min taken)")
+    parser.add_argument(
+        "--allow-loaded",
+        action="store_true",
+        help="record at a load at or above the core count, every row marked loaded",
+    )
+
+
+def parse_run_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
 
 
 def cpu_model() -> str:

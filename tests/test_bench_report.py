@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import MODES, masked_attention, relative_error
 
-from benchmarks import cpu_ratios, report
+from benchmarks import cpu_ratios, provenance, report
 from benchmarks.attention import PLAIN_ATTENTION
 from benchmarks.core import PLAIN_EINSUM, PLAIN_SDPA, check_matches
 
@@ -67,9 +67,9 @@ def test_speedups_divide_each_baselines_minimum_by_the_rows():
 
 
 def test_a_run_refuses_to_start_at_a_load_at_or_above_the_core_count():
-    assert cpu_ratios.refuse_loaded(1.99, 2, allow_loaded=False) is None
-    assert cpu_ratios.refuse_loaded(9.0, 2, allow_loaded=True) is None
-    assert cpu_ratios.refuse_loaded(2.0, 2, allow_loaded=False) == (
+    assert provenance.refuse_loaded(1.99, 2, allow_loaded=False, prog="cpu_ratios") is None
+    assert provenance.refuse_loaded(9.0, 2, allow_loaded=True, prog="cpu_ratios") is None
+    assert provenance.refuse_loaded(2.0, 2, allow_loaded=False, prog="cpu_ratios") == (
         "cpu_ratios: not recorded: 1-min load average 2.00 >= 2 cores; rerun on a quiet machine, or pass "
         "--allow-loaded to record it marked loaded"
     )
