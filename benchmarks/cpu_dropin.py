@@ -66,7 +66,7 @@ from .dropin import (
     dropin_model,
     dropin_skip_reason,
 )
-from .provenance import add_run_arguments, cores, load_average, parse_run_arguments, refuse_loaded, run_metadata
+from .provenance import LoadWatch, add_run_arguments, parse_run_arguments
 from .report import render
 
 FAMILY = "cpu_dropin"
@@ -288,16 +288,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args = parse_args(argv)
-    load_at_start = load_average()
-    refusal = refuse_loaded(load_at_start[0], cores(), args.allow_loaded, prog=FAMILY)
+    load = LoadWatch(FAMILY)
+    refusal = load.refusal(args.allow_loaded)
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
-    peak = [load_at_start[0]]
-
-    def on_round() -> None:
-        peak[0] = max(peak[0], load_average()[0])
-
     ceilings = measure_ceilings()
     started = time.perf_counter()
     rows, shapes, skipped = [], [], {}
@@ -307,14 +302,14 @@ def main(argv: list[str] | None = None) -> int:
             skipped[family] = reason
             print(f"cpu_dropin: skipped {reason}", file=sys.stderr)
             continue
-        family_rows, calls = measure_steps(family, args.size, args.rounds, ceilings, on_round)
+        family_rows, calls = measure_steps(family, args.size, args.rounds, ceilings, load.on_round)
         rows += family_rows
-        shapes += measure_attention_calls(family, calls, args.rounds, on_round)
+        shapes += measure_attention_calls(family, calls, args.rounds, load.on_round)
         print(f"cpu_dropin: {family} measured ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     if not rows:
         print(f"cpu_dropin: nothing measured: {'; '.join(skipped.values())}", file=sys.stderr)
         return 2
-    metadata = run_metadata(load_at_start, peak[0])
+    metadata = load.metadata()
     metadata.update(
         {
             "family": FAMILY,
@@ -334,12 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"metadata": metadata, "rows": rows, "shapes": shapes}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1) + "\n")
-    if metadata["loaded"] and not args.allow_loaded:
-        print(
-            f"cpu_dropin: the 1-min load reached {metadata['load_1min_peak']:.2f} (>= {cores()} cores): "
-            f"{args.out} is marked loaded",
-            file=sys.stderr,
-        )
+    load.warn_if_loaded(metadata, args.out, args.allow_loaded)
     print("\n".join(render(data, str(args.out), allow_loaded=True)[FAMILY]))
     print(f"wrote {args.out} ({metadata['seconds']} s of measuring)")
     return 0

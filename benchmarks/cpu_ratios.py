@@ -41,14 +41,7 @@ from vivit_kernels.checks import MODES
 
 from .attention import ATTENTION_FLOP_FORMULA, attention_flops, attention_fn, attention_shape
 from .core import BACKWARD, PLAIN_EINSUM, PLAIN_SDPA, registry_skip_reason
-from .provenance import (
-    add_run_arguments,
-    cores,
-    load_average,
-    parse_run_arguments,
-    refuse_loaded,
-    run_metadata,
-)
+from .provenance import LoadWatch, add_run_arguments, parse_run_arguments
 from .report import render_file
 
 FAMILY = "cpu_attention"
@@ -206,16 +199,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args = parse_args(argv)
-    load_at_start = load_average()
-    refusal = refuse_loaded(load_at_start[0], cores(), args.allow_loaded, prog="cpu_ratios")
+    load = LoadWatch("cpu_ratios")
+    refusal = load.refusal(args.allow_loaded)
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
-    peak = [load_at_start[0]]
-
-    def on_round() -> None:
-        peak[0] = max(peak[0], load_average()[0])
-
     base = dict(B=args.batch, S=args.tokens_per_frame, H=args.heads, Dh=args.head_dim)
     names = args.implementations or implementations(dict(base, T=args.frames[0]))
     ceilings = measure_ceilings()
@@ -223,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for mode in args.modes:
         for frames in args.frames:
-            rows += measure_shape(mode, dict(base, T=frames), names, args.rounds, ceilings, on_round)
+            rows += measure_shape(mode, dict(base, T=frames), names, args.rounds, ceilings, load.on_round)
     fill_speedups(rows)
-    metadata = run_metadata(load_at_start, peak[0])
+    metadata = load.metadata()
     metadata.update(
         {
             "family": FAMILY,
@@ -243,12 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         row["loaded"] = metadata["loaded"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"metadata": metadata, "rows": rows}, indent=1) + "\n")
-    if metadata["loaded"] and not args.allow_loaded:
-        peak_load = metadata["load_1min_peak"]
-        print(
-            f"cpu_ratios: the 1-min load reached {peak_load:.2f} (>= {cores()} cores): {args.out} is marked loaded",
-            file=sys.stderr,
-        )
+    load.warn_if_loaded(metadata, args.out, args.allow_loaded)
     print("\n".join(render_file(args.out, allow_loaded=True)[FAMILY]))
     print(f"wrote {args.out} ({metadata['seconds']} s of measuring)")
     return 0

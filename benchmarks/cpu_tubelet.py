@@ -37,14 +37,7 @@ from vivit_kernels import backends
 
 from .core import BASELINE, FORWARD, registry_skip_reason
 from .cpu_ratios import measure_ceilings, time_interleaved
-from .provenance import (
-    add_run_arguments,
-    cores,
-    load_average,
-    parse_run_arguments,
-    refuse_loaded,
-    run_metadata,
-)
+from .provenance import LoadWatch, add_run_arguments, parse_run_arguments
 from .report import tubelet_table
 from .tubelet import TUBELET_SHAPES, tubelet_fn, tubelet_shape
 
@@ -142,24 +135,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args = parse_args(argv)
-    load_at_start = load_average()
-    refusal = refuse_loaded(load_at_start[0], cores(), args.allow_loaded, prog="cpu_tubelet")
+    load = LoadWatch(FAMILY)
+    refusal = load.refusal(args.allow_loaded)
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
-    peak = [load_at_start[0]]
-
-    def on_round() -> None:
-        peak[0] = max(peak[0], load_average()[0])
-
     shape = TUBELET_SHAPES["vivit_b"]["cpu"]
     names = args.implementations or implementations(shape)
     ceilings = measure_ceilings()
     started = time.perf_counter()
     rows = [
-        row for pass_name in PASSES for row in measure_pass(pass_name, shape, names, args.rounds, ceilings, on_round)
+        row
+        for pass_name in PASSES
+        for row in measure_pass(pass_name, shape, names, args.rounds, ceilings, load.on_round)
     ]
-    metadata = run_metadata(load_at_start, peak[0])
+    metadata = load.metadata()
     metadata.update(
         {
             "family": FAMILY,

@@ -48,6 +48,32 @@ def refuse_loaded(load_1min: float, core_count: int, allow_loaded: bool, prog: s
     )
 
 
+class LoadWatch:
+    """The load averages when a run starts and the highest 1-min load seen since (`on_round`,
+    called between rounds), for its metadata."""
+
+    def __init__(self, prog: str) -> None:
+        self.prog, self.at_start = prog, load_average()
+        self.peak = self.at_start[0]
+
+    def refusal(self, allow_loaded: bool) -> str | None:
+        return refuse_loaded(self.at_start[0], cores(), allow_loaded, self.prog)
+
+    def on_round(self) -> None:
+        self.peak = max(self.peak, load_average()[0])
+
+    def metadata(self) -> dict:
+        return run_metadata(self.at_start, self.peak)
+
+    def warn_if_loaded(self, metadata: dict, out: Path, allow_loaded: bool) -> None:
+        if metadata["loaded"] and not allow_loaded:
+            print(
+                f"{self.prog}: the 1-min load reached {metadata['load_1min_peak']:.2f} (>= {cores()} cores): "
+                f"{out} is marked loaded",
+                file=sys.stderr,
+            )
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """--rounds and --allow-loaded, as every one-thread CPU ratio benchmark takes them."""
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (min taken)")

@@ -17,7 +17,7 @@ import vivit_kernels
 from vivit_kernels import backends
 from vivit_kernels.checks import AttentionShape
 
-from . import cpu_dropin, report
+from . import cpu_dropin, provenance, report
 from .cpu_ratios import time_interleaved
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def test_rounds_take_turns_with_the_first_implementation_rotated():
 
 
 def test_a_loaded_start_writes_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cpu_dropin, "load_average", lambda: [99.0, 1.0, 1.0])
+    monkeypatch.setattr(provenance, "load_average", lambda: [99.0, 1.0, 1.0])
     threads = torch.get_num_threads()
     try:
         status = cpu_dropin.main(["--out", str(tmp_path / "d.json"), "--families", FAMILY, "--size", "smoke"])

@@ -76,7 +76,7 @@ def test_a_run_refuses_to_start_at_a_load_at_or_above_the_core_count():
 
 
 def test_a_loaded_start_writes_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cpu_ratios, "load_average", lambda: [99.0, 1.0, 1.0])
+    monkeypatch.setattr(provenance, "load_average", lambda: [99.0, 1.0, 1.0])
     threads = torch.get_num_threads()
     try:
         status = cpu_ratios.main(["--out", str(tmp_path / "r.json"), "--modes", "temporal", "--frames", "2"])
