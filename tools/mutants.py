@@ -67,7 +67,6 @@ TRITON_ATTENTION = tuple(
     f"tests/test_triton_attention.py::test_{name}"
     for name in (
         "prefix_tokens_and_layouts_match_oracle",
-        "spatial_groups_with_prefix_gathered_or_in_blocks",
         "kernels_write_every_output_element",
         "group_length_extremes",
         "inputs_and_output_gradient_in_layouts_of_their_own",
