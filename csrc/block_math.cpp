@@ -364,19 +364,19 @@ T* short_group_scratch(int64_t size) {
 template <typename T>
 struct Ahead {
   const ShortGroup<T>& g;
-  const int64_t lines, total;
-  int64_t issued = 0, row = 0, line = 0;
+  const int64_t total;  // rows, of every array
+  int64_t issued = 0, row = 0;
   int array = 0;
-  explicit Ahead(const ShortGroup<T>& group)
-      : g(group), lines((group.head_dim * int64_t(sizeof(T)) + 63) / 64), total(group.ahead * group.length * lines) {}
-  // Up to share `part` of `parts` issued.
+  explicit Ahead(const ShortGroup<T>& group) : g(group), total(group.ahead * group.length) {}
+  // Up to share `part` of `parts` issued, a row's lines in one tight loop: a step per line, with
+  // its three counters, cost T = 16 groups about 5% of their time.
   void upto(int part, int parts) {
     for (const int64_t end = total * part / parts; issued < end; ++issued) {
-      __builtin_prefetch(reinterpret_cast<const char*>(g.next[array] + row * g.next_stride[array]) + 64 * line, 0, 1);
-      if (++line == lines) {
-        line = 0;
-        if (++row == g.length) row = 0, ++array;
-      }
+      const uintptr_t first = reinterpret_cast<uintptr_t>(g.next[array] + row * g.next_stride[array]);
+      const uintptr_t last = first + g.head_dim * sizeof(T);
+      for (uintptr_t line = first & ~uintptr_t(63); line < last; line += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(line), 0, 1);
+      if (++row == g.length) row = 0, ++array;
     }
   }
 };
