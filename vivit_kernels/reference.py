@@ -1,4 +1,5 @@
-"""Naive implementations: the baseline of every benchmark and the oracle of every test.
+"""Naive implementations: the oracle of every test (and the tubelet benchmarks' einsum baseline;
+attention is measured against plain code of its own, benchmarks/attention.py).
 
 They are written to be obviously right (einops to group the tokens, einsum, softmax) and
 keep the full probability matrix of every attention group, as hand-written code would.

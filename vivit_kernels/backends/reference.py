@@ -30,7 +30,7 @@ def tubelet_embedding(video, weight, bias, pos_embed, shape: TubeletShape) -> to
 register(
     Backend(
         name="reference",
-        auto=False,  # "auto"'s last resort, never its choice: the oracle and the benchmarks' baseline
+        auto=False,  # "auto"'s last resort, never its choice: the tests' oracle
         fused=False,
         ops={
             "attention": OpSupport(attention, _ANY_DEVICE, _FLOATS, dropout=True),
