@@ -17,23 +17,27 @@ pytest.importorskip("torchvision.models.feature_extraction", reason="timm's FX f
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
-def converted_timm_vit() -> tuple[torch.nn.Module, torch.nn.Module]:
+def converted_timm_vit(memory: str | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A tiny timm ViT, and a converted copy with the same weights."""
     torch.manual_seed(0)
     options = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=5)
     original = timm.models.vision_transformer.VisionTransformer(**options)
     model = timm.models.vision_transformer.VisionTransformer(**options)
     model.load_state_dict(original.state_dict())
-    return original, convert(model, mode="joint")
+    return original, convert(model, mode="joint", memory=memory)
 
 
-def test_timm_fx_feature_extraction_traces_a_converted_vit_with_its_attention_as_a_leaf():
+@pytest.mark.parametrize("memory", [None, "lean"])
+def test_timm_fx_feature_extraction_traces_a_converted_vit_with_its_attention_as_a_leaf(memory):
+    """Converted, the attention is one leaf call; lean, the whole block is (it computes its
+    LayerNorms inside the projections, branching on shapes)."""
     from timm.models import create_feature_extractor, get_graph_node_names
 
-    original, model = converted_timm_vit()
+    original, model = converted_timm_vit(memory)
     train_nodes, eval_nodes = get_graph_node_names(model)
-    assert {"blocks.0.attn", "blocks.1.attn"} <= set(eval_nodes)  # one call each, not traced through
-    assert not any(name.startswith("blocks.0.attn.") for name in eval_nodes)
+    leaf = "attn" if memory is None else ""
+    assert {f"blocks.0.{leaf}".rstrip("."), f"blocks.1.{leaf}".rstrip(".")} <= set(eval_nodes)  # one call each
+    assert not any(name.startswith(f"blocks.0.{leaf}".rstrip(".") + ".") for name in eval_nodes)
     images = torch.randn(2, 3, 32, 32)
     traced = create_feature_extractor(model.eval(), return_nodes=[eval_nodes[-1]])
     with torch.no_grad():

@@ -80,3 +80,17 @@ def test_bad_arguments():
         norm_linear(torch.zeros(2, 4), nn.BatchNorm1d(4), torch.zeros(3, 4))
     with pytest.raises(ValueError, match=r"^gelu_linear: approximate must be one of 'none', 'tanh', got 'erf'$"):
         gelu_linear(torch.zeros(2, 4), torch.zeros(3, 4), approximate="erf")
+
+
+def test_meta_device_gives_the_plain_modules_shapes_and_dtypes():
+    """Models built on the meta device (shape inference, deferred init) run norm_linear and
+    gelu_linear there too: forward and backward give the plain modules' shapes and dtypes."""
+    x = torch.empty(2, 5, 8, device="meta", requires_grad=True)
+    norm = nn.LayerNorm(8, device="meta")
+    fc1, fc2 = nn.Linear(8, 12, device="meta"), nn.Linear(12, 8, device="meta")
+    out = gelu_linear(norm_linear(x, norm, fc1.weight, fc1.bias), fc2.weight, fc2.bias, "tanh")
+    expected = fc2(F.gelu(fc1(norm(x)), approximate="tanh"))
+    assert (out.shape, out.dtype, out.device) == (expected.shape, expected.dtype, expected.device)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and fc1.weight.grad.shape == fc1.weight.shape
+    assert norm.weight.grad.shape == norm.weight.shape and fc2.bias.grad.shape == fc2.bias.shape

@@ -17,6 +17,8 @@ autocast included, and keep only their input:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +32,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
+
+
+def _no_autocast(device_type: str):
+    """Autocast off where the device has it (not on "meta", where shapes are worked out)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _linear_backward(grad, inputs, weight, bias_dtype, needs):
@@ -47,7 +56,7 @@ class _NormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias):
         dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device.type):
             # LayerNorm in its input's precision (autocast runs it in fp32), the product in `dtype`.
             normed = F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)
             out = F.linear(normed.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
@@ -59,7 +68,7 @@ class _NormLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, norm_weight, norm_bias, weight = ctx.saved_tensors
         needs_x, needs_nw, needs_nb, _, needs_w, needs_b = ctx.needs_input_grad
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        with torch.enable_grad(), _no_autocast(x.device.type):
             leaves = [
                 t.detach().requires_grad_(need) if t is not None else None
                 for t, need in ((x, needs_x), (norm_weight, needs_nw), (norm_bias, needs_nb))
@@ -78,7 +87,7 @@ class _GeluLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, approximate, weight, bias):
         dtype = _compute_dtype(hidden)
-        with torch.autocast(hidden.device.type, enabled=False):
+        with _no_autocast(hidden.device.type):
             activated = F.gelu(hidden, approximate=approximate).to(dtype)
             out = F.linear(activated, weight.to(dtype), None if bias is None else bias.to(dtype))
         ctx.save_for_backward(hidden, weight)

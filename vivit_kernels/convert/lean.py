@@ -33,7 +33,7 @@ from ..lean import gelu_linear, norm_linear
 from .common import class_in, dropout_p, layer_mask, refuse_extras
 from .hf_vivit import is_hf_vivit
 from .timesformer import is_timesformer, timesformer_divided_layer
-from .timm_vit import is_timm_vit
+from .timm_vit import is_timm_vit, register_notrace
 from .videomae import is_videomae
 from .vit_pytorch import _PreNormAttention, is_vit_pytorch
 
@@ -251,6 +251,7 @@ def _lean_timm(model: nn.Module) -> list:
     block_class = class_in(_TIMM, "Block")
     mlp_class = class_in("timm.layers.mlp", "Mlp")
     lean = timm_lean_block(block_class)
+    register_notrace(lean)  # as the converted attention: its forward branches on shapes
     swaps = []
     for i, block in enumerate(getattr(model, "blocks", ())):
         name = f"blocks.{i}"
