@@ -80,7 +80,7 @@ def test_a_test_that_kills_its_process_is_recorded_and_the_run_goes_on(tmp_path)
         "def test_after():\n    assert False, 'reached'\n"
     )
     family = harness.Family("fake", "none", "", "tests/test_fake.py")
-    args = argparse.Namespace(select=None, slow=False, timeout=120)
+    args = argparse.Namespace(select=None, slow=False, timeout=120, memory=None)
     results = harness.run_pytest(family, False, work, out, args, [])
     assert results["test_first"]["outcome"] == "passed"
     assert results["test_dies"]["outcome"] == "crashed"
@@ -142,3 +142,18 @@ def test_torchscript_stopping_in_a_converted_attention_is_refused_by_design_and_
         ("T::ours", True),
         ("T::theirs", False),
     ]
+
+
+def test_a_block_lean_does_not_rewrite_is_refused_by_design_and_the_report_names_the_option():
+    reason = (
+        "ValueError: convert: blocks.0.norm1: memory='lean' fuses a LayerNorm over the last dim with the next "
+        "projection, got timm.layers.norm.RmsNorm"
+    )
+    assert harness.refused_by_design(reason)
+    assert not harness.refused_by_design("ValueError: convert: blocks.0.norm1: the norm is wrong")
+    result = harness.compare({"T::a": outcome("passed")}, {"T::a": outcome("failed", reason)})
+    assert result["counts"]["refused_by_design"] == 1
+    table = harness.markdown(
+        dict(versions={"timm": "1"}, slow=False, select=None, memory="lean", families={"timm_vit": result})
+    )
+    assert "with memory='lean' (`python -m tools.hf_model_tests --memory lean`)" in table.splitlines()[0]

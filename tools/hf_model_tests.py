@@ -109,7 +109,11 @@ SUPPORT_FILES = (
     "tests/utils/tiny_model_summary.json",
 )
 # A converted layer refusing attention weights, as the docs list it (vivit_kernels/convert/common.py: refuse_extras).
-REFUSED = re.compile(r"converted by vivit_kernels\).*output_attentions|never forms the attention matrix")
+# With --memory lean, a block lean does not rewrite (another norm or MLP class: docs/dropin.md, "Lean memory").
+REFUSED = re.compile(
+    r"converted by vivit_kernels\).*output_attentions|never forms the attention matrix"
+    r"|^ValueError: convert: \S+: memory='lean' (fuses|rewrites) "
+)
 # torch.jit.script stopping in vivit_kernels' code: a converted attention's forward is not scriptable (docs/dropin.md).
 SCRIPTING = re.compile(r"torch\.jit\.frontend\.\w+Error")
 OUTCOMES = ("passed", "failed", "error", "crashed", "skipped", "xfailed")
@@ -131,6 +135,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-k", dest="select", default=None, help="pytest -k expression, to run a subset")
     parser.add_argument("--slow", action="store_true", help="also run tests marked slow (RUN_SLOW=1)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per pytest run (default 900)")
+    parser.add_argument(
+        "--memory",
+        choices=("lean",),
+        default=None,
+        help="convert with memory='lean' (LayerNorms and GELU recomputed in backward)",
+    )
     args = parser.parse_args(argv)
     names = [n for n in args.families.split(",") if n]
     unknown = [n for n in names if n not in FAMILIES]
@@ -241,7 +251,7 @@ def run_pytest(
         HF_MODEL_TESTS_RESULTS=str(results),
         HF_MODEL_TESTS_CONVERT=family.module if converted else "",
         HF_MODEL_TESTS_CLASSES=",".join(family.classes),
-        HF_MODEL_TESTS_OPTIONS=json.dumps(dict(family.options)),
+        HF_MODEL_TESTS_OPTIONS=json.dumps(dict(family.options, **({"memory": args.memory} if args.memory else {}))),
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         HF_HUB_DISABLE_TELEMETRY="1",
@@ -333,10 +343,12 @@ def compare(original: dict, converted: dict) -> dict:
 
 def markdown(report: dict) -> str:
     versions = ", ".join(f"{package} {version}" for package, version in report["versions"].items())
+    memory = report.get("memory")
     lines = [
         f"{versions}, models converted by vivit_kernels as users convert them (after `from_pretrained`, "
-        "else when built) "
-        f"(`python -m tools.hf_model_tests`{' --slow' if report['slow'] else ''}{' -k ' + repr(report['select']) if report['select'] else ''}).",
+        f"else when built){', with memory=' + repr(memory) if memory else ''} "
+        f"(`python -m tools.hf_model_tests{' --slow' if report['slow'] else ''}"
+        f"{' --memory ' + memory if memory else ''}{' -k ' + repr(report['select']) if report['select'] else ''}`).",
         "",
         "| family | tests | pass unconverted | of those, pass converted | refused by design | other failures |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -374,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     families = [FAMILIES[n] for n in args.families]
     args.out.mkdir(parents=True, exist_ok=True)
     paths = ensure_parameterized(args.out / "deps")
-    report = dict(slow=args.slow, select=args.select, versions={}, provenance={}, families={})
+    report = dict(slow=args.slow, select=args.select, memory=args.memory, versions={}, provenance={}, families={})
     trees = {}
     for package in dict.fromkeys(f.package for f in families):
         version = installed_version(package)
