@@ -6,7 +6,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.vivit-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint test-compat dist-check bench gpu-check mutate clean
+.PHONY: install demo test lint test-compat dist-check bench bench-quick gpu-check mutate clean
 
 install: $(STAMP)
 
@@ -72,6 +72,12 @@ bench: $(STAMP)
 	mkdir -p $(BENCH_DIR)
 	$(PYTHON) -m pytest benchmarks --benchmark-only --benchmark-json $(BENCH_DIR)/bench.json $(PYTEST_ARGS)
 	$(PYTHON) -m benchmarks.plots $(BENCH_DIR)/bench.json
+
+# The front page's temporal and split attention ratios, checked in under a minute on one thread;
+# refused at a load average at or above the core count.
+bench-quick: $(STAMP)
+	mkdir -p $(BENCH_DIR)
+	$(PYTHON) -m benchmarks.cpu_ratios --modes temporal,split --out $(BENCH_DIR)/cpu_ratios_quick.json
 
 # For a GPU owner: every CUDA test, the compile inspection, the CUDA benchmarks and the memory
 # planner against measured training steps, one report (runs/gpu-check/report.md and report.json).

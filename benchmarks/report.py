@@ -164,9 +164,25 @@ def _sorted_ratio_rows(rows: list[dict]) -> list[dict]:
     )
 
 
+def _of_bound(row: dict) -> str:
+    """The fraction of the machine's bound a row reaches: its bound time over its time."""
+    return f"{row['bound_ms'] / row['min_ms']:.0%}"
+
+
 def ratio_table(rows: list[dict]) -> list[str]:
     """cpu_ratios rows: every implementation of each (mode, T), its minimum, rates, bound and ratios."""
-    header = ("mode", "T", "implementation", "min", "GFLOP/s", "GB/s", "bound", "vs plain einsum", "vs plain SDPA")
+    header = (
+        "mode",
+        "T",
+        "implementation",
+        "min",
+        "GFLOP/s",
+        "GB/s",
+        "bound",
+        "of bound",
+        "vs plain einsum",
+        "vs plain SDPA",
+    )
     lines = [
         (
             r["mode"],
@@ -176,6 +192,7 @@ def ratio_table(rows: list[dict]) -> list[str]:
             f"{r['gflop_per_s']:.1f}",
             f"{r['io_gb_per_s']:.1f}",
             _ms(r["bound_ms"]),
+            _of_bound(r),
             _ratio(r.get(f"speedup_vs_{PLAIN_EINSUM}")),
             _ratio(r.get(f"speedup_vs_{PLAIN_SDPA}")),
         )
@@ -187,7 +204,7 @@ def ratio_table(rows: list[dict]) -> list[str]:
 def tubelet_table(rows: list[dict]) -> list[str]:
     """benchmarks.cpu_tubelet's rows: each pass's implementations against the fastest baseline."""
     return markdown(
-        ("pass", "implementation", "min", "GFLOP/s", "bound", "vs fastest baseline"),
+        ("pass", "implementation", "min", "GFLOP/s", "bound", "of bound", "vs fastest baseline"),
         [
             (
                 r["pass"],
@@ -195,6 +212,7 @@ def tubelet_table(rows: list[dict]) -> list[str]:
                 _ms(r["min_ms"]),
                 f"{r['gflop_per_s']:.1f}",
                 _ms(r["bound_ms"]),
+                _of_bound(r),
                 f"{_ratio(r['speedup_vs_best_baseline'])} ({r['best_baseline']})",
             )
             for r in rows

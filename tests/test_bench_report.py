@@ -175,12 +175,14 @@ def test_a_ratio_row_renders_exactly():
     table = blocks["cpu_attention"]
     assert table[:2] == [HEAD, ""]
     assert table[2] == (
-        "| mode     | T  | implementation | min     | GFLOP/s | GB/s | bound  | vs plain einsum | vs plain SDPA |"
+        "| mode     | T  | implementation | min     | GFLOP/s | GB/s | bound  | of bound | vs plain einsum "
+        "| vs plain SDPA |"
     )
     # Baselines first, whatever order the file lists them in.
     assert [line.split("|")[3].strip() for line in table[4:]] == ["plain einsum", "plain SDPA", "cpu"]
     assert table[6] == (
-        "| temporal | 16 | cpu            | 33.0 ms | 16.4    | 3.5  | 5.9 ms | 1.06x           | 0.95x         |"
+        "| temporal | 16 | cpu            | 33.0 ms | 16.4    | 3.5  | 5.9 ms | 18%      | 1.06x           "
+        "| 0.95x         |"
     )
     assert blocks["headline"][4] == (
         "| temporal | 16 | cpu   | 33.0 ms | 35.0 ms      | 31.4 ms    | 1.06x           | 0.95x         |"
@@ -280,6 +282,6 @@ def test_a_tubelet_file_renders_its_own_table_exactly():
     }
     blocks = report.render({"metadata": meta, "rows": [row]}, "t.json")
     assert list(blocks) == ["cpu_tubelet"]
-    assert (
-        blocks["cpu_tubelet"][-1] == "| forward | cpu            | 39.7 ms | 93.2    | 38.2 ms | 1.00x (conv3d)      |"
+    assert blocks["cpu_tubelet"][-1] == (
+        "| forward | cpu            | 39.7 ms | 93.2    | 38.2 ms | 96%      | 1.00x (conv3d)      |"
     )
