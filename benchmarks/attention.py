@@ -125,6 +125,19 @@ def attention_flops(mode: str, shape: dict, pass_name: str) -> float:
     return call.forward_flops + (call.backward_flops if pass_name == BACKWARD else 0)
 
 
+ATTENTION_IO_FORMULA = (
+    "forward 4*B*N*H*Dh elements (reads q, k, v, writes the output); forward+backward 12*B*N*H*Dh (the "
+    "backward also reads q, k, v, the output and its gradient and writes the qkv gradient): each once, "
+    "a fused kernel's compulsory traffic"
+)
+
+
+def attention_io_bytes(shape: dict, pass_name: str, element_size: int) -> int:
+    """ATTENTION_IO_FORMULA in bytes, for elements of `element_size` bytes."""
+    B, T, S, H, Dh = (shape[k] for k in ("B", "T", "S", "H", "Dh"))
+    return (12 if pass_name == BACKWARD else 4) * B * T * S * H * Dh * element_size
+
+
 def attention_score_bytes(mode: str, shape: dict, dtype: torch.dtype) -> int:
     """Bytes of one full score (or probability) tensor of the naive einsum path: every (query, key) pair."""
     call = attention_shape(mode, shape)

@@ -13,7 +13,7 @@ import torch
 from .core import TORCH_BASELINES, einsum_baseline, parse_target
 from .loader import OLD as LOADER_OLD
 from .loader import OLD_DECODE as LOADER_OLD_DECODE
-from .measure import run_case
+from .measure import device_ceilings, roofline, run_case
 from .provenance import load_average, run_metadata
 from .report import format_loader_table, format_table, metadata_line
 
@@ -21,12 +21,15 @@ RESULTS = pytest.StashKey[list]()
 # The load averages at the session's start, and the highest 1-min load seen at any benchmark.
 LOAD_AT_START = pytest.StashKey[list]()
 PEAK_LOAD = pytest.StashKey[float]()
+# The matmul and copy ceilings of each target benchmarked, measured at its first timed case.
+CEILINGS = pytest.StashKey[dict]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[RESULTS] = []
     config.stash[LOAD_AT_START] = load_average()
     config.stash[PEAK_LOAD] = config.stash[LOAD_AT_START][0]
+    config.stash[CEILINGS] = {}
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
@@ -90,6 +93,8 @@ def measure(benchmark, request):
         if benchmark.disabled:
             with smoke_threads(benchmark):
                 run_case(benchmark, spec)
+            # No ceilings in the smoke run (they would cost seconds per target): the fields stay None.
+            benchmark.extra_info.update(roofline(benchmark.extra_info, None, None))
             return
         run_case(benchmark, spec)
         request.config.stash[PEAK_LOAD] = max(request.config.stash[PEAK_LOAD], load_average()[0])
@@ -97,6 +102,10 @@ def measure(benchmark, request):
         median = benchmark.stats.stats.median
         benchmark.extra_info["median_s"] = median
         benchmark.extra_info["flop_per_s"] = benchmark.extra_info["flops"] / median if median > 0 else None
+        ceilings = request.config.stash[CEILINGS]
+        if spec["target"] not in ceilings:
+            ceilings[spec["target"]] = device_ceilings(spec["target"])
+        benchmark.extra_info.update(roofline(benchmark.extra_info, median, ceilings[spec["target"]]))
         request.config.stash[RESULTS].append(benchmark.extra_info)
 
     return run
@@ -154,6 +163,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(
         "FLOP/s from the stated formulas "
         "(attention: forward 4*B*H*N*L*Dh, backward 2.5x; training: FlopCounterMode). "
+        "GB/s from the compulsory-traffic formulas (attention, tubelet; '-' elsewhere). "
+        "of bound: the slower of the FLOPs at the session's matmul ceiling and the bytes at its copy ceiling, "
+        "over the median. "
         "peak mem: bytes above those allocated before the call (inputs, parameters, optimiser state), "
         + "; ".join(methods)
         + "."

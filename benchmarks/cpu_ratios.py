@@ -39,7 +39,7 @@ import torch
 from vivit_kernels import backends
 from vivit_kernels.checks import MODES
 
-from .attention import ATTENTION_FLOP_FORMULA, attention_flops, attention_fn, attention_shape
+from .attention import ATTENTION_FLOP_FORMULA, attention_flops, attention_fn, attention_io_bytes, attention_shape
 from .core import BACKWARD, PLAIN_EINSUM, PLAIN_SDPA, registry_skip_reason
 from .provenance import LoadWatch, add_run_arguments, parse_run_arguments
 from .report import render_file
@@ -72,22 +72,30 @@ def implementations(shape: dict) -> list[str]:
 
 
 def io_bytes(shape: dict) -> int:
-    return 12 * shape["B"] * shape["T"] * shape["S"] * shape["H"] * shape["Dh"] * 4
+    return attention_io_bytes(shape, BACKWARD, 4)
 
 
-def measure_ceilings(tries: int = 5) -> dict:
-    """One thread's fp32 matmul rate (1024^3 through BLAS) and copy rate (64 MiB, twice the L3,
-    into a preallocated tensor: a fresh one would time first-touch page faults), best of `tries`."""
-    a, b = torch.full((1024, 1024), 0.5), torch.full((1024, 1024), 0.25)
-    src, dst = torch.ones(16 * 2**20), torch.zeros(16 * 2**20)
-    best_mm = best_copy = float("inf")
-    for _ in range(tries):
-        start = time.process_time()
-        torch.mm(a, b)
-        best_mm = min(best_mm, time.process_time() - start)
-        start = time.process_time()
-        dst.copy_(src)
-        best_copy = min(best_copy, time.process_time() - start)
+def measure_ceilings(tries: int = 5, threads: int = 1) -> dict:
+    """The fp32 matmul rate (1024^3 through BLAS) and copy rate (64 MiB, twice the L3, into a
+    preallocated tensor: a fresh one would time first-touch page faults) at `threads` torch threads,
+    best of `tries`. One thread is timed by process CPU time (a neighbour's burst does not count);
+    more by wall time, since process time adds the threads' times together."""
+    clock = time.process_time if threads == 1 else time.perf_counter
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.full((1024, 1024), 0.5), torch.full((1024, 1024), 0.25)
+        src, dst = torch.ones(16 * 2**20), torch.zeros(16 * 2**20)
+        best_mm = best_copy = float("inf")
+        for _ in range(tries):
+            start = clock()
+            torch.mm(a, b)
+            best_mm = min(best_mm, clock() - start)
+            start = clock()
+            dst.copy_(src)
+            best_copy = min(best_copy, clock() - start)
+    finally:
+        torch.set_num_threads(before)
     return {
         "matmul_gflop_per_s": round(2 * 1024**3 / max(best_mm, 1e-9) / 1e9, 1),
         "copy_gb_per_s": round(2 * src.numel() * 4 / max(best_copy, 1e-9) / 1e9, 1),

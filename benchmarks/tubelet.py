@@ -63,6 +63,21 @@ def tubelet_flops(shape: dict, pass_name: str) -> float:
     return tubelet_shape(shape).flops * (2.0 if pass_name == BACKWARD else 1.0)
 
 
+TUBELET_IO_FORMULA = (
+    "forward: the video, weight, bias and positional embedding read, the tokens written; "
+    "backward 1x forward more (the video and the tokens' gradient read, the three gradients written)"
+)
+
+
+def tubelet_io_bytes(shape: dict, pass_name: str, element_size: int) -> int:
+    """TUBELET_IO_FORMULA in bytes, each tensor moved once per pass, for elements of `element_size` bytes."""
+    B, C, T, H, W, D = (shape[k] for k in ("B", "C", "T", "H", "W", "D"))
+    t, h, w = shape["t"], shape["h"], shape["w"]
+    tokens = (T // t) * (H // h) * (W // w)
+    forward = B * C * T * H * W + D * C * t * h * w + D + tokens * D + B * tokens * D
+    return forward * (2 if pass_name == BACKWARD else 1) * element_size
+
+
 def tubelet_skip_reason(spec: dict) -> str | None:
     device, dtype = parse_target(spec["target"])
     backend = spec["backend"]

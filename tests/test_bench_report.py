@@ -228,6 +228,41 @@ def test_a_pytest_benchmark_file_renders_a_table_per_op_and_device():
     assert [line.split("|")[4].strip() for line in table[4:]] == ["plain einsum", "cpu"]
 
 
+def test_a_pytest_benchmark_row_renders_its_bytes_and_fraction_of_the_bound_exactly():
+    row = dict(
+        op="tubelet",
+        case="tubelet",
+        backend="conv3d",
+        device="cpu",
+        dtype="float32",
+        shape_name="vivit_b",
+        median_s=0.02,
+        flop_per_s=2e10,
+        byte_per_s=3.46e9,
+        bound_fraction=0.375,
+        peak_bytes=2**20,
+        saved_for_backward_bytes=None,
+    )
+    row["pass"] = "forward"
+    # A training step: no traffic formula, and a file from before the ceilings.
+    step = dict(row, op="training", case="factorised_encoder", backend="auto")
+    step.update({"pass": "train step", "byte_per_s": None})
+    del step["bound_fraction"]
+    table = report.format_table([row, step])
+    assert table[0] == (
+        "| op / mode                    | shape   | target      | backend | pass       | median  | GFLOP/s | GB/s "
+        "| of bound | vs einsum | vs SDPA/Conv3d | peak mem | saved for bwd |"
+    )
+    assert table[2] == (
+        "| tubelet                      | vivit_b | cpu float32 | conv3d  | fwd        | 20.0 ms | 20.0    | 3.5  "
+        "| 38%      | -         | -              | 1.0 MiB  | -             |"
+    )
+    assert table[3] == (
+        "| training: factorised_encoder | vivit_b | cpu float32 | auto    | train step | 20.0 ms | 20.0    | -    "
+        "| -        | -         | -              | 1.0 MiB  | -             |"
+    )
+
+
 def test_update_then_check_round_trip(tmp_path, capsys):
     results = tmp_path / "r.json"
     results.write_text(json.dumps(RATIOS))
