@@ -207,10 +207,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args = parse_args(argv)
-    load = LoadWatch("cpu_ratios")
-    refusal = load.refusal(args.allow_loaded)
-    if refusal:
-        print(refusal, file=sys.stderr)
+    load = LoadWatch.start("cpu_ratios", args.allow_loaded)
+    if load is None:
         return 2
     base = dict(B=args.batch, S=args.tokens_per_frame, H=args.heads, Dh=args.head_dim)
     names = args.implementations or implementations(dict(base, T=args.frames[0]))

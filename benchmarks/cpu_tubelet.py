@@ -135,10 +135,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args = parse_args(argv)
-    load = LoadWatch(FAMILY)
-    refusal = load.refusal(args.allow_loaded)
-    if refusal:
-        print(refusal, file=sys.stderr)
+    load = LoadWatch.start(FAMILY, args.allow_loaded)
+    if load is None:
         return 2
     shape = TUBELET_SHAPES["vivit_b"]["cpu"]
     names = args.implementations or implementations(shape)

@@ -56,8 +56,16 @@ class LoadWatch:
         self.prog, self.at_start = prog, load_average()
         self.peak = self.at_start[0]
 
-    def refusal(self, allow_loaded: bool) -> str | None:
-        return refuse_loaded(self.at_start[0], cores(), allow_loaded, self.prog)
+    @classmethod
+    def start(cls, prog: str, allow_loaded: bool) -> LoadWatch | None:
+        """The watch of a run starting now, or None (its one-line refusal printed) where the load
+        is at or above the core count and `allow_loaded` is not set."""
+        watch = cls(prog)
+        refusal = refuse_loaded(watch.at_start[0], cores(), allow_loaded, prog)
+        if refusal:
+            print(refusal, file=sys.stderr)
+            return None
+        return watch
 
     def on_round(self) -> None:
         self.peak = max(self.peak, load_average()[0])
