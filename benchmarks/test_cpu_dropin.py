@@ -58,7 +58,7 @@ def test_a_wrong_conversion_fails_before_anything_is_timed():
     converted = models[cpu_dropin.CONVERTED]
     attention = next(m for m in converted.modules() if isinstance(m, vivit_kernels.FactorisedAttention))
     with torch.no_grad():
-        attention.proj.weight.mul_(1.01)
+        attention.get_submodule(attention.output_parts[0]).weight.mul_(1.01)  # the output projection
     with pytest.raises(AssertionError, match=f"^cpu_dropin {FAMILY}: converted logits differ from the original's"):
         cpu_dropin.check_and_record(FAMILY, models, inputs, logits)
 

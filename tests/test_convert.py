@@ -151,7 +151,7 @@ def test_timesformer_divided_layers():
     layer = model.encoder.layer[0]
     assert isinstance(layer, transformers.models.timesformer.modeling_timesformer.TimesformerLayer)
     temporal, spatial = layer.temporal_attention, layer.attention
-    assert (temporal.mode, spatial.mode) == ("temporal", "spatial") and temporal.qkv is qkv
+    assert (temporal.mode, spatial.mode) == ("temporal", "spatial") and temporal.attention.qkv is qkv
     for attn in (temporal, spatial):
         assert (attn.layout, attn.num_prefix_tokens, attn.frames) == ("space_major", 1, 3)
     restored = pickle.loads(pickle.dumps(model))
@@ -229,7 +229,7 @@ def test_hf_vivit_refusals():
     with pytest.raises(ValueError, match="mode must be None or 'joint', got 'split'"):
         convert(hf_vivit(), mode="split")
     model = convert(hf_vivit())
-    assert all(layer.qkv.out_features == 96 for layer in converted_layers(model))
+    assert all([w.shape for w in layer.qkv_weights] == [(32, 32)] * 3 for layer in converted_layers(model))
     with pytest.raises(ValueError, match="VivitAttention .*output_attentions=True is not supported"):
         model(torch.randn(1, 4, 3, 32, 32), output_attentions=True)
 
@@ -252,17 +252,19 @@ def test_videomae_pretraining_encoder_and_decoder(backend, generator):
     masked[:, ::3] = True
     model = videomae("VideoMAEForPreTraining")
     errors = assert_parity(model, video, lambda m, x: m(x, bool_masked_pos=masked).logits, dict(backend=backend))
-    assert "decoder.decoder_layers.0.attention.qkv.weight" in errors
+    assert "decoder.decoder_layers.0.attention.attention.query.weight" in errors
 
 
 def test_videomae_key_bias_is_zero_and_never_trained():
     model = convert(videomae())
     layer = converted_layers(model)[0]
-    assert "k_bias" not in dict(model.named_parameters()) and "attention.k_bias" not in str(model.state_dict().keys())
+    assert not [name for name, _ in model.named_parameters() if "key.bias" in name or "k_bias" in name]
+    assert not [name for name, _ in model.named_buffers()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(1, 4, 3, 32, 32)).last_hidden_state.sum().backward()
     optimizer.step()
-    assert (layer.k_bias == 0).all() and layer.q_bias.grad is not None
+    inner = layer.attention.query.bias.shape[0]
+    assert (layer.qkv_bias[inner : 2 * inner] == 0).all() and layer.attention.query.bias.grad is not None
 
 
 # ------------------------------------------------------------------------ vit-pytorch ViViT

@@ -1,5 +1,6 @@
 """vivit_kernels.lean: a linear layer after a LayerNorm or a GELU that keeps its input for backward,
-not the normalised or activated tensor, and computes exactly what the plain modules compute."""
+not the normalised or activated tensor, and computes exactly what the plain modules compute; a
+linear layer on stacked weights (separate q, k, v) that keeps the weights, not their stack."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from conftest import relative_error
 from torch import nn
 
-from vivit_kernels import gelu_linear, norm_linear, saved_bytes
+from vivit_kernels import gelu_linear, norm_linear, saved_bytes, stacked_linear
 
 
 @pytest.fixture
@@ -94,3 +95,68 @@ def test_meta_device_gives_the_plain_modules_shapes_and_dtypes():
     out.sum().backward()
     assert x.grad.shape == x.shape and fc1.weight.grad.shape == fc1.weight.shape
     assert norm.weight.grad.shape == norm.weight.shape and fc2.bias.grad.shape == fc2.bias.shape
+
+
+def _separate(generator, dtype=torch.float32, requires_grad=True):
+    """Three 24 -> 16 projections (q, k, v) and their stacked bias, with a zero middle part."""
+    weights = [torch.randn(16, 24, dtype=dtype, generator=generator, requires_grad=requires_grad) for _ in range(3)]
+    bias = torch.randn(48, dtype=dtype, generator=generator)
+    bias[16:32] = 0
+    return weights, bias.requires_grad_(requires_grad)
+
+
+def test_stacked_weights_gradcheck(generator):
+    weights, bias = _separate(generator, torch.float64)
+    norm = nn.LayerNorm(24).double()
+    x = torch.randn(2, 3, 24, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b, *w: stacked_linear(x, w, b), (x, bias, *weights))
+    assert torch.autograd.gradcheck(
+        lambda x, nw, nb, b, *w: norm_linear(x, _with(norm, nw, nb), w, b), (x, norm.weight, norm.bias, bias, *weights)
+    )
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_stacked_weights_compute_the_stacked_linear(layers, autocast, generator):
+    norm = layers[0]
+    weights, bias = _separate(generator)
+    x = torch.randn(3, 7, 24, generator=generator, requires_grad=True)
+    params = [x, *weights, bias, *norm.parameters()]
+    grad = torch.randn(3, 7, 48, generator=generator)  # one for each part: ones would give equal parts
+    for lean in (False, True):
+
+        def run(stacked: bool, lean=lean):
+            w = weights if stacked else torch.cat(weights)
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                if lean:
+                    out = norm_linear(x, norm, w, bias)
+                else:
+                    out = stacked_linear(x, w, bias) if stacked else F.linear(x, w, bias)
+            return out, torch.autograd.grad(out, params, grad.to(out.dtype), allow_unused=True)
+
+        (out, grads), (expected, expected_grads) = run(True), run(False)
+        assert out.dtype == expected.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert relative_error(out, expected) < 1e-6
+        for a, b in zip(grads, expected_grads, strict=True):
+            assert (a is None) == (b is None)
+            assert a is None or (a.dtype == b.dtype and relative_error(a, b) < 1e-6)
+
+
+def test_stacked_weights_keep_the_weights_not_their_stack(layers, generator):
+    norm = layers[0]
+    weights, bias = _separate(generator)
+    x = torch.randn(4, 50, 24, generator=generator, requires_grad=True)
+    kept = []
+
+    def keep(tensor):
+        kept.append(tensor)
+        return tensor
+
+    for run in (lambda: stacked_linear(x, weights, bias), lambda: norm_linear(x, norm, weights, bias)):
+        kept.clear()
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            run()
+        pointers = {t.data_ptr() for t in kept}
+        assert {w.data_ptr() for w in weights} | {x.data_ptr()} <= pointers
+        assert not [t for t in kept if t.shape == (48, 24)]  # no stack saved
+    # One weight: F.linear as it is.
+    assert saved_bytes(lambda: stacked_linear(x, [weights[0]], bias[:16])) == (x.numel() + weights[0].numel()) * 4

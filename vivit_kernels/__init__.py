@@ -5,7 +5,7 @@ from . import triton as _triton  # noqa: F401  # isort: skip
 from .attention import FactorisedAttention, attention_backend, factorised_attention, factorised_attention_packed
 from .backends import BackendUnsupportedError
 from .convert import convert
-from .lean import gelu_linear, norm_linear
+from .lean import gelu_linear, norm_linear, stacked_linear
 from .memory import saved_bytes
 from .tubelet import TubeletEmbedding, UniformFrameEmbedding, tubelet_backend, tubelet_embedding, uniform_frame_indices
 
@@ -20,6 +20,7 @@ __all__ = [
     "factorised_attention_packed",
     "gelu_linear",
     "norm_linear",
+    "stacked_linear",
     "saved_bytes",
     "tubelet_backend",
     "tubelet_embedding",

@@ -21,6 +21,7 @@ from .checks import (
     check_prefix,
     grid_mismatch,
 )
+from .lean import norm_linear, stacked_linear
 from .ops.library import autocast_inputs
 
 
@@ -309,16 +310,51 @@ class FactorisedAttention(nn.Module):
             frames = self.grid_frames(N, frames)
         else:
             raise ValueError(f"{op}: x must be (B, T, S, D) or (B, N, D), got shape {tuple(x.shape)}")
-        if D != self.qkv.in_features:
-            raise ValueError(f"{op}: x has dim {D}, expected {self.qkv.in_features}")
+        if D != self.dim:
+            raise ValueError(f"{op}: x has dim {D}, expected {self.dim}")
 
-        out = self.attend(F.linear(x.reshape(B, N, D), self.qkv.weight, self.qkv_bias), frames, attn_mask=attn_mask)
+        out = self.attend(self.project_qkv(x.reshape(B, N, D)), frames, attn_mask=attn_mask)
         return out.reshape(x.shape)
+
+    # The projections as the op reads them. A module converted from another library keeps that
+    # library's parameters under their own names and overrides these (vivit_kernels.convert).
+    @property
+    def dim(self) -> int:
+        """The token width D."""
+        return self.qkv.in_features
+
+    def project_qkv(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """The packed projection (B, N, 3 * H * Dh) of tokens x (B, N, D), or of norm(x): then
+        computed with the projection (`norm_linear`), keeping x for backward rather than norm(x),
+        where the projection is a plain Linear. A projection wrapped by another library (an
+        adapter's layer) is called as it is."""
+        if not self.linear_qkv:
+            x = x if norm is None else norm(x)
+            qkv = self.qkv(x)
+            return qkv if self.q_bias is None else qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        if norm is None:
+            return stacked_linear(x, self.qkv_weights, self.qkv_bias)
+        return norm_linear(x, norm, self.qkv_weights, self.qkv_bias)
+
+    @property
+    def linear_qkv(self) -> bool:
+        """Whether the projection is qkv_weights and qkv_bias as they are (no adapter around it)."""
+        return type(self.qkv) is nn.Linear
+
+    @property
+    def qkv_weights(self) -> tuple[torch.Tensor, ...]:
+        """The weight of the qkv projection (3 * H * Dh, D), as the parts stacked along dim 0 that
+        form it: here the one packed weight."""
+        return (self.qkv.weight,)
 
     @property
     def qkv_bias(self) -> torch.Tensor | None:
         """The bias of the qkv projection (q, k, v side by side), with the zero key bias when there is none."""
         return self.qkv.bias if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        """The output projection and its dropout on the attention's (B, N, H * Dh) output."""
+        return self.proj_drop(self.proj(out))
 
     def attend(self, qkv: torch.Tensor, frames: int, *, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention and the output projection on the packed projection qkv (B, N, 3 * H * Dh) ->
@@ -338,7 +374,7 @@ class FactorisedAttention(nn.Module):
                 scale=self.scale,
             )
             out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-            return self.proj_drop(self.proj(out))
+            return self.project(out)
         options = dict(
             num_prefix_tokens=self.num_prefix_tokens,
             layout=self.layout,
@@ -353,7 +389,7 @@ class FactorisedAttention(nn.Module):
             out = factorised_attention(self.q_norm(q), self.k_norm(k), v, frames, self.mode, self.scale, **options)
             # Fused backends return a (B, H, N, Dh) view of a (B, N, H, Dh) buffer: this reshape is free.
             out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-        return self.proj_drop(self.proj(out))
+        return self.project(out)
 
     def extra_repr(self) -> str:
         extras = [f"mode={self.mode!r}", f"num_heads={self.num_heads}", f"head_dim={self.head_dim}"]

@@ -9,7 +9,7 @@ memory-bound: a few percent of the block's time) and keeping the matrix products
 same trade). Both functions here compute what `linear(norm(x))` / `linear(gelu(h))` compute,
 autocast included, and keep only their input:
 
-    qkv = norm_linear(x, block.norm1, attn.qkv.weight, attn.qkv_bias)
+    qkv = norm_linear(x, block.norm1, attn.qkv_weights, attn.qkv_bias)  # attn.project_qkv(x, block.norm1)
     x = x + attn.attend(qkv, frames)                  # FactorisedAttention after its projection
     h = norm_linear(x, block.norm2, mlp.fc1.weight, mlp.fc1.bias)
     x = x + gelu_linear(h, mlp.fc2.weight, mlp.fc2.bias)
@@ -18,6 +18,7 @@ autocast included, and keep only their input:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,22 +53,30 @@ def _linear_backward(grad, inputs, weight, bias_dtype, needs):
     return d_inputs, d_weight, d_bias
 
 
+def _split(d_weight: torch.Tensor | None, weights: tuple, needs: tuple) -> tuple:
+    """The gradients of stacked weights: d_weight's rows split as the weights stack, where needed."""
+    parts = d_weight.split([w.shape[0] for w in weights]) if d_weight is not None else (None,) * len(weights)
+    return tuple(part if need else None for part, need in zip(parts, needs, strict=True))
+
+
 class _NormLinear(torch.autograd.Function):
+    # The weights come last, as the parts stacked along dim 0 (one for a single Linear): they are
+    # saved as they are and stacked again in backward, so a stack is never kept.
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias):
+    def forward(ctx, x, norm_weight, norm_bias, eps, bias, *weights):
         dtype = _compute_dtype(x)
         with _no_autocast(x.device.type):
             # LayerNorm in its input's precision (autocast runs it in fp32), the product in `dtype`.
             normed = F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)
-            out = F.linear(normed.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(x, norm_weight, norm_bias, weight)
+            out = F.linear(normed.to(dtype), _stack(weights).to(dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x, norm_weight, norm_bias, *weights)
         ctx.eps, ctx.dtype, ctx.bias_dtype = eps, dtype, None if bias is None else bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, norm_weight, norm_bias, weight = ctx.saved_tensors
-        needs_x, needs_nw, needs_nb, _, needs_w, needs_b = ctx.needs_input_grad
+        x, norm_weight, norm_bias, *weights = ctx.saved_tensors
+        needs_x, needs_nw, needs_nb, _, needs_b, *needs_w = ctx.needs_input_grad
         with torch.enable_grad(), _no_autocast(x.device.type):
             leaves = [
                 t.detach().requires_grad_(need) if t is not None else None
@@ -75,12 +84,53 @@ class _NormLinear(torch.autograd.Function):
             ]
             normed = F.layer_norm(leaves[0], x.shape[-1:], leaves[1], leaves[2], ctx.eps)
         d_normed, d_weight, d_bias = _linear_backward(
-            grad, normed.detach().to(ctx.dtype), weight, ctx.bias_dtype, (True, needs_w, needs_b and ctx.bias_dtype)
+            grad,
+            normed.detach().to(ctx.dtype),
+            _stack(weights),
+            ctx.bias_dtype,
+            (True, any(needs_w), needs_b and ctx.bias_dtype),
         )
         wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
         found = iter(torch.autograd.grad(normed, wanted, d_normed.to(normed.dtype)) if wanted else ())
         d_x, d_nw, d_nb = (next(found) if leaf is not None and leaf.requires_grad else None for leaf in leaves)
-        return d_x, d_nw, d_nb, None, d_weight, d_bias
+        return d_x, d_nw, d_nb, None, d_bias, *_split(d_weight, weights, needs_w)
+
+
+class _StackedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, *weights):
+        dtype = _compute_dtype(x)
+        with _no_autocast(x.device.type):
+            out = F.linear(x.to(dtype), _stack(weights).to(dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x, *weights)
+        ctx.dtype, ctx.bias_dtype = dtype, None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        needs_x, needs_b, *needs_w = ctx.needs_input_grad
+        d_x, d_weight, d_bias = _linear_backward(
+            grad, x.to(ctx.dtype), _stack(weights), ctx.bias_dtype, (needs_x, any(needs_w), needs_b and ctx.bias_dtype)
+        )
+        return d_x, d_bias, *_split(d_weight, weights, needs_w)
+
+
+def _stack(weights: tuple) -> torch.Tensor:
+    return weights[0] if len(weights) == 1 else torch.cat(weights)
+
+
+def _parts(weight: torch.Tensor | Sequence[torch.Tensor]) -> tuple:
+    return (weight,) if isinstance(weight, torch.Tensor) else tuple(weight)
+
+
+def stacked_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, torch.cat(weights), bias)` keeping the weights for backward, not their stack
+    (separate q, k, v projections computed as one product, saving no 3 D x D copy)."""
+    weights = _parts(weights)
+    if len(weights) == 1:
+        return F.linear(x, weights[0], bias)
+    return _StackedLinear.apply(x, bias, *weights)
 
 
 class _GeluLinear(torch.autograd.Function):
@@ -109,18 +159,22 @@ class _GeluLinear(torch.autograd.Function):
 
 
 def norm_linear(
-    x: torch.Tensor, norm: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    norm: nn.LayerNorm,
+    weight: torch.Tensor | Sequence[torch.Tensor],
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`F.linear(norm(x), weight, bias)` keeping x for backward, not norm(x) (recomputed there).
 
     Args:
         x: (..., D).
         norm: a LayerNorm over D (with or without affine parameters).
-        weight, bias: the linear layer's, (out, D) and (out,) or None.
+        weight, bias: the linear layer's, (out, D) and (out,) or None; weight may be a sequence of
+            weights stacked along dim 0 (as `stacked_linear`), kept as they are, not stacked.
     """
     if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
         raise TypeError(f"norm_linear: norm must be an nn.LayerNorm over the last dim, got {norm!r}")
-    return _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, weight, bias)
+    return _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, bias, *_parts(weight))
 
 
 def gelu_linear(

@@ -182,7 +182,7 @@ def mlp_branch(norm: nn.LayerNorm, mlp: Mlp, x: torch.Tensor, memory: str) -> to
 def attention_branch(norm: nn.LayerNorm, attn: FactorisedAttention, x: torch.Tensor, frames: int, lean: bool):
     """attn(norm(x)); lean: keeping x for backward, not norm(x) (recomputed)."""
     if lean:
-        return attn.attend(norm_linear(x, norm, attn.qkv.weight, attn.qkv_bias), frames)
+        return attn.attend(attn.project_qkv(x, norm), frames)
     return attn(norm(x), frames=frames)
 
 

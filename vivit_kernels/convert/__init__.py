@@ -6,17 +6,15 @@ classes of packages it was built with (looked up in `sys.modules`), so vivit_ker
 imports timm, transformers or vit_pytorch itself.
 
 Each family checks every layer before it replaces any: a model that cannot be converted is left
-as it was and the error names the layer and why. Where the original's parameter layout is ours
-(a packed qkv projection, an output projection, VideoMAE's query and value biases) its parameters
-are reused, so an optimiser built before the conversion still holds them; separate q/k/v
-projections are packed into new parameters.
-
-A converted model keeps its family's state dict (`state.py`): `state_dict()` has the original's
-keys, order and shapes (a packed qkv is split on save), and `load_state_dict` takes the original's
-(joined on load), so checkpoints move both ways: `save_pretrained` / `from_pretrained`, `Trainer`
-resume (Hugging Face models also read the hub layout their `save_pretrained` writes), timm's
-`load_checkpoint`, `torch.save`. Hugging Face's `from_pretrained` of a class that converts itself
-at construction is not supported: load, then convert.
+as it was and the error names the layer and why. A converted attention takes over the original's
+own modules and parameters under their own names (separate q, k, v projections are stacked when
+used), so an optimiser built before the conversion still holds them, and `named_parameters()`,
+`state_dict()` and `load_state_dict` are the original's (`state.py`): checkpoints move both ways
+(`save_pretrained` / `from_pretrained`, `Trainer` resume, where Hugging Face models also read the
+hub layout their `save_pretrained` writes; timm's `load_checkpoint`; `torch.save`), and tools
+that find modules by name (optimiser groups, adapters) find the original's. Hugging Face's
+`from_pretrained` of a class that converts itself at construction is not supported: load, then
+convert.
 """
 
 from __future__ import annotations

@@ -39,23 +39,76 @@ def attention_like(name: str, like: nn.Module, cls: type = FactorisedAttention, 
     return module.train(like.training)
 
 
-def packed_linear(*linears: nn.Linear, bias: bool = True) -> nn.Linear:
-    """One Linear computing the given ones side by side (q, k, v -> qkv), with copies of their
-    weights, and of their biases unless bias=False."""
-    first = linears[0]
-    has_bias = bias and first.bias is not None
-    packed = nn.Linear(
-        first.in_features,
-        sum(lin.out_features for lin in linears),
-        bias=has_bias,
-        device=first.weight.device,
-        dtype=first.weight.dtype,
-    )
-    with torch.no_grad():
-        packed.weight.copy_(torch.cat([lin.weight for lin in linears]))
-        if has_bias:
-            packed.bias.copy_(torch.cat([lin.bias for lin in linears]))
-    return packed.requires_grad_(first.weight.requires_grad)
+class AdoptedAttention(FactorisedAttention):
+    """FactorisedAttention on the parameters of the module it replaces, kept under their own names.
+
+    The original's children (its projections, norms, dropouts) become this module's children, so
+    `named_parameters()`, `state_dict()` and every tool that finds parameters or modules by name
+    (optimiser groups, PEFT adapters, Hugging Face's loading reports, timm checkpoints) see the
+    original's names, and an optimiser built before the conversion still holds them. A subclass
+    says where the projections are: `qkv_parts`, the dotted names of the q, k, v Linears (their
+    weights stacked when used; a missing bias among present ones is zero, as VideoMAE's key bias)
+    or of one packed qkv Linear; `output_parts`, the modules applied in turn to the attention's
+    output. A part that is no longer a plain Linear (wrapped by an adapter) is called, and its
+    outputs are concatenated.
+    """
+
+    qkv_parts: tuple[str, ...] = ()
+    output_parts: tuple[str, ...] = ()
+
+    @property
+    def linear_qkv(self) -> bool:
+        return all(type(self.get_submodule(name)) is nn.Linear for name in self.qkv_parts)
+
+    def project_qkv(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        if self.linear_qkv:
+            return super().project_qkv(x, norm)
+        x = x if norm is None else norm(x)
+        return torch.cat([self.get_submodule(name)(x) for name in self.qkv_parts], dim=-1)
+
+    @property
+    def dim(self) -> int:
+        return self.get_submodule(self.qkv_parts[0]).in_features
+
+    @property
+    def qkv_weights(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.get_submodule(name).weight for name in self.qkv_parts)
+
+    @property
+    def qkv_bias(self) -> torch.Tensor | None:
+        linears = [self.get_submodule(name) for name in self.qkv_parts]
+        present = next((linear.bias for linear in linears if linear.bias is not None), None)
+        if len(linears) == 1 or present is None:
+            return present
+        return torch.cat(
+            [present.new_zeros(linear.out_features) if linear.bias is None else linear.bias for linear in linears]
+        )
+
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        for name in self.output_parts:
+            out = self.get_submodule(name)(out)
+        return out
+
+
+def adopting_attention(name: str, original: nn.Module, cls: type[AdoptedAttention], **kwargs) -> AdoptedAttention:
+    """A `cls` for the layer `name` that takes over `original`'s children, in its training state; its
+    own errors name the layer. Only modules without parameters of their own are taken over."""
+    if next(original.parameters(recurse=False), None) is not None or next(original.buffers(recurse=False), None):
+        raise ValueError(f"convert: {name}: {type(original).__qualname__} holds tensors outside its submodules")
+    try:
+        module = cls(**kwargs, device="meta")  # its own projections are dropped below
+    except ValueError as error:
+        raise ValueError(f"convert: {name}: {error}") from error
+    del module.qkv, module.proj, module.proj_drop
+    for child_name, child in original.named_children():
+        if hasattr(module, child_name):
+            # A name this class uses (vit-pytorch's `attend` softmax): only a module holding no
+            # tensors, which the fused attention does not call, may stay behind.
+            if next(child.parameters(), None) is not None or next(child.buffers(), None) is not None:
+                raise ValueError(f"convert: {name}: its submodule {child_name!r} clashes with FactorisedAttention's")
+            continue
+        module.add_module(child_name, child)
+    return module.train(original.training)
 
 
 def check_no_mode(family: str, mode: str | None, allowed: tuple = (None,)) -> None:

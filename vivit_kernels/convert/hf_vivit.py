@@ -1,23 +1,22 @@
-"""Hugging Face `VivitModel`: joint attention, q/k/v packed into one projection."""
+"""Hugging Face `VivitModel`: joint attention on its q/k/v projections, stacked when used."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..attention import FactorisedAttention
 from .common import (
     JOINT,
-    attention_like,
+    AdoptedAttention,
+    adopting_attention,
     is_instance_of,
     joint_attentions,
     layer_mask,
-    packed_linear,
     refuse_extras,
     refuse_recorded_attentions,
     scale_or_default,
 )
-from .state import keep_original_keys, read_saved_keys
+from .state import read_saved_keys
 
 _VIVIT = "transformers.models.vivit.modeling_vivit"
 
@@ -26,9 +25,12 @@ def is_hf_vivit(model: nn.Module) -> bool:
     return is_instance_of(getattr(model, "base_model", None), _VIVIT, "VivitModel")
 
 
-class _VivitAttention(FactorisedAttention):
+class _VivitAttention(AdoptedAttention):
     """As transformers' VivitAttention: (hidden_states, attention_mask, **kwargs) -> (output, weights=None);
     the mask as `VivitModel` builds it (4-D bool or additive, all-visible under torch.export)."""
+
+    qkv_parts = ("q_proj", "k_proj", "v_proj")
+    output_parts = ("o_proj",)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         refuse_extras("VivitAttention", output_attentions=kwargs.get("output_attentions"))
@@ -40,7 +42,7 @@ def convert_hf_vivit(model, *, mode, frames, tokens_per_frame, backend) -> list:
     for name, layer, attn in joint_attentions(
         model, "a ViViT (transformers)", _VIVIT, "VivitAttention", mode, frames, tokens_per_frame
     ):
-        new = attention_like(
+        new = adopting_attention(
             name,
             attn,
             _VivitAttention,
@@ -52,8 +54,6 @@ def convert_hf_vivit(model, *, mode, frames, tokens_per_frame, backend) -> list:
             backend=backend,
             **JOINT,
         )
-        new.qkv, new.proj = packed_linear(attn.q_proj, attn.k_proj, attn.v_proj), attn.o_proj
-        keep_original_keys(name, new, attn, renamed={"proj": "o_proj"}, packed={"qkv": ("q_proj", "k_proj", "v_proj")})
         replacements.append((layer, "attention", new))
     read_saved_keys(model)
     refuse_recorded_attentions(model.base_model, "VivitAttention")

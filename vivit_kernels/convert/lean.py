@@ -70,17 +70,18 @@ def _attention(x: torch.Tensor, norm: nn.LayerNorm, attention: FactorisedAttenti
     for backward, not norm(x)."""
     grid = x.dim() == 4
     frames = x.shape[1] if grid else attention.grid_frames(x.shape[1])
-    qkv = norm_linear(x.flatten(1, 2) if grid else x, norm, attention.qkv.weight, attention.qkv_bias)
+    qkv = attention.project_qkv(x.flatten(1, 2) if grid else x, norm)
     return attention.attend(qkv, frames, attn_mask=attn_mask).reshape(x.shape)
 
 
 def _mlp(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, activation: nn.Module, fc2: nn.Linear, drop=None):
     """fc2(drop(activation(fc1(norm(x))))), keeping x and fc1's output for backward; the GELU is
     fused with fc2 unless the activation is no GELU gelu_linear computes or dropout is active."""
-    hidden = norm_linear(x, norm, fc1.weight, fc1.bias)
+    # A projection wrapped by another library (an adapter's layer) is called as it is, unfused.
+    hidden = norm_linear(x, norm, fc1.weight, fc1.bias) if type(fc1) is nn.Linear else fc1(norm(x))
     approximate = gelu_approximate(activation)
     dropping = drop is not None and dropout_p(drop) > 0 and drop.training
-    if approximate is None or dropping:
+    if approximate is None or dropping or type(fc2) is not nn.Linear:
         hidden = activation(hidden)
         return fc2(drop(hidden) if drop is not None else hidden)
     return gelu_linear(hidden, fc2.weight, fc2.bias, approximate)

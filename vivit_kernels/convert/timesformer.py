@@ -11,7 +11,8 @@ from torch import nn
 from ..attention import FactorisedAttention
 from .common import (
     JOINT,
-    attention_like,
+    AdoptedAttention,
+    adopting_attention,
     check_no_grid,
     check_no_mode,
     class_in,
@@ -19,7 +20,7 @@ from .common import (
     is_instance_of,
     refuse_extras,
 )
-from .state import keep_original_keys, read_saved_keys
+from .state import read_saved_keys
 
 _TIMESFORMER = "transformers.models.timesformer.modeling_timesformer"
 
@@ -28,23 +29,28 @@ def is_timesformer(model: nn.Module) -> bool:
     return is_instance_of(getattr(model, "base_model", None), _TIMESFORMER, "TimesformerModel")
 
 
-def _timesformer_attention(name: str, attention: nn.Module, cls: type, backend: str, **grid) -> FactorisedAttention:
-    """FactorisedAttention from a `TimeSformerAttention` (packed qkv + output dense), reusing its modules."""
+class _TimesformerAttention(AdoptedAttention):
+    """FactorisedAttention on a `TimeSformerAttention`'s packed qkv (`attention.qkv`) and output dense."""
+
+    qkv_parts = ("attention.qkv",)
+    output_parts = ("output.dense", "output.dropout")
+
+
+def _timesformer_attention(name: str, attention: nn.Module, cls: type, backend: str, **grid) -> _TimesformerAttention:
+    """A `cls` (a _TimesformerAttention) taking over a `TimeSformerAttention`'s modules."""
+    if isinstance(attention, FactorisedAttention):
+        raise ValueError(f"convert: {name} is converted already (converted twice?)")
     inner = attention.attention
-    dim = inner.qkv.in_features
-    new = attention_like(
+    return adopting_attention(
         name,
         attention,
         cls,
-        dim=dim,
+        dim=inner.qkv.in_features,
         num_heads=inner.num_heads,
         attn_drop=dropout_p(inner.attn_drop),
         backend=backend,
         **grid,
     )
-    new.qkv, new.proj, new.proj_drop = inner.qkv, attention.output.dense, attention.output.dropout
-    keep_original_keys(name, new, attention, renamed={"qkv": "attention.qkv", "proj": "output.dense"})
-    return new
 
 
 def convert_timesformer(model, *, mode, frames, tokens_per_frame, backend) -> list:
@@ -68,13 +74,13 @@ def convert_timesformer(model, *, mode, frames, tokens_per_frame, backend) -> li
             temporal = _timesformer_attention(
                 f"{name}.temporal_attention",
                 layer.temporal_attention,
-                FactorisedAttention,
+                _TimesformerAttention,
                 backend,
                 mode="temporal",
                 **grid,
             )
             spatial = _timesformer_attention(
-                f"{name}.attention", layer.attention, FactorisedAttention, backend, mode="spatial", **grid
+                f"{name}.attention", layer.attention, _TimesformerAttention, backend, mode="spatial", **grid
             )
             replacements += [
                 (layer, "temporal_attention", temporal),
@@ -95,7 +101,7 @@ def convert_timesformer(model, *, mode, frames, tokens_per_frame, backend) -> li
     return replacements
 
 
-class _TimesformerJointAttention(FactorisedAttention):
+class _TimesformerJointAttention(_TimesformerAttention):
     """As transformers' TimeSformerAttention: (hidden_states, output_attentions) -> (output,)."""
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor]:

@@ -15,7 +15,7 @@ from .common import (
     class_in,
     is_instance_of,
 )
-from .state import keep_original_keys
+from .state import check_same_state
 
 
 def register_notrace(cls: type) -> None:
@@ -85,7 +85,7 @@ def convert_timm(model, *, mode, frames, tokens_per_frame, backend) -> list:
         # timm's fused path uses SDPA's default scale, head_dim ** -0.5, which is ours.
         for module in ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop"):
             setattr(new, module, getattr(attn, module))
-        keep_original_keys(name, new, attn)  # timm's names are ours: only checked
+        check_same_state(name, new, attn)  # timm's names are ours
         register_notrace(type(new))
         replacements.append((block, "attn", new))
     return replacements

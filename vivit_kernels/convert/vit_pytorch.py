@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention import FactorisedAttention
 from .common import (
     JOINT,
-    attention_like,
+    AdoptedAttention,
+    adopting_attention,
     check_no_grid,
     check_no_mode,
     class_in,
@@ -17,7 +17,6 @@ from .common import (
     layer_mask,
     refuse_extras,
 )
-from .state import keep_original_keys
 
 _VIT_PYTORCH = "vit_pytorch.vivit"
 
@@ -26,9 +25,12 @@ def is_vit_pytorch(model: nn.Module) -> bool:
     return is_instance_of(model, _VIT_PYTORCH, "ViViT")
 
 
-class _PreNormAttention(FactorisedAttention):
+class _PreNormAttention(AdoptedAttention):
     """As vit-pytorch's Attention, whose pre-LayerNorm (`norm`) lives inside it: (x, mask=None) -> output;
     mask: (B, N) key padding, True attends (joint mode only, as the factorized encoder's temporal transformer)."""
+
+    qkv_parts = ("to_qkv",)
+    output_parts = ("to_out",)  # Linear and Dropout, or Identity (one head as wide as dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(self.norm(x), attn_mask=layer_mask("vit-pytorch Attention", mask))
@@ -60,7 +62,7 @@ def _vit_pytorch_attention(name: str, attn: nn.Module, mode: str, backend: str) 
         raise ValueError(f"convert: {name}: {type(attn).__qualname__} is not vit-pytorch's Attention")
     dim, inner = attn.to_qkv.in_features, attn.to_qkv.out_features // 3
     grid = JOINT if mode == "joint" else dict(mode=mode)  # spatial / temporal get (B, T, n, D) grids
-    new = attention_like(
+    return adopting_attention(
         name,
         attn,
         _PreNormAttention,
@@ -72,13 +74,6 @@ def _vit_pytorch_attention(name: str, attn: nn.Module, mode: str, backend: str) 
         backend=backend,
         **grid,
     )
-    new.norm, new.qkv = attn.norm, attn.to_qkv
-    if isinstance(attn.to_out, nn.Identity):  # one head as wide as dim: no output projection
-        new.proj, new.proj_drop = nn.Identity(), nn.Identity()
-    else:
-        new.proj, new.proj_drop = attn.to_out[0], attn.to_out[1]
-    keep_original_keys(name, new, attn, renamed={"qkv": "to_qkv", "proj": "to_out.0"})
-    return new
 
 
 def convert_vit_pytorch(model, *, mode, frames, tokens_per_frame, backend) -> list:
@@ -112,7 +107,6 @@ def convert_vit_pytorch(model, *, mode, frames, tokens_per_frame, backend) -> li
                 )
             )
         new_stack = _FactorisedSelfAttentionStack(layers, stack.norm).train(stack.training)
-        keep_original_keys("factorized_transformer", new_stack, stack)  # the same names: only checked
         replacements.append((model, "factorized_transformer", new_stack))
     else:
         raise ValueError(f"convert: {family} with variant={model.variant!r} is not one convert knows")
