@@ -208,6 +208,9 @@ def test_timesformer_refusals():
         model(torch.randn(1, 3, 3, 32, 32), output_attentions=True)
     with pytest.raises(ValueError, match="found no TimesformerLayer to convert"):
         convert(model)
+    space_only = convert(timesformer(attention_type="space_only"))
+    with pytest.raises(ValueError, match=r"encoder\.layer\.0\.attention is converted already"):
+        convert(space_only)
 
 
 # --------------------------------------------------------------------------- transformers ViViT

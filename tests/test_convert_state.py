@@ -159,11 +159,13 @@ def test_parameters_are_the_originals_by_name(name):
 class _Holder(nn.Module):
     """An attention-like module with a projection and, optionally, a tensor or a clashing child."""
 
-    def __init__(self, own_tensor: bool = False, clash: bool = False) -> None:
+    def __init__(self, own_tensor: str | None = None, clash: bool = False) -> None:
         super().__init__()
         self.qkv_in = nn.Linear(8, 24)
-        if own_tensor:
-            self.scale = nn.Parameter(torch.ones(1))
+        if own_tensor == "parameter":
+            self.scale = nn.Parameter(torch.ones(2))
+        elif own_tensor == "buffer":
+            self.register_buffer("scale", torch.ones(2))
         if clash:
             self.attn_drop = nn.Linear(8, 8)  # FactorisedAttention's name, with parameters
 
@@ -175,8 +177,9 @@ class _Adopted(AdoptedAttention):
 def test_adopting_refuses_what_it_cannot_take_over():
     layer = adopting_attention("layer", _Holder(), _Adopted, dim=8, num_heads=2, mode="joint", frames=1)
     assert [name for name, _ in layer.named_parameters()] == ["qkv_in.weight", "qkv_in.bias"]
-    with pytest.raises(ValueError, match=r"convert: layer: _Holder holds tensors outside its submodules"):
-        adopting_attention("layer", _Holder(own_tensor=True), _Adopted, dim=8, num_heads=2, mode="joint", frames=1)
+    for kind in ("parameter", "buffer"):
+        with pytest.raises(ValueError, match=r"convert: layer: _Holder holds tensors outside its submodules"):
+            adopting_attention("layer", _Holder(own_tensor=kind), _Adopted, dim=8, num_heads=2, mode="joint", frames=1)
     with pytest.raises(ValueError, match=r"convert: layer: its submodule 'attn_drop' clashes"):
         adopting_attention("layer", _Holder(clash=True), _Adopted, dim=8, num_heads=2, mode="joint", frames=1)
 

@@ -93,7 +93,7 @@ class AdoptedAttention(FactorisedAttention):
 def adopting_attention(name: str, original: nn.Module, cls: type[AdoptedAttention], **kwargs) -> AdoptedAttention:
     """A `cls` for the layer `name` that takes over `original`'s children, in its training state; its
     own errors name the layer. Only modules without parameters of their own are taken over."""
-    if next(original.parameters(recurse=False), None) is not None or next(original.buffers(recurse=False), None):
+    if any(True for _ in original.parameters(recurse=False)) or any(True for _ in original.buffers(recurse=False)):
         raise ValueError(f"convert: {name}: {type(original).__qualname__} holds tensors outside its submodules")
     try:
         module = cls(**kwargs, device="meta")  # its own projections are dropped below
@@ -104,7 +104,7 @@ def adopting_attention(name: str, original: nn.Module, cls: type[AdoptedAttentio
         if hasattr(module, child_name):
             # A name this class uses (vit-pytorch's `attend` softmax): only a module holding no
             # tensors, which the fused attention does not call, may stay behind.
-            if next(child.parameters(), None) is not None or next(child.buffers(), None) is not None:
+            if any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
                 raise ValueError(f"convert: {name}: its submodule {child_name!r} clashes with FactorisedAttention's")
             continue
         module.add_module(child_name, child)
