@@ -329,12 +329,15 @@ class FactorisedAttention(nn.Module):
         where the projection is a plain Linear. A projection wrapped by another library (an
         adapter's layer) is called as it is."""
         if not self.linear_qkv:
-            x = x if norm is None else norm(x)
-            qkv = self.qkv(x)
-            return qkv if self.q_bias is None else qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            return self.call_qkv(x if norm is None else norm(x))
         if norm is None:
             return stacked_linear(x, self.qkv_weights, self.qkv_bias)
         return norm_linear(x, norm, self.qkv_weights, self.qkv_bias)
+
+    def call_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """The projection called as a module (one an adapter wraps), with the separate biases."""
+        qkv = self.qkv(x)
+        return qkv if self.q_bias is None else qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
 
     @property
     def linear_qkv(self) -> bool:

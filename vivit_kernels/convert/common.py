@@ -56,27 +56,32 @@ class AdoptedAttention(FactorisedAttention):
     qkv_parts: tuple[str, ...] = ()
     output_parts: tuple[str, ...] = ()
 
+    def part(self, name: str) -> nn.Module:
+        """The submodule at the dotted `name` (get_submodule's lookup without its checks: this
+        runs several times a call)."""
+        module = self
+        for attribute in name.split("."):
+            module = module._modules[attribute]
+        return module
+
     @property
     def linear_qkv(self) -> bool:
-        return all(type(self.get_submodule(name)) is nn.Linear for name in self.qkv_parts)
+        return all(type(self.part(name)) is nn.Linear for name in self.qkv_parts)
 
-    def project_qkv(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
-        if self.linear_qkv:
-            return super().project_qkv(x, norm)
-        x = x if norm is None else norm(x)
-        return torch.cat([self.get_submodule(name)(x) for name in self.qkv_parts], dim=-1)
+    def call_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.part(name)(x) for name in self.qkv_parts], dim=-1)
 
     @property
     def dim(self) -> int:
-        return self.get_submodule(self.qkv_parts[0]).in_features
+        return self.part(self.qkv_parts[0]).in_features
 
     @property
     def qkv_weights(self) -> tuple[torch.Tensor, ...]:
-        return tuple(self.get_submodule(name).weight for name in self.qkv_parts)
+        return tuple(self.part(name).weight for name in self.qkv_parts)
 
     @property
     def qkv_bias(self) -> torch.Tensor | None:
-        linears = [self.get_submodule(name) for name in self.qkv_parts]
+        linears = [self.part(name) for name in self.qkv_parts]
         present = next((linear.bias for linear in linears if linear.bias is not None), None)
         if len(linears) == 1 or present is None:
             return present
@@ -86,7 +91,7 @@ class AdoptedAttention(FactorisedAttention):
 
     def project(self, out: torch.Tensor) -> torch.Tensor:
         for name in self.output_parts:
-            out = self.get_submodule(name)(out)
+            out = self.part(name)(out)
         return out
 
 
