@@ -4,7 +4,8 @@ converted model and takes effect there as it does in the original.
 Each family, built from a small random config, gets the same LoRA (random, so it changes the
 function) on its attention projections, as a PEFT user targets them, and on MLP or output
 projections; the converted model with the adapter must give the original-with-adapter's outputs
-and adapter gradients, with and without memory="lean".
+and adapter gradients, with and without memory="lean". The library's own ViViT likewise keeps an
+adapter in effect under every memory policy.
 """
 
 from __future__ import annotations
@@ -78,3 +79,28 @@ def test_lora_on_the_originals_module_names(family, memory, generator):
     (actual * grad).sum().backward()
     for name, p in lora.items():
         assert relative_error(lora_converted[name].grad, p.grad) <= TOLERANCE, name
+
+
+@pytest.mark.parametrize("memory", ["lean", "recompute_mlp"])
+def test_lora_on_the_library_vivit_under_each_memory_policy(memory, generator):
+    """The library's own ViViT with a LoRA on its qkv and MLP projections: a memory policy that
+    fuses those products calls the wrapped ones as they are, so the outputs and adapter gradients
+    are the default policy's."""
+    vivit = pytest.importorskip("vivit", reason="the library's models package")
+    config = dict(num_frames=4, img_size=32, tubelet=(2, 8, 8), dim=32, depth=2, num_heads=4, num_classes=3)
+    torch.manual_seed(0)
+    model = vivit.ViViT(vivit.ViViTConfig(variant="factorised_self_attention", **config)).eval()
+    clip = torch.randn(2, 3, 4, 32, 32, generator=generator)
+    results = []
+    for policy in ("default", memory):
+        torch.manual_seed(0)
+        adapted = _with_lora(copy.deepcopy(model), ["qkv", "fc1", "fc2"])
+        adapted.base_model.model.set_block_memory(policy)
+        out = adapted(clip)
+        out.square().sum().backward()
+        results.append((out, {n: p.grad for n, p in adapted.named_parameters() if p.requires_grad}))
+    (out, grads), (policy_out, policy_grads) = results
+    assert relative_error(policy_out, out) <= TOLERANCE
+    assert list(policy_grads) == list(grads) and any(".lora_B." in name for name in grads)
+    for name, grad in grads.items():
+        assert relative_error(policy_grads[name], grad) <= TOLERANCE, name

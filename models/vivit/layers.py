@@ -173,8 +173,9 @@ class _RecomputedMlp(torch.autograd.Function):
 
 
 def mlp_branch(norm: nn.LayerNorm, mlp: Mlp, x: torch.Tensor, memory: str) -> torch.Tensor:
-    """mlp(norm(x)) as the block's memory policy keeps it for backward."""
-    if memory == "default":
+    """mlp(norm(x)) as the block's memory policy keeps it for backward. Projections an adapter
+    wraps (not plain Linears) are called as they are, keeping what the default keeps."""
+    if memory == "default" or type(mlp.fc1) is not nn.Linear or type(mlp.fc2) is not nn.Linear:
         return mlp(norm(x))
     return mlp.forward_recompute(x, norm) if memory == "recompute_mlp" else mlp.forward_lean(x, norm)
 
