@@ -140,6 +140,65 @@ def test_state_dict_is_the_originals_both_ways(name):
     assert torch.equal(_run(case, back), _run(case, case.original))
 
 
+# How converted layers of 0.1.0 named the original's tensors: (pattern on the original's key, the
+# former key, the index of the part where several were stacked into one tensor), per family.
+_FORMER_NAMES = {
+    "hf_vivit": [
+        (r"(.*\.attention\.)(q|k|v)_proj\.(weight|bias)$", r"\1qkv.\3", "qkv"),
+        (r"(.*\.attention\.)o_proj\.(weight|bias)$", r"\1proj.\2", None),
+    ],
+    "videomae": [
+        (r"(.*\.attention\.)attention\.(query|key|value)\.weight$", r"\1qkv.weight", ("query", "key", "value")),
+        (r"(.*\.attention\.)attention\.query\.bias$", r"\1q_bias", None),
+        (r"(.*\.attention\.)attention\.value\.bias$", r"\1v_bias", None),
+        (r"(.*\.attention\.)output\.dense\.(weight|bias)$", r"\1proj.\2", None),
+    ],
+    "timesformer": [
+        (r"(.*attention\.)attention\.qkv\.(weight|bias)$", r"\1qkv.\2", None),
+        (r"(.*attention\.)output\.dense\.(weight|bias)$", r"\1proj.\2", None),
+    ],
+    "vit_pytorch": [
+        (r"(.*\.)to_qkv\.weight$", r"\1qkv.weight", None),
+        (r"(.*\.)to_out\.0\.(weight|bias)$", r"\1proj.\2", None),
+    ],
+}
+
+
+def _in_former_names(family: str, state: dict) -> dict:
+    """`state` (the original's keys) as a converted model of 0.1.0 saved it."""
+    former, stacks = {}, {}
+    for key, value in state.items():
+        for pattern, replacement, parts in _FORMER_NAMES[family]:
+            match = re.match(pattern, key)
+            if match:
+                renamed = match.expand(replacement)
+                if parts is None:
+                    former[renamed] = value
+                else:
+                    order = "qkv" if parts == "qkv" else parts
+                    stacks.setdefault(renamed, {})[list(order).index(match.group(2))] = value
+                break
+        else:
+            former[key] = value
+    for key, pieces in stacks.items():
+        former[key] = torch.cat([pieces[i] for i in sorted(pieces)])
+    return former
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if not name.startswith("timm")])
+def test_state_dicts_in_the_former_converted_names_load(name):
+    """A state dict a converted model of 0.1.0 saved (its own names: `qkv`, `proj`, `q_bias`) loads
+    strictly into a converted model and gives the outputs of the model it came from."""
+    case, other = CASES[name](0), CASES[name](1)
+    family = next(family for family in _FORMER_NAMES if name.startswith(family))
+    converted = convert(case.original, **case.options)
+    former = _in_former_names(family, converted.state_dict())
+    assert former.keys() != converted.state_dict().keys()
+    fresh = convert(other.original, **case.options)
+    assert str(fresh.load_state_dict(former, strict=True)) == "<All keys matched successfully>"
+    assert torch.equal(_run(case, fresh), _run(case, converted))
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_parameters_are_the_originals_by_name(name):
     """Conversion in place keeps every parameter object of the original under its name and in its

@@ -94,6 +94,26 @@ class AdoptedAttention(FactorisedAttention):
             out = self.part(name)(out)
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Converted layers of 0.1.0 saved their own names: `qkv` (the q, k, v parts stacked), `proj`,
+        # and VideoMAE's `q_bias` / `v_bias`. Such entries are read into the parts they came from.
+        for kind in ("weight", "bias"):
+            stacked = state_dict.pop(f"{prefix}qkv.{kind}", None)
+            if stacked is not None:
+                for name, chunk in zip(self.qkv_parts, stacked.chunk(len(self.qkv_parts)), strict=True):
+                    state_dict[f"{prefix}{name}.{kind}"] = chunk
+            projection = state_dict.pop(f"{prefix}proj.{kind}", None)
+            if projection is not None:
+                name = self.output_parts[0]
+                while isinstance(self.part(name), nn.Sequential):  # vit-pytorch's to_out: (Linear, Dropout)
+                    name += ".0"
+                state_dict[f"{prefix}{name}.{kind}"] = projection
+        for old, index in (("q_bias", 0), ("v_bias", -1)):
+            bias = state_dict.pop(f"{prefix}{old}", None)
+            if bias is not None:
+                state_dict[f"{prefix}{self.qkv_parts[index]}.bias"] = bias
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 def adopting_attention(name: str, original: nn.Module, cls: type[AdoptedAttention], **kwargs) -> AdoptedAttention:
     """A `cls` for the layer `name` that takes over `original`'s children, in its training state; its
