@@ -21,7 +21,7 @@ from .checks import (
     check_prefix,
     grid_mismatch,
 )
-from .lean import norm_linear, stacked_linear
+from .lean import norm_linear, plain_linear, stacked_linear
 from .ops.library import autocast_inputs
 
 
@@ -342,7 +342,7 @@ class FactorisedAttention(nn.Module):
     @property
     def linear_qkv(self) -> bool:
         """Whether the projection is qkv_weights and qkv_bias as they are (no adapter around it)."""
-        return type(self.qkv) is nn.Linear
+        return plain_linear(self.qkv)
 
     @property
     def qkv_weights(self) -> tuple[torch.Tensor, ...]:

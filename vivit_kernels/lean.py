@@ -124,6 +124,12 @@ def _parts(weight: torch.Tensor | Sequence[torch.Tensor]) -> tuple:
     return (weight,) if isinstance(weight, torch.Tensor) else tuple(weight)
 
 
+def plain_linear(module: nn.Module) -> bool:
+    """Whether the fused products may read `module`'s weight and bias: an nn.Linear itself, not a
+    module around one (an adapter's layer adds to its output, so it must be called as it is)."""
+    return type(module) is nn.Linear
+
+
 def stacked_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, torch.cat(weights), bias)` keeping the weights for backward, not their stack
     (separate q, k, v projections computed as one product, saving no 3 D x D copy)."""

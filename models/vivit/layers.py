@@ -14,6 +14,7 @@ from torch import nn
 
 from vivit_kernels import FactorisedAttention, gelu_linear, norm_linear
 from vivit_kernels.checks import check_choice
+from vivit_kernels.lean import plain_linear
 
 from .config import ACTIVATIONS, ATTENTION_ORDERS, BLOCK_MEMORY
 
@@ -175,7 +176,7 @@ class _RecomputedMlp(torch.autograd.Function):
 def mlp_branch(norm: nn.LayerNorm, mlp: Mlp, x: torch.Tensor, memory: str) -> torch.Tensor:
     """mlp(norm(x)) as the block's memory policy keeps it for backward. Projections an adapter
     wraps (not plain Linears) are called as they are, keeping what the default keeps."""
-    if memory == "default" or type(mlp.fc1) is not nn.Linear or type(mlp.fc2) is not nn.Linear:
+    if memory == "default" or not (plain_linear(mlp.fc1) and plain_linear(mlp.fc2)):
         return mlp(norm(x))
     return mlp.forward_recompute(x, norm) if memory == "recompute_mlp" else mlp.forward_lean(x, norm)
 

@@ -12,9 +12,10 @@ used), so an optimiser built before the conversion still holds them, and `named_
 `state_dict()` and `load_state_dict` are the original's (`state.py`): checkpoints move both ways
 (`save_pretrained` / `from_pretrained`, `Trainer` resume, where Hugging Face models also read the
 hub layout their `save_pretrained` writes; timm's `load_checkpoint`; `torch.save`), and tools
-that find modules by name (optimiser groups, adapters) find the original's. Hugging Face's
-`from_pretrained` of a class that converts itself at construction is not supported: load, then
-convert.
+that find modules by name (optimiser groups, adapters) find the original's. A Hugging Face class
+that converts itself at construction loads with `from_pretrained` as the same subclass of the
+original does (transformers applies its hub renaming by class): load with the original's class,
+then convert.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..attention import FactorisedAttention
+from ..lean import plain_linear
 
 
 def class_in(module: str, name: str) -> type | None:
@@ -66,7 +67,7 @@ class AdoptedAttention(FactorisedAttention):
 
     @property
     def linear_qkv(self) -> bool:
-        return all(type(self.part(name)) is nn.Linear for name in self.qkv_parts)
+        return all(plain_linear(self.part(name)) for name in self.qkv_parts)
 
     def call_qkv(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.part(name)(x) for name in self.qkv_parts], dim=-1)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..attention import FactorisedAttention
-from ..lean import gelu_linear, norm_linear
+from ..lean import gelu_linear, norm_linear, plain_linear
 from .common import class_in, dropout_p, layer_mask, refuse_extras
 from .hf_vivit import is_hf_vivit
 from .timesformer import is_timesformer, timesformer_divided_layer
@@ -78,10 +78,10 @@ def _mlp(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, activation: nn.Mod
     """fc2(drop(activation(fc1(norm(x))))), keeping x and fc1's output for backward; the GELU is
     fused with fc2 unless the activation is no GELU gelu_linear computes or dropout is active."""
     # A projection wrapped by another library (an adapter's layer) is called as it is, unfused.
-    hidden = norm_linear(x, norm, fc1.weight, fc1.bias) if type(fc1) is nn.Linear else fc1(norm(x))
+    hidden = norm_linear(x, norm, fc1.weight, fc1.bias) if plain_linear(fc1) else fc1(norm(x))
     approximate = gelu_approximate(activation)
     dropping = drop is not None and dropout_p(drop) > 0 and drop.training
-    if approximate is None or dropping or type(fc2) is not nn.Linear:
+    if approximate is None or dropping or not plain_linear(fc2):
         hidden = activation(hidden)
         return fc2(drop(hidden) if drop is not None else hidden)
     return gelu_linear(hidden, fc2.weight, fc2.bias, approximate)
@@ -244,7 +244,7 @@ def _check_norm(name: str, norm: nn.Module) -> None:
 
 
 def _check_linear(name: str, linear: nn.Module) -> None:
-    if type(linear) is not nn.Linear:
+    if not plain_linear(linear):
         raise ValueError(f"convert: {name}: memory='lean' needs an nn.Linear there, got {type(linear).__qualname__}")
 
 
