@@ -48,7 +48,7 @@ TOLERANCES: dict[tuple[str, str, torch.dtype], float] = {
     ("attention", "cpu", torch.float32): 6e-6,  # measured 1.9e-6 (joint over 980 tokens)
     ("attention", "triton", torch.float32): 1e-5,  # measured 3.1e-6 (head dim 128)
     ("tubelet", "reference", torch.float64): 4e-15,  # measured 1.2e-15
-    ("tubelet", "cpu", torch.float64): 3e-15,  # measured 9.2e-16
+    ("tubelet", "cpu", torch.float64): 1.4e-14,  # measured 4.6e-15: sums over 4096-element tubes, 5488 tubes
     ("tubelet", "cpu", torch.float32): 2e-6,  # measured 6.6e-7
     ("tubelet", "triton", torch.float32): 1e-6,  # measured 3.5e-7
     # Compiled for a GPU, fp32 dots are three tf32 products (tf32x3): not measured here (no GPU),

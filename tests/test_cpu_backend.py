@@ -188,9 +188,10 @@ def test_unsupported_dtype_is_refused():
 
 
 # Tubelet embedding: shapes that leave frames, rows and columns over (dropped, zero gradient).
-# The last one has 360 tubes: row blocks of 64 (and 256 for the weight gradient) end mid-clip.
+# The last has 2 x 2744 tubes of 3 x 16 x 16: the kernel's blocks of at most 2^22 gathered elements
+# (5461 tubes) end in the second clip, in the middle of a row of tubes.
 CLIPS = [((4, 8, 8), (2, 4, 4)), ((7, 11, 16), (3, 5, 7)), ((3, 17, 9), (1, 8, 8)), ((2, 4, 4), (2, 4, 4))]
-CLIPS += [((5, 40, 37), (2, 4, 4))]
+CLIPS += [((5, 40, 37), (2, 4, 4)), ((14, 230, 230), (1, 16, 16))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -397,6 +397,16 @@ MUTANTS = [
         CPU_TUBELET_SELECT,
     ),
     Mutant(
+        "cpp-tube-row-start",
+        "index math",
+        "a block that starts mid-row of tubes gathered from the row's first tube",
+        "csrc/tubelet.cpp",
+        "std::max(r0, tube_row * nw)",
+        "tube_row * nw",
+        CPU_TUBELET,
+        CPU_TUBELET_SELECT,
+    ),
+    Mutant(
         "cpp-tube-accumulate",
         "index math",
         "d(weight) overwritten by each block of tubes instead of summed",
