@@ -309,6 +309,16 @@ def cpu_kernels():
 
 
 @pytest.fixture
+def poisoned():
+    """Every torch.empty (the kernels' outputs included) is filled with NaN: unwritten output shows."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture
 def generator():
     """A fresh, seeded generator per test: random inputs that are reproducible when a test fails.
     Seed 0, or $VIVIT_TEST_SEED (to measure errors over other inputs)."""

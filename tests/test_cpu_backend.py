@@ -32,16 +32,6 @@ from vivit_kernels.backends import registry
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
-@pytest.fixture
-def poisoned():
-    """Every torch.empty (the kernels' outputs included) is filled with NaN: unwritten output shows."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
 def _oracle_grads(qkv, frames, mode, grad_out, scale=None):
     pack = qkv.detach().double().requires_grad_()
     q, k, v = pack.permute(2, 0, 3, 1, 4).unbind(0)

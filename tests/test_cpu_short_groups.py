@@ -47,6 +47,29 @@ def test_every_group_length_matches_the_reference(frames, mode, dtype, generator
         assert error < BOUNDS[dtype], f"{name}: {error:.2e}"
 
 
+# fp32 groups run on 16-float vectors where the CPU has AVX-512, the length pads no further to 16
+# than to 8 (9-16, 25-32 members) and the head dim is whole vectors of 16 (csrc/block_math.cpp,
+# wide_lanes); on 8-float ones otherwise. Lengths on both sides of each switch, ViT head dims.
+@pytest.mark.parametrize("head_dim", [48, 64, 80])
+@pytest.mark.parametrize("frames", [8, 9, 16, 17, 24, 25, 32])
+@pytest.mark.parametrize("mode", ["temporal", "split"])
+def test_both_vector_widths_match_the_reference(frames, head_dim, mode, generator, poisoned):
+    heads, tokens_per_frame = 2, 3
+    N = frames * tokens_per_frame
+    qkv = torch.randn(1, N, 3 * heads * head_dim, dtype=torch.float64, generator=generator)
+    grad = torch.randn(1, N, heads * head_dim, dtype=torch.float64, generator=generator)
+
+    def run(backend, dtype):
+        x = qkv.to(dtype).requires_grad_()
+        out = factorised_attention_packed(x, heads, frames, mode, backend=backend)
+        out.backward(grad.to(dtype))
+        return out.detach().double(), x.grad.double()
+
+    for name, actual, expected in zip(("out", "d(qkv)"), run("cpu", torch.float32), run("reference", torch.float64)):
+        error = ((actual - expected).abs().max() / expected.abs().max()).item()
+        assert error < BOUNDS[torch.float32], f"{name}: {error:.2e}"
+
+
 @pytest.mark.parametrize("frames", [8, 33])
 def test_a_nan_key_stays_in_its_group(frames, generator):
     """A NaN key poisons the outputs of its own temporal group (every query sees it) and no other."""

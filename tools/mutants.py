@@ -385,6 +385,16 @@ MUTANTS = [
         CPU_ATTENTION,
         CPU_ATTENTION_SELECT,
     ),
+    Mutant(
+        "cpp-wide-transpose",
+        "index math",
+        "16-float transposes without their 8-apart step (short groups on AVX-512 CPUs)",
+        "csrc/block_math.cpp",
+        "W == 16",
+        "W == 0",
+        CPU_ATTENTION,
+        CPU_ATTENTION_SELECT,
+    ),
     # --- C++ tubelet (csrc/tubelet.cpp) ---------------------------------------------------------
     Mutant(
         "cpp-tube-corner",
