@@ -207,9 +207,9 @@ inline __attribute__((always_inline)) void exp_inplace(T* x, int64_t n) {
 // lanes, and unaligned loads and stores through the 4- (8-) byte-aligned typedefs named in it (as a
 // template argument a vector type loses that attribute and the access would assume its alignment).
 // 32-byte vectors, 8 floats or 4 doubles, everywhere: one ymm, whose selects AVX2 keeps as vector
-// code. 16 floats, one zmm, where wide_lanes says: on Zen 4 (double-pumped AVX-512) a zmm
+// code. 16 floats, one zmm, where float_widths says: on Zen 4 (double-pumped AVX-512) a zmm
 // multiply-adds at the rate of two ymm with half the instructions, and these loops are bound by
-// their instruction stream, not by memory (T = 16: about 10% less time).
+// their instruction stream, not by memory.
 typedef double f64x4 __attribute__((vector_size(32), aligned(8), may_alias));
 typedef int64_t i64x4 __attribute__((vector_size(32)));
 
@@ -244,18 +244,22 @@ struct Double4 {
   }
 };
 
-// Whether a float short group runs on Float16: where the CPU has AVX-512 (elsewhere a zmm is two
-// ymm, and GCC makes scalar code of their selects), where its length pads no further to 16 than
-// to 8 (T = 9-16 or 25-32; at T = 8 half of each vector would be padding), and where the head dim
-// is whole zmm (no column left to the one-by-one tail).
-inline bool wide_lanes(int64_t length, int64_t head_dim) {
+// The vectors of a float short group: 16 floats where the CPU has AVX-512 (elsewhere a zmm is two
+// ymm, and GCC makes scalar code of their selects) and the head dim is whole zmm (no column left to
+// the one-by-one tails), for the products whose rows are head_dim wide always, and for the scores
+// where the length pads no further to 16 than to 8 (T = 9-16 or 25-32; at T = 8 half of each score
+// vector would be padding). One thread, 12 heads of 64, forward+backward: T = 16 about 10% less
+// time, T = 8 about 6%.
+enum class Widths { all8, rows16, all16 };
+inline Widths float_widths(int64_t length, int64_t head_dim) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
 #else
   constexpr bool avx512 = false;
 #endif
-  return avx512 && (length % 16 == 0 || length % 16 > 8) && head_dim % 16 == 0;
+  if (!avx512 || head_dim % 16) return Widths::all8;
+  return length % 16 == 0 || length % 16 > 8 ? Widths::all16 : Widths::rows16;
 }
 
 // A tile of rows x (CV vectors) of c = alpha * sum_p w(r, p) x[p], w(r, p) = w[r * w_row + p * w_inner]:
@@ -411,46 +415,48 @@ struct Ahead {
 };
 
 // See kernels.h for the contract. L queries and keys pad to Lp, a whole number of vectors; the
-// padded queries (zero in the transposed q) are computed and never written.
-template <typename Lane, typename T = typename Lane::T>
+// padded queries (zero in the transposed q) are computed and never written. Scores: the lane type
+// of the transposes and of the rows of Lp scores; Rows: of the products whose rows are head_dim
+// wide (out; dv, dk, dq).
+template <typename Scores, typename Rows, typename T = typename Scores::T>
 inline __attribute__((always_inline)) void short_group_forward_impl(const ShortGroup<T>& g, T scale) {
-  using V = typename Lane::V;
-  constexpr int64_t W = Lane::width;
+  using V = typename Scores::V;
+  constexpr int64_t W = Scores::width;
   const int64_t L = g.length, Dh = g.head_dim, Lp = (L + W - 1) / W * W;
   T* qt = short_group_scratch<T>(Dh * Lp + L * Lp);
   T* s = qt + Dh * Lp;  // s[j][i]: scaled logits, then probabilities, of query i for key j
   Ahead<T> ahead(g);
   ahead.upto(1, 4);
-  transpose_padded<Lane>(g.q, g.sq, L, Dh, qt, Lp);
+  transpose_padded<Scores>(g.q, g.sq, L, Dh, qt, Lp);
   ahead.upto(2, 4);
-  weighted_rows<Lane>(L, Dh, Lp, scale, g.k, g.sk, 1, qt, Lp, s, Lp);
+  weighted_rows<Scores>(L, Dh, Lp, scale, g.k, g.sk, 1, qt, Lp, s, Lp);
   ahead.upto(3, 4);
   for (int64_t i0 = 0; i0 < Lp; i0 += W) {
-    V m = Lane::load(s + i0);
+    V m = Scores::load(s + i0);
     for (int64_t j = 1; j < L; ++j) {
-      const V x = Lane::load(s + j * Lp + i0);
+      const V x = Scores::load(s + j * Lp + i0);
       m = x > m ? x : m;  // a NaN logit may be skipped here ...
     }
     V sum{};
     for (int64_t j = 0; j < L; ++j) {
-      const V e = Lane::exp(Lane::load(s + j * Lp + i0) - m);
-      Lane::store(s + j * Lp + i0, e);
+      const V e = Scores::exp(Scores::load(s + j * Lp + i0) - m);
+      Scores::store(s + j * Lp + i0, e);
       sum += e;  // ... but poisons the column here
     }
     const V inv = T(1) / sum;
-    for (int64_t j = 0; j < L; ++j) Lane::store(s + j * Lp + i0, Lane::load(s + j * Lp + i0) * inv);
+    for (int64_t j = 0; j < L; ++j) Scores::store(s + j * Lp + i0, Scores::load(s + j * Lp + i0) * inv);
     for (int64_t i = i0; i < std::min(L, i0 + W); ++i) g.lse[i * g.sl] = m[i - i0] + std::log(sum[i - i0]);
   }
   ahead.upto(4, 4);
-  weighted_rows<Lane>(L, L, Dh, T(1), s, 1, Lp, g.v, g.sv, g.out, g.so);  // out_i = sum_j p[j][i] v_j
+  weighted_rows<Rows>(L, L, Dh, T(1), s, 1, Lp, g.v, g.sv, g.out, g.so);  // out_i = sum_j p[j][i] v_j
 }
 
 // FlashAttention-2's backward on one group, with delta_i = dout_i . out_i taken as the equal
 // sum_j p_ij dp_ij of values at hand: out is not read.
-template <typename Lane, typename T = typename Lane::T>
+template <typename Scores, typename Rows, typename T = typename Scores::T>
 inline __attribute__((always_inline)) void short_group_backward_impl(const ShortGroup<T>& g, T scale) {
-  using V = typename Lane::V;
-  constexpr int64_t W = Lane::width;
+  using V = typename Scores::V;
+  constexpr int64_t W = Scores::width;
   const int64_t L = g.length, Dh = g.head_dim, Lp = (L + W - 1) / W * W;
   T* qt = short_group_scratch<T>(2 * Dh * Lp + 2 * L * Lp);
   T* dot = qt + Dh * Lp;
@@ -458,31 +464,31 @@ inline __attribute__((always_inline)) void short_group_backward_impl(const Short
   T* ds = p + L * Lp;
   Ahead<T> ahead(g);
   ahead.upto(1, 8);
-  transpose_padded<Lane>(g.q, g.sq, L, Dh, qt, Lp);
+  transpose_padded<Scores>(g.q, g.sq, L, Dh, qt, Lp);
   ahead.upto(2, 8);
-  transpose_padded<Lane>(g.dout, g.sdo, L, Dh, dot, Lp);
+  transpose_padded<Scores>(g.dout, g.sdo, L, Dh, dot, Lp);
   ahead.upto(3, 8);
-  weighted_rows<Lane>(L, Dh, Lp, scale, g.k, g.sk, 1, qt, Lp, p, Lp);  // mutant: cpp-short-scale
+  weighted_rows<Scores>(L, Dh, Lp, scale, g.k, g.sk, 1, qt, Lp, p, Lp);  // mutant: cpp-short-scale
   ahead.upto(4, 8);
-  weighted_rows<Lane>(L, Dh, Lp, T(1), g.v, g.sv, 1, dot, Lp, ds, Lp);
+  weighted_rows<Scores>(L, Dh, Lp, T(1), g.v, g.sv, 1, dot, Lp, ds, Lp);
   ahead.upto(5, 8);
   for (int64_t i0 = 0; i0 < Lp; i0 += W) {
     V lse{}, delta{};
     for (int64_t i = i0; i < std::min(L, i0 + W); ++i) lse[i - i0] = g.saved_lse[i * g.sl];
     for (int64_t j = 0; j < L; ++j) {
-      const V pj = Lane::exp(Lane::load(p + j * Lp + i0) - lse);
-      Lane::store(p + j * Lp + i0, pj);
-      delta += pj * Lane::load(ds + j * Lp + i0);
+      const V pj = Scores::exp(Scores::load(p + j * Lp + i0) - lse);
+      Scores::store(p + j * Lp + i0, pj);
+      delta += pj * Scores::load(ds + j * Lp + i0);
     }
     for (int64_t j = 0; j < L; ++j)
-      Lane::store(ds + j * Lp + i0, Lane::load(p + j * Lp + i0) * (Lane::load(ds + j * Lp + i0) - delta));
+      Scores::store(ds + j * Lp + i0, Scores::load(p + j * Lp + i0) * (Scores::load(ds + j * Lp + i0) - delta));
   }
   ahead.upto(6, 8);
-  weighted_rows<Lane>(L, L, Dh, T(1), p, Lp, 1, g.dout, g.sdo, g.dv, g.sdv);  // dv_j = sum_i p[j][i] dout_i
+  weighted_rows<Rows>(L, L, Dh, T(1), p, Lp, 1, g.dout, g.sdo, g.dv, g.sdv);  // dv_j = sum_i p[j][i] dout_i
   ahead.upto(7, 8);
-  weighted_rows<Lane>(L, L, Dh, scale, ds, Lp, 1, g.q, g.sq, g.dk, g.sdk);  // dk_j = scale sum_i ds[j][i] q_i
+  weighted_rows<Rows>(L, L, Dh, scale, ds, Lp, 1, g.q, g.sq, g.dk, g.sdk);  // dk_j = scale sum_i ds[j][i] q_i
   ahead.upto(8, 8);
-  weighted_rows<Lane>(L, L, Dh, scale, ds, 1, Lp, g.k, g.sk, g.dq, g.sdq);    // dq_i = scale sum_j ds[j][i] k_j
+  weighted_rows<Rows>(L, L, Dh, scale, ds, 1, Lp, g.k, g.sk, g.dq, g.sdq);    // dq_i = scale sum_j ds[j][i] k_j
 }
 
 // One butterfly step of a 16 x 16 transpose: rows i and i + D (i & D == 0) swap their off-diagonal
@@ -641,25 +647,33 @@ VIVIT_CLONES void divide_rows(float* x, int64_t m, int64_t n, int64_t ld, const 
 void divide_rows(double* x, int64_t m, int64_t n, int64_t ld, const double* by) { divide_rows_impl(x, m, n, ld, by); }
 
 VIVIT_CLONES void short_group_forward(const ShortGroup<float>& group, float scale) {
-  if (wide_lanes(group.length, group.head_dim))
-    short_group_forward_impl<Float16>(group, scale);
-  else
-    short_group_forward_impl<Float8>(group, scale);
+  switch (float_widths(group.length, group.head_dim)) {
+    case Widths::all16:
+      return short_group_forward_impl<Float16, Float16>(group, scale);
+    case Widths::rows16:
+      return short_group_forward_impl<Float8, Float16>(group, scale);
+    case Widths::all8:
+      return short_group_forward_impl<Float8, Float8>(group, scale);
+  }
 }
 
 void short_group_forward(const ShortGroup<double>& group, double scale) {
-  short_group_forward_impl<Double4>(group, scale);
+  short_group_forward_impl<Double4, Double4>(group, scale);
 }
 
 VIVIT_CLONES void short_group_backward(const ShortGroup<float>& group, float scale) {
-  if (wide_lanes(group.length, group.head_dim))
-    short_group_backward_impl<Float16>(group, scale);
-  else
-    short_group_backward_impl<Float8>(group, scale);
+  switch (float_widths(group.length, group.head_dim)) {
+    case Widths::all16:
+      return short_group_backward_impl<Float16, Float16>(group, scale);
+    case Widths::rows16:
+      return short_group_backward_impl<Float8, Float16>(group, scale);
+    case Widths::all8:
+      return short_group_backward_impl<Float8, Float8>(group, scale);
+  }
 }
 
 void short_group_backward(const ShortGroup<double>& group, double scale) {
-  short_group_backward_impl<Double4>(group, scale);
+  short_group_backward_impl<Double4, Double4>(group, scale);
 }
 
 }  // namespace vivit_kernels

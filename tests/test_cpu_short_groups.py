@@ -47,9 +47,10 @@ def test_every_group_length_matches_the_reference(frames, mode, dtype, generator
         assert error < BOUNDS[dtype], f"{name}: {error:.2e}"
 
 
-# fp32 groups run on 16-float vectors where the CPU has AVX-512, the length pads no further to 16
-# than to 8 (9-16, 25-32 members) and the head dim is whole vectors of 16 (csrc/block_math.cpp,
-# wide_lanes); on 8-float ones otherwise. Lengths on both sides of each switch, ViT head dims.
+# fp32 groups on a CPU with AVX-512 and a head dim of whole 16-float vectors run their head-dim-wide
+# products on 16-float vectors, and their scores too where the length pads no further to 16 than to 8
+# (9-16, 25-32 members); 8-float vectors otherwise (csrc/block_math.cpp, float_widths). Lengths on
+# both sides of each switch, ViT head dims.
 @pytest.mark.parametrize("head_dim", [48, 64, 80])
 @pytest.mark.parametrize("frames", [8, 9, 16, 17, 24, 25, 32])
 @pytest.mark.parametrize("mode", ["temporal", "split"])
