@@ -20,6 +20,9 @@
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define VIVIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// The 16-float short groups: compiled for AVX-512 alone (in the other clones GCC would spell out
+// every 16-float select lane by lane, minutes of compile for code that never runs there).
+#define VIVIT_AVX512 __attribute__((target("arch=x86-64-v4")))
 #else
 #define VIVIT_CLONES
 #endif
@@ -252,7 +255,7 @@ struct Double4 {
 // time, T = 8 about 6%.
 enum class Widths { all8, rows16, all16 };
 inline Widths float_widths(int64_t length, int64_t head_dim) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef VIVIT_AVX512
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
 #else
@@ -646,30 +649,42 @@ VIVIT_CLONES void divide_rows(float* x, int64_t m, int64_t n, int64_t ld, const 
 
 void divide_rows(double* x, int64_t m, int64_t n, int64_t ld, const double* by) { divide_rows_impl(x, m, n, ld, by); }
 
+#ifdef VIVIT_AVX512
+static VIVIT_AVX512 void short_group_forward_avx512(const ShortGroup<float>& group, float scale, Widths widths) {
+  if (widths == Widths::all16)
+    short_group_forward_impl<Float16, Float16>(group, scale);
+  else
+    short_group_forward_impl<Float8, Float16>(group, scale);
+}
+#endif
+
 VIVIT_CLONES void short_group_forward(const ShortGroup<float>& group, float scale) {
-  switch (float_widths(group.length, group.head_dim)) {
-    case Widths::all16:
-      return short_group_forward_impl<Float16, Float16>(group, scale);
-    case Widths::rows16:
-      return short_group_forward_impl<Float8, Float16>(group, scale);
-    case Widths::all8:
-      return short_group_forward_impl<Float8, Float8>(group, scale);
-  }
+  const Widths widths = float_widths(group.length, group.head_dim);
+#ifdef VIVIT_AVX512
+  if (widths != Widths::all8) return short_group_forward_avx512(group, scale, widths);
+#endif
+  short_group_forward_impl<Float8, Float8>(group, scale);
 }
 
 void short_group_forward(const ShortGroup<double>& group, double scale) {
   short_group_forward_impl<Double4, Double4>(group, scale);
 }
 
+#ifdef VIVIT_AVX512
+static VIVIT_AVX512 void short_group_backward_avx512(const ShortGroup<float>& group, float scale, Widths widths) {
+  if (widths == Widths::all16)
+    short_group_backward_impl<Float16, Float16>(group, scale);
+  else
+    short_group_backward_impl<Float8, Float16>(group, scale);
+}
+#endif
+
 VIVIT_CLONES void short_group_backward(const ShortGroup<float>& group, float scale) {
-  switch (float_widths(group.length, group.head_dim)) {
-    case Widths::all16:
-      return short_group_backward_impl<Float16, Float16>(group, scale);
-    case Widths::rows16:
-      return short_group_backward_impl<Float8, Float16>(group, scale);
-    case Widths::all8:
-      return short_group_backward_impl<Float8, Float8>(group, scale);
-  }
+  const Widths widths = float_widths(group.length, group.head_dim);
+#ifdef VIVIT_AVX512
+  if (widths != Widths::all8) return short_group_backward_avx512(group, scale, widths);
+#endif
+  short_group_backward_impl<Float8, Float8>(group, scale);
 }
 
 void short_group_backward(const ShortGroup<double>& group, double scale) {
