@@ -1,6 +1,7 @@
-// Registers the CPU kernels for the ops `vivit_kernels::cpu_*`. Their schemas, fake kernels,
-// autograd and FLOP formulas are declared once for every backend, in Python
-// (vivit_kernels/ops/): the dispatcher checks these functions' signatures against the schemas.
+// Registers the CPU kernels for the ops `vivit_kernels::cpu_*`. Their schemas, fake kernels and
+// FLOP formulas are declared once for every backend, in Python (vivit_kernels/ops/): the
+// dispatcher checks these functions' signatures against the schemas. The attention ops'
+// autograd is registered in autograd.cpp, the tubelet ops' in Python.
 
 #include "kernels.h"
 

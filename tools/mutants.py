@@ -395,6 +395,16 @@ MUTANTS = [
         CPU_ATTENTION,
         CPU_ATTENTION_SELECT,
     ),
+    Mutant(
+        "cpp-autograd-order",
+        "layouts",
+        "the q, k, v form's gradients handed back as (dq, dv, dk)",
+        "csrc/autograd.cpp",
+        "{dq, dk, dv, at::Tensor()}",
+        "{dq, dv, dk, at::Tensor()}",
+        CPU_ATTENTION,
+        CPU_ATTENTION_SELECT,
+    ),
     # --- C++ tubelet (csrc/tubelet.cpp) ---------------------------------------------------------
     Mutant(
         "cpp-tube-corner",

@@ -24,7 +24,7 @@ from pathlib import Path
 _PACKAGE = Path(__file__).resolve().parent
 CSRC = _PACKAGE.parent / "csrc"
 PACKAGE_BUILD = _PACKAGE / "_csrc"
-SOURCES = ("attention.cpp", "block_math.cpp", "tubelet.cpp", "ops.cpp")
+SOURCES = ("attention.cpp", "autograd.cpp", "block_math.cpp", "tubelet.cpp", "ops.cpp")
 HEADERS = ("kernels.h",)
 # -fopenmp at compile AND link time, or at::parallel_for runs on one thread. No -march=native:
 # the binary may move to another machine.

@@ -19,7 +19,9 @@ from .registry import Backend, OpSupport, register
 # fp64 stays fp64. `factorised_attention` / `tubelet_embedding` cast to the region's dtype before
 # choosing a backend, so "auto" reaches these ops under autocast only with fp64 inputs.
 _AUTOCAST = {"cpu": torch.float32}
-ATTENTION = define_attention_ops("cpu", autocast=_AUTOCAST)
+# The attention ops' autograd is C++ too (csrc/autograd.cpp): a Python autograd.Function around
+# every layer's call would cost more than a small layer's kernels.
+ATTENTION = define_attention_ops("cpu", autocast=_AUTOCAST, autograd=False)
 TUBELET = define_tubelet_ops("cpu", autocast=_AUTOCAST)
 
 _DTYPES = (torch.float32, torch.float64)

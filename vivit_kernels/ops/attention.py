@@ -202,13 +202,15 @@ def define_attention_ops(
     packed_forward: Callable | None = None,
     packed_backward: Callable | None = None,
     autocast: dict[str, torch.dtype | None] | None = None,
+    autograd: bool = True,
 ) -> AttentionOps:
     """Declare `{backend}_attention_forward/backward` and `_attention_packed_forward/backward`,
     differentiable, with fakes and FLOP formulas.
 
     The launchers follow the module docstring's contract, or are None when a compiled library
     registers the kernels. `autocast` maps a device type to the dtype the inputs are cast to
-    inside its autocast regions (None: the region's, as for SDPA).
+    inside its autocast regions (None: the region's, as for SDPA). `autograd` False: the compiled
+    library registers the forward ops' autograd too (csrc/autograd.cpp), by the rule below.
     """
     name = f"{backend}_attention"
     forward_op = define(f"{name}_forward", FORWARD_SCHEMA, forward, _fake_forward, _forward_flops)
@@ -249,8 +251,9 @@ def define_attention_ops(
             None,
         )
 
-    register_autograd(forward_op, differentiate, setup_context)
-    register_autograd(packed_forward_op, packed_differentiate, packed_setup_context)
+    if autograd:
+        register_autograd(forward_op, differentiate, setup_context)
+        register_autograd(packed_forward_op, packed_differentiate, packed_setup_context)
     for device_type, dtype in (autocast or {}).items():
         register_autocast(forward_op, device_type, dtype)
         register_autocast(packed_forward_op, device_type, dtype)
