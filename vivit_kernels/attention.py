@@ -328,11 +328,17 @@ class FactorisedAttention(nn.Module):
         computed with the projection (`norm_linear`), keeping x for backward rather than norm(x),
         where the projection is a plain Linear. A projection wrapped by another library (an
         adapter's layer) is called as it is."""
-        if not self.linear_qkv:
+        projection = self.qkv_projection()
+        if projection is None:
             return self.call_qkv(x if norm is None else norm(x))
+        weights, bias = projection
         if norm is None:
-            return stacked_linear(x, self.qkv_weights, self.qkv_bias)
-        return norm_linear(x, norm, self.qkv_weights, self.qkv_bias)
+            return stacked_linear(x, weights, bias)
+        return norm_linear(x, norm, weights, bias)
+
+    def qkv_projection(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None:
+        """(qkv_weights, qkv_bias), or None where the projection is not a plain Linear (see `linear_qkv`)."""
+        return (self.qkv_weights, self.qkv_bias) if self.linear_qkv else None
 
     def call_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """The projection called as a module (one an adapter wraps), with the separate biases."""

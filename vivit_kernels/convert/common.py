@@ -65,9 +65,19 @@ class AdoptedAttention(FactorisedAttention):
             module = module._modules[attribute]
         return module
 
+    def qkv_linears(self) -> list[nn.Module]:
+        return [self.part(name) for name in self.qkv_parts]
+
     @property
     def linear_qkv(self) -> bool:
-        return all(plain_linear(self.part(name)) for name in self.qkv_parts)
+        return all(plain_linear(linear) for linear in self.qkv_linears())
+
+    def qkv_projection(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None:
+        # The parts looked up once per call (each property looks them up again).
+        linears = self.qkv_linears()
+        if not all(plain_linear(linear) for linear in linears):
+            return None
+        return tuple(linear.weight for linear in linears), _stacked_bias(linears)
 
     def call_qkv(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.part(name)(x) for name in self.qkv_parts], dim=-1)
@@ -78,17 +88,11 @@ class AdoptedAttention(FactorisedAttention):
 
     @property
     def qkv_weights(self) -> tuple[torch.Tensor, ...]:
-        return tuple(self.part(name).weight for name in self.qkv_parts)
+        return tuple(linear.weight for linear in self.qkv_linears())
 
     @property
     def qkv_bias(self) -> torch.Tensor | None:
-        linears = [self.part(name) for name in self.qkv_parts]
-        present = next((linear.bias for linear in linears if linear.bias is not None), None)
-        if len(linears) == 1 or present is None:
-            return present
-        return torch.cat(
-            [present.new_zeros(linear.out_features) if linear.bias is None else linear.bias for linear in linears]
-        )
+        return _stacked_bias(self.qkv_linears())
 
     def project(self, out: torch.Tensor) -> torch.Tensor:
         for name in self.output_parts:
@@ -114,6 +118,16 @@ class AdoptedAttention(FactorisedAttention):
             if bias is not None:
                 state_dict[f"{prefix}{self.qkv_parts[index]}.bias"] = bias
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _stacked_bias(linears: list[nn.Module]) -> torch.Tensor | None:
+    """The biases of stacked projections side by side, a missing one among present ones zero."""
+    present = next((linear.bias for linear in linears if linear.bias is not None), None)
+    if len(linears) == 1 or present is None:
+        return present
+    return torch.cat(
+        [present.new_zeros(linear.out_features) if linear.bias is None else linear.bias for linear in linears]
+    )
 
 
 def adopting_attention(name: str, original: nn.Module, cls: type[AdoptedAttention], **kwargs) -> AdoptedAttention:
