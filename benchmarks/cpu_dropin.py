@@ -25,7 +25,8 @@ A run refuses to start at a 1-min load average at or above the core count unless
 and is marked "loaded" when the load reaches the core count at any round.
 
 JSON: {"metadata": benchmarks.provenance.run_metadata() plus "family", "method", "dtype", "rounds",
-"size", "ceilings", "flop_formula", "targets", "skipped" (family -> why not run)}, "rows", one per
+"size", "ceilings" (the better of the one-thread rates measured at the run's start and end:
+"ceilings_measured"), "flop_formula", "targets", "skipped" (family -> why not run)}, "rows", one per
 (family, implementation): family, implementation, shape, parameters, refused (convert's message, or
 None), min_ms, times_ms, flops, gflop_per_s, ceiling_fraction (of the one-thread matmul rate),
 speedup_vs_original (original_ms / min_ms), time_vs_original (min_ms / original_ms), loaded; and
@@ -54,7 +55,7 @@ from vivit_kernels import backends
 from vivit_kernels.checks import AttentionShape
 
 from .core import check_matches, train_step_case
-from .cpu_ratios import measure_ceilings, time_interleaved
+from .cpu_ratios import best_ceilings, measure_ceilings, time_interleaved
 from .dropin import (
     CLASSES,
     CONVERTED,
@@ -140,10 +141,10 @@ def check_and_record(
 
 
 def measure_steps(
-    family: str, size: str, rounds: int, ceilings: dict, on_round: Callable[[], None]
+    family: str, size: str, rounds: int, on_round: Callable[[], None]
 ) -> tuple[list[dict], dict[tuple[str, AttentionShape], list]]:
     """One row per implementation of `family` (timed, or refused by convert), and the converted
-    model's attention calls."""
+    model's attention calls (ceiling_fraction comes with the run's ceilings, `fill_ceiling_fractions`)."""
     models, refused, inputs, logits = build(family, size)
     calls = check_and_record(family, models, inputs, logits)
     labels = torch.randint(0, CLASSES, (inputs.shape[0],), generator=torch.Generator().manual_seed(0))
@@ -191,11 +192,18 @@ def measure_steps(
             row["speedup_vs_original"] = round(mins[ORIGINAL] / best, 3)
             row["time_vs_original"] = round(best / mins[ORIGINAL], 3)
             if flops:
-                rate = flops / best
-                row["gflop_per_s"] = round(rate / 1e9, 2)
-                row["ceiling_fraction"] = round(rate / (ceilings["matmul_gflop_per_s"] * 1e9), 3)
+                row["gflop_per_s"] = round(flops / best / 1e9, 2)
         rows.append(row)
     return rows, calls
+
+
+def fill_ceiling_fractions(rows: list[dict], ceilings: dict) -> None:
+    """Each timed row's rate as a fraction of the one-thread matmul ceiling."""
+    for row in rows:
+        if row["gflop_per_s"] is not None:
+            row["ceiling_fraction"] = round(
+                row["flops"] / (row["min_ms"] / 1e3) / (ceilings["matmul_gflop_per_s"] * 1e9), 3
+            )
 
 
 def attention_runs(op: str, shape: AttentionShape, names: list[str]) -> tuple[Callable[[], None], dict]:
@@ -291,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     load = LoadWatch.start(FAMILY, args.allow_loaded)
     if load is None:
         return 2
-    ceilings = measure_ceilings()
+    measured = [measure_ceilings()]
     started = time.perf_counter()
     rows, shapes, skipped = [], [], {}
     for family in args.families:
@@ -300,13 +308,16 @@ def main(argv: list[str] | None = None) -> int:
             skipped[family] = reason
             print(f"cpu_dropin: skipped {reason}", file=sys.stderr)
             continue
-        family_rows, calls = measure_steps(family, args.size, args.rounds, ceilings, load.on_round)
+        family_rows, calls = measure_steps(family, args.size, args.rounds, load.on_round)
         rows += family_rows
         shapes += measure_attention_calls(family, calls, args.rounds, load.on_round)
         print(f"cpu_dropin: {family} measured ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     if not rows:
         print(f"cpu_dropin: nothing measured: {'; '.join(skipped.values())}", file=sys.stderr)
         return 2
+    measured.append(measure_ceilings())
+    ceilings = best_ceilings(*measured)
+    fill_ceiling_fractions(rows, ceilings)
     metadata = load.metadata()
     metadata.update(
         {
@@ -317,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             "size": args.size,
             "seconds": round(time.perf_counter() - started, 1),
             "ceilings": ceilings,
+            "ceilings_measured": measured,
             "flop_formula": FLOP_FORMULA,
             "targets": TARGETS,
             "skipped": skipped,

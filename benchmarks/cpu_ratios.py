@@ -18,8 +18,8 @@ slows memory-bound code more than compute-bound code, biasing the ratios) unless
 --allow-loaded, and is marked "loaded" when the load reaches the core count at any round.
 
 JSON: {"metadata": benchmarks.provenance.run_metadata() plus "family", "method", "pass",
-"dtype", "rounds", "ceilings" (one-thread matmul GFLOP/s and copy GB/s measured in the run), "flop_formula",
-"io_formula"}, and "rows", one per (mode, T, implementation): mode, T, shape {B, T, S, H, Dh},
+"dtype", "rounds", "ceilings" (one-thread matmul GFLOP/s and copy GB/s, the better of the measurements
+at the run's start and end: `ceilings_measured`), "flop_formula", "io_formula"}, and "rows", one per (mode, T, implementation): mode, T, shape {B, T, S, H, Dh},
 implementation, min_ms, times_ms (every round), flops, gflop_per_s, io_bytes, io_gb_per_s,
 bound_ms (the slower of flops at the matmul rate and io_bytes at the copy rate),
 speedup_vs_plain_einsum, speedup_vs_plain_sdpa, loaded.
@@ -102,6 +102,13 @@ def measure_ceilings(tries: int = 5, threads: int = 1) -> dict:
     }
 
 
+def best_ceilings(*measured: dict) -> dict:
+    """Each ceiling's best over measurements taken at different times of a run: a slow spell
+    during one of them (a neighbour on the core's sibling, a frequency drop) would otherwise
+    understate the machine's bound, and every row would seem closer to it than it is."""
+    return {key: max(m[key] for m in measured) for key in measured[0]}
+
+
 def time_interleaved(
     calls: dict[str, Callable[[], None]], setup: Callable[[], None], rounds: int, on_round: Callable[[], None]
 ) -> dict[str, list[float]]:
@@ -129,10 +136,9 @@ def fill_speedups(rows: list[dict]) -> None:
             row[f"speedup_vs_{baseline}"] = round(theirs / row["min_ms"], 3) if theirs and row["min_ms"] > 0 else None
 
 
-def measure_shape(
-    mode: str, shape: dict, names: list[str], rounds: int, ceilings: dict, on_round: Callable[[], None]
-) -> list[dict]:
-    """One row per implementation: forward+backward of `mode` at `shape`, timed as the module says."""
+def measure_shape(mode: str, shape: dict, names: list[str], rounds: int, on_round: Callable[[], None]) -> list[dict]:
+    """One row per implementation: forward+backward of `mode` at `shape`, timed as the module says
+    (bound_ms comes with the run's ceilings, `fill_bounds`)."""
     B, T, S, H, Dh = (shape[k] for k in ("B", "T", "S", "H", "Dh"))
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(B, T * S, 3 * H * Dh, generator=g).requires_grad_()
@@ -151,7 +157,6 @@ def measure_shape(
     times = time_interleaved(calls, setup, rounds, on_round)
     flops = attention_flops(mode, shape, BACKWARD)
     moved = io_bytes(shape)
-    bound_s = max(flops / (ceilings["matmul_gflop_per_s"] * 1e9), moved / (ceilings["copy_gb_per_s"] * 1e9))
     rows = []
     for name in names:
         best = min(times[name])
@@ -167,10 +172,18 @@ def measure_shape(
                 "gflop_per_s": round(flops / best / 1e9, 2) if best > 0 else None,
                 "io_bytes": moved,
                 "io_gb_per_s": round(moved / best / 1e9, 2) if best > 0 else None,
-                "bound_ms": round(bound_s * 1e3, 3),
             }
         )
     return rows
+
+
+def fill_bounds(rows: list[dict], ceilings: dict) -> None:
+    """Each row's bound_ms: the slower of its flops at the matmul rate and its bytes at the copy rate."""
+    for row in rows:
+        bound_s = max(
+            row["flops"] / (ceilings["matmul_gflop_per_s"] * 1e9), row["io_bytes"] / (ceilings["copy_gb_per_s"] * 1e9)
+        )
+        row["bound_ms"] = round(bound_s * 1e3, 3)
 
 
 def _ints(text: str) -> list[int]:
@@ -212,12 +225,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     base = dict(B=args.batch, S=args.tokens_per_frame, H=args.heads, Dh=args.head_dim)
     names = args.implementations or implementations(dict(base, T=args.frames[0]))
-    ceilings = measure_ceilings()
+    measured = [measure_ceilings()]
     started = time.perf_counter()
     rows = []
     for mode in args.modes:
         for frames in args.frames:
-            rows += measure_shape(mode, dict(base, T=frames), names, args.rounds, ceilings, load.on_round)
+            rows += measure_shape(mode, dict(base, T=frames), names, args.rounds, load.on_round)
+    measured.append(measure_ceilings())
+    ceilings = best_ceilings(*measured)
+    fill_bounds(rows, ceilings)
     fill_speedups(rows)
     metadata = load.metadata()
     metadata.update(
@@ -229,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "seconds": round(time.perf_counter() - started, 1),
             "ceilings": ceilings,
+            "ceilings_measured": measured,
             "flop_formula": ATTENTION_FLOP_FORMULA,
             "io_formula": IO_FORMULA,
         }

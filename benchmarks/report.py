@@ -15,7 +15,8 @@ times, then auto's backend per attention call against sdpa), and pytest-benchmar
 
 A run whose 1-min load average reached its core count, or that recorded no load, is refused
 unless --allow-loaded, and is then marked in each of its tables: a loaded neighbour slows
-memory-bound code more than compute-bound code, so its ratios are biased.
+memory-bound code more than compute-bound code, so its ratios are biased. A run with a row
+faster than its bound (ceilings measured in a slow spell) is refused.
 """
 
 from __future__ import annotations
@@ -363,6 +364,18 @@ def check_load(meta: dict | None, source: str, allow_loaded: bool) -> None:
         )
 
 
+def check_bounds(rows: list[dict], source: str) -> None:
+    """Refused where a row runs faster than its bound: the run's ceilings were measured low (a
+    slow spell during their measurement), so every fraction of the bound in it would be wrong."""
+    for row in rows:
+        if row.get("bound_ms") and row.get("min_ms") is not None and row["min_ms"] < row["bound_ms"]:
+            what = ", ".join(f"{k} {row[k]}" for k in ("mode", "T", "pass", "implementation") if k in row)
+            raise Refused(
+                f"{source}: {what} took {row['min_ms']} ms, below its bound of {row['bound_ms']} ms: the run's "
+                "ceilings were measured low; not rendered (measure again)"
+            )
+
+
 # ------------------------------------------------------------------------------------- rendering
 
 
@@ -403,6 +416,7 @@ def render(data: dict, source: str, allow_loaded: bool = False) -> dict[str, lis
     else:
         raise ValueError(f"{source}: neither a benchmarks.cpu_ratios file nor a pytest-benchmark JSON")
     check_load(meta, source, allow_loaded)
+    check_bounds(data.get("rows", []), source)
     loaded = bool(meta and meta.get("loaded")) or meta is None
     head = metadata_line(meta) if meta else "Recorded without load averages, torch version or command."
     blocks = {}

@@ -119,6 +119,26 @@ def test_cpu_ratios_end_to_end_on_a_tiny_shape(tmp_path):
     assert "| temporal | 2 | plain einsum   |" in done.stdout
 
 
+def test_bounds_come_from_the_better_ceilings_of_the_run(tmp_path, monkeypatch):
+    # A slow spell at the start (half the rates) must not lower the bounds: the end's rates count.
+    slow, fast = (
+        {"matmul_gflop_per_s": 50.0, "copy_gb_per_s": 10.0},
+        {"matmul_gflop_per_s": 100.0, "copy_gb_per_s": 20.0},
+    )
+    measured = iter([slow, fast])
+    monkeypatch.setattr(cpu_ratios, "measure_ceilings", lambda: next(measured))
+    out = tmp_path / "r.json"
+    tiny = "--frames 2 --tokens-per-frame 5 --heads 2 --head-dim 8 --rounds 1 --allow-loaded".split()
+    threads = torch.get_num_threads()
+    try:
+        assert cpu_ratios.main(["--out", str(out), "--modes", "temporal", "--implementations", "reference", *tiny]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    meta, (row,) = (lambda d: (d["metadata"], d["rows"]))(json.loads(out.read_text()))
+    assert meta["ceilings"] == fast and meta["ceilings_measured"] == [slow, fast]
+    assert row["bound_ms"] == round(max(row["flops"] / 100e9, row["io_bytes"] / 20e9) * 1e3, 3)
+
+
 # --------------------------------------------------------------------------------------- report
 
 METADATA = {
@@ -187,6 +207,13 @@ def test_a_ratio_row_renders_exactly():
     assert blocks["headline"][4] == (
         "| temporal | 16 | cpu   | 33.0 ms | 35.0 ms      | 31.4 ms    | 1.06x           | 0.95x         |"
     )
+
+
+def test_a_run_with_a_row_faster_than_its_bound_is_refused():
+    # Ceilings measured in a slow spell put the bound above what the machine does.
+    low = {"metadata": METADATA, "rows": [*RATIOS["rows"], _row("sdpa", 5.0, 7.0, 6.28)]}
+    with pytest.raises(report.Refused, match=r"mode temporal, T 16, implementation sdpa took 5.0 ms, below its bound"):
+        report.render(low, "r.json", allow_loaded=True)
 
 
 def test_loaded_runs_are_refused_unless_allowed_and_then_marked():
