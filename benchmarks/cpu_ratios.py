@@ -18,11 +18,12 @@ slows memory-bound code more than compute-bound code, biasing the ratios) unless
 --allow-loaded, and is marked "loaded" when the load reaches the core count at any round.
 
 JSON: {"metadata": benchmarks.provenance.run_metadata() plus "family", "method", "pass",
-"dtype", "rounds", "ceilings" (one-thread matmul GFLOP/s and copy GB/s, the better of the measurements
-at the run's start and end: `ceilings_measured`), "flop_formula", "io_formula"}, and "rows", one per (mode, T, implementation): mode, T, shape {B, T, S, H, Dh},
-implementation, min_ms, times_ms (every round), flops, gflop_per_s, io_bytes, io_gb_per_s,
-bound_ms (the slower of flops at the matmul rate and io_bytes at the copy rate),
-speedup_vs_plain_einsum, speedup_vs_plain_sdpa, loaded.
+"dtype", "rounds", "ceilings" (one-thread matmul GFLOP/s and copy GB/s, the better of the
+measurements at the run's start and end: `ceilings_measured`), "flop_formula", "io_formula"}, and
+"rows", one per (mode, T, implementation): mode, T, shape {B, T, S, H, Dh}, implementation,
+min_ms, times_ms (every round), flops, gflop_per_s, io_bytes, io_gb_per_s, bound_ms (the slower
+of flops at the matmul rate and io_bytes at the copy rate), speedup_vs_plain_einsum,
+speedup_vs_plain_sdpa, loaded.
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ and is marked "loaded" when the load reaches the core count at any round.
 
 JSON: {"metadata": benchmarks.provenance.run_metadata() plus "family", "method", "dtype",
 "rounds", "shape", "ceilings" (one-thread matmul GFLOP/s and copy GB/s, the better of the
-measurements at the run's start and end: `ceilings_measured`), "flop_formula"}, and "rows", one per (pass, implementation): pass, implementation, min_ms,
-times_ms (every round), flops, gflop_per_s, bound_ms (flops at the matmul rate), best_baseline,
-speedup_vs_best_baseline, loaded.
+measurements at the run's start and end: `ceilings_measured`), "flop_formula"}, and "rows", one
+per (pass, implementation): pass, implementation, min_ms, times_ms (every round), flops,
+gflop_per_s, bound_ms (flops at the matmul rate), best_baseline, speedup_vs_best_baseline, loaded.
 """
 
 from __future__ import annotations

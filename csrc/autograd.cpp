@@ -77,7 +77,8 @@ struct Attention : torch::autograd::Function<Attention> {
             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
             const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, c10::string_view,
             c10::string_view, double)>("vivit_kernels::cpu_attention_backward");
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};  // out unused
+    // No gradient reached out (a later function handed back none): none for the inputs either.
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const variable_list s = ctx->get_saved_variables();
     const Grid grid = Grid::saved(ctx);
     auto [dq, dk, dv] = backward_op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], grid.frames,
@@ -105,7 +106,8 @@ struct PackedAttention : torch::autograd::Function<PackedAttention> {
         op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       const at::Tensor&, int64_t, int64_t, int64_t, c10::string_view, c10::string_view, double)>(
             "vivit_kernels::cpu_attention_packed_backward");
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};  // out unused
+    // No gradient reached out (a later function handed back none): none for the inputs either.
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const variable_list s = ctx->get_saved_variables();
     const Grid grid = Grid::saved(ctx);
     at::Tensor dqkv = backward_op.call(grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["heads"].toInt(),

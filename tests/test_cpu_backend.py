@@ -22,6 +22,7 @@ from vivit_kernels import (
     BackendUnsupportedError,
     attention_backend,
     factorised_attention,
+    factorised_attention_packed,
     saved_bytes,
     tubelet_backend,
     tubelet_embedding,
@@ -114,6 +115,33 @@ def _sdpa_with_permutes(q, k, v, frames, mode):
     )
     out = F.scaled_dot_product_attention(group(q), group(k), group(v))
     return (out if mode == "spatial" else out.transpose(2, 3)).reshape(B, H, N, Dh)
+
+
+class _NoGradient(torch.autograd.Function):
+    """The identity, whose backward hands back no gradient (None)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_backward_without_an_output_gradient(packed, generator):
+    """The ops' C++ autograd reached with no gradient for the output (a later function returned
+    None for it) hands back none either, rather than running the backward kernel on nothing."""
+    q, k, v, qkv = packed_qkv(1, 2, 12, 8, dtype=torch.float64, generator=generator)
+    if packed:
+        out = factorised_attention_packed(qkv.flatten(2), 2, 3, "split", backend="cpu")
+    else:
+        out = factorised_attention(q, k, v, 3, "split", backend="cpu")
+    # The other term keeps qkv in the graph, so the engine does call the op's backward.
+    loss = _NoGradient.apply(out).sum() + qkv.sum()
+    (grad,) = torch.autograd.grad(loss, qkv)
+    assert torch.equal(grad, torch.ones_like(qkv))
 
 
 @pytest.mark.parametrize("mode", MODES)
