@@ -414,12 +414,13 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
           delta[r] = sum;
           row_lse[r] = prefix_row ? *prefix_lse.at(b, h, g, r) : lse[(b * H + h) * N + n];
         }
-        gemm<T>(false, true, L, L, Dh, T(1), qs.data(), Dh, ks.data(), Dh, T(0), probs.data(), L);
-        gemm<T>(false, true, L, L, Dh, T(1), dos.data(), Dh, vs.data(), Dh, T(0), dprobs.data(), L);
-        softmax_grad_rows(probs.data(), dprobs.data(), L, L, scale, row_lse.data(), delta.data());
-        gemm<T>(true, false, L, Dh, L, T(1), probs.data(), L, dos.data(), Dh, T(0), dvs, Dh);
-        gemm<T>(true, false, L, Dh, L, scale, dprobs.data(), L, qs.data(), Dh, T(0), dks, Dh);
-        gemm<T>(false, false, L, Dh, L, scale, dprobs.data(), L, ks.data(), Dh, T(0), dqs, Dh);
+        // Scores transposed, as in the blocks below.
+        gemm<T>(false, true, L, L, Dh, T(1), ks.data(), Dh, qs.data(), Dh, T(0), probs.data(), L);
+        gemm<T>(false, true, L, L, Dh, T(1), vs.data(), Dh, dos.data(), Dh, T(0), dprobs.data(), L);
+        softmax_grad_cols(probs.data(), dprobs.data(), L, L, scale, row_lse.data(), delta.data());
+        gemm<T>(false, false, L, Dh, L, T(1), probs.data(), L, dos.data(), Dh, T(0), dvs, Dh);
+        gemm<T>(false, false, L, Dh, L, T(1), dprobs.data(), L, qs.data(), Dh, T(0), dks, Dh);
+        gemm<T>(true, false, L, Dh, L, T(1), dprobs.data(), L, ks.data(), Dh, T(0), dqs, Dh);
         // This item alone writes the members' rows; the prefix rows go to the group's partials.
         for (int64_t r = 0; r < L; ++r) {
           const int64_t n = gathered_token(grp, g, r);
@@ -461,20 +462,21 @@ void backward_kernel(const View<T>& dout, const View<T>& q, const View<T>& k, co
         for_blocks(grp, g, kMaxBlock, [&](const Rows& kr, bool prefix_keys) {
           const int64_t Nb = kr.count;
           const T* K = k.row(b, h, kr.first);
-          gemm<T>(false, true, M, Nb, Dh, T(1), Q, qr.step * q.sn, K, kr.step * k.sn, T(0), probs.data(), Nb);
-          gemm<T>(false, true, M, Nb, Dh, T(1), dO, ldo, v.row(b, h, kr.first), kr.step * v.sn, T(0), dprobs.data(), Nb);
-          // P from the saved log-sum-exp, and dS (the gradient of the scaled logits) in place of dP.
-          softmax_grad_rows(probs.data(), dprobs.data(), M, Nb, scale, row_lse.data(), delta.data());
+          // The scores transposed (a row per key, Nb x M), so that the products into dV and dK,
+          // and all but the one into dQ, take their left operand as it lies (gemm's fast path).
+          gemm<T>(false, true, Nb, M, Dh, T(1), K, kr.step * k.sn, Q, qr.step * q.sn, T(0), probs.data(), M);
+          gemm<T>(false, true, Nb, M, Dh, T(1), v.row(b, h, kr.first), kr.step * v.sn, dO, ldo, T(0), dprobs.data(), M);
+          // P from the saved log-sum-exp, and dS (the gradient of the unscaled logits) in place of dP.
+          softmax_grad_cols(probs.data(), dprobs.data(), Nb, M, scale, row_lse.data(), delta.data());
           T* dK = prefix_keys ? pdk.at(b, h, g, kr.first) : dk.row(b, h, kr.first);
           T* dV = prefix_keys ? pdv.at(b, h, g, kr.first) : dv.row(b, h, kr.first);
           const int64_t ldk = prefix_keys ? Dh : kr.step * dk.sn, ldv = prefix_keys ? Dh : kr.step * dv.sn;
           // The first block to reach a row of dk, dv (the first query block) or dq (the first key
           // block) overwrites it: no zero fill.
           const T kv_beta = first_query_block ? T(0) : T(1), q_beta = first_key_block ? T(0) : T(1);
-          gemm<T>(true, false, Nb, Dh, M, T(1), probs.data(), Nb, dO, ldo, kv_beta, dV, ldv);
-          // mutant: cpp-dk-scale
-          gemm<T>(true, false, Nb, Dh, M, scale, dprobs.data(), Nb, Q, qr.step * q.sn, kv_beta, dK, ldk);
-          gemm<T>(false, false, M, Dh, Nb, scale, dprobs.data(), Nb, K, kr.step * k.sn, q_beta, dQ, ldq);
+          gemm<T>(false, false, Nb, Dh, M, T(1), probs.data(), M, dO, ldo, kv_beta, dV, ldv);
+          gemm<T>(false, false, Nb, Dh, M, T(1), dprobs.data(), M, Q, qr.step * q.sn, kv_beta, dK, ldk);
+          gemm<T>(true, false, M, Dh, Nb, T(1), dprobs.data(), M, K, kr.step * k.sn, q_beta, dQ, ldq);
           first_key_block = false;
         });
         first_query_block = false;

@@ -530,6 +530,22 @@ inline __attribute__((always_inline)) void transpose16_f32(const float* src, int
   for (int i = 0; i < 16; ++i) *reinterpret_cast<f32x16*>(dst + i * ldd) = x[i];
 }
 
+// src (rows x cols, row stride lds) transposed into the calling thread's scratch: cols x rows,
+// row stride rows.
+inline __attribute__((always_inline)) const float* transposed(const float* src, int64_t rows, int64_t cols,
+                                                              int64_t lds) {
+  thread_local std::vector<float> scratch;
+  if (scratch.size() < size_t(rows * cols)) scratch.resize(rows * cols);
+  float* dst = scratch.data();
+  int64_t j0 = 0;
+  if (cols % 16 == 0)
+    for (; j0 + 16 <= rows; j0 += 16)
+      for (int64_t p = 0; p < cols; p += 16) transpose16_f32(src + j0 * lds + p, lds, dst + p * rows + j0, rows);
+  for (int64_t j = j0; j < rows; ++j)
+    for (int64_t p = 0; p < cols; ++p) dst[p * rows + j] = src[j * lds + p];
+  return dst;
+}
+
 }  // namespace
 
 VIVIT_CLONES void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
@@ -545,17 +561,16 @@ VIVIT_CLONES void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, i
   const int64_t sa_i = trans_a ? 1 : lda, sa_p = trans_a ? lda : 1;
   if (!trans_b) return tiled_f32(m, n, k, alpha, a, sa_i, sa_p, b, ldb, c, ldc);
   // B stored n x k: transposed once into k x n scratch, whose rows the tiles read.
-  thread_local std::vector<float> scratch;
-  if (scratch.size() < size_t(k * n)) scratch.resize(k * n);
-  float* bt = scratch.data();
-  int64_t j0 = 0;
-  if (k % 16 == 0)
-    for (; j0 + 16 <= n; j0 += 16)
-      for (int64_t p = 0; p < k; p += 16) transpose16_f32(b + j0 * ldb + p, ldb, bt + p * n + j0, n);
-  for (int64_t j = j0; j < n; ++j)
-    for (int64_t p = 0; p < k; ++p) bt[p * n + j] = b[j * ldb + p];
-  tiled_f32(m, n, k, alpha, a, sa_i, sa_p, bt, n, c, ldc);
+  tiled_f32(m, n, k, alpha, a, sa_i, sa_p, transposed(b, n, k, ldb), n, c, ldc);
 }
+
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+VIVIT_CLONES void brgemm(bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                         int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  if (trans_b) b = transposed(b, n, k, ldb), ldb = n;
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
+}
+#endif
 
 void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
                 int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
@@ -604,17 +619,33 @@ inline double exp_sum_impl(double* x, int64_t n, double scale, double shift) {
   return sum;
 }
 
-template <typename T>
-inline __attribute__((always_inline)) void softmax_grad_rows_impl(T* p, T* dp, int64_t m, int64_t n, T scale,
-                                                                  const T* row_lse, const T* delta) {
-  for (int64_t i = 0; i < m; ++i) {
-    T* pi = p + i * n;
-    T* dpi = dp + i * n;
-    const T di = delta[i];
-    exp_sum_impl(pi, n, scale, row_lse[i]);
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) dpi[j] = pi[j] * (dpi[j] - di);
+inline __attribute__((always_inline)) void softmax_grad_cols_impl(float* pt, float* dpt, int64_t n, int64_t m,
+                                                                  float scale, const float* lse, const float* delta) {
+  for (int64_t j = 0; j < n; ++j) {
+    float* p = pt + j * m;
+    float* dp = dpt + j * m;
+    int64_t i = 0;
+    for (; i + 8 <= m; i += 8) {
+      f32x8& pv = *reinterpret_cast<f32x8*>(p + i);
+      f32x8& dv = *reinterpret_cast<f32x8*>(dp + i);
+      pv = expf_poly(pv * scale - *reinterpret_cast<const f32x8*>(lse + i));
+      dv = pv * (dv - *reinterpret_cast<const f32x8*>(delta + i)) * scale;  // mutant: cpp-ds-scale
+    }
+    for (; i < m; ++i) {
+      p[i] = expf_poly(p[i] * scale - lse[i]);
+      dp[i] = p[i] * (dp[i] - delta[i]) * scale;
+    }
   }
+}
+
+inline void softmax_grad_cols_impl(double* pt, double* dpt, int64_t n, int64_t m, double scale, const double* lse,
+                                   const double* delta) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < m; ++i) {
+      double& p = pt[j * m + i];
+      p = std::exp(p * scale - lse[i]);
+      dpt[j * m + i] = p * (dpt[j * m + i] - delta[i]) * scale;
+    }
 }
 
 template <typename T>
@@ -633,14 +664,14 @@ VIVIT_CLONES float exp_sum(float* x, int64_t n, float scale, float shift) { retu
 
 double exp_sum(double* x, int64_t n, double scale, double shift) { return exp_sum_impl(x, n, scale, shift); }
 
-VIVIT_CLONES void softmax_grad_rows(float* p, float* dp, int64_t m, int64_t n, float scale, const float* row_lse,
+VIVIT_CLONES void softmax_grad_cols(float* pt, float* dpt, int64_t n, int64_t m, float scale, const float* lse,
                                     const float* delta) {
-  softmax_grad_rows_impl(p, dp, m, n, scale, row_lse, delta);
+  softmax_grad_cols_impl(pt, dpt, n, m, scale, lse, delta);
 }
 
-void softmax_grad_rows(double* p, double* dp, int64_t m, int64_t n, double scale, const double* row_lse,
+void softmax_grad_cols(double* pt, double* dpt, int64_t n, int64_t m, double scale, const double* lse,
                        const double* delta) {
-  softmax_grad_rows_impl(p, dp, m, n, scale, row_lse, delta);
+  softmax_grad_cols_impl(pt, dpt, n, m, scale, lse, delta);
 }
 
 VIVIT_CLONES void divide_rows(float* x, int64_t m, int64_t n, int64_t ld, const float* by) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
@@ -102,15 +103,21 @@ double scaled_max(const double* x, int64_t n, double scale);
 // x[j] = exp(x[j] * scale - shift); returns the sum. NaN stays NaN.
 float exp_sum(float* x, int64_t n, float scale, float shift);
 double exp_sum(double* x, int64_t n, double scale, double shift);
-// Rows i < m of p and dp (m x n, contiguous): p = exp(p * scale - row_lse[i]) (the probabilities
-// from the logits), then dp = p * (dp - delta[i]) (the gradient of the scaled logits).
-void softmax_grad_rows(float* p, float* dp, int64_t m, int64_t n, float scale, const float* row_lse,
+// The softmax backward on transposed scores: for rows j < n (keys) and columns i < m (queries) of
+// pt and dpt (n x m, contiguous), pt = exp(pt * scale - lse[i]) (the probabilities from the
+// logits), then dpt = pt * (dpt - delta[i]) * scale (the gradient of the unscaled logits).
+void softmax_grad_cols(float* pt, float* dpt, int64_t n, int64_t m, float scale, const float* lse,
                        const float* delta);
-void softmax_grad_rows(double* p, double* dp, int64_t m, int64_t n, double scale, const double* row_lse,
+void softmax_grad_cols(double* pt, double* dpt, int64_t n, int64_t m, double scale, const double* lse,
                        const double* delta);
 // Rows i < m of x (n entries, row stride ld) multiplied by 1 / by[i].
 void divide_rows(float* x, int64_t m, int64_t n, int64_t ld, const float* by);
 void divide_rows(double* x, int64_t m, int64_t n, int64_t ld, const double* by);
+// Row-major C (m x n) = A B (+ C with accumulate), A stored m x k, B stored k x n or, transposed,
+// n x k (then copied transposed into scratch first), through ATen's cpublas::brgemm: oneDNN's
+// brgemm micro-kernel on x86 CPUs with AVX2, else its BLAS fallback.
+void brgemm(bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+            bool accumulate, float* c, int64_t ldc);
 
 // One short attention group (temporal: a token's T frames), every member a query and a key:
 // member i's rows are q + i * sq, ... (strides in elements, rows of head_dim contiguous), its
@@ -144,15 +151,26 @@ void short_group_backward(const ShortGroup<double>& group, double scale);
 
 // Row-major C (m x n, row stride ldc) = beta * C + alpha * op(A) op(B), where op(A) is m x k and
 // A is stored m x k (row stride lda) or, transposed, k x m; likewise B. Every last dim has stride 1.
-// Large products go to BLAS (no copies: the row strides are BLAS leading dims), directly where
-// libtorch_cpu exports it, else through ATen; small ones, like the 16 x 16 blocks of temporal
-// attention, cost less as register-tiled loops than as a BLAS call.
+// Large products go to oneDNN's brgemm (float, A as stored) or else to BLAS (no copies: the row
+// strides are BLAS leading dims), directly where libtorch_cpu exports it, else through ATen; small
+// ones, like the 16 x 16 blocks of temporal attention, cost less as register-tiled loops than as
+// a BLAS call.
 // beta == 0 ignores C's old contents (NaN included), as BLAS does.
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
           int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (m * n * k >= kSmallGemm) {
+    // oneDNN's brgemm micro-kernel reads the blocks in place where BLAS first packs them: on the
+    // blocks of attention (196 x 196 x 64, 196 x 64 x 196) it ran at 1.2-1.3x MKL's sgemm rate
+    // on the AMD EPYC measured (docs/benchmarks.md), level with it on large products. Its
+    // B is read row by row, so a transposed B (k x n, the thin side of a block product: keys or
+    // values of one head) is transposed first; a transposed A (the scores) stays with BLAS.
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+    if constexpr (std::is_same_v<T, float>)
+      if (!trans_a && alpha == 1.0f && (beta == 0.0f || beta == 1.0f))
+        return brgemm(trans_b, m, n, k, a, lda, b, ldb, beta == 1.0f, c, ldc);
+#endif
     if (fortran_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
     auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
     auto matrix = [&](const T* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {

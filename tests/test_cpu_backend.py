@@ -67,6 +67,22 @@ def test_attention_matches_oracle(case, mode, dtype, generator, poisoned):
     assert_near_oracle(grad, expected_grad, "cpu", "dqkv")
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration:UserWarning")  # torch's flags() on CPU-only builds
+@pytest.mark.parametrize("mode", ["spatial", "joint"])
+def test_float_products_without_onednn(mode, generator, poisoned):
+    """With oneDNN turned off, the float block products that take its brgemm micro-kernel go
+    through ATen's BLAS fallback instead (the transposed operands as the kernel leaves them)."""
+    T, S, H, Dh = 2, 196, 2, 40
+    q, k, v, qkv = packed_qkv(1, H, T * S, Dh, dtype=torch.float32, generator=generator)
+    grad_out = torch.randn(q.shape, generator=generator)
+    with torch.backends.mkldnn.flags(enabled=False):
+        out = factorised_attention(q, k, v, T, mode, backend="cpu")
+        (grad,) = torch.autograd.grad(out, qkv, grad_out)
+    expected, expected_grad = _oracle_grads(qkv, T, mode, grad_out)
+    assert_near_oracle(out, expected, "cpu")
+    assert_near_oracle(grad, expected_grad, "cpu", "dqkv")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @every_layout_case
 def test_inputs_and_output_gradient_in_layouts_of_their_own(grid, mode, packed, dtype, generator, poisoned):
