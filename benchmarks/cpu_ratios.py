@@ -76,30 +76,46 @@ def io_bytes(shape: dict) -> int:
     return attention_io_bytes(shape, BACKWARD, 4)
 
 
+def _onednn_product(a: torch.Tensor, b: torch.Tensor) -> Callable[[], object] | None:
+    """a @ b.T by oneDNN's own fp32 kernels (which the C++ kernels' block products use), or None
+    where this torch has no oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        a, b = a.to_mkldnn(), b.to_mkldnn()
+        torch._C._nn.mkldnn_linear(a, b)
+    except (AttributeError, RuntimeError):
+        return None
+    return lambda: torch._C._nn.mkldnn_linear(a, b)
+
+
 def measure_ceilings(tries: int = 5, threads: int = 1) -> dict:
-    """The fp32 matmul rate (1024^3 through BLAS) and copy rate (64 MiB, twice the L3, into a
-    preallocated tensor: a fresh one would time first-touch page faults) at `threads` torch threads,
-    best of `tries`. One thread is timed by process CPU time (a neighbour's burst does not count);
-    more by wall time, since process time adds the threads' times together."""
+    """The fp32 matmul rate (1024^3: the faster of BLAS and oneDNN, whose kernels outrun BLAS on
+    some CPUs) and copy rate (64 MiB, twice the L3, into a preallocated tensor: a fresh one would
+    time first-touch page faults) at `threads` torch threads, best of `tries`. One thread is timed
+    by process CPU time (a neighbour's burst does not count); more by wall time, since process
+    time adds the threads' times together."""
     clock = time.process_time if threads == 1 else time.perf_counter
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         a, b = torch.full((1024, 1024), 0.5), torch.full((1024, 1024), 0.25)
+        products = {"blas": lambda: torch.mm(a, b), "onednn": _onednn_product(a, b)}
+        products = {name: run for name, run in products.items() if run is not None}
         src, dst = torch.ones(16 * 2**20), torch.zeros(16 * 2**20)
-        best_mm = best_copy = float("inf")
+        best = dict.fromkeys([*products, "copy"], float("inf"))
         for _ in range(tries):
-            start = clock()
-            torch.mm(a, b)
-            best_mm = min(best_mm, clock() - start)
-            start = clock()
-            dst.copy_(src)
-            best_copy = min(best_copy, clock() - start)
+            for name, run in [*products.items(), ("copy", lambda: dst.copy_(src))]:
+                start = clock()
+                run()
+                best[name] = min(best[name], clock() - start)
     finally:
         torch.set_num_threads(before)
+    rates = {name: round(2 * 1024**3 / max(best[name], 1e-9) / 1e9, 1) for name in products}
     return {
-        "matmul_gflop_per_s": round(2 * 1024**3 / max(best_mm, 1e-9) / 1e9, 1),
-        "copy_gb_per_s": round(2 * src.numel() * 4 / max(best_copy, 1e-9) / 1e9, 1),
+        "matmul_gflop_per_s": max(rates.values()),
+        "copy_gb_per_s": round(2 * src.numel() * 4 / max(best["copy"], 1e-9) / 1e9, 1),
+        **{f"matmul_{name}_gflop_per_s": rate for name, rate in rates.items()},
     }
 
 

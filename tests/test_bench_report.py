@@ -119,6 +119,16 @@ def test_cpu_ratios_end_to_end_on_a_tiny_shape(tmp_path):
     assert "| temporal | 2 | plain einsum   |" in done.stdout
 
 
+def test_matmul_ceiling_is_the_faster_of_blas_and_onednn():
+    ceilings = cpu_ratios.measure_ceilings(tries=1)
+    products = {k: v for k, v in ceilings.items() if k.startswith("matmul_") and k != "matmul_gflop_per_s"}
+    expected = {"matmul_blas_gflop_per_s"} | (
+        {"matmul_onednn_gflop_per_s"} if torch.backends.mkldnn.is_available() else set()
+    )
+    assert set(products) == expected and all(rate > 0 for rate in products.values())
+    assert ceilings["matmul_gflop_per_s"] == max(products.values())
+
+
 def test_bounds_come_from_the_better_ceilings_of_the_run(tmp_path, monkeypatch):
     # A slow spell at the start (half the rates) must not lower the bounds: the end's rates count.
     slow, fast = (
