@@ -155,16 +155,18 @@ def check_distinct_layouts(
     generator: torch.Generator,
     dtype: torch.dtype = torch.float64,
     device: str = "cpu",
+    grids: list[tuple] = STRIDE_GRIDS,
 ) -> None:
     """The q/k/v op (or the packed op) with q, k, v and the output gradient (or qkv and the output
-    gradient) each in a layout of its own: out and every gradient against the float64 oracle."""
+    gradient) each in a layout of its own: out and every gradient against the float64 oracle.
+    `grid` is one of `grids` (P, T, S, layout, scale)."""
     P, T, S, layout, scale = grid
     B, H, N, Dh = 2, 2, P + T * S, 24  # Dh 24: masked head-dim lanes in the Triton kernels
     q, k, v, grad = (torch.randn(B, H, N, Dh, generator=generator, dtype=torch.float64).to(dtype) for _ in range(4))
     expected = oracle_and_grads(q, k, v, grad, T, mode, P, layout, scale)
     options = dict(num_prefix_tokens=P, layout=layout, backend=backend)
     # Every test of a backend starts the layouts at a different tensor.
-    shift = STRIDE_GRIDS.index(grid) + MODES.index(mode) + packed
+    shift = grids.index(grid) + MODES.index(mode) + packed
     if packed:
         qkv = torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).flatten(2)  # (B, N, 3 * H * Dh)
         qkv, grad = distinct_layouts(qkv.to(device), grad.transpose(1, 2).flatten(2).to(device), shift=shift)

@@ -90,6 +90,17 @@ def test_inputs_and_output_gradient_in_layouts_of_their_own(grid, mode, packed, 
     check_distinct_layouts("cpu", grid, mode, packed, generator, dtype)
 
 
+# Groups past the short-group loops (the block products, each input read through its own row
+# stride); spatial ones with a class token past one gathered block.
+LONG_GRIDS = [(0, 2, 40, "time_major", 0.3), (1, 2, 260, "space_major", None)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("grid", LONG_GRIDS, ids=["S40", "P1-S260"])
+def test_long_groups_in_layouts_of_their_own(grid, mode, generator, poisoned):
+    check_distinct_layouts("cpu", grid, mode, False, generator, torch.float32, grids=LONG_GRIDS)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_attention_gradcheck(mode, generator):
     q, k, v, _ = packed_qkv(1, 2, 3 * 4, 5, generator=generator)
