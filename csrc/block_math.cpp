@@ -568,6 +568,8 @@ VIVIT_CLONES void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, i
 VIVIT_CLONES void brgemm(bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                          int64_t ldb, bool accumulate, float* c, int64_t ldc) {
   if (trans_b) b = transposed(b, n, k, ldb), ldb = n;
+  // As BLAS, oneDNN wants leading dims at least the row length, even for a single row.
+  lda = std::max(lda, k), ldb = std::max(ldb, n), ldc = std::max(ldc, n);
   at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
 }
 #endif
