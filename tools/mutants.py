@@ -85,6 +85,7 @@ CPU_ATTENTION = tuple(
         "prefix_tokens_and_layouts_match_oracle",
         "spatial_groups_with_prefix_gathered_or_in_blocks",
         "inputs_and_output_gradient_in_layouts_of_their_own",
+        "long_groups_in_layouts_of_their_own",
         "attention_matches_oracle",
         "attention_nan_stays_in_its_groups",
         "attention_gradcheck",
