@@ -14,9 +14,10 @@
 // backward the prefix rows' gradients of each group are summed afterwards (partials per group:
 // no group writes another's rows, so nothing is reduced across threads). In temporal heads the
 // prefix tokens form one more group of their own. A block of a group's tokens is a matrix whose
-// row stride is `member_stride` tokens, which BLAS (or the small loops in kernels.h) reads in
-// place: q, k, v are read through their strides, packed-qkv views included, and never copied
-// (a short group's q and output gradient are transposed into a few KB of scratch).
+// row stride is `member_stride` tokens, which the products (kernels.h's gemm) read in place: q,
+// k, v are read through their strides, packed-qkv views included, and never copied whole (the
+// thin operand of a product that needs it transposed, a block of keys, values or queries, and a
+// short group's q and output gradient are transposed into a few KB of scratch).
 
 #include "kernels.h"
 

@@ -163,9 +163,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   if (m * n * k >= kSmallGemm) {
     // oneDNN's brgemm micro-kernel reads the blocks in place where BLAS first packs them: on the
     // blocks of attention (196 x 196 x 64, 196 x 64 x 196) it ran at 1.2-1.3x MKL's sgemm rate
-    // on the AMD EPYC measured (docs/benchmarks.md), level with it on large products. Its
-    // B is read row by row, so a transposed B (k x n, the thin side of a block product: keys or
-    // values of one head) is transposed first; a transposed A (the scores) stays with BLAS.
+    // on the AMD EPYC measured, level with it on large products. Its B is read row by row, so a
+    // transposed B (k x n, the thin side of a block product: keys, values or queries of one
+    // head) is transposed first; a transposed A (the scores) stays with BLAS.
 #ifdef CPUBLAS_BRGEMM_F32F32F32
     if constexpr (std::is_same_v<T, float>)
       if (!trans_a && alpha == 1.0f && (beta == 0.0f || beta == 1.0f))
