@@ -1,19 +1,23 @@
 // Tubelet embedding on CPU: a GEMM whose left operand, the (tokens x C*t*h*w) matrix of tubes, is
 // gathered from the video into one buffer, up to kBlockElements of it at a time, each block of
-// rows then taken by one BLAS product: a product per small block would repack the whole weight
-// each time (measured at ViViT-B: 64-row blocks ~15% slower than one product). Since
+// rows then taken by one product (`linear`): a product per small block would repack the whole
+// weight each time (measured at ViViT-B: 64-row blocks ~15% slower than one product). Since
 // kernel == stride, tubes do not overlap: the video gradient is a scatter of (grad @ weight) rows,
 // and positions that no whole tube covers get zero.
 
 #include "kernels.h"
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstring>
@@ -21,6 +25,34 @@
 
 namespace vivit_kernels {
 namespace {
+
+// oneDNN's matmul, through the op torch registers for its compiler's CPU linear layers; absent
+// where torch is built without oneDNN.
+const std::optional<c10::OperatorHandle>& onednn_linear() {
+  static const std::optional<c10::OperatorHandle> op = [] {
+    auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    return handle && handle->hasKernelForDispatchKey(c10::DispatchKey::CPU) ? handle : std::nullopt;
+  }();
+  return op;
+}
+
+// x @ w^T (+ bias) for x (M x K) and w (N x K), either possibly a transposed view. Float products
+// go to oneDNN's matmul, 4-7% faster than MKL's sgemm at ViViT-B's three tubelet products on the
+// AMD CPU measured (where MKL takes its generic path), and double ones, or every one where oneDNN
+// is absent or turned off (`torch.backends.mkldnn`), to BLAS. oneDNN copies a non-contiguous x
+// first (the weight gradient's grad^T: 1 ms of its 34).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  const auto& onednn = onednn_linear();
+  if (onednn && x.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn()) {
+    // Inference's primitive whatever the operands' requires_grad: no one differentiates this call.
+    const at::NoGradGuard no_grad;
+    const c10::IValue fused_bias = bias.defined() ? c10::IValue(bias) : c10::IValue();  // mutant: cpp-tube-bias
+    torch::jit::Stack stack{x, w, fused_bias, "none", c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    onednn->callBoxed(stack);
+    return stack.front().toTensor();
+  }
+  return bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
+}
 
 // Elements of gathered tubes per block (16 MB of fp32): one block for a ViViT-B clip (1568 tubes of
 // 1536), a bounded buffer for a large batch.
@@ -123,34 +155,33 @@ at::Tensor tubelet_forward(const at::Tensor& video, const at::Tensor& weight_, c
   at::Tensor pos = pos_embed_.has_value() ? pos_embed_->contiguous() : at::Tensor();
   TORCH_CHECK(!bias.defined() || bias.numel() == D, "tubelet_embedding: bias must be (D,)");
   TORCH_CHECK(!pos.defined() || pos.numel() == per_clip * D, "tubelet_embedding: pos_embed must be (nt * S', D)");
-  at::Tensor out = at::empty({B, tubes.nt, tubes.nh * tubes.nw, D}, video.options());
-  const at::Tensor out2d = out.view({rows, D});
-  const bool offset = bias.defined() || pos.defined();
   const int64_t block = block_rows(rows, K);
+  at::Tensor out = block < rows ? at::empty({rows, D}, video.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(video.scalar_type(), "vivit_kernels::cpu_tubelet_forward", [&] {
     const at::Tensor A = tube_buffer<scalar_t>(block, K, video.options());
-    const scalar_t* bias_p = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pos_p = pos.defined() ? pos.data_ptr<scalar_t>() : nullptr;
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    if (offset)  // out starts as bias + pos_embed, and the products add onto it
-      at::parallel_for(0, rows, row_grain(D), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          scalar_t* orow = dst + r * D;
-          const scalar_t* p = pos_p ? pos_p + r % per_clip * D : nullptr;
-          for (int64_t d = 0; d < D; ++d) orow[d] = (bias_p ? bias_p[d] : scalar_t(0)) + (p ? p[d] : scalar_t(0));
-        }
-      });
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       const int64_t R = std::min(block, rows - r0);
       tubes.gather(video.data_ptr<scalar_t>(), r0, R, A.data_ptr<scalar_t>());
-      at::Tensor o = out2d.narrow(0, r0, R);
-      if (offset)
-        o.addmm_(A.narrow(0, 0, R), weight.t());
+      at::Tensor o = linear(A.narrow(0, 0, R), weight, bias);
+      if (out.defined())
+        out.narrow(0, r0, R).copy_(o);
       else
-        at::mm_out(o, A.narrow(0, 0, R), weight.t());
+        out = o;  // the whole clip's tokens in one product: its output is the result
+    }
+    if (!out.defined()) out = at::empty({rows, D}, video.options());  // no tube at all
+    if (pos.defined()) {
+      const scalar_t* pos_p = pos.data_ptr<scalar_t>();
+      scalar_t* dst = out.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, row_grain(D), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          scalar_t* orow = dst + r * D;
+          const scalar_t* p = pos_p + r % per_clip * D;
+          for (int64_t d = 0; d < D; ++d) orow[d] += p[d];
+        }
+      });
     }
   });
-  return out;
+  return out.view({B, tubes.nt, tubes.nh * tubes.nw, D});
 }
 
 at::Tensor tubelet_backward_video(const at::Tensor& grad_, const at::Tensor& video, const at::Tensor& weight_) {
@@ -163,12 +194,10 @@ at::Tensor tubelet_backward_video(const at::Tensor& grad_, const at::Tensor& vid
   const at::Tensor grad = grad_.contiguous().view({rows, D}), weight = weight_.contiguous().view({D, K});
   const int64_t block = block_rows(rows, K);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "vivit_kernels::cpu_tubelet_backward_video", [&] {
-    const at::Tensor A = tube_buffer<scalar_t>(block, K, grad.options());
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       const int64_t R = std::min(block, rows - r0);
-      at::Tensor products = A.narrow(0, 0, R);
-      at::mm_out(products, grad.narrow(0, r0, R), weight);
-      tubes.scatter(A.data_ptr<scalar_t>(), r0, R, dvideo.data_ptr<scalar_t>());
+      const at::Tensor products = linear(grad.narrow(0, r0, R), weight.t(), at::Tensor());  // grad @ weight
+      tubes.scatter(products.data_ptr<scalar_t>(), r0, R, dvideo.data_ptr<scalar_t>());
     }
   });
   return dvideo;
@@ -182,19 +211,22 @@ std::vector<at::Tensor> tubelet_backward_weight(const at::Tensor& grad_, const a
   const int64_t rows = tubes.rows(video.size(0)), K = tubes.K, D = grad_.size(-1);
   TORCH_CHECK(grad_.numel() == rows * D, "tubelet_embedding: grad must be (B, nt, S', D)");
   const at::Tensor grad = grad_.contiguous().view({rows, D});
-  at::Tensor dweight = at::empty({D, video.size(1), tubelet[0], tubelet[1], tubelet[2]}, grad.options());
-  const at::Tensor dW = dweight.view({D, K});
-  if (rows == 0) dweight.zero_();
+  at::Tensor dW;  // d(weight) = grad^T @ tubes, summed over the blocks of rows
   const int64_t block = block_rows(rows, K);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "vivit_kernels::cpu_tubelet_backward_weight", [&] {
     const at::Tensor A = tube_buffer<scalar_t>(block, K, grad.options());
-    // d(weight) = grad^T @ tubes, summed over the blocks of rows.
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       const int64_t R = std::min(block, rows - r0);
       tubes.gather(video.data_ptr<scalar_t>(), r0, R, A.data_ptr<scalar_t>());
-      dW.addmm_(grad.narrow(0, r0, R).t(), A.narrow(0, 0, R), scalar_t(r0 == 0 ? 0 : 1));  // mutant: cpp-tube-accumulate
+      at::Tensor part = linear(grad.narrow(0, r0, R).t(), A.narrow(0, 0, R).t(), at::Tensor());
+      if (dW.defined())
+        dW.add_(part);  // mutant: cpp-tube-accumulate
+      else
+        dW = part;
     }
   });
+  if (!dW.defined()) dW = at::zeros({D, K}, grad.options());  // no tube at all
+  const at::Tensor dweight = dW.view({D, video.size(1), tubelet[0], tubelet[1], tubelet[2]});
   if (!bias_grad) return {dweight};
   return {dweight, grad.sum(0)};
 }

@@ -283,6 +283,42 @@ def test_tubelet_without_bias_or_pos_embed_and_gradcheck(generator):
     assert torch.autograd.gradcheck(lambda *x: tubelet_embedding(*x, backend="cpu"), (video, weight, bias, pos_embed))
 
 
+def _has_onednn_linear() -> bool:
+    """Whether torch registers the oneDNN matmul op the tubelet kernel calls."""
+    try:
+        registered = torch._C._dispatch_has_kernel_for_dispatch_key("mkldnn::_linear_pointwise", "CPU")
+    except RuntimeError:  # no such operator: torch built without oneDNN
+        return False
+    return registered and torch.backends.mkldnn.is_available()
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn-on", "onednn-off"])
+def test_tubelet_float_products_on_onednn_else_blas(onednn, generator, poisoned):
+    """Float tubelet products go to oneDNN's matmul where torch has it and it is on, to BLAS
+    otherwise: the route each takes (the profiler sees the op the kernel calls), and both against
+    the float64 oracle, every gradient."""
+    video = torch.randn(2, 3, 5, 20, 26, generator=generator).requires_grad_()
+    weight = torch.randn(40, 3, 2, 4, 4, generator=generator).requires_grad_()
+    bias = torch.randn(40, generator=generator).requires_grad_()
+    pos_embed = torch.randn(2, 5 * 6, 40, generator=generator).requires_grad_()
+    inputs = (video, weight, bias, pos_embed)
+    grad_out = torch.randn(2, 2, 30, 40, generator=generator)
+    with torch.backends.mkldnn.flags(enabled=onednn), torch.profiler.profile() as profile:
+        tokens = tubelet_embedding(*inputs, backend="cpu")
+        grads = torch.autograd.grad(tokens, inputs, grad_out)
+    ran = {event.name for event in profile.events()}
+    if onednn and _has_onednn_linear():
+        assert "mkldnn::_linear_pointwise" in ran and not ran & {"aten::mm", "aten::addmm"}
+    else:
+        assert "mkldnn::_linear_pointwise" not in ran and ran & {"aten::mm", "aten::addmm"}
+    exact = [x.detach().double().requires_grad_() for x in inputs]
+    expected = naive.tubelet_embedding(*exact)
+    expected_grads = torch.autograd.grad(expected, exact, grad_out.double())
+    assert_near_oracle(tokens, expected, "cpu", "tokens", op="tubelet")
+    for name, grad, expected_grad in zip(("dvideo", "dweight", "dbias", "dpos"), grads, expected_grads):
+        assert_near_oracle(grad, expected_grad, "cpu", name, op="tubelet")
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("prefix, frames, tokens_per_frame, layout", PREFIX_CASES)
 def test_prefix_tokens_and_layouts_match_oracle(prefix, frames, tokens_per_frame, layout, mode, generator, poisoned):
