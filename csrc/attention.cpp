@@ -170,6 +170,7 @@ void run_items(const std::vector<WorkItem>& items, const F& body) {
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (size_t i = next++; i < items.size(); i = next++) body(items[i]);
+    fence_streamed_stores();
   });
 }
 

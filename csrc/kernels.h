@@ -126,6 +126,9 @@ void brgemm(bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64
 // kShortGroup members. The `ahead` arrays next[a] (rows next_stride[a] apart, `length` rows of
 // head_dim each) are the next group's: fetched into L2 a share at a time while this group computes.
 constexpr int64_t kShortGroup = 32;
+// The arrays a backward group reads (q, k, v, dout): its first `next`, before those it writes.
+constexpr int kShortGroupInputs = 4;
+
 template <typename T>
 struct ShortGroup {
   int64_t length, head_dim;
@@ -148,6 +151,9 @@ void short_group_forward(const ShortGroup<float>& group, float scale);
 void short_group_forward(const ShortGroup<double>& group, double scale);
 void short_group_backward(const ShortGroup<float>& group, float scale);
 void short_group_backward(const ShortGroup<double>& group, double scale);
+// The backward's gradients may be written by streamed stores, which later loads and stores do
+// not wait for: each thread calls this after its last group, before anyone reads them.
+void fence_streamed_stores();
 
 // Row-major C (m x n, row stride ldc) = beta * C + alpha * op(A) op(B), where op(A) is m x k and
 // A is stored m x k (row stride lda) or, transposed, k x m; likewise B. Every last dim has stride 1.
