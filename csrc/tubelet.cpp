@@ -163,10 +163,12 @@ at::Tensor tubelet_forward(const at::Tensor& video, const at::Tensor& weight_, c
       const int64_t R = std::min(block, rows - r0);
       tubes.gather(video.data_ptr<scalar_t>(), r0, R, A.data_ptr<scalar_t>());
       at::Tensor o = linear(A.narrow(0, 0, R), weight, bias);
+      // oneDNN returns a tensor of its own: with one block (a ViViT-B clip) it is the result; with
+      // several (a batch past kBlockElements) each is copied into place, one pass over the tokens.
       if (out.defined())
         out.narrow(0, r0, R).copy_(o);
       else
-        out = o;  // the whole clip's tokens in one product: its output is the result
+        out = o;
     }
     if (!out.defined()) out = at::empty({rows, D}, video.options());  // no tube at all
     if (pos.defined()) {
