@@ -292,6 +292,7 @@ def _has_onednn_linear() -> bool:
     return registered and torch.backends.mkldnn.is_available()
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration:UserWarning")  # torch's flags() on CPU-only builds
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn-on", "onednn-off"])
 def test_tubelet_float_products_on_onednn_else_blas(onednn, generator, poisoned):
     """Float tubelet products go to oneDNN's matmul where torch has it and it is on, to BLAS
