@@ -81,6 +81,7 @@ extern "C" void KERNEL_AB_CAT(kernel_ab_backward_, KERNEL_AB_SIDE)(const Clip* c
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <new>
 #include <random>
 #include <vector>
 
@@ -97,14 +98,28 @@ double cpu_ms() {
   return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
 }
 
-std::vector<float> randn(int64_t n, std::mt19937& rng) {
+// On 64-byte lines, as torch's CPU allocator puts tensors (and so the kernels' streamed-store
+// paths are the ones a library call takes); a std::vector's large buffers start 16 bytes past a page.
+template <typename T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const LineAligned&) const { return true; }
+};
+using Buffer = std::vector<float, LineAligned<float>>;
+
+Buffer randn(int64_t n, std::mt19937& rng) {
   std::normal_distribution<float> normal;
-  std::vector<float> x(n);
+  Buffer x(n);
   for (auto& v : x) v = normal(rng);
   return x;
 }
 
-double max_difference(const std::vector<float>& a, const std::vector<float>& b) {
+double max_difference(const Buffer& a, const Buffer& b) {
   double d = 0;
   for (size_t i = 0; i < a.size(); ++i) d = std::max(d, double(std::fabs(a[i] - b[i])));
   return d;
@@ -123,13 +138,13 @@ int main(int argc, char** argv) {
   const int rounds = atoi(argv[5]);
   const int64_t N = T * S;
   std::mt19937 rng(0);
-  std::vector<float> qkv = randn(N * 3 * H * Dh, rng), dout = randn(N * H * Dh, rng);
-  std::vector<float> out(N * H * Dh), lse(H * N), dqkv(N * 3 * H * Dh);
+  Buffer qkv = randn(N * 3 * H * Dh, rng), dout = randn(N * H * Dh, rng);
+  Buffer out(N * H * Dh), lse(H * N), dqkv(N * 3 * H * Dh);
   const Clip clip{T, S, H, Dh, qkv.data(), out.data(), lse.data(), dout.data(), dqkv.data()};
   void (*forward[2])(const Clip*) = {kernel_ab_forward_a, kernel_ab_forward_b};
   void (*backward[2])(const Clip*) = {kernel_ab_backward_a, kernel_ab_backward_b};
 
-  std::vector<float> outs[2], grads[2];
+  Buffer outs[2], grads[2];
   for (int side = 0; side < 2; ++side) {
     forward[side](&clip);
     outs[side] = out;
