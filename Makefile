@@ -30,8 +30,12 @@ demo: $(STAMP)
 	$(PYTHON) -m vivit_kernels.report
 	$(PYTHON) -m vivit.memory_report --json $(DEMO_DIR)/memory.json
 
+# One worker process per core, at most 4 (pytest-xdist), each given whole files in order, so a
+# module's fixtures are built once and its tests keep their order. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PYTHON) -m pytest tests benchmarks --benchmark-disable -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests benchmarks --benchmark-disable -q \
+		-n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
 
 # The style pyproject.toml declares: the lint rules and the formatter.
 lint: $(STAMP)
