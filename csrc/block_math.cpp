@@ -259,12 +259,24 @@ struct Double4 {
   }
 };
 
+typedef double f64x8 __attribute__((vector_size(64), aligned(8), may_alias));
+typedef int64_t i64x8 __attribute__((vector_size(64)));
+// 8 doubles, one zmm: here pairs of floats, moved whole by the pair transpose below.
+struct Double8 {
+  using T = double;
+  using V = f64x8;
+  using Index = i64x8;
+  static constexpr int64_t width = 8;
+  static inline __attribute__((always_inline)) V load(const T* p) { return *reinterpret_cast<const f64x8*>(p); }
+  static inline __attribute__((always_inline)) void store(T* p, V x) { *reinterpret_cast<f64x8*>(p) = x; }
+};
+
 // The vectors of a float short group: 16 floats where the CPU has AVX-512 (elsewhere a zmm is two
 // ymm, and GCC makes scalar code of their selects) and the head dim is whole zmm (no column left to
 // the one-by-one tails), for the products whose rows are head_dim wide always, and for the scores
 // where the length pads no further to 16 than to 8 (T = 9-16 or 25-32; at T = 8 half of each score
-// vector would be padding). One thread, 12 heads of 64, forward+backward: T = 16 about 10% less
-// time, T = 8 about 6%.
+// vector would be padding: there the score products go by paired_scores instead). One thread, 12
+// heads of 64, forward+backward: T = 16 about 10% less time, T = 8 about 6%.
 enum class Widths { all8, rows16, all16 };
 inline Widths float_widths(int64_t length, int64_t head_dim) {
 #ifdef VIVIT_AVX512
@@ -399,6 +411,50 @@ inline __attribute__((always_inline)) void transpose_padded(const T* src, int64_
   }
 }
 
+// Scores of a group of at most 8 queries in 16-float vectors. Eight scores fill half a zmm, so
+// the head dim is split between the halves of each pair of lanes: lane 2i + e sums query i's
+// products over the elements of parity e. x (pair-transposed, see pair_transpose) has a row per
+// pair of elements, x[p][2i + e] = q_i[2p + e]; each multiply-add takes w_r's pair p, broadcast as
+// one double. c[r][i] = alpha * sum_d w_r[d] q_i[d], the two halves added at the end.
+template <int R>
+inline __attribute__((always_inline)) void paired_scores_tile(int64_t pairs, float alpha, const float* w,
+                                                              int64_t w_row, const float* x, float* c,
+                                                              int64_t ldc) {
+  f32x16 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = f32x16{};
+  for (int64_t p = 0; p < pairs; ++p) {
+    const f32x16 xv = *reinterpret_cast<const f32x16*>(x + 16 * p);
+    for (int r = 0; r < R; ++r) {
+      double pair;
+      std::memcpy(&pair, w + r * w_row + 2 * p, sizeof pair);
+      acc[r] += (f32x16)(f64x8{} + pair) * xv;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const f32x8 even = __builtin_shufflevector(acc[r], acc[r], 0, 2, 4, 6, 8, 10, 12, 14);
+    const f32x8 odd = __builtin_shufflevector(acc[r], acc[r], 1, 3, 5, 7, 9, 11, 13, 15);
+    *reinterpret_cast<f32x8*>(c + r * ldc) = alpha * (even + odd);  // mutant: cpp-paired-halves
+  }
+}
+
+inline __attribute__((always_inline)) void paired_scores(int64_t rows, int64_t head_dim, float alpha, const float* w,
+                                                         int64_t w_row, const float* x, float* c, int64_t ldc) {
+  const int64_t pairs = head_dim / 2;
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) paired_scores_tile<8>(pairs, alpha, w + r * w_row, w_row, x, c + r * ldc, ldc);
+  if (r + 4 <= rows) paired_scores_tile<4>(pairs, alpha, w + r * w_row, w_row, x, c + r * ldc, ldc), r += 4;
+  if (r + 2 <= rows) paired_scores_tile<2>(pairs, alpha, w + r * w_row, w_row, x, c + r * ldc, ldc), r += 2;
+  if (r < rows) paired_scores_tile<1>(pairs, alpha, w + r * w_row, w_row, x, c + r * ldc, ldc);
+}
+
+// dst[p][2i + e] = src[i * lds + 2p + e] for i < rows <= 8, 2p + e < cols, and 0 for rows <= i < 8:
+// an 8 x cols/2 transpose of pairs of floats, moved as doubles.
+inline __attribute__((always_inline)) void pair_transpose(const float* src, int64_t lds, int64_t rows, int64_t cols,
+                                                          float* dst) {
+  transpose_padded<Double8>(reinterpret_cast<const double*>(src), lds / 2, rows, cols / 2,
+                            reinterpret_cast<double*>(dst), 8);
+}
+
 // Scratch of a thread for one short group: no allocation after the first.
 template <typename T>
 T* short_group_scratch(int64_t size) {
@@ -431,6 +487,15 @@ struct Ahead {
   }
 };
 
+// Scores go by paired_scores where their vectors are 8 floats beside 16-float rows (the AVX-512
+// path, whose head dims are whole zmm), for groups of at most 8 whose transposed rows (q's, and
+// dout's in the backward) are rows of pairs: starting on 8 bytes, an even number of floats apart.
+template <typename Scores, typename Rows>
+constexpr bool kPairedScores = std::is_same_v<Scores, Float8> && std::is_same_v<Rows, Float16>;
+inline bool rows_of_pairs(const float* x, int64_t stride) {
+  return reinterpret_cast<uintptr_t>(x) % 8 == 0 && stride % 2 == 0;
+}
+
 // See kernels.h for the contract. L queries and keys pad to Lp, a whole number of vectors; the
 // padded queries (zero in the transposed q) are computed and never written. Scores: the lane type
 // of the transposes and of the rows of Lp scores; Rows: of the products whose rows are head_dim
@@ -444,9 +509,19 @@ inline __attribute__((always_inline)) void short_group_forward_impl(const ShortG
   T* s = qt + Dh * Lp;  // s[j][i]: scaled logits, then probabilities, of query i for key j
   Ahead<T> ahead(g);
   ahead.upto(1, 4);
-  transpose_padded<Scores>(g.q, g.sq, L, Dh, qt, Lp);
-  ahead.upto(2, 4);
-  weighted_rows<Scores>(L, Dh, Lp, scale, g.k, g.sk, 1, qt, Lp, s, Lp);
+  bool paired = false;
+  if constexpr (kPairedScores<Scores, Rows>) {
+    if ((paired = Lp == 8 && rows_of_pairs(g.q, g.sq))) {
+      pair_transpose(g.q, g.sq, L, Dh, qt);
+      ahead.upto(2, 4);
+      paired_scores(L, Dh, scale, g.k, g.sk, qt, s, Lp);
+    }
+  }
+  if (!paired) {
+    transpose_padded<Scores>(g.q, g.sq, L, Dh, qt, Lp);
+    ahead.upto(2, 4);
+    weighted_rows<Scores>(L, Dh, Lp, scale, g.k, g.sk, 1, qt, Lp, s, Lp);
+  }
   ahead.upto(3, 4);
   for (int64_t i0 = 0; i0 < Lp; i0 += W) {
     V m = Scores::load(s + i0);
@@ -482,13 +557,27 @@ inline __attribute__((always_inline)) void short_group_backward_impl(const Short
   T* ds = p + L * Lp;
   Ahead<T> ahead(g, Grads::streamed ? kShortGroupInputs : INT_MAX);
   ahead.upto(1, 8);
-  transpose_padded<Scores>(g.q, g.sq, L, Dh, qt, Lp);
-  ahead.upto(2, 8);
-  transpose_padded<Scores>(g.dout, g.sdo, L, Dh, dot, Lp);
-  ahead.upto(3, 8);
-  weighted_rows<Scores>(L, Dh, Lp, scale, g.k, g.sk, 1, qt, Lp, p, Lp);  // mutant: cpp-short-scale
-  ahead.upto(4, 8);
-  weighted_rows<Scores>(L, Dh, Lp, T(1), g.v, g.sv, 1, dot, Lp, ds, Lp);
+  bool paired = false;
+  if constexpr (kPairedScores<Scores, Rows>) {
+    if ((paired = Lp == 8 && rows_of_pairs(g.q, g.sq) && rows_of_pairs(g.dout, g.sdo))) {
+      pair_transpose(g.q, g.sq, L, Dh, qt);
+      ahead.upto(2, 8);
+      pair_transpose(g.dout, g.sdo, L, Dh, dot);
+      ahead.upto(3, 8);
+      paired_scores(L, Dh, scale, g.k, g.sk, qt, p, Lp);
+      ahead.upto(4, 8);
+      paired_scores(L, Dh, T(1), g.v, g.sv, dot, ds, Lp);
+    }
+  }
+  if (!paired) {
+    transpose_padded<Scores>(g.q, g.sq, L, Dh, qt, Lp);
+    ahead.upto(2, 8);
+    transpose_padded<Scores>(g.dout, g.sdo, L, Dh, dot, Lp);
+    ahead.upto(3, 8);
+    weighted_rows<Scores>(L, Dh, Lp, scale, g.k, g.sk, 1, qt, Lp, p, Lp);  // mutant: cpp-short-scale
+    ahead.upto(4, 8);
+    weighted_rows<Scores>(L, Dh, Lp, T(1), g.v, g.sv, 1, dot, Lp, ds, Lp);
+  }
   ahead.upto(5, 8);
   for (int64_t i0 = 0; i0 < Lp; i0 += W) {
     V lse{}, delta{};

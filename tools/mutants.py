@@ -387,6 +387,16 @@ MUTANTS = [
         CPU_ATTENTION_SELECT,
     ),
     Mutant(
+        "cpp-paired-halves",
+        "index math",
+        "scores of groups of at most 8 without the odd elements of the head dim (AVX-512 CPUs)",
+        "csrc/block_math.cpp",
+        "alpha * (even + odd)",
+        "alpha * (even + even)",
+        CPU_ATTENTION,
+        CPU_ATTENTION_SELECT,
+    ),
+    Mutant(
         "cpp-wide-transpose",
         "index math",
         "16-float transposes without their 8-apart step (short groups on AVX-512 CPUs)",
