@@ -49,12 +49,11 @@ def test_every_group_length_matches_the_reference(frames, mode, dtype, generator
 
 # fp32 groups on a CPU with AVX-512 and a head dim of whole 16-float vectors run their head-dim-wide
 # products on 16-float vectors, and their scores too where the length pads no further to 16 than to 8
-# (9-16, 25-32 members); 8-float vectors otherwise (csrc/block_math.cpp, float_widths), whose score
-# products split the head dim between the halves of 16-float vectors up to 8 members (paired_scores)
-# where the rows of q and of the output gradient are rows of whole pairs of floats, and take 8
-# floats a product where they are not (odd_rows: each token's row an odd number of floats from the
-# next).
-# Lengths on both sides of each switch, ViT head dims.
+# (9-16, 25-32 members); 8-float vectors otherwise (csrc/block_math.cpp, float_widths). Up to 8
+# members, the score products split the head dim between the halves of 16-float vectors
+# (paired_scores) where q's and the output gradient's rows hold whole pairs of floats, and stay on
+# 8 floats where they do not (odd_rows: tokens an odd number of floats apart). Lengths on both
+# sides of each switch, ViT head dims.
 @pytest.mark.parametrize("head_dim", [48, 64, 80])
 @pytest.mark.parametrize(
     "frames, odd_rows",
